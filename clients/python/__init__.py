@@ -1,0 +1,48 @@
+"""softserve's client library: what a training job imports.
+
+Views (:func:`apply_views`) and the GIFT refinement are defined here and imported by the
+worker too, so the student sees exactly the pixels the teacher labelled. The client never
+imports the server or h5py.
+"""
+
+from softserve.client.losses import (
+    LOSS_NAMES,
+    NEEDS_LOGITS,
+    GIFTLoss,
+    KLLoss,
+    Targets,
+    beta_from_gamma,
+    cosine_loss,
+    get_loss,
+    gift_loss,
+    refine_labels,
+    smooth_labels,
+)
+from softserve.client.views import (
+    NUM_PARAMS,
+    PARAM_FIELDS,
+    ViewPolicy,
+    apply_views,
+    epoch_order,
+    sample_views,
+)
+
+__all__ = [
+    "LOSS_NAMES",
+    "NEEDS_LOGITS",
+    "NUM_PARAMS",
+    "PARAM_FIELDS",
+    "GIFTLoss",
+    "KLLoss",
+    "Targets",
+    "ViewPolicy",
+    "apply_views",
+    "beta_from_gamma",
+    "cosine_loss",
+    "epoch_order",
+    "get_loss",
+    "gift_loss",
+    "refine_labels",
+    "sample_views",
+    "smooth_labels",
+]

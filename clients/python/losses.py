@@ -1,0 +1,221 @@
+"""GIFT label refinement and loss (ICLR 2025), and the baseline losses of its loss study.
+
+With teacher logits t, hard labels y, C classes, smoothing α and weight β::
+
+    s = label_smoothing(y, α)      # 1-α on y, α/(C-1) elsewhere
+    r = t/‖t‖ + β · s/‖s‖           # refined soft label
+    loss = 1 - mean_i cos(student_i, r_i)
+
+Defaults α = β = 0.1 match the official implementation. The paper's convex form
+γ·ŝ + (1-γ)·t̂ points the same way with β = γ/(1-γ) (:func:`beta_from_gamma`); cosine is
+scale-free, so the loss is identical.
+
+Every loss here has one signature, ``loss(student_logits, batch)``, where ``batch`` carries
+``soft`` (GIFT-refined labels, as served), ``hard`` and, when a loss needs them, ``logits``
+(raw teacher logits). Each loss takes the target it was defined on, so nobody refines twice
+or feeds refined labels to a loss that expects logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_ALPHA = 0.1
+DEFAULT_BETA = 0.1
+DEFAULT_KL_TEMPERATURE = 20.0
+
+
+class LabelledBatch(Protocol):
+    """What a loss reads from a batch: refined labels, hard labels, and optional logits."""
+
+    soft: torch.Tensor
+    hard: torch.Tensor
+    logits: torch.Tensor | None
+
+
+@dataclass
+class Targets:
+    """A minimal :class:`LabelledBatch` for targets held in memory."""
+
+    soft: torch.Tensor
+    hard: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+def beta_from_gamma(gamma: float) -> float:
+    """β of the additive form that gives the direction of the paper's convex γ·ŝ + (1-γ)·t̂."""
+    if not 0 <= gamma < 1:
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    return gamma / (1 - gamma)
+
+
+def _flat_labels(hard: torch.Tensor) -> torch.Tensor:
+    if hard.ndim == 2 and hard.shape[1] == 1:
+        hard = hard[:, 0]
+    if hard.ndim != 1:
+        raise ValueError(f"hard labels must be (B,) or (B, 1), got {tuple(hard.shape)}")
+    return hard.long()
+
+
+def smooth_labels(
+    hard: torch.Tensor, num_classes: int, alpha: float = DEFAULT_ALPHA
+) -> torch.Tensor:
+    """Label smoothing as GIFT defines it: 1-α on the label, α/(C-1) on every other class."""
+    if num_classes < 2:
+        raise ValueError("label smoothing needs at least two classes")
+    y = _flat_labels(hard)
+    s = torch.full((y.shape[0], num_classes), alpha / (num_classes - 1), device=y.device)
+    return s.scatter_(1, y[:, None], 1.0 - alpha)
+
+
+def refine_labels(
+    teacher_logits: torch.Tensor,
+    hard_labels: torch.Tensor,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+) -> torch.Tensor:
+    """GIFT's refined soft label r = t/‖t‖ + β·s/‖s‖, in float32."""
+    t = teacher_logits.float()
+    s = smooth_labels(hard_labels, t.shape[1], alpha).to(t.device)
+    return F.normalize(t, dim=1) + beta * F.normalize(s, dim=1)
+
+
+def cosine_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean cosine similarity between rows."""
+    return 1.0 - F.cosine_similarity(student_logits.float(), target.float(), dim=1).mean()
+
+
+def gift_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    hard_labels: torch.Tensor,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+) -> torch.Tensor:
+    """GIFT from raw teacher logits: refine, then 1 - mean cos(student, refined)."""
+    return cosine_loss(student_logits, refine_labels(teacher_logits, hard_labels, alpha, beta))
+
+
+def _need_logits(batch: LabelledBatch, name: str) -> torch.Tensor:
+    if batch.logits is None:
+        raise ValueError(
+            f"loss {name!r} is defined on raw teacher logits; request them with the batch "
+            "(logits=True) or use a loss on refined labels such as 'gift'"
+        )
+    return batch.logits
+
+
+def _softce(student: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * F.log_softmax(student.float(), dim=1)).sum(dim=1).mean()
+
+
+def _ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    return F.cross_entropy(student.float(), _flat_labels(batch.hard))
+
+
+def _gift(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    return cosine_loss(student, batch.soft)
+
+
+def _cosine(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    return cosine_loss(student, _need_logits(batch, "cosine"))
+
+
+def _mse(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    return F.mse_loss(student.float(), _need_logits(batch, "mse").float())
+
+
+def _softce_teacher(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    return _softce(student, F.softmax(_need_logits(batch, "softce").float(), dim=1))
+
+
+class KLLoss(nn.Module):
+    """KL(teacher ‖ student) on temperature-softened distributions, scaled by T²."""
+
+    def __init__(self, temperature: float = DEFAULT_KL_TEMPERATURE) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+        t = self.temperature
+        teacher = _need_logits(batch, "kl").float() / t
+        return (
+            F.kl_div(
+                F.log_softmax(student_logits.float() / t, dim=1),
+                F.log_softmax(teacher, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * t
+            * t
+        )
+
+
+def _mse_ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    return _mse(student, batch) + _ce(student, batch)
+
+
+def _softce_ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    return _softce_teacher(student, batch) + _ce(student, batch)
+
+
+class BatchLoss(nn.Module):
+    """A named loss over (student logits, batch)."""
+
+    def __init__(self, name: str, fn: Callable[[torch.Tensor, LabelledBatch], torch.Tensor]):
+        super().__init__()
+        self.name = name
+        self.fn = fn
+
+    def forward(self, student_logits: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+        return self.fn(student_logits, batch)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class GIFTLoss(nn.Module):
+    """GIFT loss on a batch: 1 - mean cos(student, batch.soft).
+
+    Served batches already hold refined labels (``soft``); the refinement happened once, at
+    relabel time, with the label set's α and β. For raw logits held elsewhere, refine with
+    :func:`refine_labels` or call :func:`gift_loss`.
+    """
+
+    def forward(self, student_logits: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+        return cosine_loss(student_logits, batch.soft)
+
+
+_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "ce": lambda: BatchLoss("ce", _ce),
+    "softce": lambda: BatchLoss("softce", _softce_teacher),
+    "kl": KLLoss,
+    "mse": lambda: BatchLoss("mse", _mse),
+    "mse_ce": lambda: BatchLoss("mse_ce", _mse_ce),
+    "softce_ce": lambda: BatchLoss("softce_ce", _softce_ce),
+    "cosine": lambda: BatchLoss("cosine", _cosine),
+    "gift": GIFTLoss,
+}
+
+#: Loss names accepted by :func:`get_loss`.
+LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
+#: Losses that need the raw teacher logits in the batch.
+NEEDS_LOGITS: frozenset[str] = frozenset({"softce", "kl", "mse", "mse_ce", "softce_ce", "cosine"})
+
+
+def get_loss(name: str, **kwargs: float) -> nn.Module:
+    """A loss module by name, called as ``loss(student_logits, batch)``.
+
+    ``kl`` takes ``temperature`` (default 20, as the official evaluator).
+    """
+    try:
+        factory = _LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
+    return factory(**kwargs)

@@ -1,0 +1,170 @@
+"""Augmented views: explicit per-sample parameters, their seeded sampling, and one apply function.
+
+A view is a RandomResizedCrop box (top, left, height, width, in base-image pixels) plus a
+horizontal-flip bit. Parameters are drawn per (epoch, sample) from the label set's seed and
+stored, so a label never depends on the batch size, the world size or an RNG state. The
+worker builds the teacher's input with :func:`apply_views`; the client builds the student's
+input with the same function, so both see the same pixels.
+
+Resampling is bilinear with ``align_corners=False`` and no antialiasing, exactly what
+``F.interpolate(crop, size, mode="bilinear", align_corners=False)`` does to the cropped box
+(edge pixels clamp to the box, never bleed in from outside it), followed by the flip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Columns of a parameter row: crop box in base pixels, then the flip bit.
+PARAM_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
+NUM_PARAMS = len(PARAM_FIELDS)
+
+_ORDER_STREAM = 0
+_VIEW_STREAM = 1
+_CROP_TRIES = 10
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """How views are drawn: RandomResizedCrop's scale and ratio ranges, and flipping."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop scale range must satisfy 0 < min <= max <= 1, got {self.scale}")
+        rlo, rhi = self.ratio
+        if not 0 < rlo <= rhi:
+            raise ValueError(f"crop ratio range must satisfy 0 < min <= max, got {self.ratio}")
+
+
+def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, stream])))
+
+
+def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The fixed sample order π_e of one epoch (int64, a permutation of range(num_samples))."""
+    return _rng(seed, epoch, _ORDER_STREAM).permutation(num_samples)
+
+
+def sample_views(
+    policy: ViewPolicy, seed: int, epoch: int, num_samples: int, height: int, width: int
+) -> np.ndarray:
+    """View parameters of every sample for one epoch, indexed by sample id: int32 (N, 5).
+
+    Follows torchvision's RandomResizedCrop: up to ten tries for a box of random area and
+    log-uniform aspect ratio that fits, else the whole image clamped to the ratio range.
+    """
+    rng = _rng(seed, epoch, _VIEW_STREAM)
+    area = float(height * width)
+    shape = (num_samples, _CROP_TRIES)
+    target = area * rng.uniform(policy.scale[0], policy.scale[1], size=shape)
+    log_ratio = rng.uniform(math.log(policy.ratio[0]), math.log(policy.ratio[1]), size=shape)
+    aspect = np.exp(log_ratio)
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = np.argmax(fits, axis=1)
+    rows = np.arange(num_samples)
+    ok = fits[rows, first]
+    h = np.where(ok, h[rows, first], 0)
+    w = np.where(ok, w[rows, first], 0)
+
+    whole_ratio = width / height
+    if whole_ratio < policy.ratio[0]:
+        fw, fh = width, int(round(width / policy.ratio[0]))
+    elif whole_ratio > policy.ratio[1]:
+        fh, fw = height, int(round(height * policy.ratio[1]))
+    else:
+        fh, fw = height, width
+    h = np.where(ok, h, fh)
+    w = np.where(ok, w, fw)
+
+    unit = rng.random(size=(num_samples, 3))
+    top = np.where(ok, np.floor(unit[:, 0] * (height - h + 1)), (height - h) // 2)
+    left = np.where(ok, np.floor(unit[:, 1] * (width - w + 1)), (width - w) // 2)
+    flip = (unit[:, 2] < 0.5) if policy.flip else np.zeros(num_samples, dtype=bool)
+    return np.stack([top, left, h, w, flip], axis=1).astype(np.int32)
+
+
+def _axis_taps(
+    start: torch.Tensor, length: torch.Tensor, out: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (two taps) and weight of the second tap for one axis of every box."""
+    length = length.to(torch.float32)[:, None]
+    pos = (torch.arange(out, device=device, dtype=torch.float32)[None, :] + 0.5) * (
+        length / out
+    ) - 0.5
+    pos = pos.clamp(min=0.0)
+    lo = pos.floor()
+    frac = pos - lo
+    lo = lo.to(torch.long)
+    hi = torch.minimum(lo + 1, length.to(torch.long) - 1)
+    lo = torch.minimum(lo, length.to(torch.long) - 1)
+    base = start.to(torch.long)[:, None]
+    return base + lo, base + hi, frac
+
+
+def apply_views(
+    images: torch.Tensor,
+    params: torch.Tensor,
+    size: int | Sequence[int],
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Crop, resize and flip a batch of base images by their view parameters.
+
+    ``images`` is (B, C, H, W), uint8 or float in [0, 1], on any device; ``params`` is
+    (B, 5) as from :func:`sample_views`. Returns float32 (B, C, *size) on the images' device,
+    in [0, 1], or normalized by ``mean``/``std`` (per channel, in [0, 1] units) when given.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if params.ndim != 2 or params.shape[1] != NUM_PARAMS or params.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"params must be ({images.shape[0]}, {NUM_PARAMS}), got {tuple(params.shape)}"
+        )
+    out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
+    device = images.device
+    params = params.to(device=device, dtype=torch.long)
+    x = images.to(torch.float32)
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    b, c, _, w_in = x.shape
+
+    y0, y1, fy = _axis_taps(params[:, 0], params[:, 2], out_h, device)
+    x0, x1, fx = _axis_taps(params[:, 1], params[:, 3], out_w, device)
+    flip = params[:, 4].bool()[:, None]
+    x0, x1, fx = (
+        torch.where(flip, x0.flip(1), x0),
+        torch.where(flip, x1.flip(1), x1),
+        torch.where(flip, fx.flip(1), fx),
+    )
+
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 2, index[:, None, :, None].expand(b, c, out_h, w_in))
+
+    fy4 = fy[:, None, :, None]
+    x = rows(y0) * (1 - fy4) + rows(y1) * fy4
+
+    def cols(index: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 3, index[:, None, None, :].expand(b, c, out_h, out_w))
+
+    fx4 = fx[:, None, None, :]
+    x = cols(x0) * (1 - fx4) + cols(x1) * fx4
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ValueError("pass both mean and std, or neither")
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        x = (x - m) / s
+    return x

@@ -1,0 +1,150 @@
+"""The manifest: everything needed to trust and serve a label set, written last."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
+
+from softserve.errors import StoreError
+
+FORMAT_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherInfo(_Model):
+    """The teacher as given on the command line, and the digest of its weights."""
+
+    spec: str
+    weights: str | None = None
+    weights_sha256: str | None = None
+
+
+class ViewInfo(_Model):
+    """The view policy and the output size; the interpolation is fixed and named here."""
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip: bool
+    output_size: tuple[int, int]
+    interpolation: Literal["bilinear"] = "bilinear"
+
+
+class RefinementInfo(_Model):
+    """GIFT refinement parameters used for the stored ``refined`` labels."""
+
+    method: Literal["gift"] = "gift"
+    alpha: float
+    beta: float
+
+
+class LabelSetConfig(_Model):
+    """What defines a label set's content: a relabel that matches this may resume it."""
+
+    num_samples: int = Field(gt=0)
+    num_classes: int = Field(gt=1)
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    dataset_sha256: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    teacher: TeacherInfo
+    views: ViewInfo
+    refinement: RefinementInfo
+    epochs: int = Field(gt=0)
+    seed: int
+    codec: str
+    precision: Literal["fp32", "bf16", "fp16"]
+    shard_epochs: int = Field(gt=0)
+    chunk_rows: int = Field(gt=0)
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) epochs of every shard, in order."""
+        return [
+            (start, min(start + self.shard_epochs, self.epochs))
+            for start in range(0, self.epochs, self.shard_epochs)
+        ]
+
+    def differences(self, other: LabelSetConfig) -> list[str]:
+        """Names of the fields in which two configs differ."""
+        mine, theirs = self.model_dump(), other.model_dump()
+        return [key for key in mine if mine[key] != theirs[key]]
+
+
+class FileInfo(_Model):
+    file: str
+    size: int
+    sha256: str
+
+
+class ShardInfo(FileInfo):
+    epoch_start: int
+    epoch_stop: int
+
+
+class ProducerInfo(_Model):
+    """How the labels were computed; informative, not part of the label set's identity."""
+
+    softserve_version: str
+    torch_version: str
+    device: str
+    batch_size: int
+    world_size: int = 1
+
+
+class Manifest(_Model):
+    """The manifest of a complete label set."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    created: datetime
+    config: LabelSetConfig
+    dataset: FileInfo
+    shards: list[ShardInfo]
+    producer: ProducerInfo
+
+    def label_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+
+def _load(path: Path, model: type[_Model], what: str) -> _Model:
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (ValidationError, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        raise StoreError(
+            f"{path} is not a valid {what} ({first}); relabel into a new path"
+        ) from None
+
+
+def read_manifest(root: Path) -> Manifest:
+    """The manifest of the label set at ``root``; StoreError when absent or invalid."""
+    path = root / MANIFEST_FILE
+    try:
+        return _load(path, Manifest, "manifest")  # type: ignore[return-value]
+    except FileNotFoundError:
+        raise StoreError(
+            f"{root} holds no complete label set (no {MANIFEST_FILE}); "
+            "finish it by rerunning the same 'softserve relabel' command"
+        ) from None
+
+
+def read_plan(root: Path) -> LabelSetConfig | None:
+    """The config a relabel into ``root`` started with, if one did."""
+    try:
+        return _load(root / PLAN_FILE, LabelSetConfig, "relabel plan")  # type: ignore[return-value]
+    except FileNotFoundError:
+        return None
+
+
+def write_model(path: Path, model: BaseModel) -> None:
+    """Write a manifest or plan atomically, as indented JSON."""
+    write_text_atomic(path, model.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,86 @@
+"""Full integrity check of a label set: checksums, sizes, shapes and dtypes of every file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+from softserve.client.views import NUM_PARAMS
+from softserve.storage.codecs import get_codec, part_name
+from softserve.storage.layout import sha256_file
+from softserve.storage.manifest import FileInfo, LabelSetConfig, read_manifest
+from softserve.storage.writer import LABEL_FIELDS, ORDER_DTYPE, PARAMS_DTYPE
+
+from softserve.errors import StoreError
+
+Expected = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def _dataset_layout(config: LabelSetConfig) -> Expected:
+    n = config.num_samples
+    return {
+        "images": ((n, *config.image_shape), np.dtype(np.uint8)),
+        "labels": ((n,), np.dtype(np.int64)),
+    }
+
+
+def _shard_layout(config: LabelSetConfig, epochs: int) -> Expected:
+    n, k = config.num_samples, config.num_classes
+    layout: Expected = {
+        "order": ((epochs, n), ORDER_DTYPE),
+        "params": ((epochs, n, NUM_PARAMS), PARAMS_DTYPE),
+    }
+    for field in LABEL_FIELDS:
+        for part in get_codec(config.codec).parts:
+            row = (k,) if part.per_class else ()
+            layout[part_name(field, part.suffix)] = ((epochs, n, *row), part.dtype)
+    return layout
+
+
+def _check_file(root: Path, entry: FileInfo, layout: Expected) -> Iterator[str]:
+    path = root / entry.file
+    if not path.is_file():
+        yield f"{entry.file}: missing"
+        return
+    size = path.stat().st_size
+    if size != entry.size:
+        yield f"{entry.file}: size {size} bytes, manifest says {entry.size}"
+        return
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        yield f"{entry.file}: sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…"
+        return
+    try:
+        with h5py.File(path, "r") as f:
+            for key, (shape, dtype) in layout.items():
+                if key not in f:
+                    yield f"{entry.file}: dataset {key!r} missing"
+                elif f[key].shape != shape or f[key].dtype != dtype:
+                    yield (
+                        f"{entry.file}: {key!r} is {f[key].dtype}{f[key].shape}, "
+                        f"expected {dtype}{shape}"
+                    )
+    except OSError as exc:
+        yield f"{entry.file}: not a readable HDF5 file ({exc})"
+
+
+def verify_label_set(root: Path, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Every problem found in the label set at ``root``; an empty list means it is intact."""
+    try:
+        manifest = read_manifest(root)
+    except StoreError as exc:
+        return [str(exc)]
+    config = manifest.config
+    problems = list(_check_file(root, manifest.dataset, _dataset_layout(config)))
+    expected_ranges = config.shard_ranges()
+    actual_ranges = [(s.epoch_start, s.epoch_stop) for s in manifest.shards]
+    if actual_ranges != expected_ranges:
+        problems.append(f"manifest shards cover epochs {actual_ranges}, expected {expected_ranges}")
+    for shard in manifest.shards:
+        if progress is not None:
+            progress(shard.file)
+        layout = _shard_layout(config, shard.epoch_stop - shard.epoch_start)
+        problems.extend(_check_file(root, shard, layout))
+    return problems

@@ -1,0 +1,144 @@
+"""Writers of the two HDF5 file kinds of a label set: the dataset and the label shards.
+
+Both write to a temporary name and rename when complete, so a file under its final name is
+always whole; that is what makes an interrupted relabel resumable shard by shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+from softserve.client.views import NUM_PARAMS
+from softserve.storage.codecs import Codec, part_name
+from softserve.storage.layout import commit, sha256_file, tmp_path
+from softserve.storage.manifest import FORMAT_VERSION, FileInfo, ShardInfo
+
+LABEL_FIELDS = ("refined", "logits")
+PARAMS_DTYPE = np.dtype(np.int16)
+ORDER_DTYPE = np.dtype(np.int32)
+_CHUNK_BYTES = 1 << 16
+_CACHE_BYTES = 64 << 20
+
+
+def chunk_rows_for(num_samples: int, row_bytes: int) -> int:
+    """Rows per chunk along the sample axis: about 64 KiB, a power of two, at most N."""
+    rows = max(16, _CHUNK_BYTES // max(1, row_bytes))
+    return min(num_samples, 1 << (rows.bit_length() - 1))
+
+
+def file_info(path: Path) -> FileInfo:
+    """Name, size and sha256 of a complete file, as the manifest lists it."""
+    return FileInfo(file=path.name, size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def shard_info(path: Path, epoch_start: int, epoch_stop: int) -> ShardInfo:
+    """Manifest entry of a complete shard."""
+    return ShardInfo(**file_info(path).model_dump(), epoch_start=epoch_start, epoch_stop=epoch_stop)
+
+
+def write_dataset(
+    path: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> FileInfo:
+    """Write base images (uint8 N×C×H×W), hard labels and metadata to ``dataset.h5``."""
+    tmp = tmp_path(path)
+    n = images.shape[0]
+    rows = chunk_rows_for(n, int(np.prod(images.shape[1:])))
+    with h5py.File(tmp, "w", track_order=True) as f:
+        f.create_dataset(
+            "images",
+            data=images,
+            dtype=np.uint8,
+            chunks=(rows, *images.shape[1:]),
+            track_times=False,
+        )
+        f.create_dataset("labels", data=labels.astype(np.int64), track_times=False)
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["class_names"] = json.dumps(class_names)
+        f.attrs["mean"] = np.asarray(mean, dtype=np.float64)
+        f.attrs["std"] = np.asarray(std, dtype=np.float64)
+    commit(tmp, path)
+    return file_info(path)
+
+
+class ShardWriter:
+    """Writes one label shard: a contiguous range of epochs, rows in each epoch's order."""
+
+    def __init__(
+        self,
+        path: Path,
+        epoch_start: int,
+        epoch_stop: int,
+        num_samples: int,
+        num_classes: int,
+        codec: Codec,
+        chunk_rows: int,
+    ) -> None:
+        self.path = path
+        self.epoch_start = epoch_start
+        self.epoch_stop = epoch_stop
+        self.codec = codec
+        self.num_samples = num_samples
+        self._tmp = tmp_path(path)
+        self._file = h5py.File(self._tmp, "w", rdcc_nbytes=_CACHE_BYTES, track_order=True)
+        e, n, k = epoch_stop - epoch_start, num_samples, num_classes
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        self._file.attrs["epoch_start"] = epoch_start
+        self._file.attrs["epoch_stop"] = epoch_stop
+        self._file.attrs["codec"] = codec.name
+
+        def create(name: str, dtype: np.dtype, row: tuple[int, ...]) -> None:
+            self._file.create_dataset(
+                name,
+                shape=(e, n, *row),
+                dtype=dtype,
+                chunks=(1, chunk_rows, *row),
+                track_times=False,
+            )
+
+        create("order", ORDER_DTYPE, ())
+        create("params", PARAMS_DTYPE, (NUM_PARAMS,))
+        for field in LABEL_FIELDS:
+            for part in codec.parts:
+                create(part_name(field, part.suffix), part.dtype, (k,) if part.per_class else ())
+
+    def write_epoch_plan(self, epoch: int, order: np.ndarray, params: np.ndarray) -> None:
+        """Store an epoch's order and its views, both in order: row j is sample order[j]."""
+        local = epoch - self.epoch_start
+        self._file["order"][local] = order.astype(ORDER_DTYPE)
+        self._file["params"][local] = params.astype(PARAMS_DTYPE)
+
+    def write_labels(self, position: int, labels: dict[str, np.ndarray]) -> None:
+        """Encode and store label rows from flat ``position`` (local epoch · N + row) on.
+
+        ``labels`` maps each of LABEL_FIELDS to float32 (rows, K); rows may span epochs.
+        """
+        count = len(labels[LABEL_FIELDS[0]])
+        done = 0
+        while done < count:
+            local, row = divmod(position + done, self.num_samples)
+            take = min(count - done, self.num_samples - row)
+            for field in LABEL_FIELDS:
+                encoded = self.codec.encode(labels[field][done : done + take])
+                for suffix, values in encoded.items():
+                    self._file[part_name(field, suffix)][local, row : row + take] = values
+            done += take
+
+    def commit(self) -> None:
+        """Close, make durable, and rename to the final name."""
+        self._file.close()
+        commit(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file; complete shards are untouched."""
+        with contextlib.suppress(Exception):  # the file may be unusable after a failed write
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)

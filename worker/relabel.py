@@ -1,0 +1,485 @@
+"""The relabel pipeline: a teacher over E epochs of augmented views, into label shards.
+
+For each shard (a range of epochs) the worker draws every epoch's order and view
+parameters, runs the teacher on exactly those views in fixed-size batches, refines the
+logits with GIFT, and hands the results to a background thread that encodes and writes
+them, so the teacher never waits on the disk. Shards are written under temporary names
+and renamed when complete; the manifest is written last. Rerunning an interrupted
+command skips the complete shards, and the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import shutil
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from softserve.client.losses import DEFAULT_ALPHA, DEFAULT_BETA, refine_labels
+from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
+from softserve.storage.codecs import get_codec
+from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
+from softserve.storage.manifest import (
+    LabelSetConfig,
+    Manifest,
+    ProducerInfo,
+    RefinementInfo,
+    TeacherInfo,
+    ViewInfo,
+    read_manifest,
+    read_plan,
+    write_model,
+)
+from softserve.storage.writer import (
+    LABEL_FIELDS,
+    ShardWriter,
+    chunk_rows_for,
+    file_info,
+    shard_info,
+    write_dataset,
+)
+from softserve.worker.runtime import Ranks, autocast, check_precision, distributed, resolve_device
+from softserve.worker.sources import ImageSet, default_normalization, load_image_set
+from softserve.worker.teacher import Teacher, load_teacher
+from tqdm.auto import tqdm
+
+import softserve
+from softserve.errors import InputError, StoreError
+
+_SHARD_TARGET_BYTES = 256 << 20
+_MIN_SHARDS = 16
+_QUEUE_DEPTH = 4
+_DEVICE_IMAGE_BUDGET = 2 << 30
+
+
+@dataclass
+class RelabelOptions:
+    """Everything ``softserve relabel`` takes."""
+
+    images: Path
+    teacher: str
+    out: Path
+    weights: Path | None = None
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    size: tuple[int, int] | None = None
+    policy: ViewPolicy = field(default_factory=ViewPolicy)
+    epochs: int = 300
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "fp32"
+    codec: str = "fp16"
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+    shard_epochs: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class RelabelResult:
+    """The finished label set and how much of it this run computed."""
+
+    manifest: Manifest | None
+    computed_shards: int
+    reused_shards: int
+
+
+def default_shard_epochs(epochs: int, bytes_per_epoch: int) -> int:
+    """Epochs per shard: about 256 MiB each, and at least 16 shards given 16 epochs."""
+    by_size = max(1, _SHARD_TARGET_BYTES // max(1, bytes_per_epoch))
+    by_count = -(-epochs // min(epochs, _MIN_SHARDS))
+    return max(1, min(by_size, by_count))
+
+
+def _validate(opts: RelabelOptions) -> None:
+    checks = [
+        (opts.epochs > 0, f"--epochs must be positive, got {opts.epochs}"),
+        (opts.batch_size > 0, f"--batch-size must be positive, got {opts.batch_size}"),
+        (opts.shard_epochs is None or opts.shard_epochs > 0, "--shard-epochs must be positive"),
+        (opts.size is None or min(opts.size) > 0, f"--size must be positive, got {opts.size}"),
+        (opts.alpha >= 0 and opts.beta >= 0, "--alpha and --beta must be non-negative"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    get_codec(opts.codec)
+
+
+def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> LabelSetConfig:
+    """The label set's identity, from the options and the loaded inputs."""
+    n, c, h, w = data.images.shape
+    mean, std = default_normalization(c, opts.mean, opts.std)
+    size = opts.size or (h, w)
+    codec = get_codec(opts.codec)
+    label_bytes = codec.bytes_per_label(data.num_classes)
+    bytes_per_epoch = n * (len(LABEL_FIELDS) * label_bytes + 4 + 2 * 5)
+    return LabelSetConfig(
+        num_samples=n,
+        num_classes=data.num_classes,
+        class_names=data.class_names,
+        image_shape=(c, h, w),
+        dataset_sha256=data.sha256(),
+        mean=mean,
+        std=std,
+        teacher=TeacherInfo(
+            spec=teacher.spec, weights=teacher.weights, weights_sha256=teacher.weights_sha256
+        ),
+        views=ViewInfo(
+            scale=opts.policy.scale,
+            ratio=opts.policy.ratio,
+            flip=opts.policy.flip,
+            output_size=size,
+        ),
+        refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),
+        epochs=opts.epochs,
+        seed=opts.seed,
+        codec=opts.codec,
+        precision=opts.precision,  # type: ignore[arg-type]
+        shard_epochs=opts.shard_epochs or default_shard_epochs(opts.epochs, bytes_per_epoch),
+        chunk_rows=chunk_rows_for(n, label_bytes),
+    )
+
+
+def _check_out_dir(out: Path, config: LabelSetConfig) -> Manifest | None:
+    """The existing manifest if ``out`` already holds this label set; raise if another."""
+    if (out / MANIFEST_FILE).exists():
+        existing = read_manifest(out)
+        if existing.config == config:
+            return existing
+        found = existing.config
+    else:
+        found = read_plan(out)
+        if found is None:
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                raise StoreError(f"--out {out} exists and is not a label set; choose a new path")
+            return None
+        if found == config:
+            return None
+    changed = ", ".join(config.differences(found))
+    raise StoreError(
+        f"--out {out} holds a different label set (differs in: {changed}); "
+        "choose a new --out or delete the old one"
+    )
+
+
+def _describe_write_error(exc: OSError, out: Path) -> str:
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(exc)
+    reason = "the disk is full" if full else " ".join(str(exc).split())[:200]
+    return f"writing labels into {out} failed: {reason}"
+
+
+class _Writer(threading.Thread):
+    """Background encoder and writer: takes label rows off the queue and stores them.
+
+    An item is (shard, position, rows, event); position None commits the shard. After an
+    error every further item is skipped, so no shard is committed past a failed write.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="softserve-shard-writer", daemon=True)
+        self.queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self.error: BaseException | None = None
+        self._dropped: set[int] = set()
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            shard, position, rows, event = item
+            if self.error is not None or id(shard) in self._dropped:
+                continue
+            try:
+                if position is None:
+                    shard.commit()
+                    continue
+                if event is not None:
+                    event.synchronize()
+                shard.write_labels(position, {k: v.numpy() for k, v in rows.items()})
+            except BaseException as exc:  # handed to the main thread, which raises it
+                self.error = exc
+
+    def put(self, shard: ShardWriter, position: int | None, rows=None, event=None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((shard, position, rows, event))
+
+    def finish(self) -> None:
+        """Write everything queued, stop, and raise the first error if there was one."""
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def drop(self, shard: ShardWriter) -> None:
+        """Skip what is queued for ``shard``, finish the rest, stop, and delete its partial file."""
+        self._dropped.add(id(shard))
+        if self.is_alive():
+            self.queue.put(None)
+            self.join()
+        shard.abort()
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start a device-to-host copy; the event marks when the host tensor is ready."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class _Labeler:
+    """Runs the teacher on views and refines its logits, batch by batch, on one device."""
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        data: ImageSet,
+        config: LabelSetConfig,
+        opts: RelabelOptions,
+        device: torch.device,
+    ) -> None:
+        self.device = device
+        self.config = config
+        self.batch_size = opts.batch_size
+        self.precision = opts.precision
+        self.alpha, self.beta = config.refinement.alpha, config.refinement.beta
+        self.size = config.views.output_size
+        on_device = device.type != "cuda" or data.images.nbytes <= _DEVICE_IMAGE_BUDGET
+        images = torch.from_numpy(data.images)
+        self.images = images.to(device) if on_device else images.pin_memory()
+        self.hard = torch.from_numpy(data.labels).to(device)
+        self.model = teacher.model.to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def logits(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Teacher logits (float32) on the views ``params`` of samples ``ids``."""
+        count = ids.shape[0]
+        if count < self.batch_size:  # pad: every forward has the same shape
+            pad = self.batch_size - count
+            ids = torch.cat([ids, ids[:1].expand(pad)])
+            params = torch.cat([params, params[:1].expand(pad, -1)])
+        base = self.images[ids.to(self.images.device)].to(self.device, non_blocking=True)
+        views = apply_views(
+            base,
+            params.to(self.device, non_blocking=True),
+            self.size,
+            mean=self.config.mean,
+            std=self.config.std,
+        )
+        if self.device.type == "cuda":
+            views = views.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            out = self.model(views)
+        return out[:count].float()
+
+    def probe(self) -> None:
+        """Check on one batch that the teacher accepts the views and outputs K classes."""
+        c = self.config.image_shape[0]
+        ids = torch.zeros(self.batch_size, dtype=torch.long)
+        h, w = self.config.image_shape[1:]
+        params = torch.tensor([[0, 0, h, w, 0]], dtype=torch.int32).expand(self.batch_size, -1)
+        try:
+            out = self.logits(ids, params)
+        except InputError:
+            raise
+        except Exception as exc:  # any failure of user code on our input
+            detail = " ".join(str(exc).split())[:200]
+            raise InputError(
+                f"teacher {self.config.teacher.spec!r} failed on a batch of shape "
+                f"({self.batch_size}, {c}, {self.size[0]}, {self.size[1]}): {detail}; "
+                "check --teacher, --size and the image channels"
+            ) from None
+        if out.ndim != 2 or out.shape[1] != self.config.num_classes:
+            raise InputError(
+                f"teacher {self.config.teacher.spec!r} outputs shape {tuple(out.shape)} but the "
+                f"images have {self.config.num_classes} classes; use a teacher (or --num-classes) "
+                "with one logit per class"
+            )
+
+    def label(self, ids: torch.Tensor, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.logits(ids, params)
+        refined = refine_labels(logits, self.hard[ids.to(self.device)], self.alpha, self.beta)
+        return {"logits": logits, "refined": refined}
+
+
+def _shard_plan(config: LabelSetConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Orders (E_s, N) and their view params in order (E_s, N, 5) for a range of epochs."""
+    n, (_, h, w) = config.num_samples, config.image_shape
+    policy = ViewPolicy(scale=config.views.scale, ratio=config.views.ratio, flip=config.views.flip)
+    orders, params = [], []
+    for epoch in range(start, stop):
+        order = epoch_order(config.seed, epoch, n)
+        orders.append(order)
+        params.append(sample_views(policy, config.seed, epoch, n, h, w)[order])
+    return np.stack(orders), np.stack(params)
+
+
+def _write_shard(
+    labeler: _Labeler, writer: _Writer, config: LabelSetConfig, shard: ShardWriter, bar: tqdm
+) -> None:
+    start, stop = shard.epoch_start, shard.epoch_stop
+    orders, params = _shard_plan(config, start, stop)
+    for epoch in range(start, stop):
+        shard.write_epoch_plan(epoch, orders[epoch - start], params[epoch - start])
+    ids_all = torch.from_numpy(orders.reshape(-1).astype(np.int64))
+    params_all = torch.from_numpy(params.reshape(-1, params.shape[-1]))
+    batch = labeler.batch_size
+    for position in range(0, ids_all.shape[0], batch):
+        ids = ids_all[position : position + batch]
+        labels = labeler.label(ids, params_all[position : position + batch])
+        hosts = {k: _to_host(v) for k, v in labels.items()}
+        events = [e for _, e in hosts.values() if e is not None]
+        rows = {k: t for k, (t, _) in hosts.items()}
+        writer.put(shard, position, rows, events[-1] if events else None)
+        bar.update(ids.shape[0])
+    writer.put(shard, None)
+
+
+def _finalize(out: Path, config: LabelSetConfig, producer: ProducerInfo) -> Manifest:
+    shards = []
+    for index, (start, stop) in enumerate(config.shard_ranges()):
+        path = out / shard_file(index)
+        if not path.exists():
+            raise StoreError(f"{path} is missing after all ranks finished; rerun the same command")
+        shards.append(shard_info(path, start, stop))
+    manifest = Manifest(
+        name=out.name,
+        created=datetime.now(timezone.utc),
+        config=config,
+        dataset=file_info(out / DATASET_FILE),
+        shards=shards,
+        producer=producer,
+    )
+    write_model(out / MANIFEST_FILE, manifest)
+    (out / PLAN_FILE).unlink(missing_ok=True)
+    return manifest
+
+
+def relabel(opts: RelabelOptions) -> RelabelResult:
+    """Compute (or finish) the label set ``opts.out``; see the module docstring."""
+    _validate(opts)
+    device = resolve_device(opts.device)
+    check_precision(device, opts.precision)
+    data = load_image_set(opts.images, opts.num_classes)
+    teacher = load_teacher(opts.teacher, opts.weights, opts.num_classes)
+    config = build_config(opts, data, teacher)
+    out = opts.out
+    with distributed(device) as ranks:
+        existing = _check_out_dir(out, config)
+        if existing is not None:
+            return RelabelResult(existing, computed_shards=0, reused_shards=len(existing.shards))
+        labeler = _Labeler(teacher, data, config, opts, device)
+        labeler.probe()
+        _claim(out, config, data, ranks)
+        ranges = config.shard_ranges()
+        mine = [i for i in range(len(ranges)) if i % ranks.world_size == ranks.rank]
+        pending = [i for i in mine if not (out / shard_file(i)).exists()]
+        _warn_if_low_space(out, config, len(pending), ranks)
+        _run_shards(labeler, config, out, pending, ranks, opts.progress)
+        ranks.barrier()
+        manifest = None
+        if ranks.is_main:
+            producer = ProducerInfo(
+                softserve_version=softserve.__version__,
+                torch_version=torch.__version__,
+                device=str(device),
+                batch_size=opts.batch_size,
+                world_size=ranks.world_size,
+            )
+            manifest = _finalize(out, config, producer)
+        ranks.barrier()
+        return RelabelResult(manifest, len(pending), len(ranges) - len(pending))
+
+
+def _claim(out: Path, config: LabelSetConfig, data: ImageSet, ranks: Ranks) -> None:
+    """Record the plan and write the dataset (rank 0), then clear stale partial shards."""
+    if ranks.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_model(out / PLAN_FILE, config)
+            if not (out / DATASET_FILE).exists():
+                write_dataset(
+                    out / DATASET_FILE,
+                    data.images,
+                    data.labels,
+                    data.class_names,
+                    config.mean,
+                    config.std,
+                )
+        except OSError as exc:
+            raise StoreError(_describe_write_error(exc, out) + "; fix it and rerun") from None
+    ranks.barrier()
+    for index in range(len(config.shard_ranges())):
+        if index % ranks.world_size == ranks.rank:
+            (out / (shard_file(index) + TMP_SUFFIX)).unlink(missing_ok=True)
+
+
+def _warn_if_low_space(out: Path, config: LabelSetConfig, pending: int, ranks: Ranks) -> None:
+    need = (
+        pending
+        * config.shard_epochs
+        * config.num_samples
+        * (len(LABEL_FIELDS) * get_codec(config.codec).bytes_per_label(config.num_classes) + 14)
+    )
+    free = shutil.disk_usage(out).free
+    if ranks.is_main and need > free:
+        tqdm.write(
+            f"warning: about {need / 2**20:.0f} MiB of labels to write and {free / 2**20:.0f} MiB "
+            f"free under {out}; the run stops cleanly when the disk fills and can be resumed"
+        )
+
+
+def _run_shards(
+    labeler: _Labeler,
+    config: LabelSetConfig,
+    out: Path,
+    pending: list[int],
+    ranks: Ranks,
+    progress: bool,
+) -> None:
+    ranges = config.shard_ranges()
+    total = sum((ranges[i][1] - ranges[i][0]) * config.num_samples for i in pending)
+    writer = _Writer()
+    writer.start()
+    shard: ShardWriter | None = None
+    bar = tqdm(
+        total=total,
+        unit="sample",
+        unit_scale=True,
+        desc=f"relabel {out.name}",
+        disable=not (progress and ranks.is_main),
+        dynamic_ncols=True,
+    )
+    try:
+        for index in pending:
+            start, stop = ranges[index]
+            shard = ShardWriter(
+                out / shard_file(index),
+                start,
+                stop,
+                config.num_samples,
+                config.num_classes,
+                get_codec(config.codec),
+                config.chunk_rows,
+            )
+            _write_shard(labeler, writer, config, shard, bar)
+        writer.finish()
+        shard = None
+    except OSError as exc:
+        raise StoreError(
+            _describe_write_error(exc, out)
+            + "; free space (or fix the path) and rerun the same command to resume"
+        ) from None
+    finally:
+        bar.close()
+        if shard is not None:
+            writer.drop(shard)

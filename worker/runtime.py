@@ -1,0 +1,80 @@
+"""Where and how the teacher runs: device choice, autocast precision, distributed ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from softserve.errors import InputError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present (this rank's GPU under torchrun), else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda but no CUDA device is visible; use --device cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown --device {name!r}; use auto, cpu or cuda") from None
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Raise unless ``precision`` is known and runs on ``device`` (reduced precision: CUDA)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown --precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if PRECISIONS[precision] is not None and device.type != "cuda":
+        raise InputError(f"--precision {precision} runs on CUDA only; use fp32 on {device.type}")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision``: none for fp32."""
+    check_precision(device, precision)
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the relabel workers."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[Ranks]:
+    """Join the torchrun job this process belongs to, if any (NCCL on CUDA, gloo on CPU)."""
+    if dist.is_available() and dist.is_initialized():
+        yield Ranks(dist.get_rank(), dist.get_world_size())
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Ranks()
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()

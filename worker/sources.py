@@ -1,0 +1,158 @@
+"""Synthetic image sets as the worker accepts them: an ImageFolder tree or a tensor file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from softserve.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_GRAY_MODES = {"1", "L", "I", "I;16", "F"}
+
+#: Normalization used when none is given, by channel count (ImageNet's for RGB).
+DEFAULT_NORMALIZATION: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    1: ((0.5,), (0.5,)),
+    3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class ImageSet:
+    """Base images (uint8 N×C×H×W), hard labels (int64 N) and class names."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def sha256(self) -> str:
+        """Digest of the content (pixels, labels, class names), independent of the file format."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps([list(self.images.shape), self.class_names]).encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(self.labels.astype("<i8").tobytes())
+        return digest.hexdigest()
+
+
+def load_image_set(path: Path, num_classes: int | None = None) -> ImageSet:
+    """Load an ImageFolder tree or a ``{"data", "label"}`` tensor file."""
+    if not path.exists():
+        raise InputError(f"--images {path} does not exist; pass an ImageFolder tree or a .pt file")
+    result = _load_image_folder(path) if path.is_dir() else _load_tensor_file(path, num_classes)
+    if num_classes is not None and num_classes != result.num_classes and path.is_dir():
+        raise InputError(
+            f"--num-classes {num_classes} but {path} has {result.num_classes} class folders"
+        )
+    if len(result.labels) == 0:
+        raise InputError(f"{path} holds no images")
+    return result
+
+
+def _read_image(file: Path) -> np.ndarray:
+    try:
+        with Image.open(file) as img:
+            img.load()
+            if img.mode in _GRAY_MODES:
+                return np.asarray(img.convert("L"))[None]
+            return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"cannot read image {file} ({exc}); remove or replace it") from None
+
+
+def _load_image_folder(root: Path) -> ImageSet:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise InputError(
+            f"{root} has no class folders; an ImageFolder tree is ROOT/CLASS_NAME/IMAGE.png"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        found = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise InputError(
+                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        files.extend(found)
+        labels.extend([label] * len(found))
+    arrays = [_read_image(f) for f in files]
+    size = arrays[0].shape[1:]
+    for array, file in zip(arrays, files, strict=True):
+        if array.shape[1:] != size:
+            raise InputError(
+                f"images differ in size: {file} is {array.shape[1]}x{array.shape[2]}, "
+                f"{files[0]} is {size[0]}x{size[1]}; resize the set to one size first"
+            )
+    if any(a.shape[0] == 3 for a in arrays):
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    return ImageSet(
+        images=np.stack(arrays),
+        labels=np.asarray(labels, dtype=np.int64),
+        class_names=[d.name for d in class_dirs],
+    )
+
+
+def _load_tensor_file(path: Path, num_classes: int | None) -> ImageSet:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise InputError(f"cannot load tensor file {path} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or "data" not in payload or "label" not in payload:
+        raise InputError(f'{path} must hold a dict {{"data": N×C×H×W, "label": N}}')
+    data, label = torch.as_tensor(payload["data"]), torch.as_tensor(payload["label"])
+    if data.ndim == 3:
+        data = data[:, None]
+    if data.ndim != 4 or data.shape[1] not in (1, 3):
+        raise InputError(f"{path}: data must be N×C×H×W with C in (1, 3), got {tuple(data.shape)}")
+    if data.dtype == torch.uint8:
+        images = data.numpy()
+    elif data.is_floating_point():
+        lo, hi = float(data.min()), float(data.max())
+        if lo < 0 or hi > 1:
+            raise InputError(
+                f"{path}: float data must be in [0, 1], found [{lo:.3g}, {hi:.3g}]; "
+                "undo the normalization before saving (the worker applies --mean/--std)"
+            )
+        images = (data.float() * 255).round().to(torch.uint8).numpy()
+    else:
+        raise InputError(f"{path}: data must be uint8 or float in [0, 1], got {data.dtype}")
+    labels = label.reshape(-1).long().numpy()
+    if labels.shape[0] != images.shape[0]:
+        raise InputError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if labels.min() < 0:
+        raise InputError(f"{path}: labels must be non-negative class indices")
+    k = num_classes if num_classes is not None else int(labels.max()) + 1
+    if labels.max() >= k:
+        raise InputError(f"{path}: label {int(labels.max())} is out of range for {k} classes")
+    names = payload.get("class_names")
+    class_names = [str(n) for n in names] if names is not None else [str(i) for i in range(k)]
+    if len(class_names) != k:
+        raise InputError(f"{path}: {len(class_names)} class names for {k} classes")
+    return ImageSet(images=np.ascontiguousarray(images), labels=labels, class_names=class_names)
+
+
+def default_normalization(
+    channels: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The given mean/std, completed from the channel-count default, checked for length."""
+    fallback = DEFAULT_NORMALIZATION.get(channels)
+    if (mean is None or std is None) and fallback is None:
+        raise InputError(f"no default normalization for {channels} channels; pass --mean and --std")
+    mean = tuple(mean) if mean is not None else fallback[0]  # type: ignore[index]
+    std = tuple(std) if std is not None else fallback[1]  # type: ignore[index]
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise InputError(f"--{name} has {len(values)} values for {channels}-channel images")
+    if any(s <= 0 for s in std):
+        raise InputError("--std values must be positive")
+    return mean, std

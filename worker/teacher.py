@@ -1,0 +1,134 @@
+"""Teachers by spec: ``torchvision:ARCH``, ``module.path:callable`` or a torch.export ``.pt2``."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from softserve.storage.layout import sha256_file
+from torch import nn
+
+from softserve.errors import InputError
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher model, with what the manifest records about it."""
+
+    model: nn.Module
+    spec: str
+    weights: str | None
+    weights_sha256: str | None
+
+
+def load_teacher(spec: str, weights: Path | None = None, num_classes: int | None = None) -> Teacher:
+    """Build the teacher named by ``spec`` and load ``weights`` into it (on the CPU)."""
+    digest: str | None = None
+    if spec.endswith(".pt2"):
+        model = _load_exported(Path(spec))
+        if weights is None:
+            digest = sha256_file(Path(spec))
+    elif spec.startswith("torchvision:"):
+        model = _load_torchvision(spec.removeprefix("torchvision:"), num_classes)
+    elif ":" in spec:
+        model = _load_factory(spec, num_classes)
+    else:
+        raise InputError(
+            f"teacher spec {spec!r} not understood; use torchvision:ARCH, "
+            "module.path:callable, or a .pt2 file from torch.export"
+        )
+    if weights is not None:
+        _load_weights(model, spec, weights)
+        digest = sha256_file(weights)
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # exported modules refuse eval()
+        model.eval()
+    return Teacher(
+        model=model,
+        spec=spec,
+        weights=str(weights) if weights is not None else None,
+        weights_sha256=digest,
+    )
+
+
+def _load_exported(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise InputError(f"teacher file {path} does not exist")
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as exc:  # torch raises many types for an unusable archive
+        raise InputError(
+            f"cannot load exported teacher {path} ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _load_torchvision(arch: str, num_classes: int | None) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise InputError(
+            f"torchvision has no classification model {arch!r}; "
+            f"e.g. {', '.join(sorted(available)[:8])}, ..."
+        )
+    if num_classes is None:
+        raise InputError(f"torchvision:{arch} needs --num-classes")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(
+            f"cannot import {module_name!r} for teacher {spec!r} ({exc}); "
+            "run from its folder or add it to PYTHONPATH"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise InputError(f"{module_name!r} has no attribute {attr!r} (teacher {spec!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise InputError(f"teacher {spec!r} is not callable")
+    kwargs = {}
+    if num_classes is not None:
+        if "num_classes" not in inspect.signature(target).parameters:
+            raise InputError(f"teacher factory {spec!r} takes no num_classes argument")
+        kwargs["num_classes"] = num_classes
+    model = target(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise InputError(f"teacher factory {spec!r} returned {type(model).__name__}, not nn.Module")
+    return model
+
+
+def _load_weights(model: nn.Module, spec: str, path: Path) -> None:
+    if not path.is_file():
+        raise InputError(f"--weights {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise InputError(f"cannot load weights {path} ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise InputError(f"{path} holds {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise InputError(
+            f"weights {path} do not fit teacher {spec!r}: {detail}; "
+            "check --teacher and --num-classes"
+        ) from None
