@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 import softserve
 from softserve.errors import InputError, StoreError
 
-_SHARD_TARGET_BYTES = 256 << 20
+_SHARD_MIN_BYTES = 4 << 20
+_SHARD_MAX_BYTES = 256 << 20
 _MIN_SHARDS = 16
 _QUEUE_DEPTH = 4
 _DEVICE_IMAGE_BUDGET = 2 << 30
@@ -92,10 +93,12 @@ class RelabelResult:
 
 
 def default_shard_epochs(epochs: int, bytes_per_epoch: int) -> int:
-    """Epochs per shard: about 256 MiB each, and at least 16 shards given 16 epochs."""
-    by_size = max(1, _SHARD_TARGET_BYTES // max(1, bytes_per_epoch))
-    by_count = -(-epochs // min(epochs, _MIN_SHARDS))
-    return max(1, min(by_size, by_count))
+    """Epochs per shard: 16 shards or more for parallelism and resume, each 4 to 256 MiB."""
+    per_epoch = max(1, bytes_per_epoch)
+    by_count = -(-epochs // _MIN_SHARDS)
+    smallest = -(-_SHARD_MIN_BYTES // per_epoch)
+    largest = max(1, _SHARD_MAX_BYTES // per_epoch)
+    return max(1, min(epochs, largest, max(by_count, smallest)))
 
 
 def _validate(opts: RelabelOptions) -> None:

@@ -1,0 +1,242 @@
+"""The ``softserve`` command: relabel, inspect and verify label sets, and run the demo."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from softserve.errors import InputError, SoftserveError
+
+app = typer.Typer(
+    name="softserve",
+    help=(
+        "Precomputed soft labels for dataset distillation.\n\n"
+        "Run a teacher once over a synthetic image set for many epochs of augmented views "
+        "(relabel), then serve the labels to every student run."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+demo_app = typer.Typer(
+    help="The Fashion-MNIST demo: a real teacher, an IPC-10 synthetic set, its label set.",
+    no_args_is_help=True,
+)
+app.add_typer(demo_app, name="demo")
+
+err = Console(stderr=True)
+stdout = Console()
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--size takes N or HxW, got {text!r}") from None
+    if len(values) not in (1, 2):
+        raise InputError(f"--size takes N or HxW, got {text!r}")
+    return (values[0], values[-1])
+
+
+def _interrupted(what: str) -> NoReturn:
+    err.print(f"[yellow]interrupted:[/] {what}")
+    raise typer.Exit(130)
+
+
+@app.command()
+def relabel(
+    images: Annotated[
+        Path, typer.Option(help="ImageFolder tree (ROOT/CLASS/IMG.png) or a .pt {data, label}.")
+    ],
+    teacher: Annotated[
+        str,
+        typer.Option(help="torchvision:ARCH, module.path:callable, or a torch.export .pt2 file."),
+    ],
+    out: Annotated[Path, typer.Option(help="Label set directory to write: STORE/NAME.")],
+    weights: Annotated[
+        Path | None, typer.Option(help="State dict to load (plain, or under 'state_dict'/'model').")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classes (torchvision teachers; tensor files).")
+    ] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="Per-channel mean in [0,1] units, e.g. 0.485,0.456,0.406.")
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, like --mean.")] = None,
+    size: Annotated[
+        str | None, typer.Option(help="Output view size N or HxW [default: base size].")
+    ] = None,
+    min_scale: Annotated[float, typer.Option(help="Smallest crop area fraction.")] = 0.08,
+    max_scale: Annotated[float, typer.Option(help="Largest crop area fraction.")] = 1.0,
+    min_ratio: Annotated[float, typer.Option(help="Smallest crop aspect ratio.")] = 3 / 4,
+    max_ratio: Annotated[float, typer.Option(help="Largest crop aspect ratio.")] = 4 / 3,
+    flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
+    epochs: Annotated[int, typer.Option(help="Epochs of views to label.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the orders and views.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
+    codec: Annotated[str, typer.Option(help="Label codec: fp32, fp16 or int8.")] = "fp16",
+    alpha: Annotated[float, typer.Option(help="GIFT label smoothing α.")] = 0.1,
+    beta: Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")] = 0.1,
+    shard_epochs: Annotated[
+        int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Label a synthetic image set with a teacher: E epochs of views, logits and GIFT labels.
+
+    Writes STORE/NAME/{dataset.h5, labels-*.h5, manifest.json}. Deterministic for a given
+    seed and device; rerun the same command after an interruption to resume. Under torchrun,
+    ranks split the shards.
+    """
+    from softserve.client.views import ViewPolicy
+    from softserve.worker.relabel import RelabelOptions
+    from softserve.worker.relabel import relabel as run_relabel
+
+    try:
+        policy = ViewPolicy(scale=(min_scale, max_scale), ratio=(min_ratio, max_ratio), flip=flip)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    opts = RelabelOptions(
+        images=images,
+        teacher=teacher,
+        out=out,
+        weights=weights,
+        num_classes=num_classes,
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        size=_size(size),
+        policy=policy,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        codec=codec,
+        alpha=alpha,
+        beta=beta,
+        shard_epochs=shard_epochs,
+        progress=progress,
+    )
+    try:
+        result = run_relabel(opts)
+    except KeyboardInterrupt:
+        _interrupted(f"complete shards in {out} are kept; rerun the same command to resume")
+    if result.manifest is None:
+        return
+    if result.computed_shards == 0:
+        stdout.print(f"{out} is already complete; nothing to do")
+    else:
+        reused = f", {result.reused_shards} reused" if result.reused_shards else ""
+        stdout.print(f"wrote {out}: {result.computed_shards} shards computed{reused}")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Label set directory STORE/NAME.")],
+    json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
+) -> None:
+    """Summarize a label set: samples, classes, epochs, teacher, codec, sizes, bytes per label."""
+    from softserve.storage.summary import describe
+
+    if json:
+        from softserve.storage.manifest import read_manifest
+
+        stdout.print_json(read_manifest(path).model_dump_json())
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in describe(path):
+        table.add_row(f"[bold]{key}[/]", value)
+    stdout.print(table)
+
+
+@app.command()
+def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/NAME.")]) -> None:
+    """Check each file's size, sha256, shapes and dtypes against the manifest; exit 1 on any."""
+    from softserve.storage.verify import verify_label_set
+
+    with err.status("verifying") as status:
+        problems = verify_label_set(path, progress=lambda f: status.update(f"verifying {f}"))
+    if problems:
+        for problem in problems:
+            err.print(f"[red]FAIL[/] {problem}")
+        raise typer.Exit(1)
+    stdout.print(f"OK {path}")
+
+
+@demo_app.command("prepare")
+def demo_prepare(
+    workdir: Annotated[Path, typer.Option(help="Where the teacher and synthetic set go.")] = Path(
+        "demo"
+    ),
+    store: Annotated[Path, typer.Option(help="Store that receives the label set.")] = Path("store"),
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Folder with the Fashion-MNIST IDX files [default: Debian's]."),
+    ] = None,
+    ipc: Annotated[int, typer.Option(help="Synthetic images per class.")] = 10,
+    teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 3,
+    train_limit: Annotated[
+        int | None, typer.Option(help="Train the teacher on this many images only (quick runs).")
+    ] = None,
+    label_epochs: Annotated[int, typer.Option(help="Epochs of views to relabel.")] = 300,
+    codec: Annotated[str, typer.Option(help="Label codec.")] = "fp16",
+    seed: Annotated[int, typer.Option(help="Seed of teacher training, selection and views.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a Fashion-MNIST teacher, pick an IPC-10 synthetic set by confidence, relabel it."""
+    from softserve.worker.demo import DemoOptions, prepare_demo
+
+    opts = DemoOptions(
+        workdir=workdir,
+        store=store,
+        data=data,
+        ipc=ipc,
+        teacher_epochs=teacher_epochs,
+        train_limit=train_limit,
+        label_epochs=label_epochs,
+        codec=codec,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
+    try:
+        result = prepare_demo(opts, log=stdout.print)
+    except KeyboardInterrupt:
+        _interrupted("rerun the same command to continue")
+    stdout.print(f"label set ready: {result.label_set}")
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: user-fixable problems print one line and exit 1, without a traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except SoftserveError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)

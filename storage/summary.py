@@ -1,0 +1,90 @@
+"""A human summary of a label set directory, complete or not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from softserve.storage.codecs import get_codec
+from softserve.storage.layout import MANIFEST_FILE, shard_file
+from softserve.storage.manifest import LabelSetConfig, read_manifest, read_plan
+
+from softserve.errors import StoreError
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
+
+
+def _config_rows(config: LabelSetConfig) -> list[tuple[str, str]]:
+    codec = get_codec(config.codec)
+    c, h, w = config.image_shape
+    teacher = config.teacher
+    return [
+        ("samples", str(config.num_samples)),
+        (
+            "classes",
+            f"{config.num_classes} ({', '.join(config.class_names[:5])}"
+            + (", …)" if config.num_classes > 5 else ")"),
+        ),
+        (
+            "images",
+            f"{c}×{h}×{w} uint8, views {config.views.output_size[0]}×{config.views.output_size[1]}",
+        ),
+        (
+            "views",
+            f"crop scale {config.views.scale}, ratio "
+            f"({config.views.ratio[0]:.3g}, {config.views.ratio[1]:.3g}), "
+            f"flip {'on' if config.views.flip else 'off'}, {config.views.interpolation}",
+        ),
+        ("normalization", f"mean {config.mean}, std {config.std}"),
+        ("teacher", teacher.spec + (f" + {teacher.weights}" if teacher.weights else "")),
+        ("weights sha256", teacher.weights_sha256 or "-"),
+        ("epochs", f"{config.epochs} (seed {config.seed}), {config.shard_epochs} per shard"),
+        ("refinement", f"GIFT α={config.refinement.alpha} β={config.refinement.beta}"),
+        (
+            "codec",
+            f"{codec.name}: {codec.bytes_per_label(config.num_classes)} bytes per label "
+            "(refined and logits each)",
+        ),
+        ("precision", config.precision),
+    ]
+
+
+def describe(root: Path) -> list[tuple[str, str]]:
+    """Rows (key, value) describing the label set at ``root``."""
+    if not (root / MANIFEST_FILE).exists():
+        plan = read_plan(root)
+        if plan is None:
+            raise StoreError(f"{root} is not a label set (no {MANIFEST_FILE})")
+        ranges = plan.shard_ranges()
+        done = sum((root / shard_file(i)).exists() for i in range(len(ranges)))
+        return [
+            (
+                "status",
+                f"INCOMPLETE: {done} of {len(ranges)} shards written; "
+                "rerun the same 'softserve relabel' command to finish",
+            ),
+            *_config_rows(plan),
+        ]
+    manifest = read_manifest(root)
+    config = manifest.config
+    label_bytes = manifest.label_bytes()
+    rows_stored = config.epochs * config.num_samples
+    producer = manifest.producer
+    return [
+        ("name", manifest.name),
+        ("status", "complete"),
+        ("created", manifest.created.isoformat(timespec="seconds")),
+        *_config_rows(config),
+        ("shards", f"{len(manifest.shards)}, {_mib(label_bytes)} of labels"),
+        ("dataset", f"{manifest.dataset.file}, {_mib(manifest.dataset.size)}"),
+        (
+            "stored bytes per label",
+            f"{label_bytes / rows_stored:.1f} (all fields, per epoch and sample)",
+        ),
+        (
+            "producer",
+            f"{producer.device}, batch {producer.batch_size}, {producer.world_size} rank(s), "
+            f"softserve {producer.softserve_version}",
+        ),
+    ]

@@ -1,0 +1,210 @@
+"""The relabel worker: contents, determinism, input formats, teacher specs, inspect/verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import teachers
+import torch
+from conftest import random_set, relabel_args, run_cli, shard_digests
+from softserve.client import apply_views, epoch_order, refine_labels
+from softserve.storage import LabelSetReader, read_manifest, verify_label_set
+from softserve.storage.layout import sha256_file
+from softserve.worker.relabel import relabel
+
+
+def test_labels_are_the_teacher_on_the_stored_views(make_options) -> None:
+    """Every stored logit is the teacher on exactly the view its params describe."""
+    teachers.RECORDED.clear()
+    opts = make_options(teacher="teachers:recorder", epochs=3, shard_epochs=2, batch_size=5)
+    relabel(opts)
+    # the first batch is the worker's probe; each shard's last batch is padded to 5 rows
+    shard_rows = [2 * 12, 12]
+    sizes = [min(5, rows - start) for rows in shard_rows for start in range(0, rows, 5)]
+    batches = teachers.RECORDED[1:]
+    assert [len(b) for b in batches] == [5] * len(sizes)
+    seen = torch.cat([b[:size] for b, size in zip(batches, sizes, strict=True)])
+    model = teachers.tiny_rgb()
+    with LabelSetReader(opts.out) as reader:
+        config = reader.config
+        images = torch.from_numpy(reader.images())
+        hard = torch.from_numpy(reader.hard_labels())
+        n = config.num_samples
+        offset = 0
+        for epoch in range(config.epochs):
+            rows = reader.read(epoch, 0, n)
+            assert np.array_equal(rows["order"], epoch_order(config.seed, epoch, n))
+            ids = torch.from_numpy(rows["order"].astype(np.int64))
+            views = apply_views(
+                images[ids], torch.from_numpy(rows["params"]), config.views.output_size,
+                mean=config.mean, std=config.std,
+            )  # fmt: skip
+            assert torch.equal(seen[offset : offset + n], views)
+            offset += n
+            with torch.no_grad():
+                logits = model(views)
+            torch.testing.assert_close(torch.from_numpy(rows["logits"]), logits)
+            refined = refine_labels(logits, hard[ids], 0.1, 0.1)
+            torch.testing.assert_close(torch.from_numpy(rows["refined"]), refined)
+
+
+def test_manifest_describes_the_set(make_options) -> None:
+    opts = make_options()
+    result = relabel(opts)
+    manifest = read_manifest(opts.out)
+    assert result.manifest == manifest
+    assert result.computed_shards == 3 and result.reused_shards == 0
+    config = manifest.config
+    assert (config.num_samples, config.num_classes, config.image_shape) == (12, 3, (3, 12, 10))
+    assert config.class_names == ["ant", "bee", "cat"]
+    assert config.mean == (0.485, 0.456, 0.406)  # the RGB default
+    assert [(s.epoch_start, s.epoch_stop) for s in manifest.shards] == [(0, 2), (2, 4), (4, 6)]
+    for shard in manifest.shards:
+        assert sha256_file(opts.out / shard.file) == shard.sha256
+    assert not list(opts.out.glob("*.tmp")) and not (opts.out / "relabel-plan.json").exists()
+    assert verify_label_set(opts.out) == []
+
+
+def test_same_inputs_same_bytes(make_options, tmp_path: Path) -> None:
+    first = make_options(out=tmp_path / "a" / "set")
+    second = make_options(out=tmp_path / "b" / "set")
+    relabel(first)
+    relabel(second)
+    assert shard_digests(first.out) == shard_digests(second.out)
+    other_seed = make_options(out=tmp_path / "c" / "set", seed=1)
+    relabel(other_seed)
+    assert shard_digests(other_seed.out) != shard_digests(first.out)
+
+
+def test_rerun_of_a_complete_set_does_nothing(make_options) -> None:
+    opts = make_options()
+    relabel(opts)
+    before = shard_digests(opts.out)
+    again = relabel(opts)
+    assert again.computed_shards == 0 and again.reused_shards == 3
+    assert shard_digests(opts.out) == before
+
+
+def test_grayscale_folder_and_size(make_options, gray_folder: Path) -> None:
+    opts = make_options(images=gray_folder, teacher="teachers:tiny_gray", size=(8, 6))
+    relabel(opts)
+    config = read_manifest(opts.out).config
+    assert config.image_shape == (1, 12, 10)
+    assert config.views.output_size == (8, 6)
+    assert config.mean == (0.5,)
+
+
+@pytest.mark.parametrize("as_float", [False, True])
+def test_tensor_file_input(make_options, tmp_path: Path, as_float: bool) -> None:
+    images, labels = random_set()
+    folder_order = np.argsort(labels, kind="stable")  # class folders, then file names
+    images, labels = images[folder_order], labels[folder_order]
+    data = torch.from_numpy(images)
+    path = tmp_path / "set.pt"
+    torch.save(
+        {
+            "data": data.float() / 255 if as_float else data,
+            "label": torch.from_numpy(labels)[:, None],
+        },
+        path,
+    )
+    folder_opts = make_options(out=tmp_path / "from-folder")
+    relabel(folder_opts)
+    opts = make_options(images=path, out=tmp_path / "from-tensor")
+    relabel(opts)
+    with LabelSetReader(opts.out) as reader, LabelSetReader(folder_opts.out) as ref:
+        assert np.array_equal(reader.images(), images)
+        assert np.array_equal(reader.hard_labels(), labels)
+        assert reader.config.class_names == ["0", "1", "2"]
+        # same pixels and labels: same labels, whatever the file format
+        np.testing.assert_array_equal(reader.read(0, 0, 12)["logits"], ref.read(0, 0, 12)["logits"])
+
+
+def _save_weights(tmp_path: Path, wrap: str) -> tuple[Path, torch.nn.Module]:
+    model = teachers.TinyNet(3, 3)
+    torch.nn.init.constant_(model.head.bias, 0.5)
+    state = model.state_dict()
+    if wrap == "module":
+        state = {f"module.{k}": v for k, v in state.items()}
+    elif wrap:
+        state = {wrap: state, "epoch": 3}
+    path = tmp_path / f"weights-{wrap or 'plain'}.pt"
+    torch.save(state, path)
+    return path, model
+
+
+@pytest.mark.parametrize("wrap", ["", "state_dict", "model", "module"])
+def test_weights_are_loaded_and_recorded(make_options, tmp_path: Path, wrap: str) -> None:
+    weights, model = _save_weights(tmp_path, wrap)
+    opts = make_options(weights=weights, epochs=1, shard_epochs=1)
+    relabel(opts)
+    manifest = read_manifest(opts.out)
+    assert manifest.config.teacher.weights_sha256 == sha256_file(weights)
+    with LabelSetReader(opts.out) as reader:
+        rows = reader.read(0, 0, 12)
+        ids = torch.from_numpy(rows["order"].astype(np.int64))
+        views = apply_views(
+            torch.from_numpy(reader.images())[ids], torch.from_numpy(rows["params"]), (12, 10),
+            mean=reader.config.mean, std=reader.config.std,
+        )  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(rows["logits"]), model(views))
+
+
+def test_torchvision_teacher(make_options) -> None:
+    opts = make_options(teacher="torchvision:resnet18", num_classes=3, epochs=1, shard_epochs=1)
+    relabel(opts)
+    manifest = read_manifest(opts.out)
+    assert manifest.config.teacher.spec == "torchvision:resnet18"
+    assert manifest.config.teacher.weights_sha256 is None
+
+
+def test_exported_teacher(make_options, tmp_path: Path) -> None:
+    model = teachers.tiny_rgb().eval()
+    batch = torch.export.Dim("batch")
+    example = torch.zeros(8, 3, 12, 10)
+    program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    path = tmp_path / "teacher.pt2"
+    torch.export.save(program, str(path))
+    exported = make_options(teacher=str(path), out=tmp_path / "exported", epochs=2)
+    eager = make_options(out=tmp_path / "eager", epochs=2)
+    relabel(exported)
+    relabel(eager)
+    assert read_manifest(exported.out).config.teacher.weights_sha256 == sha256_file(path)
+    with LabelSetReader(exported.out) as a, LabelSetReader(eager.out) as b:
+        np.testing.assert_allclose(
+            a.read(1, 0, 12)["logits"], b.read(1, 0, 12)["logits"], atol=1e-5
+        )
+
+
+def test_cli_relabel_inspect_verify(make_options) -> None:
+    opts = make_options(codec="int8")
+    done = run_cli(*relabel_args(opts))
+    assert done.returncode == 0, done.stderr
+    assert "3 shards computed" in done.stdout
+    inspect = run_cli("inspect", opts.out)
+    assert inspect.returncode == 0, inspect.stderr
+    for fragment in ("complete", "teachers:tiny_rgb", "int8: 11 bytes per label", "samples"):
+        assert fragment in inspect.stdout
+    as_json = run_cli("inspect", opts.out, "--json")
+    assert json.loads(as_json.stdout)["config"]["codec"] == "int8"
+    ok = run_cli("verify", opts.out)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+
+
+def test_verify_finds_corruption(make_options) -> None:
+    opts = make_options()
+    relabel(opts)
+    shard = opts.out / "labels-00001.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify_label_set(opts.out)
+    assert len(problems) == 1 and "labels-00001.h5: sha256" in problems[0]
+    (opts.out / "labels-00002.h5").unlink()
+    done = run_cli("verify", opts.out)
+    assert done.returncode == 1
+    assert "labels-00001.h5: sha256" in done.stderr and "labels-00002.h5: missing" in done.stderr
