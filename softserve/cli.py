@@ -9,6 +9,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from softserve.errors import InputError, SoftserveError
@@ -179,7 +180,7 @@ def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/
         problems = verify_label_set(path, progress=lambda f: status.update(f"verifying {f}"))
     if problems:
         for problem in problems:
-            err.print(f"[red]FAIL[/] {problem}")
+            err.print(f"[red]FAIL[/] {escape(problem)}", soft_wrap=True)
         raise typer.Exit(1)
     stdout.print(f"OK {path}")
 
@@ -238,5 +239,6 @@ def main() -> None:
     try:
         app()
     except SoftserveError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        message = escape(" ".join(str(exc).split()))
+        err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(1)

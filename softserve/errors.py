@@ -17,3 +17,11 @@ class InputError(SoftserveError):
 
 class StoreError(SoftserveError):
     """A label set on disk that is missing, incomplete, corrupt, or a different one."""
+
+
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """One line about a third-party exception, for embedding in a SoftserveError message."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -17,7 +17,7 @@ from softserve.storage.layout import DATASET_FILE
 from softserve.storage.manifest import Manifest, read_manifest
 from softserve.storage.writer import LABEL_FIELDS
 
-from softserve.errors import StoreError
+from softserve.errors import StoreError, brief
 
 ROW_FIELDS = ("order", "params", *LABEL_FIELDS)
 
@@ -41,7 +41,7 @@ class LabelSetReader:
                 handle = h5py.File(path, "r", locking=self._locking)
             except (OSError, ValueError) as exc:
                 raise StoreError(
-                    f"cannot read {path} ({exc}); run 'softserve verify {self.root}' "
+                    f"cannot read {path} ({brief(exc)}); run 'softserve verify {self.root}' "
                     "and relabel if it is corrupt"
                 ) from None
             self._files[name] = handle
@@ -52,7 +52,7 @@ class LabelSetReader:
             return self._file(name)[key][index]
         except (OSError, KeyError, ValueError) as exc:
             raise StoreError(
-                f"cannot read {key!r} from {self.root / name} ({exc}); "
+                f"cannot read {key!r} from {self.root / name} ({brief(exc)}); "
                 f"run 'softserve verify {self.root}'"
             ) from None
 

@@ -13,7 +13,7 @@ from softserve.storage.layout import sha256_file
 from softserve.storage.manifest import FileInfo, LabelSetConfig, read_manifest
 from softserve.storage.writer import LABEL_FIELDS, ORDER_DTYPE, PARAMS_DTYPE
 
-from softserve.errors import StoreError
+from softserve.errors import StoreError, brief
 
 Expected = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -63,7 +63,7 @@ def _check_file(root: Path, entry: FileInfo, layout: Expected) -> Iterator[str]:
                         f"expected {dtype}{shape}"
                     )
     except OSError as exc:
-        yield f"{entry.file}: not a readable HDF5 file ({exc})"
+        yield f"{entry.file}: not a readable HDF5 file ({brief(exc)})"
 
 
 def verify_label_set(root: Path, progress: Callable[[str], None] | None = None) -> list[str]:

@@ -88,17 +88,27 @@ class ShardWriter:
         self.codec = codec
         self.num_samples = num_samples
         self._tmp = tmp_path(path)
-        self._file = h5py.File(self._tmp, "w", rdcc_nbytes=_CACHE_BYTES, track_order=True)
-        e, n, k = epoch_stop - epoch_start, num_samples, num_classes
+        try:
+            self._file = h5py.File(self._tmp, "w", rdcc_nbytes=_CACHE_BYTES, track_order=True)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        try:
+            self._create_datasets(epoch_stop - epoch_start, num_samples, num_classes, chunk_rows)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create_datasets(self, epochs: int, n: int, k: int, chunk_rows: int) -> None:
         self._file.attrs["format_version"] = FORMAT_VERSION
-        self._file.attrs["epoch_start"] = epoch_start
-        self._file.attrs["epoch_stop"] = epoch_stop
-        self._file.attrs["codec"] = codec.name
+        self._file.attrs["epoch_start"] = self.epoch_start
+        self._file.attrs["epoch_stop"] = self.epoch_stop
+        self._file.attrs["codec"] = self.codec.name
 
         def create(name: str, dtype: np.dtype, row: tuple[int, ...]) -> None:
             self._file.create_dataset(
                 name,
-                shape=(e, n, *row),
+                shape=(epochs, n, *row),
                 dtype=dtype,
                 chunks=(1, chunk_rows, *row),
                 track_times=False,
@@ -107,7 +117,7 @@ class ShardWriter:
         create("order", ORDER_DTYPE, ())
         create("params", PARAMS_DTYPE, (NUM_PARAMS,))
         for field in LABEL_FIELDS:
-            for part in codec.parts:
+            for part in self.codec.parts:
                 create(part_name(field, part.suffix), part.dtype, (k,) if part.per_class else ())
 
     def write_epoch_plan(self, epoch: int, order: np.ndarray, params: np.ndarray) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softserve.errors import InputError
+from softserve.errors import InputError, brief
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = [
@@ -49,7 +49,7 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as exc:
-        raise InputError(f"cannot read {path} ({exc}); {_HOW_TO_GET}") from None
+        raise InputError(f"cannot read {path} ({brief(exc)}); {_HOW_TO_GET}") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise InputError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]

@@ -49,7 +49,7 @@ from softserve.worker.teacher import Teacher, load_teacher
 from tqdm.auto import tqdm
 
 import softserve
-from softserve.errors import InputError, StoreError
+from softserve.errors import InputError, StoreError, brief
 
 _SHARD_MIN_BYTES = 4 << 20
 _SHARD_MAX_BYTES = 256 << 20
@@ -174,7 +174,7 @@ def _check_out_dir(out: Path, config: LabelSetConfig) -> Manifest | None:
 
 def _describe_write_error(exc: OSError, out: Path) -> str:
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(exc)
-    reason = "the disk is full" if full else " ".join(str(exc).split())[:200]
+    reason = "the disk is full" if full else brief(exc)
     return f"writing labels into {out} failed: {reason}"
 
 
@@ -295,10 +295,9 @@ class _Labeler:
         except InputError:
             raise
         except Exception as exc:  # any failure of user code on our input
-            detail = " ".join(str(exc).split())[:200]
             raise InputError(
                 f"teacher {self.config.teacher.spec!r} failed on a batch of shape "
-                f"({self.batch_size}, {c}, {self.size[0]}, {self.size[1]}): {detail}; "
+                f"({self.batch_size}, {c}, {self.size[0]}, {self.size[1]}) ({brief(exc)}); "
                 "check --teacher, --size and the image channels"
             ) from None
         if out.ndim != 2 or out.shape[1] != self.config.num_classes:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from softserve.errors import InputError
+from softserve.errors import InputError, brief
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _GRAY_MODES = {"1", "L", "I", "I;16", "F"}
@@ -66,7 +66,7 @@ def _read_image(file: Path) -> np.ndarray:
                 return np.asarray(img.convert("L"))[None]
             return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"cannot read image {file} ({exc}); remove or replace it") from None
+        raise InputError(f"cannot read image {file} ({brief(exc)}); remove or replace it") from None
 
 
 def _load_image_folder(root: Path) -> ImageSet:
@@ -106,7 +106,7 @@ def _load_tensor_file(path: Path, num_classes: int | None) -> ImageSet:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise InputError(f"cannot load tensor file {path} ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"cannot load tensor file {path} ({brief(exc)})") from None
     if not isinstance(payload, dict) or "data" not in payload or "label" not in payload:
         raise InputError(f'{path} must hold a dict {{"data": N×C×H×W, "label": N}}')
     data, label = torch.as_tensor(payload["data"]), torch.as_tensor(payload["label"])

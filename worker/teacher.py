@@ -13,7 +13,7 @@ import torch
 from softserve.storage.layout import sha256_file
 from torch import nn
 
-from softserve.errors import InputError
+from softserve.errors import InputError, brief
 
 
 @dataclass
@@ -61,9 +61,7 @@ def _load_exported(path: Path) -> nn.Module:
     try:
         return torch.export.load(str(path)).module()
     except Exception as exc:  # torch raises many types for an unusable archive
-        raise InputError(
-            f"cannot load exported teacher {path} ({type(exc).__name__}: {exc})"
-        ) from None
+        raise InputError(f"cannot load exported teacher {path} ({brief(exc)})") from None
 
 
 def _load_torchvision(arch: str, num_classes: int | None) -> nn.Module:
@@ -89,7 +87,7 @@ def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
         target: object = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(
-            f"cannot import {module_name!r} for teacher {spec!r} ({exc}); "
+            f"cannot import {module_name!r} for teacher {spec!r} ({brief(exc)}); "
             "run from its folder or add it to PYTHONPATH"
         ) from None
     for part in attr.split("."):
@@ -115,7 +113,7 @@ def _load_weights(model: nn.Module, spec: str, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise InputError(f"cannot load weights {path} ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"cannot load weights {path} ({brief(exc)})") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -127,8 +125,7 @@ def _load_weights(model: nn.Module, spec: str, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
         raise InputError(
-            f"weights {path} do not fit teacher {spec!r}: {detail}; "
+            f"weights {path} do not fit teacher {spec!r} ({brief(exc, 300)}); "
             "check --teacher and --num-classes"
         ) from None

@@ -80,9 +80,9 @@ def sample_views(
 
     whole_ratio = width / height
     if whole_ratio < policy.ratio[0]:
-        fw, fh = width, int(round(width / policy.ratio[0]))
+        fw, fh = width, max(1, int(round(width / policy.ratio[0])))
     elif whole_ratio > policy.ratio[1]:
-        fh, fw = height, int(round(height * policy.ratio[1]))
+        fh, fw = height, max(1, int(round(height * policy.ratio[1])))
     else:
         fh, fw = height, width
     h = np.where(ok, h, fh)
