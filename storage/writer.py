@@ -24,6 +24,13 @@ _CHUNK_BYTES = 1 << 16
 _CACHE_BYTES = 64 << 20
 
 
+def bytes_per_epoch(num_samples: int, num_classes: int, codec: Codec) -> int:
+    """Stored bytes of one epoch of a shard (order, view params and both label fields)."""
+    row = ORDER_DTYPE.itemsize + NUM_PARAMS * PARAMS_DTYPE.itemsize
+    row += len(LABEL_FIELDS) * codec.bytes_per_label(num_classes)
+    return num_samples * row
+
+
 def chunk_rows_for(num_samples: int, row_bytes: int) -> int:
     """Rows per chunk along the sample axis: about 64 KiB, a power of two, at most N."""
     rows = max(16, _CHUNK_BYTES // max(1, row_bytes))

@@ -36,8 +36,8 @@ from softserve.storage.manifest import (
     write_model,
 )
 from softserve.storage.writer import (
-    LABEL_FIELDS,
     ShardWriter,
+    bytes_per_epoch,
     chunk_rows_for,
     file_info,
     shard_info,
@@ -122,7 +122,7 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
     size = opts.size or (h, w)
     codec = get_codec(opts.codec)
     label_bytes = codec.bytes_per_label(data.num_classes)
-    bytes_per_epoch = n * (len(LABEL_FIELDS) * label_bytes + 4 + 2 * 5)
+    epoch_bytes = bytes_per_epoch(n, data.num_classes, codec)
     return LabelSetConfig(
         num_samples=n,
         num_classes=data.num_classes,
@@ -145,7 +145,7 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
         seed=opts.seed,
         codec=opts.codec,
         precision=opts.precision,  # type: ignore[arg-type]
-        shard_epochs=opts.shard_epochs or default_shard_epochs(opts.epochs, bytes_per_epoch),
+        shard_epochs=opts.shard_epochs or default_shard_epochs(opts.epochs, epoch_bytes),
         chunk_rows=chunk_rows_for(n, label_bytes),
     )
 
@@ -381,11 +381,14 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
             return RelabelResult(existing, computed_shards=0, reused_shards=len(existing.shards))
         labeler = _Labeler(teacher, data, config, opts, device)
         labeler.probe()
-        _claim(out, config, data, ranks)
         ranges = config.shard_ranges()
-        mine = [i for i in range(len(ranges)) if i % ranks.world_size == ranks.rank]
-        pending = [i for i in mine if not (out / shard_file(i)).exists()]
-        _warn_if_low_space(out, config, len(pending), ranks)
+        # every rank looks before the barrier in _claim, so before any rank writes a shard
+        done = {i for i in range(len(ranges)) if (out / shard_file(i)).exists()}
+        _claim(out, config, data, ranks)
+        pending = [
+            i for i in range(len(ranges)) if i % ranks.world_size == ranks.rank and i not in done
+        ]
+        _warn_if_low_space(out, config, len(ranges) - len(done), ranks)
         _run_shards(labeler, config, out, pending, ranks, opts.progress)
         ranks.barrier()
         manifest = None
@@ -399,7 +402,7 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
             )
             manifest = _finalize(out, config, producer)
         ranks.barrier()
-        return RelabelResult(manifest, len(pending), len(ranges) - len(pending))
+        return RelabelResult(manifest, len(ranges) - len(done), len(done))
 
 
 def _claim(out: Path, config: LabelSetConfig, data: ImageSet, ranks: Ranks) -> None:
@@ -426,12 +429,9 @@ def _claim(out: Path, config: LabelSetConfig, data: ImageSet, ranks: Ranks) -> N
 
 
 def _warn_if_low_space(out: Path, config: LabelSetConfig, pending: int, ranks: Ranks) -> None:
-    need = (
-        pending
-        * config.shard_epochs
-        * config.num_samples
-        * (len(LABEL_FIELDS) * get_codec(config.codec).bytes_per_label(config.num_classes) + 14)
-    )
+    codec = get_codec(config.codec)
+    epoch = bytes_per_epoch(config.num_samples, config.num_classes, codec)
+    need = pending * config.shard_epochs * epoch
     free = shutil.disk_usage(out).free
     if ranks.is_main and need > free:
         tqdm.write(

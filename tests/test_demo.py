@@ -1,0 +1,89 @@
+"""The Fashion-MNIST demo on the real data: teacher, IPC-10 selection, label set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from softserve.client import apply_views
+from softserve.storage import LabelSetReader, verify_label_set
+from softserve.worker import fashion_mnist
+from test_errors import assert_one_line_error
+
+from softserve.errors import InputError
+from softserve.models import fashion_mnist_teacher
+
+HAVE_DATA = (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_missing_data_says_how_to_get_it(tmp_path: Path) -> None:
+    done = run_cli("demo", "prepare", "--data", tmp_path, "--workdir", tmp_path / "w")
+    assert_one_line_error(done, "Fashion-MNIST not found", "apt-get install dataset-fashion-mnist")
+    assert not (tmp_path / "w").exists()
+
+
+def test_truncated_idx_file_is_reported(tmp_path: Path) -> None:
+    header = b"\x00\x00\x08\x03" + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(100))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes([0, 0, 0, 3, 1]))
+    with pytest.raises(InputError, match="truncated"):
+        fashion_mnist.load_split(tmp_path, "train")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not HAVE_DATA, reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    """Full teacher (3 epochs on 60k images), IPC-10 selection, 30 epochs of labels."""
+    workdir, store = tmp_path / "demo", tmp_path / "store"
+    done = run_cli(
+        "demo", "prepare", "--workdir", workdir, "--store", store, "--label-epochs", 30,
+        "--device", "cpu", "--no-progress", timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads((workdir / "teacher.json").read_text())
+    assert record["test_accuracy"] >= 0.88
+
+    images = sorted((workdir / "ipc10").glob("*/*.png"))
+    assert len(images) == 100
+    assert {p.parent.name for p in images} == {
+        f"{i:02d}-{name}" for i, name in enumerate(fashion_mnist.CLASS_NAMES)
+    }
+
+    root = store / "fashion-mnist-ipc10"
+    assert verify_label_set(root) == []
+    teacher = fashion_mnist_teacher()
+    teacher.load_state_dict(torch.load(workdir / "teacher.pt", weights_only=True))
+    teacher.eval()
+    with LabelSetReader(root) as reader:
+        config = reader.config
+        assert (config.num_samples, config.num_classes, config.epochs) == (100, 10, 30)
+        hard = reader.hard_labels()
+        assert np.bincount(hard, minlength=10).tolist() == [10] * 10
+        rows = reader.read(29, 0, 100)
+        ids = torch.from_numpy(rows["order"].astype(np.int64))
+        views = apply_views(
+            torch.from_numpy(reader.images())[ids], torch.from_numpy(rows["params"]), (28, 28),
+            mean=config.mean, std=config.std,
+        )  # fmt: skip
+        with torch.no_grad():
+            logits = teacher(views)
+        # fp16 codec: relative error 2^-11 of the logits
+        torch.testing.assert_close(torch.from_numpy(rows["logits"]), logits, rtol=2**-10, atol=1e-3)
+        # chosen by confidence: the teacher gets every base image right, most views too
+        base = (torch.from_numpy(reader.images()).float() / 255 - config.mean[0]) / config.std[0]
+        with torch.no_grad():
+            assert (teacher(base).argmax(1).numpy() == hard).all()
+        assert (rows["refined"].argmax(1) == hard[rows["order"]]).mean() > 0.5
+
+    again = run_cli(
+        "demo", "prepare", "--workdir", workdir, "--store", store, "--label-epochs", 30,
+        "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "reusing teacher" in again.stdout

@@ -1,0 +1,55 @@
+"""torchrun: ranks split the shards, and the result equals a single-process run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import cli_env, relabel_args, shard_digests
+from softserve.storage import read_manifest, verify_label_set
+from softserve.worker.relabel import relabel
+
+
+def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    return subprocess.run(
+        [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "softserve", *args],
+        env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_two_gloo_ranks_equal_one_process(make_options, tmp_path: Path) -> None:
+    single = make_options(epochs=7, shard_epochs=2, out=tmp_path / "single")
+    relabel(single)
+    multi = make_options(epochs=7, shard_epochs=2, out=tmp_path / "multi")
+    done = _torchrun(2, relabel_args(multi))
+    assert done.returncode == 0, done.stderr
+    assert "4 shards computed" in done.stdout
+    manifest = read_manifest(multi.out)
+    assert manifest.producer.world_size == 2
+    assert shard_digests(multi.out) == shard_digests(single.out)
+    assert manifest.config == read_manifest(single.out).config
+    assert verify_label_set(multi.out) == []
+
+
+def test_ranks_resume_a_single_process_start(make_options, tmp_path: Path) -> None:
+    """Shards written by any earlier run, of any world size, are reused."""
+    full = make_options(epochs=6, shard_epochs=1, out=tmp_path / "full")
+    relabel(full)
+    partial = make_options(epochs=6, shard_epochs=1, out=tmp_path / "partial")
+    relabel(partial)
+    (partial.out / "manifest.json").unlink()
+    for name in ("labels-00001.h5", "labels-00004.h5"):
+        (partial.out / name).unlink()
+    shutil.copy(full.out / "labels-00000.h5", partial.out / "labels-00002.h5.tmp")
+    (partial.out / "relabel-plan.json").write_text(
+        read_manifest(full.out).config.model_dump_json(indent=2)
+    )
+    done = _torchrun(2, relabel_args(partial))
+    assert done.returncode == 0, done.stderr
+    assert "2 shards computed, 4 reused" in done.stdout
+    assert shard_digests(partial.out) == shard_digests(full.out)
+    assert not list(partial.out.glob("*.tmp"))
