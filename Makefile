@@ -1,0 +1,16 @@
+# The two commands of the README: `make demo` (set up, build the demo label set) and
+# `make test` (set up, lint, run every test including the slow real-data ones).
+.PHONY: setup demo test bench
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	.venv/bin/softserve demo prepare
+
+test: setup
+	.venv/bin/ruff check .
+	.venv/bin/pytest
+
+bench: setup
+	.venv/bin/python bench/relabel_bench.py
