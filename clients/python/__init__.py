@@ -1,10 +1,14 @@
 """softserve's client library: what a training job imports.
 
+``Client(url).labelset(name).loader(batch_size)`` yields batches of views and labels from a
+server; the bundled losses take ``(student_logits, batch)``.
+
 Views (:func:`apply_views`) and the GIFT refinement are defined here and imported by the
 worker too, so the student sees exactly the pixels the teacher labelled. The client never
 imports the server or h5py.
 """
 
+from softserve.client.loader import Loader
 from softserve.client.losses import (
     LOSS_NAMES,
     NEEDS_LOGITS,
@@ -18,6 +22,10 @@ from softserve.client.losses import (
     refine_labels,
     smooth_labels,
 )
+from softserve.client.payload import PayloadError
+from softserve.client.remote import Batch, Client, ClientError, RemoteLabelSet
+from softserve.client.sampling import Sharding
+from softserve.client.schema import LabelSetDetail, LabelSetSummary
 from softserve.client.views import (
     NUM_PARAMS,
     PARAM_FIELDS,
@@ -28,6 +36,15 @@ from softserve.client.views import (
 )
 
 __all__ = [
+    "Batch",
+    "Client",
+    "ClientError",
+    "LabelSetDetail",
+    "LabelSetSummary",
+    "Loader",
+    "PayloadError",
+    "RemoteLabelSet",
+    "Sharding",
     "LOSS_NAMES",
     "NEEDS_LOGITS",
     "NUM_PARAMS",

@@ -1,0 +1,138 @@
+"""A training loop's loader over epochs: prefetching, resumable, one request per epoch.
+
+A background thread receives batches (one stream per epoch, resumed after failures) and
+keeps up to ``prefetch`` of them ready, so a training step does not wait on the network.
+Views are applied on the training device in the consuming thread. ``state_dict()`` names
+the next batch to yield; a loader restored from it continues with exactly that batch, so
+no sample is lost or repeated across a restart of the job or of the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import IterableDataset
+
+if TYPE_CHECKING:
+    from softserve.client.remote import Batch, RawBatch, RemoteLabelSet
+
+_DONE = object()
+
+
+class Loader(IterableDataset):
+    """Batches of epochs ``[epoch, epochs)`` of a remote label set, for one rank.
+
+    Iterate it directly (it yields ready :class:`Batch` objects, views applied on
+    ``device``); wrapping it in a DataLoader adds nothing. ``epochs`` defaults to the
+    stored epochs; later epochs wrap around on the server.
+    """
+
+    def __init__(
+        self,
+        labelset: RemoteLabelSet,
+        batch_size: int,
+        *,
+        epochs: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: torch.device | str = "cpu",
+        logits: bool = False,
+        drop_last: bool = True,
+        prefetch: int = 8,
+    ) -> None:
+        super().__init__()
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        self.labelset = labelset
+        self.sharding = labelset.sharding(batch_size, rank, world_size, drop_last)
+        self.epochs = labelset.epochs if epochs is None else epochs
+        self.device = torch.device(device)
+        self.logits = logits
+        self.prefetch = prefetch
+        self.epoch = 0
+        self.batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sharding)
+
+    def __len__(self) -> int:
+        """Batches left to yield."""
+        remaining_epochs = max(0, self.epochs - self.epoch)
+        return remaining_epochs * self.batches_per_epoch - (self.batch if remaining_epochs else 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands: the next batch it will yield."""
+        return {
+            "labelset": self.labelset.name,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "batch_size": self.sharding.batch_size,
+            "rank": self.sharding.rank,
+            "world_size": self.sharding.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state dict taken with the same label set and batch layout."""
+        mine = self.state_dict()
+        for key in ("labelset", "batch_size", "rank", "world_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"state dict is for {key}={state.get(key)!r}, this loader has {mine[key]!r}"
+                )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        """Background: receive batches from the current position on, until told to stop."""
+        try:
+            with_images = self.labelset.base_images() is None
+            epoch, start = self.epoch, self.batch
+            while epoch < self.epochs and not stop.is_set():
+                raw_batches = self.labelset.raw_batches(
+                    epoch, self.sharding, start, self.logits, with_images
+                )
+                for raw in raw_batches:
+                    if self.device.type == "cuda":
+                        raw.tensors = {k: v.pin_memory() for k, v in raw.tensors.items()}
+                    while not stop.is_set():
+                        try:
+                            out.put(raw, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        raw_batches.close()
+                        return
+                epoch, start = epoch + 1, 0
+            out.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            out.put(exc)
+
+    def __iter__(self) -> Iterator[Batch]:
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._produce, args=(out, stop), name="softserve-prefetch", daemon=True
+        )
+        worker.start()
+        try:
+            while (item := out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                raw: RawBatch = item
+                batch = self.labelset.to_batch(raw, self.device)
+                self.epoch, self.batch = raw.epoch, raw.index + 1
+                if self.batch >= self.batches_per_epoch:
+                    self.epoch, self.batch = raw.epoch + 1, 0
+                yield batch
+        finally:
+            stop.set()
+            while worker.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    out.get(timeout=0.1)
+            worker.join()

@@ -1,0 +1,329 @@
+"""The HTTP client: label-set metadata, base images, and batches streamed from a server.
+
+Requests are retried with exponential backoff and jitter on connection errors and 5xx
+(tenacity), rotating through the server URLs on each failure. A stream cut mid-epoch is
+resumed at the first batch not yet received, so a server restart loses and repeats
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import torch
+from softserve.client.payload import PayloadError, decode, read_frames
+from softserve.client.sampling import Sharding
+from softserve.client.schema import LabelSetDetail, LabelSetSummary
+from softserve.client.views import apply_views
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    wait_random_exponential,
+)
+
+from softserve.errors import SoftserveError
+
+log = logging.getLogger("softserve.client")
+
+_IMAGE_CHUNK_BYTES = 32 << 20
+
+
+class ClientError(SoftserveError):
+    """The server refused a request (4xx), or could not be reached after every retry."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class _ServerError(Exception):
+    """A 5xx answer: worth a retry, on this server or another."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, (httpx.TransportError, _ServerError, PayloadError)) and not (
+        isinstance(exc, PayloadError) and str(exc).startswith("server error")
+    )
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    if response.status_code >= 500:
+        raise _ServerError(f"{response.status_code} from {response.request.url}")
+    try:
+        body = response.json()["error"]
+        message, code = body["message"], body["code"]
+    except (ValueError, KeyError, TypeError):
+        message, code = response.text[:200], None
+    raise ClientError(f"{response.status_code} {message}", response.status_code, code)
+
+
+class Client:
+    """A connection to one or more softserve servers holding the same store."""
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 6,
+        max_wait: float = 10.0,
+    ) -> None:
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("give at least one server URL")
+        self.retries = retries
+        self.max_wait = max_wait
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(timeout=timeout, headers=headers)
+        self._current = 0
+
+    @property
+    def url(self) -> str:
+        """The server URL requests go to now."""
+        return self.urls[self._current].rstrip("/")
+
+    def _failover(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("request to %s failed (%s); retrying", self.url, exc)
+        self._current = (self._current + 1) % len(self.urls)
+
+    def retrying(self, failures: list[int] | None = None) -> Retrying:
+        """Retry policy; ``failures[0]`` (when given) counts failures since the last progress."""
+
+        def stop(state: RetryCallState) -> bool:
+            count = failures[0] if failures is not None else state.attempt_number
+            return count > self.retries
+
+        def count(state: RetryCallState) -> None:
+            if failures is not None:
+                failures[0] += 1
+
+        def give_up(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            raise ClientError(
+                f"no server answered after {self.retries} retries ({exc}); "
+                f"tried {', '.join(self.urls)}"
+            ) from exc
+
+        return Retrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_random_exponential(multiplier=0.05, max=self.max_wait),
+            stop=stop,
+            after=count,
+            before_sleep=self._failover,
+            retry_error_callback=give_up,
+        )
+
+    def get(self, path: str, params: dict | None = None) -> httpx.Response:
+        """GET with retries and failover; raises ClientError on 4xx."""
+        for attempt in self.retrying():
+            with attempt:
+                response = self._http.get(self.url + path, params=params)
+                _raise_for_status(response)
+        return response
+
+    @contextlib.contextmanager
+    def stream(self, path: str, params: dict) -> Iterator[httpx.Response]:
+        """An open streaming GET (no retries: the caller resumes where it stopped)."""
+        with self._http.stream("GET", self.url + path, params=params) as response:
+            if response.status_code >= 400:
+                response.read()
+            _raise_for_status(response)
+            yield response
+
+    def labelsets(self) -> list[LabelSetSummary]:
+        """Complete label sets the server offers."""
+        return [LabelSetSummary.model_validate(x) for x in self.get("/v1/labelsets").json()]
+
+    def labelset(self, name: str) -> RemoteLabelSet:
+        """One label set by name, with its metadata."""
+        detail = LabelSetDetail.model_validate(self.get(f"/v1/labelsets/{name}").json())
+        return RemoteLabelSet(self, detail)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Batch:
+    """One batch: the student's inputs (views as the teacher saw them) and its targets."""
+
+    epoch: int
+    index: int
+    indices: torch.Tensor
+    images: torch.Tensor
+    params: torch.Tensor
+    hard: torch.Tensor
+    soft: torch.Tensor
+    logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+@dataclass
+class RawBatch:
+    """A batch as received: CPU tensors, views not yet applied."""
+
+    epoch: int
+    index: int
+    tensors: dict[str, torch.Tensor]
+
+
+def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return (
+            dist.get_rank() if rank is None else rank,
+            dist.get_world_size() if world_size is None else world_size,
+        )
+    return rank or 0, world_size or 1
+
+
+class RemoteLabelSet:
+    """A label set on a server: metadata, and batches as views plus labels."""
+
+    def __init__(self, client: Client, detail: LabelSetDetail, image_cache_mb: int = 2048) -> None:
+        self.client = client
+        self.detail = detail
+        self.image_cache_bytes = image_cache_mb << 20
+        self._images: torch.Tensor | None = None
+
+    name = property(lambda self: self.detail.name)
+    num_samples = property(lambda self: self.detail.num_samples)
+    num_classes = property(lambda self: self.detail.num_classes)
+    epochs = property(lambda self: self.detail.epochs)
+    image_shape = property(lambda self: self.detail.image_shape)
+    output_size = property(lambda self: self.detail.output_size)
+    mean = property(lambda self: self.detail.mean)
+    std = property(lambda self: self.detail.std)
+    class_names = property(lambda self: self.detail.class_names)
+
+    def __repr__(self) -> str:
+        d = self.detail
+        return (
+            f"RemoteLabelSet({d.name!r}, samples={d.num_samples}, classes={d.num_classes}, "
+            f"epochs={d.epochs}, image_shape={d.image_shape}, url={self.client.url!r})"
+        )
+
+    @property
+    def _path(self) -> str:
+        return f"/v1/labelsets/{self.detail.name}"
+
+    def sharding(
+        self, batch_size: int, rank: int | None = None, world_size: int | None = None,
+        drop_last: bool = True,
+    ) -> Sharding:  # fmt: skip
+        """How an epoch is cut into batches for this rank."""
+        rank, world_size = _resolve_ranks(rank, world_size)
+        return Sharding(self.num_samples, batch_size, rank, world_size, drop_last)
+
+    def base_images(self) -> torch.Tensor | None:
+        """All base images (uint8 N×C×H×W), fetched once; None when over the cache budget."""
+        if self._images is not None:
+            return self._images
+        per_image = int(np.prod(self.image_shape))
+        if per_image * self.num_samples > self.image_cache_bytes:
+            return None
+        step = max(1, _IMAGE_CHUNK_BYTES // per_image)
+        parts = []
+        for start in range(0, self.num_samples, step):
+            stop = min(start + step, self.num_samples)
+            response = self.client.get(f"{self._path}/images", {"start": start, "stop": stop})
+            parts.append(decode(response.content)[0]["images"])
+        self._images = torch.from_numpy(np.concatenate(parts))
+        return self._images
+
+    def raw_batches(
+        self, epoch: int, sharding: Sharding, start: int = 0, logits: bool = False,
+        with_images: bool = False,
+    ) -> Iterator[RawBatch]:  # fmt: skip
+        """Batches ``start``.. of an epoch as received, resuming the stream after failures."""
+        include = ["indices", "params", "hard", "soft"]
+        if logits:
+            include.append("logits")
+        if with_images:
+            include.append("images")
+        params = {
+            "batch_size": sharding.batch_size,
+            "rank": sharding.rank,
+            "world_size": sharding.world_size,
+            "drop_last": str(sharding.drop_last).lower(),
+            "include": ",".join(include),
+        }
+        index = start
+        failures = [0]
+        path = f"{self._path}/epochs/{epoch}/stream"
+        # each attempt resumes at the first batch not yet yielded
+        for attempt in self.client.retrying(failures):
+            with attempt, self.client.stream(path, {**params, "start": index}) as response:
+                for payload in read_frames(response.iter_bytes()):
+                    tensors, _ = decode(payload)
+                    failures[0] = 0
+                    yield RawBatch(
+                        epoch, index, {k: torch.from_numpy(v) for k, v in tensors.items()}
+                    )
+                    index += 1
+
+    def to_batch(self, raw: RawBatch, device: torch.device | str) -> Batch:
+        """Apply the views on ``device``: the student sees what the teacher saw."""
+        t = raw.tensors
+        device = torch.device(device)
+        images = t.get("images")
+        if images is None:
+            cache = self.base_images()
+            assert cache is not None, "batches without images need the base-image cache"
+            images = cache[t["indices"]]
+        non_blocking = device.type == "cuda"
+        views = apply_views(
+            images.to(device, non_blocking=non_blocking),
+            t["params"].to(device, non_blocking=non_blocking),
+            self.output_size,
+            mean=self.mean,
+            std=self.std,
+        )
+        logits = t.get("logits")
+        return Batch(
+            epoch=raw.epoch,
+            index=raw.index,
+            indices=t["indices"],
+            images=views,
+            params=t["params"],
+            hard=t["hard"].to(device, non_blocking=non_blocking),
+            soft=t["soft"].to(device, non_blocking=non_blocking),
+            logits=logits.to(device, non_blocking=non_blocking) if logits is not None else None,
+        )
+
+    def batches(
+        self, epoch: int, batch_size: int, rank: int | None = None,
+        world_size: int | None = None, device: torch.device | str = "cpu", start: int = 0,
+        logits: bool = False, drop_last: bool = True,
+    ) -> Iterator[Batch]:  # fmt: skip
+        """Batches of one epoch for this rank, with views applied on ``device``."""
+        sharding = self.sharding(batch_size, rank, world_size, drop_last)
+        with_images = self.base_images() is None
+        for raw in self.raw_batches(epoch, sharding, start, logits, with_images):
+            yield self.to_batch(raw, device)
+
+    def loader(self, batch_size: int, epochs: int | None = None, **kwargs: object):
+        """A prefetching, resumable loader over epochs; see :class:`softserve.client.Loader`."""
+        from softserve.client.loader import Loader
+
+        return Loader(self, batch_size, epochs=epochs, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,53 @@
+"""Which positions of an epoch's order a batch holds, for any batch size, rank and world size.
+
+``batch_size`` is per rank, as a DataLoader's under DDP. Batch ``b`` on rank ``r`` of ``w``
+holds positions [(b·w + r)·B, (b·w + r + 1)·B) of the epoch's order: consecutive ranges, so
+every read is sequential. The last, partial global batch is dropped by default; with
+``drop_last=False`` its positions are split as evenly as possible over the ranks (sizes
+differ by at most one). Either way every rank gets the same number of batches, so no DDP
+rank waits on a batch that never comes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """One rank's view of an epoch: how it is cut into batches."""
+
+    num_samples: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        full, rest = divmod(self.num_samples, self.global_batch)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def positions(self, index: int) -> tuple[int, int]:
+        """[start, stop) positions in the epoch's order of batch ``index`` on this rank."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} is outside 0..{len(self) - 1}")
+        base = index * self.global_batch
+        if base + self.global_batch <= self.num_samples:
+            start = base + self.rank * self.batch_size
+            return start, start + self.batch_size
+        rest = self.num_samples - base
+        w, r = self.world_size, self.rank
+        return base + (r * rest) // w, base + ((r + 1) * rest) // w

@@ -1,0 +1,66 @@
+"""JSON shapes of the HTTP API, shared by the server (which emits them) and the client."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class LabelSetSummary(_Schema):
+    """One entry of ``GET /v1/labelsets``."""
+
+    name: str
+    num_samples: int
+    num_classes: int
+    epochs: int
+    image_shape: tuple[int, int, int]
+    output_size: tuple[int, int]
+    codec: str
+    teacher: str
+    created: datetime
+
+
+class ViewPolicyInfo(_Schema):
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip: bool
+    interpolation: str
+
+
+class RefinementParams(_Schema):
+    method: str
+    alpha: float
+    beta: float
+
+
+class LabelSetDetail(LabelSetSummary):
+    """``GET /v1/labelsets/{name}``: what a training job needs to use the set."""
+
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    views: ViewPolicyInfo
+    refinement: RefinementParams
+    seed: int
+    precision: str
+    teacher_weights_sha256: str | None
+    dataset_sha256: str
+    label_bytes: int
+    shards: int
+    format_version: int
+
+
+class ErrorBody(_Schema):
+    code: str
+    message: str
+
+
+class ErrorResponse(_Schema):
+    """Every error the server returns: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorBody

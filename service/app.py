@@ -1,0 +1,192 @@
+"""The FastAPI application: label-set metadata as JSON, batches as safetensors.
+
+Routes are thin: validation and HTTP shape here, reading in :mod:`softserve.service.batches`.
+Blocking HDF5 reads run in the thread pool, never on the event loop.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from softserve.client.payload import MEDIA_TYPE, STREAM_MEDIA_TYPE, TENSORS
+from softserve.client.sampling import Sharding
+from softserve.client.schema import LabelSetDetail, LabelSetSummary
+from softserve.service import metrics
+from softserve.service.auth import authorized, load_tokens
+from softserve.service.batches import (
+    BatchRequest,
+    batch_payload,
+    detail,
+    image_payload,
+    stream_frames,
+    summary,
+)
+from softserve.service.catalog import Catalog, LabelSet
+from softserve.service.errors import ApiError, install_error_handlers
+from softserve.service.settings import ServiceSettings
+from starlette.concurrency import run_in_threadpool
+
+import softserve
+
+log = logging.getLogger("softserve.service")
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """The server for ``settings`` (default: from ``SOFTSERVE_*`` environment variables)."""
+    settings = settings or ServiceSettings()
+    tokens = load_tokens(settings.token_file) if settings.token_file else None
+    catalog = Catalog(
+        settings.store,
+        image_cache_bytes=settings.image_cache_mb << 20,
+        rescan_seconds=settings.rescan_seconds,
+        locking=settings.hdf5_locking,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(catalog.refresh, True)
+        yield
+        catalog.close()
+
+    app = FastAPI(
+        title="softserve",
+        version=softserve.__version__,
+        summary="Precomputed soft labels for dataset distillation, served as batches.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    metrics.install(app)
+
+    def require_token(request: Request) -> None:
+        if tokens is not None and not authorized(request.headers.get("authorization"), tokens):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+    def label_set(name: Annotated[str, Path(description="Label set name")]) -> LabelSet:
+        found = catalog.get(name)
+        if found is None:
+            raise ApiError(404, "unknown_label_set", f"no label set named {name!r}")
+        return found
+
+    def batch_request(
+        entry: Annotated[LabelSet, Depends(label_set)],
+        epoch: Annotated[int, Path(ge=0, description="Epoch; wraps modulo the stored epochs")],
+        batch_size: Annotated[int, Query(description="Samples per batch, per rank")],
+        rank: Annotated[int, Query(ge=0)] = 0,
+        world_size: Annotated[int, Query(ge=1)] = 1,
+        drop_last: bool = True,
+        include: Annotated[
+            str, Query(description=f"Comma-separated tensors among {', '.join(TENSORS)}")
+        ] = "indices,images,params,hard,soft",
+    ) -> BatchRequest:
+        if not 1 <= batch_size <= settings.max_batch_size:
+            raise ApiError(
+                400, "bad_batch_size", f"batch_size must be in 1..{settings.max_batch_size}"
+            )
+        if rank >= world_size:
+            raise ApiError(400, "bad_rank", f"rank {rank} must be below world_size {world_size}")
+        wanted = tuple(t for t in include.split(",") if t)
+        unknown = sorted(set(wanted) - set(TENSORS))
+        if unknown or not wanted:
+            raise ApiError(
+                400,
+                "bad_include",
+                f"include takes tensors among {', '.join(TENSORS)}; got {include!r}",
+            )
+        sharding = Sharding(
+            entry.manifest.config.num_samples, batch_size, rank, world_size, drop_last
+        )
+        return BatchRequest(entry, epoch, sharding, wanted)
+
+    v1 = [Depends(require_token)]
+
+    @app.get("/v1/labelsets", dependencies=v1, response_model=list[LabelSetSummary])
+    def list_label_sets() -> list[LabelSetSummary]:
+        """Complete label sets in the store."""
+        return [summary(entry) for name in catalog.names() if (entry := catalog.get(name))]
+
+    @app.get("/v1/labelsets/{name}", dependencies=v1, response_model=LabelSetDetail)
+    def get_label_set(entry: Annotated[LabelSet, Depends(label_set)]) -> LabelSetDetail:
+        """Everything a training job needs: shapes, normalization, views, refinement."""
+        return detail(entry)
+
+    @app.get(
+        "/v1/labelsets/{name}/images",
+        dependencies=v1,
+        response_class=Response,
+        responses={200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"}},
+    )
+    async def get_images(
+        entry: Annotated[LabelSet, Depends(label_set)],
+        start: Annotated[int, Query(ge=0)] = 0,
+        stop: Annotated[int | None, Query(ge=0)] = None,
+    ) -> Response:
+        """Base images [start, stop) by sample id (``images`` uint8, ``hard`` int64): a client
+        caches them once and then streams batches without images."""
+        n = entry.manifest.config.num_samples
+        stop = n if stop is None else stop
+        if not start < stop <= n:
+            raise ApiError(400, "bad_range", f"need 0 <= start < stop <= {n}")
+        body = await run_in_threadpool(image_payload, entry, start, stop)
+        metrics.BYTES.labels("images").inc(len(body))
+        return Response(body, media_type=MEDIA_TYPE)
+
+    @app.get(
+        "/v1/labelsets/{name}/epochs/{epoch}/batches/{index}",
+        dependencies=v1,
+        response_class=Response,
+        responses={200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"}},
+    )
+    async def get_batch(
+        request: Annotated[BatchRequest, Depends(batch_request)],
+        index: Annotated[int, Path(ge=0)],
+    ) -> Response:
+        """One batch as a safetensors payload (tensor names and shapes: see the README)."""
+        if index >= len(request.sharding):
+            raise ApiError(
+                404, "bad_batch_index", f"batch {index} is past the last batch "
+                f"{len(request.sharding) - 1} of this epoch at this batch size and world size"
+            )  # fmt: skip
+        with metrics.BATCH_SECONDS.labels("batch").time():
+            body = await run_in_threadpool(batch_payload, request, index)
+        metrics.BYTES.labels("batch").inc(len(body))
+        return Response(body, media_type=MEDIA_TYPE, headers=_batch_headers(request))
+
+    @app.get(
+        "/v1/labelsets/{name}/epochs/{epoch}/stream",
+        dependencies=v1,
+        response_class=StreamingResponse,
+        responses={200: {"content": {STREAM_MEDIA_TYPE: {}}, "description": "framed batches"}},
+    )
+    async def stream_batches(
+        request: Annotated[BatchRequest, Depends(batch_request)],
+        start: Annotated[int, Query(ge=0, description="First batch index (to resume)")] = 0,
+    ) -> StreamingResponse:
+        """Batches ``start``.. of an epoch as length-prefixed safetensors frames."""
+        if start > len(request.sharding):
+            raise ApiError(404, "bad_batch_index", f"start {start} is past the epoch's batches")
+        return StreamingResponse(
+            stream_frames(request, start), media_type=STREAM_MEDIA_TYPE,
+            headers=_batch_headers(request),
+        )  # fmt: skip
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        if not catalog.scanned or not settings.store.is_dir():
+            return JSONResponse({"status": "not ready", "store": str(settings.store)}, 503)
+        return JSONResponse({"status": "ready", "label_sets": len(catalog.names())})
+
+    return app
+
+
+def _batch_headers(request: BatchRequest) -> dict[str, str]:
+    return {
+        "X-Softserve-Batches": str(len(request.sharding)),
+        "X-Softserve-Stored-Epoch": str(request.stored_epoch),
+    }

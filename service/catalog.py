@@ -1,0 +1,153 @@
+"""The label sets a server process offers: discovered in the store, opened lazily, cached.
+
+Only complete label sets are served: a folder needs a valid manifest whose files exist
+with the sizes it lists (checksums are ``softserve verify``'s job, too slow for a scan).
+The store is rescanned every few seconds, so new sets appear without a restart and
+removed ones disappear. Each process has its own catalog: h5py handles are opened after
+the server forks its workers, never before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from softserve.storage.layout import MANIFEST_FILE
+from softserve.storage.manifest import Manifest, read_manifest
+from softserve.storage.reader import LabelSetReader
+
+from softserve.errors import StoreError
+
+log = logging.getLogger("softserve.catalog")
+
+
+@dataclass
+class LabelSet:
+    """An open label set: its reader, hard labels, and base images when they fit the cache."""
+
+    name: str
+    root: Path
+    manifest: Manifest
+    manifest_mtime: float
+    reader: LabelSetReader
+    hard: np.ndarray
+    images: np.ndarray | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def base_images(self, ids: np.ndarray) -> np.ndarray:
+        """Base images of sample ids, in the given order."""
+        if self.images is not None:
+            return self.images[ids]
+        order = np.argsort(ids, kind="stable")
+        unique, inverse = np.unique(ids[order], return_inverse=True)
+        with self.lock:
+            rows = self.reader.images_at(unique)
+        out = np.empty((len(ids), *rows.shape[1:]), dtype=rows.dtype)
+        out[order] = rows[inverse]
+        return out
+
+
+def _check_files(root: Path, manifest: Manifest) -> None:
+    for entry in (manifest.dataset, *manifest.shards):
+        path = root / entry.file
+        if not path.is_file():
+            raise StoreError(f"{entry.file} is missing")
+        if path.stat().st_size != entry.size:
+            raise StoreError(
+                f"{entry.file} has {path.stat().st_size} bytes, manifest says {entry.size}"
+            )
+
+
+class Catalog:
+    """Label sets of one store, rescanned at most every ``rescan_seconds``."""
+
+    def __init__(
+        self, store: Path, *, image_cache_bytes: int, rescan_seconds: float, locking: bool | None
+    ) -> None:
+        self.store = store
+        self.image_cache_bytes = image_cache_bytes
+        self.rescan_seconds = rescan_seconds
+        self.locking = locking
+        self.scanned = False
+        self._sets: dict[str, LabelSet] = {}
+        self._skipped: dict[str, str] = {}
+        self._last_scan = -float("inf")
+        self._lock = threading.Lock()
+
+    def refresh(self, force: bool = False) -> None:
+        """Rescan the store if the last scan is older than ``rescan_seconds`` (or forced)."""
+        if not force and time.monotonic() - self._last_scan < self.rescan_seconds:
+            return
+        with self._lock:
+            self._scan()
+            self._last_scan = time.monotonic()
+            self.scanned = True
+
+    def _scan(self) -> None:
+        if not self.store.is_dir():
+            log.warning("store %s does not exist (yet)", self.store)
+            return
+        seen = set()
+        for root in sorted(p for p in self.store.iterdir() if p.is_dir()):
+            manifest_path = root / MANIFEST_FILE
+            if not manifest_path.exists():
+                continue
+            seen.add(root.name)
+            mtime = manifest_path.stat().st_mtime
+            current = self._sets.get(root.name)
+            if current is not None and current.manifest_mtime == mtime:
+                continue
+            try:
+                self._sets[root.name] = self._open(root, mtime)
+            except StoreError as exc:
+                if self._skipped.get(root.name) != str(exc):
+                    log.warning("skipping label set %s: %s", root.name, exc)
+                self._skipped[root.name] = str(exc)
+                self._drop(root.name)
+                continue
+            if current is not None:
+                current.reader.close()
+            self._skipped.pop(root.name, None)
+            log.info("serving label set %s", root.name)
+        for name in set(self._sets) - seen:
+            log.info("label set %s is gone from the store", name)
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        gone = self._sets.pop(name, None)
+        if gone is not None:
+            gone.reader.close()
+
+    def _open(self, root: Path, mtime: float) -> LabelSet:
+        manifest = read_manifest(root)
+        _check_files(root, manifest)
+        reader = LabelSetReader(root, locking=self.locking)
+        config = manifest.config
+        image_bytes = config.num_samples * int(np.prod(config.image_shape))
+        images = reader.images() if image_bytes <= self.image_cache_bytes else None
+        return LabelSet(
+            name=root.name,
+            root=root,
+            manifest=manifest,
+            manifest_mtime=mtime,
+            reader=reader,
+            hard=reader.hard_labels(),
+            images=images,
+        )
+
+    def names(self) -> list[str]:
+        self.refresh()
+        return sorted(self._sets)
+
+    def get(self, name: str) -> LabelSet | None:
+        self.refresh()
+        return self._sets.get(name)
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._sets):
+                self._drop(name)
