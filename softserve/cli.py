@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from softserve.errors import InputError, SoftserveError
+
+if TYPE_CHECKING:
+    from softserve.worker.demo import DemoOptions
 
 app = typer.Typer(
     name="softserve",
@@ -185,16 +188,116 @@ def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/
     stdout.print(f"OK {path}")
 
 
+@app.command()
+def serve(
+    store: Annotated[Path | None, typer.Option(help="Store folder of label sets.")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port [default: 8000].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Server processes [default: 1].")] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="Bearer tokens, one per line; unset: open access.")
+    ] = None,
+    image_cache_mb: Annotated[
+        int | None, typer.Option(help="Base images kept in memory per process [default: 1024].")
+    ] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Largest batch_size allowed.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Serve the complete label sets of a store over HTTP (FastAPI + uvicorn).
+
+    Every option can also be set as SOFTSERVE_<OPTION> (e.g. SOFTSERVE_STORE); flags win.
+    New label sets are picked up without a restart. API docs at /docs, metrics at /metrics.
+    """
+    from pydantic import ValidationError
+
+    from softserve.service.server import run
+    from softserve.service.settings import ServiceSettings
+
+    flags = {
+        "store": store, "host": host, "port": port, "workers": workers,
+        "token_file": token_file, "image_cache_mb": image_cache_mb,
+        "max_batch_size": max_batch_size, "log_level": log_level,
+    }  # fmt: skip
+    try:
+        settings = ServiceSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise InputError(
+            f"bad server setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
+        ) from None
+    run(settings)
+
+
+@app.command()
+def train(
+    url: Annotated[list[str], typer.Option(help="Server URL; repeat for failover.")],
+    labelset: Annotated[str, typer.Option(help="Label set name on the server.")],
+    model: Annotated[str, typer.Option(help="Student: convnet or resnet18.")] = "convnet",
+    loss: Annotated[
+        str, typer.Option(help="gift, ce, softce, kl, mse, mse_ce, softce_ce or cosine.")
+    ] = "gift",
+    optimizer: Annotated[str, typer.Option(help="adamw, adam or sgd.")] = "adamw",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 300,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [default: 1e-3 adamw/adam, 0.01 sgd].")
+    ] = None,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Batch size (per rank).")] = 64,
+    eval: Annotated[
+        str, typer.Option(help="fashion-mnist, or a test set (ImageFolder or .pt) path.")
+    ] = "fashion-mnist",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="SOFTSERVE_TOKEN", help="Bearer token (or SOFTSERVE_TOKEN)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the student's initialization.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a student from a served label set and report top-1 on a real test split.
+
+    Prints one JSON line with the result. AdamW (lr 1e-3, wd 1e-4) and MultiStepLR at 2/3
+    and 5/6 of training, as the official GIFT evaluator.
+    """
+    import json as json_lib
+
+    from softserve.train import TrainOptions
+    from softserve.train import train as run_train
+
+    opts = TrainOptions(
+        urls=url, labelset=labelset, model=model, loss=loss, optimizer=optimizer,
+        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, eval=eval,
+        device=device, token=token, seed=seed, progress=progress,
+    )  # fmt: skip
+    try:
+        result = run_train(opts)
+    except KeyboardInterrupt:
+        _interrupted("training stopped")
+    print(json_lib.dumps(result))
+
+
+WorkdirOption = Annotated[Path, typer.Option(help="Where the teacher and synthetic set go.")]
+StoreOption = Annotated[Path, typer.Option(help="Store that receives the label set.")]
+DataOption = Annotated[
+    Path | None, typer.Option(help="Folder with the Fashion-MNIST IDX files [default: Debian's].")
+]
+
+
+def _prepare_demo(opts: DemoOptions) -> Path:
+    from softserve.worker.demo import prepare_demo
+
+    try:
+        result = prepare_demo(opts, log=stdout.print)
+    except KeyboardInterrupt:
+        _interrupted("rerun the same command to continue")
+    stdout.print(f"label set ready: {result.label_set}")
+    return result.label_set
+
+
 @demo_app.command("prepare")
 def demo_prepare(
-    workdir: Annotated[Path, typer.Option(help="Where the teacher and synthetic set go.")] = Path(
-        "demo"
-    ),
-    store: Annotated[Path, typer.Option(help="Store that receives the label set.")] = Path("store"),
-    data: Annotated[
-        Path | None,
-        typer.Option(help="Folder with the Fashion-MNIST IDX files [default: Debian's]."),
-    ] = None,
+    workdir: WorkdirOption = Path("demo"),
+    store: StoreOption = Path("store"),
+    data: DataOption = None,
     ipc: Annotated[int, typer.Option(help="Synthetic images per class.")] = 10,
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 3,
     train_limit: Annotated[
@@ -207,26 +310,45 @@ def demo_prepare(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a Fashion-MNIST teacher, pick an IPC-10 synthetic set by confidence, relabel it."""
-    from softserve.worker.demo import DemoOptions, prepare_demo
+    from softserve.worker.demo import DemoOptions
 
-    opts = DemoOptions(
-        workdir=workdir,
-        store=store,
-        data=data,
-        ipc=ipc,
-        teacher_epochs=teacher_epochs,
-        train_limit=train_limit,
-        label_epochs=label_epochs,
-        codec=codec,
-        seed=seed,
-        device=device,
-        progress=progress,
+    _prepare_demo(
+        DemoOptions(
+            workdir=workdir,
+            store=store,
+            data=data,
+            ipc=ipc,
+            teacher_epochs=teacher_epochs,
+            train_limit=train_limit,
+            label_epochs=label_epochs,
+            codec=codec,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )  # fmt: skip
     )
-    try:
-        result = prepare_demo(opts, log=stdout.print)
-    except KeyboardInterrupt:
-        _interrupted("rerun the same command to continue")
-    stdout.print(f"label set ready: {result.label_set}")
+
+
+@demo_app.command("run")
+def demo_run(
+    workdir: WorkdirOption = Path("demo"),
+    store: StoreOption = Path("store"),
+    data: DataOption = None,
+    port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
+) -> None:
+    """Prepare the demo label set (cached after the first run), then serve it on localhost."""
+    from softserve.service.server import run
+    from softserve.service.settings import ServiceSettings
+    from softserve.worker.demo import DemoOptions
+
+    label_set = _prepare_demo(DemoOptions(workdir=workdir, store=store, data=data))
+    stdout.print(
+        "\nTrain a student against it, from another shell:\n\n"
+        f"  .venv/bin/softserve train --url http://127.0.0.1:{port} --labelset {label_set.name} "
+        "--model convnet --loss gift --optimizer adamw --epochs 300 --eval fashion-mnist\n",
+        soft_wrap=True,
+    )
+    run(ServiceSettings(store=store, host="127.0.0.1", port=port))
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:

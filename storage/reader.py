@@ -47,7 +47,7 @@ class LabelSetReader:
             self._files[name] = handle
         return handle
 
-    def _read(self, name: str, key: str, index: tuple | slice) -> np.ndarray:
+    def _read(self, name: str, key: str, index: tuple | slice | np.ndarray) -> np.ndarray:
         try:
             return self._file(name)[key][index]
         except (OSError, KeyError, ValueError) as exc:
@@ -59,6 +59,10 @@ class LabelSetReader:
     def images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Base images [start, stop) by sample id, uint8 (n, C, H, W)."""
         return self._read(DATASET_FILE, "images", slice(start, stop))
+
+    def images_at(self, ids: np.ndarray) -> np.ndarray:
+        """Base images of sample ids given in increasing order, without repeats."""
+        return self._read(DATASET_FILE, "images", np.asarray(ids))
 
     def hard_labels(self) -> np.ndarray:
         """Hard labels of every sample, int64 (N,)."""

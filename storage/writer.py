@@ -1,13 +1,18 @@
 """Writers of the two HDF5 file kinds of a label set: the dataset and the label shards.
 
-Both write to a temporary name and rename when complete, so a file under its final name is
-always whole; that is what makes an interrupted relabel resumable shard by shard.
+Each file is assembled in memory (HDF5's core driver), then written in one sequential pass
+under a temporary name, fsynced, and renamed. A file under its final name is always
+whole, which is what makes an interrupted relabel resumable shard by shard; and a full
+disk surfaces as a plain OSError from that one write, never as a half-flushed HDF5 file
+(h5py reports a flush that fails while closing as a RuntimeError, and may crash later
+when it frees that file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from pathlib import Path
 
 import h5py
@@ -21,7 +26,27 @@ LABEL_FIELDS = ("refined", "logits")
 PARAMS_DTYPE = np.dtype(np.int16)
 ORDER_DTYPE = np.dtype(np.int32)
 _CHUNK_BYTES = 1 << 16
-_CACHE_BYTES = 64 << 20
+
+
+def _in_memory(path: Path) -> h5py.File:
+    """A new HDF5 file that lives in memory until :func:`_persist`."""
+    name = f"{path}.{uuid.uuid4().hex}"  # unique: HDF5 refuses two open files of one name
+    return h5py.File(name, "w", driver="core", backing_store=False, track_order=True)
+
+
+def _persist(f: h5py.File, path: Path) -> None:
+    """Write an in-memory file to ``path`` atomically (temporary name, fsync, rename)."""
+    f.flush()
+    image = f.id.get_file_image()
+    f.close()
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as out:
+            out.write(image)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    commit(tmp, path)
 
 
 def bytes_per_epoch(num_samples: int, num_classes: int, codec: Codec) -> int:
@@ -56,23 +81,18 @@ def write_dataset(
     std: tuple[float, ...],
 ) -> FileInfo:
     """Write base images (uint8 N×C×H×W), hard labels and metadata to ``dataset.h5``."""
-    tmp = tmp_path(path)
-    n = images.shape[0]
-    rows = chunk_rows_for(n, int(np.prod(images.shape[1:])))
-    with h5py.File(tmp, "w", track_order=True) as f:
+    rows = chunk_rows_for(images.shape[0], int(np.prod(images.shape[1:])))
+    with _in_memory(path) as f:
         f.create_dataset(
-            "images",
-            data=images,
-            dtype=np.uint8,
-            chunks=(rows, *images.shape[1:]),
+            "images", data=images, dtype=np.uint8, chunks=(rows, *images.shape[1:]),
             track_times=False,
-        )
+        )  # fmt: skip
         f.create_dataset("labels", data=labels.astype(np.int64), track_times=False)
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["class_names"] = json.dumps(class_names)
         f.attrs["mean"] = np.asarray(mean, dtype=np.float64)
         f.attrs["std"] = np.asarray(std, dtype=np.float64)
-    commit(tmp, path)
+        _persist(f, path)
     return file_info(path)
 
 
@@ -94,17 +114,8 @@ class ShardWriter:
         self.epoch_stop = epoch_stop
         self.codec = codec
         self.num_samples = num_samples
-        self._tmp = tmp_path(path)
-        try:
-            self._file = h5py.File(self._tmp, "w", rdcc_nbytes=_CACHE_BYTES, track_order=True)
-        except BaseException:
-            self._tmp.unlink(missing_ok=True)
-            raise
-        try:
-            self._create_datasets(epoch_stop - epoch_start, num_samples, num_classes, chunk_rows)
-        except BaseException:
-            self.abort()
-            raise
+        self._file = _in_memory(path)
+        self._create_datasets(epoch_stop - epoch_start, num_samples, num_classes, chunk_rows)
 
     def _create_datasets(self, epochs: int, n: int, k: int, chunk_rows: int) -> None:
         self._file.attrs["format_version"] = FORMAT_VERSION
@@ -150,12 +161,13 @@ class ShardWriter:
             done += take
 
     def commit(self) -> None:
-        """Close, make durable, and rename to the final name."""
-        self._file.close()
-        commit(self._tmp, self.path)
+        """Write the shard to disk under its final name, atomically and durably."""
+        try:
+            _persist(self._file, self.path)
+        finally:
+            self._file.close()
 
     def abort(self) -> None:
-        """Drop the partial file; complete shards are untouched."""
-        with contextlib.suppress(Exception):  # the file may be unusable after a failed write
+        """Drop the shard; nothing of it reaches the disk."""
+        with contextlib.suppress(Exception):  # already closed after a failed commit
             self._file.close()
-        self._tmp.unlink(missing_ok=True)
