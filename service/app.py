@@ -11,6 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+import softserve
 from softserve.client.payload import MEDIA_TYPE, STREAM_MEDIA_TYPE, TENSORS
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
@@ -27,9 +30,6 @@ from softserve.service.batches import (
 from softserve.service.catalog import Catalog, LabelSet
 from softserve.service.errors import ApiError, install_error_handlers
 from softserve.service.settings import ServiceSettings
-from starlette.concurrency import run_in_threadpool
-
-import softserve
 
 log = logging.getLogger("softserve.service")
 

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
+
 from softserve.client.payload import END_FRAME, encode, error_frame, frame
 from softserve.client.sampling import Sharding
 from softserve.client.schema import (
@@ -15,11 +17,9 @@ from softserve.client.schema import (
     RefinementParams,
     ViewPolicyInfo,
 )
+from softserve.errors import SoftserveError
 from softserve.service import metrics
 from softserve.service.catalog import LabelSet
-from starlette.concurrency import run_in_threadpool
-
-from softserve.errors import SoftserveError
 
 log = logging.getLogger("softserve.service")
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from softserve.errors import StoreError
 from softserve.storage.layout import MANIFEST_FILE
 from softserve.storage.manifest import Manifest, read_manifest
 from softserve.storage.reader import LabelSetReader
-
-from softserve.errors import StoreError
 
 log = logging.getLogger("softserve.catalog")
 

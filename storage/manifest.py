@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
 from softserve.errors import StoreError
+from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
 FORMAT_VERSION = 1
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from softserve.errors import StoreError, brief
 from softserve.storage.codecs import get_codec, part_name
 from softserve.storage.layout import DATASET_FILE
 from softserve.storage.manifest import Manifest, read_manifest
 from softserve.storage.writer import LABEL_FIELDS
-
-from softserve.errors import StoreError, brief
 
 ROW_FIELDS = ("order", "params", *LABEL_FIELDS)
 

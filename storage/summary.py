@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from softserve.errors import StoreError
 from softserve.storage.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, shard_file
 from softserve.storage.manifest import LabelSetConfig, read_manifest, read_plan
-
-from softserve.errors import StoreError
 
 
 def _mib(size: int) -> str:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
 from softserve.client.views import NUM_PARAMS
+from softserve.errors import StoreError, brief
 from softserve.storage.codecs import get_codec, part_name
 from softserve.storage.layout import sha256_file
 from softserve.storage.manifest import FileInfo, LabelSetConfig, read_manifest
 from softserve.storage.writer import LABEL_FIELDS, ORDER_DTYPE, PARAMS_DTYPE
-
-from softserve.errors import StoreError, brief
 
 Expected = dict[str, tuple[tuple[int, ...], np.dtype]]
 

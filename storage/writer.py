@@ -17,6 +17,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
 from softserve.client.views import NUM_PARAMS
 from softserve.storage.codecs import Codec, part_name
 from softserve.storage.layout import commit, sha256_file, tmp_path

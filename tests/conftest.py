@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from softserve.storage.layout import sha256_file
-from softserve.worker.relabel import RelabelOptions
+from softserve.worker.relabel import RelabelOptions, relabel
 
 TESTS_DIR = Path(__file__).parent
 CLASSES = ["ant", "bee", "cat"]
@@ -113,3 +117,85 @@ def relabel_args(opts: RelabelOptions) -> list[str]:
 def _quiet_threads() -> None:
     """Keep torch to the machine's two cores, as CI has."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``softserve serve`` in a subprocess on loopback: started for real, talked to over HTTP."""
+
+    def __init__(
+        self, store: Path, *args: object, port: int | None = None, env: dict | None = None
+    ):
+        self.store = store
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [str(a) for a in args]
+        self.env = {**cli_env(), "SOFTSERVE_RESCAN_SECONDS": "0.2", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = store.parent / f"server-{self.port}.log"
+
+    def start(self) -> Server:
+        log = open(self.log, "ab")  # noqa: SIM115 - the subprocess owns it
+        self.proc = subprocess.Popen(
+            softserve_cmd("serve", "--store", self.store, "--port", self.port, *self.args),
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server did not become ready:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def build_label_set(out: Path, **overrides: object) -> Path:
+    """A small label set of random RGB images labelled by the tiny teacher."""
+    shape = {k: int(overrides.pop(k)) for k in ("n", "h", "w") if k in overrides}
+    images, labels = random_set(**{"n": 50, **shape})
+    folder = write_folder(out.parent / f"{out.name}-images", images, labels)
+    opts = RelabelOptions(
+        images=folder, teacher="teachers:tiny_rgb", out=out, epochs=4, shard_epochs=2,
+        batch_size=32, device="cpu", codec="fp16", progress=False,
+    )  # fmt: skip
+    relabel(replace(opts, **overrides))
+    return out
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with two label sets: ``tiny`` (fp16, 50 samples) and ``tiny-int8``."""
+    root = tmp_path_factory.mktemp("served") / "store"
+    build_label_set(root / "tiny")
+    build_label_set(root / "tiny-int8", codec="int8", n=20)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(store: Path):
+    """One server over ``store`` for the whole session."""
+    srv = Server(store).start()
+    yield srv
+    srv.stop()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from softserve.client.losses import cosine_loss, gift_loss, refine_labels
 from softserve.client.views import NUM_PARAMS
 from softserve.storage.codecs import CODECS, Codec, part_name

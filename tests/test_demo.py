@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from softserve.client import apply_views
-from softserve.storage import LabelSetReader, verify_label_set
-from softserve.worker import fashion_mnist
 from test_errors import assert_one_line_error
 
+from softserve.client import apply_views
 from softserve.errors import InputError
 from softserve.models import fashion_mnist_teacher
+from softserve.storage import LabelSetReader, verify_label_set
+from softserve.worker import fashion_mnist
 
 HAVE_DATA = (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
 

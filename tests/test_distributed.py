@@ -8,16 +8,20 @@ import sys
 from pathlib import Path
 
 from conftest import cli_env, relabel_args, shard_digests
+
 from softserve.storage import read_manifest, verify_label_set
 from softserve.worker.relabel import relabel
 
 
-def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun, "torchrun is installed with torch"
+def torchrun(nproc: int, args: list[str], module: bool = True) -> subprocess.CompletedProcess[str]:
+    """``torchrun`` on this machine: ``-m softserve ARGS``, or a script when not ``module``."""
+    launcher = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert launcher, "torchrun is installed with torch"
+    target = ["-m", "softserve"] if module else []
     return subprocess.run(
-        [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "softserve", *args],
+        [launcher, "--standalone", f"--nproc-per-node={nproc}", *target, *args],
         env=cli_env(), capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).parent.parent,
     )  # fmt: skip
 
 
@@ -25,7 +29,7 @@ def test_two_gloo_ranks_equal_one_process(make_options, tmp_path: Path) -> None:
     single = make_options(epochs=7, shard_epochs=2, out=tmp_path / "single")
     relabel(single)
     multi = make_options(epochs=7, shard_epochs=2, out=tmp_path / "multi")
-    done = _torchrun(2, relabel_args(multi))
+    done = torchrun(2, relabel_args(multi))
     assert done.returncode == 0, done.stderr
     assert "4 shards computed" in done.stdout
     manifest = read_manifest(multi.out)
@@ -48,7 +52,7 @@ def test_ranks_resume_a_single_process_start(make_options, tmp_path: Path) -> No
     (partial.out / "relabel-plan.json").write_text(
         read_manifest(full.out).config.model_dump_json(indent=2)
     )
-    done = _torchrun(2, relabel_args(partial))
+    done = torchrun(2, relabel_args(partial))
     assert done.returncode == 0, done.stderr
     assert "2 shards computed, 4 reused" in done.stdout
     assert shard_digests(partial.out) == shard_digests(full.out)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_set, relabel_args, run_cli, shard_digests, write_folder
+
 from softserve.storage import verify_label_set
 from softserve.worker.relabel import relabel
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from softserve.client.losses import (
     LOSS_NAMES,
     NEEDS_LOGITS,

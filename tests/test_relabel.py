@@ -10,6 +10,7 @@ import pytest
 import teachers
 import torch
 from conftest import random_set, relabel_args, run_cli, shard_digests
+
 from softserve.client import apply_views, epoch_order, refine_labels
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
 from softserve.storage.layout import sha256_file

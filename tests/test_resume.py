@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env, relabel_args, run_cli, shard_digests, softserve_cmd
-from softserve.storage import LabelSetReader, verify_label_set
-from softserve.worker.relabel import relabel
 
 from softserve.errors import StoreError
+from softserve.storage import LabelSetReader, verify_label_set
+from softserve.worker.relabel import relabel
 
 SHARDS = 8
 

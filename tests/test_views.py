@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from softserve.client.views import NUM_PARAMS, ViewPolicy, apply_views, epoch_order, sample_views
 
 DEVICES = [

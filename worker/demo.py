@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
+
 from softserve.client.views import ViewPolicy
+from softserve.models import fashion_mnist_teacher
 from softserve.worker import fashion_mnist
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.runtime import resolve_device
-from tqdm.auto import tqdm
-
-from softserve.models import fashion_mnist_teacher
 
 TEACHER_SPEC = "softserve.models:fashion_mnist_teacher"
 #: Views for 28-pixel images: crops below half the area lose the garment.

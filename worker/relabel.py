@@ -20,8 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+import softserve
 from softserve.client.losses import DEFAULT_ALPHA, DEFAULT_BETA, refine_labels
 from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
+from softserve.errors import InputError, StoreError, brief
 from softserve.storage.codecs import get_codec
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import (
@@ -46,10 +50,6 @@ from softserve.storage.writer import (
 from softserve.worker.runtime import Ranks, autocast, check_precision, distributed, resolve_device
 from softserve.worker.sources import ImageSet, default_normalization, load_image_set
 from softserve.worker.teacher import Teacher, load_teacher
-from tqdm.auto import tqdm
-
-import softserve
-from softserve.errors import InputError, StoreError, brief
 
 _SHARD_MIN_BYTES = 4 << 20
 _SHARD_MAX_BYTES = 256 << 20

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from softserve.storage.layout import sha256_file
 from torch import nn
 
 from softserve.errors import InputError, brief
+from softserve.storage.layout import sha256_file
 
 
 @dataclass

@@ -16,10 +16,6 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import torch
-from softserve.client.payload import PayloadError, decode, read_frames
-from softserve.client.sampling import Sharding
-from softserve.client.schema import LabelSetDetail, LabelSetSummary
-from softserve.client.views import apply_views
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -27,6 +23,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from softserve.client.payload import PayloadError, decode, read_frames
+from softserve.client.sampling import Sharding
+from softserve.client.schema import LabelSetDetail, LabelSetSummary
+from softserve.client.views import apply_views
 from softserve.errors import SoftserveError
 
 log = logging.getLogger("softserve.client")
@@ -144,10 +144,14 @@ class Client:
         """Complete label sets the server offers."""
         return [LabelSetSummary.model_validate(x) for x in self.get("/v1/labelsets").json()]
 
-    def labelset(self, name: str) -> RemoteLabelSet:
-        """One label set by name, with its metadata."""
+    def labelset(self, name: str, image_cache_mb: int = 2048) -> RemoteLabelSet:
+        """One label set by name, with its metadata.
+
+        Base images are fetched once and cached when they fit ``image_cache_mb``; otherwise
+        every batch carries its images.
+        """
         detail = LabelSetDetail.model_validate(self.get(f"/v1/labelsets/{name}").json())
-        return RemoteLabelSet(self, detail)
+        return RemoteLabelSet(self, detail, image_cache_mb)
 
     def close(self) -> None:
         self._http.close()

@@ -1,0 +1,333 @@
+"""The HTTP server, started for real in a subprocess, and the client talking to it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import safetensors.numpy
+import teachers
+import torch
+from conftest import Server, build_label_set
+
+from softserve.client import Client, ClientError, Sharding, refine_labels
+from softserve.client.payload import read_frames
+from softserve.storage import LabelSetReader
+
+TINY = "/v1/labelsets/tiny"
+
+
+def test_metadata(server: Server) -> None:
+    listed = httpx.get(server.url + "/v1/labelsets").json()
+    assert [x["name"] for x in listed] == ["tiny", "tiny-int8"]
+    tiny = listed[0]
+    assert (tiny["num_samples"], tiny["num_classes"], tiny["epochs"]) == (50, 3, 4)
+    assert tiny["image_shape"] == [3, 12, 10] and tiny["codec"] == "fp16"
+    assert tiny["teacher"] == "teachers:tiny_rgb"
+    detail = httpx.get(server.url + TINY).json()
+    assert detail["mean"] == [0.485, 0.456, 0.406] and detail["class_names"] == [
+        "ant",
+        "bee",
+        "cat",
+    ]
+    assert detail["refinement"] == {"method": "gift", "alpha": 0.1, "beta": 0.1}
+    assert detail["views"]["interpolation"] == "bilinear"
+
+    with Client(server.url) as client:
+        remote = client.labelset("tiny")
+        assert (remote.name, remote.num_samples, remote.num_classes) == ("tiny", 50, 3)
+        assert (remote.epochs, remote.image_shape) == (4, (3, 12, 10))
+        assert remote.mean == (0.485, 0.456, 0.406) and remote.std == (0.229, 0.224, 0.225)
+        assert [s.name for s in client.labelsets()] == ["tiny", "tiny-int8"]
+
+
+def test_batch_is_plain_safetensors(server: Server, store: Path) -> None:
+    """A batch decodes with safetensors alone and holds exactly the stored rows."""
+    response = httpx.get(
+        server.url + TINY + "/epochs/1/batches/2",
+        params={"batch_size": 8, "include": "indices,images,params,hard,soft,logits"},
+    )
+    assert response.status_code == 200
+    tensors = safetensors.numpy.load(response.content)
+    assert {k: (v.dtype.name, v.shape) for k, v in tensors.items()} == {
+        "indices": ("int64", (8,)),
+        "images": ("uint8", (8, 3, 12, 10)),
+        "params": ("int16", (8, 5)),
+        "hard": ("int64", (8,)),
+        "soft": ("float32", (8, 3)),
+        "logits": ("float32", (8, 3)),
+    }
+    with LabelSetReader(store / "tiny") as reader:
+        rows = reader.read(1, 16, 24)
+        np.testing.assert_array_equal(tensors["indices"], rows["order"])
+        np.testing.assert_array_equal(tensors["params"], rows["params"])
+        np.testing.assert_array_equal(tensors["soft"], rows["refined"])
+        np.testing.assert_array_equal(tensors["images"], reader.images()[rows["order"]])
+        np.testing.assert_array_equal(tensors["hard"], reader.hard_labels()[rows["order"]])
+    assert response.headers["x-softserve-batches"] == "6"
+    few = httpx.get(server.url + TINY + "/epochs/1/batches/2?batch_size=8&include=soft")
+    assert set(safetensors.numpy.load(few.content)) == {"soft"}
+
+
+def test_stream_equals_batches_and_resumes(server: Server) -> None:
+    params = {"batch_size": 7, "rank": 1, "world_size": 2, "include": "indices,soft"}
+    with httpx.stream("GET", server.url + TINY + "/epochs/2/stream", params=params) as response:
+        frames = list(read_frames(response.iter_bytes()))
+    assert len(frames) == len(Sharding(50, 7, 1, 2)) == 3
+    for index, payload in enumerate(frames):
+        single = httpx.get(server.url + TINY + f"/epochs/2/batches/{index}", params=params)
+        got, want = safetensors.numpy.load(payload), safetensors.numpy.load(single.content)
+        assert got.keys() == want.keys()
+        for key in got:
+            np.testing.assert_array_equal(got[key], want[key])
+    later = httpx.get(server.url + TINY + "/epochs/2/stream", params={**params, "start": 2})
+    (resumed,) = read_frames(iter([later.content]))
+    np.testing.assert_array_equal(
+        safetensors.numpy.load(resumed)["indices"], safetensors.numpy.load(frames[2])["indices"]
+    )
+
+
+def test_epochs_wrap_around(server: Server) -> None:
+    first = httpx.get(server.url + TINY + "/epochs/1/batches/0?batch_size=10&include=indices,soft")
+    wrapped = httpx.get(
+        server.url + TINY + "/epochs/5/batches/0?batch_size=10&include=indices,soft"
+    )
+    assert wrapped.headers["x-softserve-stored-epoch"] == "1"
+    a, b = safetensors.numpy.load(first.content), safetensors.numpy.load(wrapped.content)
+    np.testing.assert_array_equal(a["indices"], b["indices"])
+    np.testing.assert_array_equal(a["soft"], b["soft"])
+
+
+def codec_tolerance(name: str, reference: torch.Tensor) -> dict[str, float]:
+    """The stated error bound of the label set's codec, for assert_close."""
+    if name == "tiny":  # fp16: relative 2^-11, plus the fp32 teacher's own rounding
+        return {"rtol": 2**-10, "atol": 1e-5}
+    spread = (reference.max(1).values - reference.min(1).values).max().item()
+    return {"rtol": 0, "atol": spread / 510 * 1.01 + 1e-5}  # int8: (max - min) / 510 per row
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-int8"])
+def test_client_labels_match_the_teacher_on_the_client_views(server: Server, name: str) -> None:
+    """Every label the client yields is the teacher on the view the client built."""
+    teacher = teachers.tiny_rgb().eval()
+    with Client(server.url) as client:
+        remote = client.labelset(name)
+        seen = []
+        for epoch in (0, 3):
+            for batch in remote.batches(epoch, batch_size=6, logits=True, drop_last=False):
+                with torch.no_grad():
+                    logits = teacher(batch.images)
+                refined = refine_labels(logits, batch.hard)
+                torch.testing.assert_close(batch.logits, logits, **codec_tolerance(name, logits))
+                torch.testing.assert_close(batch.soft, refined, **codec_tolerance(name, refined))
+                seen.append(batch.indices)
+        assert sorted(torch.cat(seen).tolist()) == sorted(list(range(remote.num_samples)) * 2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ranks_split_each_epoch_exactly_once(server: Server, world_size: int, drop_last: bool):
+    with Client(server.url) as client:
+        remote = client.labelset("tiny")
+        per_rank = []
+        for rank in range(world_size):
+            batches = list(
+                remote.batches(1, 8, rank=rank, world_size=world_size, drop_last=drop_last)
+            )
+            per_rank.append(torch.cat([b.indices for b in batches]).tolist())
+            assert len(batches) == len(Sharding(50, 8, rank, world_size, drop_last))
+        assert len({len(Sharding(50, 8, r, world_size, drop_last)) for r in range(world_size)}) == 1
+    everything = [i for rank in per_rank for i in rank]
+    assert len(everything) == len(set(everything))  # nobody sees a sample twice
+    if drop_last:
+        assert len(everything) == (50 // (8 * world_size)) * 8 * world_size
+    else:
+        assert sorted(everything) == list(range(50))
+
+
+def test_loader_resumes_from_a_state_dict(server: Server) -> None:
+    with Client(server.url) as client:
+        remote = client.labelset("tiny")
+        full = [(b.epoch, b.index, b.indices.tolist()) for b in remote.loader(8, epochs=3)]
+        assert len(full) == 3 * 6
+        loader = remote.loader(8, epochs=3, prefetch=2)
+        head = []
+        for batch in loader:
+            head.append((batch.epoch, batch.index, batch.indices.tolist()))
+            if len(head) == 8:
+                break
+        state = loader.state_dict()
+        assert (state["epoch"], state["batch"]) == (1, 2)
+        resumed = remote.loader(8, epochs=3)
+        resumed.load_state_dict(state)
+        assert len(resumed) == len(full) - 8
+        tail = [(b.epoch, b.index, b.indices.tolist()) for b in resumed]
+    assert head + tail == full
+    with pytest.raises(ValueError, match="batch_size"):
+        remote.loader(4).load_state_dict(state)
+
+
+def test_errors_are_json_with_a_clear_message(server: Server) -> None:
+    def error(path: str, status: int, code: str) -> str:
+        response = httpx.get(server.url + path)
+        assert response.status_code == status, response.text
+        body = response.json()["error"]
+        assert body["code"] == code
+        return body["message"]
+
+    assert "nope" in error("/v1/labelsets/nope", 404, "unknown_label_set")
+    assert "nope" in error(
+        "/v1/labelsets/nope/epochs/0/batches/0?batch_size=4", 404, "unknown_label_set"
+    )
+    assert "epoch" in error(TINY + "/epochs/-1/batches/0?batch_size=4", 422, "invalid_request")
+    assert "epoch" in error(TINY + "/epochs/abc/batches/0?batch_size=4", 422, "invalid_request")
+    assert "1..8192" in error(TINY + "/epochs/0/batches/0?batch_size=0", 400, "bad_batch_size")
+    assert "1..8192" in error(TINY + "/epochs/0/batches/0?batch_size=8193", 400, "bad_batch_size")
+    assert "batch_size" in error(TINY + "/epochs/0/batches/0", 422, "invalid_request")
+    message = error(TINY + "/epochs/0/batches/0?batch_size=4&rank=2&world_size=2", 400, "bad_rank")
+    assert "below world_size" in message
+    assert "past the last" in error(
+        TINY + "/epochs/0/batches/12?batch_size=4", 404, "bad_batch_index"
+    )
+    assert "include" in error(
+        TINY + "/epochs/0/batches/0?batch_size=4&include=x", 400, "bad_include"
+    )
+    with Client(server.url) as client:
+        with pytest.raises(ClientError, match="no label set named 'nope'") as caught:
+            client.labelset("nope")
+        assert caught.value.status == 404
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            client.labelset("tiny").loader(0)
+
+
+def test_health_metrics_and_docs(server: Server) -> None:
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
+    httpx.get(server.url + TINY + "/epochs/0/batches/0?batch_size=4")
+    metrics = httpx.get(server.url + "/metrics").text
+    assert (
+        'softserve_requests_total{route="/v1/labelsets/{name}/epochs/{epoch}/batches/{index}"'
+        in metrics
+    )
+    assert "softserve_batch_seconds_bucket" in metrics
+    assert "softserve_batch_bytes_total" in metrics
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/labelsets/{name}/epochs/{epoch}/stream" in spec["paths"]
+    assert httpx.get(server.url + "/docs").status_code == 200
+    log = server.log.read_text()
+    assert '"path": "/v1/labelsets/tiny/epochs/0/batches/0"' in log
+
+
+def test_new_label_sets_appear_and_broken_ones_are_skipped(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    srv = Server(store).start()
+    try:
+        assert httpx.get(srv.url + "/v1/labelsets").json() == []
+        built = build_label_set(tmp_path / "staging" / "fresh", n=12)
+        broken = store / "broken"
+        shutil.copytree(built, broken)
+        (broken / "manifest.json").write_text("{not json")
+        incomplete = store / "incomplete"
+        shutil.copytree(built, incomplete)
+        (incomplete / "manifest.json").unlink()
+        shutil.copytree(built, store / "fresh")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            names = [x["name"] for x in httpx.get(srv.url + "/v1/labelsets").json()]
+            if names:
+                break
+            time.sleep(0.1)
+        assert names == ["fresh"]
+        assert httpx.get(srv.url + "/v1/labelsets/broken").status_code == 404
+        assert "skipping label set broken" in srv.log.read_text()
+    finally:
+        srv.stop()
+
+
+def test_auth(store: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# training jobs\ns3cret-one\ns3cret-two\n")
+    srv = Server(store, "--token-file", tokens).start()
+    try:
+        url = srv.url + "/v1/labelsets"
+        missing = httpx.get(url)
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Basic s3cret-one"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer s3cret-two"}).status_code == 200
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+        with Client(srv.url, token="s3cret-one") as client:
+            assert len(list(client.labelset("tiny").batches(0, 10))) == 5
+        with Client(srv.url, token="nope") as client, pytest.raises(ClientError) as caught:
+            client.labelsets()
+        assert caught.value.status == 401
+        assert "bearer tokens required" in srv.log.read_text()
+    finally:
+        srv.stop()
+    open_log = Path(str(srv.log)).read_text()
+    assert "open to anyone" not in open_log
+
+
+def test_open_server_says_so(server: Server) -> None:
+    assert "no --token-file: the API is open to anyone" in server.log.read_text()
+
+
+def test_server_killed_mid_epoch(tmp_path: Path) -> None:
+    """The client rides out a server restart: the epoch completes, nothing lost or repeated.
+
+    Batches carry 96×96 images (no client cache), so an epoch is ~20 MB and the kill
+    really cuts the stream; the server log shows the client resuming mid-epoch.
+    """
+    store = tmp_path / "store"
+    build_label_set(store / "big", n=240, h=96, w=96, epochs=1, shard_epochs=1)
+    srv = Server(store).start()
+    try:
+        with Client(srv.url, retries=20, max_wait=0.5) as client:
+            remote = client.labelset("big", image_cache_mb=0)
+            reference = [b.indices.tolist() for b in remote.batches(0, 4)]
+            got = []
+            for batch in remote.batches(0, 4):
+                got.append(batch.indices.tolist())
+                assert batch.images.shape == (4, 3, 96, 96)
+                if len(got) == 10:
+                    srv.kill()
+                    time.sleep(0.5)
+                    srv.start()
+        assert got == reference
+        assert len(got) == 60
+        resumed = [line for line in srv.log.read_text().splitlines() if "stream" in line]
+        assert any("start=" in line and "start=0" not in line for line in resumed), resumed
+    finally:
+        srv.stop()
+
+
+def test_client_fails_over_to_the_next_url(server: Server) -> None:
+    from conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with Client([dead, server.url], retries=3, max_wait=0.2) as client:
+        assert [s.name for s in client.labelsets()] == ["tiny", "tiny-int8"]
+        assert client.url == server.url
+    with (
+        Client(dead, retries=2, max_wait=0.1) as client,
+        pytest.raises(ClientError, match="no server"),
+    ):
+        client.labelsets()
+
+
+def test_two_gloo_ranks_read_disjoint_halves(server: Server, tmp_path: Path) -> None:
+    from test_distributed import torchrun
+
+    done = torchrun(2, ["tests/dist_consumer.py", server.url, str(tmp_path)], module=False)
+    assert done.returncode == 0, done.stderr
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["batches"] == ranks[1]["batches"] == 5
+    a, b = set(ranks[0]["indices"]), set(ranks[1]["indices"])
+    assert not a & b and a | b == set(range(50))
