@@ -1,12 +1,12 @@
-# The two commands of the README: `make demo` (set up, build the demo label set) and
-# `make test` (set up, lint, run every test including the slow real-data ones).
+# The two commands of the README: `make demo` (set up, build and serve the demo label set)
+# and `make test` (set up, lint, run every test including the slow real-data ones).
 .PHONY: setup demo test bench
 
 setup:
 	./scripts/setup.sh
 
 demo: setup
-	.venv/bin/softserve demo prepare
+	.venv/bin/softserve demo run
 
 test: setup
 	.venv/bin/ruff check .
@@ -14,3 +14,4 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/relabel_bench.py
+	.venv/bin/python bench/serve_bench.py

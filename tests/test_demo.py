@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import Server, run_cli
 from test_errors import assert_one_line_error
 
 from softserve.client import apply_views
@@ -87,3 +87,19 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert "reusing teacher" in again.stdout
+
+    # students trained through the server, scored on the real test split
+    server = Server(store).start()
+    try:
+        for loss, epochs, floor in (("gift", 30, 0.4), ("kl", 5, 0.2)):
+            trained = run_cli(
+                "train", "--url", server.url, "--labelset", "fashion-mnist-ipc10",
+                "--loss", loss, "--epochs", epochs, "--batch-size", 50, "--device", "cpu",
+                "--no-progress", timeout=600,
+            )  # fmt: skip
+            assert trained.returncode == 0, trained.stderr
+            result = json.loads(trained.stdout.strip().splitlines()[-1])
+            assert result["steps"] == epochs * 2 and result["loss"] == loss
+            assert result["top1"] >= floor, result  # chance is 0.1
+    finally:
+        server.stop()
