@@ -1,4 +1,4 @@
-# softserve on a GPU host: the relabel worker (the server joins in a later release).
+# softserve on a GPU host: the relabel worker and the batch server (see docker-compose.yml).
 # PyPI's torch wheels for x86_64 bundle CUDA, so the NVIDIA container toolkit on the host
 # is all the image needs: run with `--gpus all` (compose: see docker-compose.yml).
 FROM python:3.11-slim

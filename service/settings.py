@@ -11,7 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServiceSettings(BaseSettings):
     """Everything the server reads at start; each field is also ``SOFTSERVE_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SOFTSERVE_", extra="ignore", env_ignore_empty=True
+    )
 
     store: Path = Field(Path("store"), description="Folder holding label sets (STORE/NAME).")
     host: str = Field("127.0.0.1", description="Interface to listen on.")
