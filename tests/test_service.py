@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 import teachers
 import torch
-from conftest import Server, build_label_set
+from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError, Sharding, refine_labels
 from softserve.client.payload import read_frames
@@ -331,3 +331,25 @@ def test_two_gloo_ranks_read_disjoint_halves(server: Server, tmp_path: Path) -> 
     assert ranks[0]["batches"] == ranks[1]["batches"] == 5
     a, b = set(ranks[0]["indices"]), set(ranks[1]["indices"])
     assert not a & b and a | b == set(range(50))
+
+
+def test_settings_from_environment(store: Path) -> None:
+    srv = Server(store, env={"SOFTSERVE_MAX_BATCH_SIZE": "16"}).start()
+    try:
+        url = srv.url + TINY + "/epochs/0/batches/0?batch_size="
+        assert httpx.get(url + "16").status_code == 200
+        assert "1..16" in httpx.get(url + "17").json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+def test_serve_rejects_an_unreadable_token_file(store: Path, tmp_path: Path) -> None:
+    from test_errors import assert_one_line_error
+
+    done = run_cli("serve", "--store", store, "--token-file", tmp_path / "missing")
+    assert_one_line_error(done, "cannot read --token-file")
+    empty = tmp_path / "empty"
+    empty.write_text("# no tokens yet\n")
+    assert_one_line_error(
+        run_cli("serve", "--store", store, "--token-file", empty), "holds no token"
+    )
