@@ -33,6 +33,8 @@ from softserve.service.settings import ServiceSettings
 
 log = logging.getLogger("softserve.service")
 
+_SAFETENSORS = {200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"}}
+
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """The server for ``settings`` (default: from ``SOFTSERVE_*`` environment variables)."""
@@ -116,7 +118,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         "/v1/labelsets/{name}/images",
         dependencies=v1,
         response_class=Response,
-        responses={200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"}},
+        responses=_SAFETENSORS,
     )
     async def get_images(
         entry: Annotated[LabelSet, Depends(label_set)],
@@ -137,7 +139,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         "/v1/labelsets/{name}/epochs/{epoch}/batches/{index}",
         dependencies=v1,
         response_class=Response,
-        responses={200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"}},
+        responses=_SAFETENSORS,
     )
     async def get_batch(
         request: Annotated[BatchRequest, Depends(batch_request)],
