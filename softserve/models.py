@@ -20,13 +20,13 @@ class ConvNet(nn.Module):
         self,
         channels: int = 3,
         num_classes: int = 10,
-        image_size: int = 32,
+        image_size: int | tuple[int, int] = 32,
         width: int = 128,
         depth: int = 3,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        size = image_size
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         for i in range(depth):
             layers += [
                 nn.Conv2d(channels if i == 0 else width, width, 3, padding=1),
@@ -34,20 +34,22 @@ class ConvNet(nn.Module):
                 nn.ReLU(inplace=True),
                 nn.AvgPool2d(2),
             ]
-            size //= 2
-        if size < 1:
-            raise ValueError(
-                f"depth {depth} pools a {image_size}px image away; use a smaller depth"
-            )
+            h, w = h // 2, w // 2
+        if min(h, w) < 1:
+            raise ValueError(f"depth {depth} pools a {image_size} image away; use a smaller depth")
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(width * size * size, num_classes)
+        self.classifier = nn.Linear(width * h * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))
 
 
 def convnet(
-    num_classes: int = 10, channels: int = 3, image_size: int = 32, width: int = 128, depth: int = 3
+    num_classes: int = 10,
+    channels: int = 3,
+    image_size: int | tuple[int, int] = 32,
+    width: int = 128,
+    depth: int = 3,
 ) -> ConvNet:
     """ConvNet-3 with 128 channels: the distillation literature's default student."""
     return ConvNet(channels, num_classes, image_size, width, depth)

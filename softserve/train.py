@@ -50,7 +50,7 @@ def build_student(name: str, labelset: RemoteLabelSet) -> nn.Module:
     """A fresh student for the label set's channels, view size and classes."""
     channels = labelset.image_shape[0]
     if name == "convnet":
-        return convnet(labelset.num_classes, channels, image_size=labelset.output_size[0])
+        return convnet(labelset.num_classes, channels, image_size=labelset.output_size)
     if name == "resnet18":
         return resnet18_small(labelset.num_classes, channels)
     raise InputError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
