@@ -132,7 +132,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if not start < stop <= n:
             raise ApiError(400, "bad_range", f"need 0 <= start < stop <= {n}")
         body = await run_in_threadpool(image_payload, entry, start, stop)
-        metrics.BYTES.labels("images").inc(len(body))
         return Response(body, media_type=MEDIA_TYPE)
 
     @app.get(
@@ -153,7 +152,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             )  # fmt: skip
         with metrics.BATCH_SECONDS.labels("batch").time():
             body = await run_in_threadpool(batch_payload, request, index)
-        metrics.BYTES.labels("batch").inc(len(body))
         return Response(body, media_type=MEDIA_TYPE, headers=_batch_headers(request))
 
     @app.get(
@@ -165,12 +163,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def stream_batches(
         request: Annotated[BatchRequest, Depends(batch_request)],
         start: Annotated[int, Query(ge=0, description="First batch index (to resume)")] = 0,
+        epochs: Annotated[
+            int, Query(ge=1, le=1_000_000, description="Epochs to stream, from this one on")
+        ] = 1,
     ) -> StreamingResponse:
-        """Batches ``start``.. of an epoch as length-prefixed safetensors frames."""
+        """Batches ``start``.. of an epoch (and of the following ``epochs - 1`` epochs) as
+        length-prefixed safetensors frames, then an end frame."""
         if start > len(request.sharding):
             raise ApiError(404, "bad_batch_index", f"start {start} is past the epoch's batches")
         return StreamingResponse(
-            stream_frames(request, start), media_type=STREAM_MEDIA_TYPE,
+            stream_frames(request, start, epochs), media_type=STREAM_MEDIA_TYPE,
             headers=_batch_headers(request),
         )  # fmt: skip
 

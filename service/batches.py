@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +24,7 @@ from softserve.service.catalog import LabelSet
 log = logging.getLogger("softserve.service")
 
 _LABEL_FIELDS = {"soft": "refined", "logits": "logits"}
+_BATCHES_PER_READ = 4
 
 
 @dataclass(frozen=True)
@@ -121,16 +122,35 @@ def image_payload(entry: LabelSet, start: int, stop: int) -> bytes:
     return encode({"images": entry.base_images(ids), "hard": entry.hard[start:stop]})
 
 
-async def stream_frames(request: BatchRequest, start: int) -> AsyncIterator[bytes]:
-    """Frames of batches ``start``.. then the end frame; a read failure ends in an error frame."""
-    for index in range(start, len(request.sharding)):
-        try:
+def _frames(request: BatchRequest, indices: range) -> tuple[list[bytes], str | None]:
+    """Frames of several batches read in one go, and the error that stopped them, if any."""
+    frames = []
+    try:
+        for index in indices:
             with metrics.BATCH_SECONDS.labels("stream").time():
-                payload = await run_in_threadpool(batch_payload, request, index)
-        except SoftserveError as exc:
-            log.error("stream of %s failed at batch %d: %s", request.entry.name, index, exc)
-            yield error_frame(str(exc))
-            return
-        metrics.BYTES.labels("stream").inc(len(payload))
-        yield frame(payload)
+                frames.append(frame(batch_payload(request, index)))
+    except SoftserveError as exc:
+        log.error("stream of %s failed at batch %d: %s", request.entry.name, index, exc)
+        return frames, str(exc)
+    return frames, None
+
+
+async def stream_frames(request: BatchRequest, start: int, epochs: int) -> AsyncIterator[bytes]:
+    """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame.
+
+    Batches are read a few at a time per trip to the thread pool: one trip per batch costs
+    more than reading a small batch. A read failure ends the stream with an error frame.
+    """
+    per_epoch = len(request.sharding)
+    for epoch in range(request.epoch, request.epoch + epochs):
+        current = replace(request, epoch=epoch)
+        first = start if epoch == request.epoch else 0
+        for group in range(first, per_epoch, _BATCHES_PER_READ):
+            indices = range(group, min(group + _BATCHES_PER_READ, per_epoch))
+            frames, error = await run_in_threadpool(_frames, current, indices)
+            for data in frames:
+                yield data
+            if error is not None:
+                yield error_frame(error)
+                return
     yield END_FRAME

@@ -32,6 +32,7 @@ class LabelSetReader:
         self.codec = get_codec(self.config.codec)
         self._locking = locking
         self._files: dict[str, h5py.File] = {}
+        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
 
     def _file(self, name: str) -> h5py.File:
         handle = self._files.get(name)
@@ -49,7 +50,10 @@ class LabelSetReader:
 
     def _read(self, name: str, key: str, index: tuple | slice | np.ndarray) -> np.ndarray:
         try:
-            return self._file(name)[key][index]
+            dataset = self._datasets.get((name, key))
+            if dataset is None:  # looking a dataset up costs more than a small read
+                dataset = self._datasets[name, key] = self._file(name)[key]
+            return dataset[index]
         except (OSError, KeyError, ValueError) as exc:
             raise StoreError(
                 f"cannot read {key!r} from {self.root / name} ({brief(exc)}); "
@@ -96,6 +100,7 @@ class LabelSetReader:
         return out
 
     def close(self) -> None:
+        self._datasets.clear()
         for handle in self._files.values():
             handle.close()
         self._files.clear()

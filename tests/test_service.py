@@ -215,7 +215,7 @@ def test_health_metrics_and_docs(server: Server) -> None:
         in metrics
     )
     assert "softserve_batch_seconds_bucket" in metrics
-    assert "softserve_batch_bytes_total" in metrics
+    assert "softserve_response_bytes_total" in metrics
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/labelsets/{name}/epochs/{epoch}/stream" in spec["paths"]
     assert httpx.get(server.url + "/docs").status_code == 200
@@ -353,3 +353,19 @@ def test_serve_rejects_an_unreadable_token_file(store: Path, tmp_path: Path) -> 
     assert_one_line_error(
         run_cli("serve", "--store", store, "--token-file", empty), "holds no token"
     )
+
+
+def test_one_stream_spans_epochs(server: Server) -> None:
+    """``epochs=K`` streams K epochs in one response; ``start`` applies to the first."""
+    params = {"batch_size": 10, "include": "indices", "start": 3, "epochs": 3}
+    response = httpx.get(server.url + TINY + "/epochs/2/stream", params=params)
+    frames = list(read_frames(iter([response.content])))
+    assert len(frames) == 2 + 5 + 5
+    for payload, (epoch, index) in zip(
+        frames, [(2, 3), (2, 4)] + [(e, b) for e in (3, 4) for b in range(5)], strict=True
+    ):
+        single = httpx.get(server.url + TINY + f"/epochs/{epoch}/batches/{index}", params=params)
+        np.testing.assert_array_equal(
+            safetensors.numpy.load(payload)["indices"],
+            safetensors.numpy.load(single.content)["indices"],
+        )

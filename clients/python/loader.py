@@ -1,8 +1,9 @@
 """A training loop's loader over epochs: prefetching, resumable, one request per epoch.
 
-A background thread receives batches (one stream per epoch, resumed after failures) and
-keeps up to ``prefetch`` of them ready, so a training step does not wait on the network.
-Views are applied on the training device in the consuming thread. ``state_dict()`` names
+A background thread receives batches (one stream for all epochs, resumed after failures)
+and keeps up to ``prefetch`` of them ready, so a training step does not wait on the
+network. On the CPU that thread builds the views too; on CUDA it pins the tensors and the
+views are built on the GPU by the consuming thread. ``state_dict()`` names
 the next batch to yield; a loader restored from it continues with exactly that batch, so
 no sample is lost or repeated across a restart of the job or of the server.
 """
@@ -18,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import IterableDataset
 
+from softserve.client.remote import Batch, RawBatch
+
 if TYPE_CHECKING:
-    from softserve.client.remote import Batch, RawBatch, RemoteLabelSet
+    from softserve.client.remote import RemoteLabelSet
 
 _DONE = object()
 
@@ -88,27 +91,35 @@ class Loader(IterableDataset):
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        """Background: receive batches from the current position on, until told to stop."""
+        """Background: receive batches from the current position on, until told to stop.
+
+        On the CPU the views are built here too, off the training thread; for CUDA the
+        tensors are pinned here and the views built on the GPU by the consumer.
+        """
         try:
             with_images = self.labelset.base_images() is None
-            epoch, start = self.epoch, self.batch
-            while epoch < self.epochs and not stop.is_set():
-                raw_batches = self.labelset.raw_batches(
-                    epoch, self.sharding, start, self.logits, with_images
-                )
-                for raw in raw_batches:
-                    if self.device.type == "cuda":
-                        raw.tensors = {k: v.pin_memory() for k, v in raw.tensors.items()}
-                    while not stop.is_set():
-                        try:
-                            out.put(raw, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        raw_batches.close()
-                        return
-                epoch, start = epoch + 1, 0
+            if self.epoch >= self.epochs:
+                out.put(_DONE)
+                return
+            raw_batches = self.labelset.raw_batches(
+                self.epoch, self.sharding, self.batch, self.logits, with_images,
+                epochs=self.epochs - self.epoch,
+            )  # fmt: skip
+            for raw in raw_batches:
+                if self.device.type == "cuda":
+                    raw.tensors = {k: v.pin_memory() for k, v in raw.tensors.items()}
+                    item: RawBatch | Batch = raw
+                else:
+                    item = self.labelset.to_batch(raw, self.device)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    raw_batches.close()
+                    return
             out.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it
             out.put(exc)
@@ -124,11 +135,12 @@ class Loader(IterableDataset):
             while (item := out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                raw: RawBatch = item
-                batch = self.labelset.to_batch(raw, self.device)
-                self.epoch, self.batch = raw.epoch, raw.index + 1
+                batch = (
+                    item if isinstance(item, Batch) else self.labelset.to_batch(item, self.device)
+                )
+                self.epoch, self.batch = batch.epoch, batch.index + 1
                 if self.batch >= self.batches_per_epoch:
-                    self.epoch, self.batch = raw.epoch + 1, 0
+                    self.epoch, self.batch = batch.epoch + 1, 0
                 yield batch
         finally:
             stop.set()

@@ -257,9 +257,13 @@ class RemoteLabelSet:
 
     def raw_batches(
         self, epoch: int, sharding: Sharding, start: int = 0, logits: bool = False,
-        with_images: bool = False,
+        with_images: bool = False, epochs: int = 1,
     ) -> Iterator[RawBatch]:  # fmt: skip
-        """Batches ``start``.. of an epoch as received, resuming the stream after failures."""
+        """Batches from ``start`` of ``epoch`` on, through ``epochs`` epochs, as received.
+
+        One stream carries them all; after a failure the stream is reopened at the first
+        batch not yet yielded.
+        """
         include = ["indices", "params", "hard", "soft"]
         if logits:
             include.append("logits")
@@ -272,19 +276,24 @@ class RemoteLabelSet:
             "drop_last": str(sharding.drop_last).lower(),
             "include": ",".join(include),
         }
+        per_epoch, end = len(sharding), epoch + epochs
+        if per_epoch == 0:
+            return
         index = start
         failures = [0]
-        path = f"{self._path}/epochs/{epoch}/stream"
-        # each attempt resumes at the first batch not yet yielded
         for attempt in self.client.retrying(failures):
-            with attempt, self.client.stream(path, {**params, "start": index}) as response:
-                for payload in read_frames(response.iter_bytes()):
+            path = f"{self._path}/epochs/{epoch}/stream"
+            query = {**params, "start": index, "epochs": end - epoch}
+            with attempt, self.client.stream(path, query) as response:
+                chunks = response.iter_bytes()
+                for payload in read_frames(chunks):
                     tensors, _ = decode(payload)
                     failures[0] = 0
-                    yield RawBatch(
-                        epoch, index, {k: torch.from_numpy(v) for k, v in tensors.items()}
-                    )
-                    index += 1
+                    received = {k: torch.from_numpy(v) for k, v in tensors.items()}
+                    yield RawBatch(epoch, index, received)
+                    epoch, index = (epoch + 1, 0) if index + 1 == per_epoch else (epoch, index + 1)
+                for _ in chunks:  # read to the end, so that the connection is reused
+                    pass
 
     def to_batch(self, raw: RawBatch, device: torch.device | str) -> Batch:
         """Apply the views on ``device``: the student sees what the teacher saw."""
@@ -294,7 +303,7 @@ class RemoteLabelSet:
         if images is None:
             cache = self.base_images()
             assert cache is not None, "batches without images need the base-image cache"
-            images = cache[t["indices"]]
+            images = cache.index_select(0, t["indices"])
         non_blocking = device.type == "cuda"
         views = apply_views(
             images.to(device, non_blocking=non_blocking),
