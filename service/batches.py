@@ -148,8 +148,8 @@ async def stream_frames(request: BatchRequest, start: int, epochs: int) -> Async
         for group in range(first, per_epoch, _BATCHES_PER_READ):
             indices = range(group, min(group + _BATCHES_PER_READ, per_epoch))
             frames, error = await run_in_threadpool(_frames, current, indices)
-            for data in frames:
-                yield data
+            if frames:
+                yield b"".join(frames)  # one write for the group: fewer trips through the stack
             if error is not None:
                 yield error_frame(error)
                 return

@@ -81,14 +81,15 @@ def test_stream_equals_batches_and_resumes(server: Server) -> None:
     assert len(frames) == len(Sharding(50, 7, 1, 2)) == 3
     for index, payload in enumerate(frames):
         single = httpx.get(server.url + TINY + f"/epochs/2/batches/{index}", params=params)
-        got, want = safetensors.numpy.load(payload), safetensors.numpy.load(single.content)
+        got, want = safetensors.numpy.load(bytes(payload)), safetensors.numpy.load(single.content)
         assert got.keys() == want.keys()
         for key in got:
             np.testing.assert_array_equal(got[key], want[key])
     later = httpx.get(server.url + TINY + "/epochs/2/stream", params={**params, "start": 2})
     (resumed,) = read_frames(iter([later.content]))
     np.testing.assert_array_equal(
-        safetensors.numpy.load(resumed)["indices"], safetensors.numpy.load(frames[2])["indices"]
+        safetensors.numpy.load(bytes(resumed))["indices"],
+        safetensors.numpy.load(bytes(frames[2]))["indices"],
     )
 
 
@@ -366,6 +367,6 @@ def test_one_stream_spans_epochs(server: Server) -> None:
     ):
         single = httpx.get(server.url + TINY + f"/epochs/{epoch}/batches/{index}", params=params)
         np.testing.assert_array_equal(
-            safetensors.numpy.load(payload)["indices"],
+            safetensors.numpy.load(bytes(payload))["indices"],
             safetensors.numpy.load(single.content)["indices"],
         )

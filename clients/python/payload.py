@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-from safetensors.numpy import load, save
+from safetensors.numpy import save
 
 TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
@@ -54,34 +54,62 @@ def error_frame(message: str) -> bytes:
     return frame(encode({}, {"error": message}))
 
 
-def decode(payload: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors and metadata of one payload."""
-    if len(payload) < 8:
-        raise PayloadError(f"payload of {len(payload)} bytes is too short for safetensors")
+_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "F16": np.float16, "F32": np.float32, "F64": np.float64,
+}  # fmt: skip
+
+
+def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of one payload.
+
+    Arrays are views into ``payload``, not copies (writable when it is a bytearray): the
+    safetensors layout is an 8-byte header length, a JSON header, then the raw data.
+    """
+    size = len(payload)
+    if size < 8:
+        raise PayloadError(f"payload of {size} bytes is too short for safetensors")
     header_len = _LENGTH.unpack_from(payload)[0]
-    if 8 + header_len > len(payload):
+    base = 8 + header_len
+    if base > size:
         raise PayloadError("payload header is longer than the payload")
-    header = json.loads(payload[8 : 8 + header_len])
-    metadata = header.get("__metadata__") or {}
+    try:
+        header = json.loads(bytes(payload[8:base]))
+    except ValueError as exc:
+        raise PayloadError(f"payload header is not JSON ({exc})") from None
+    metadata = header.pop("__metadata__", None) or {}
     if "error" in metadata:
         raise PayloadError(f"server error: {metadata['error']}")
-    try:
-        return load(payload), metadata
-    except Exception as exc:  # safetensors raises its own error type for bad bytes
-        raise PayloadError(f"cannot decode batch payload: {exc}") from None
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            start, stop = info["data_offsets"]
+            shape = tuple(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise PayloadError(f"tensor {name!r}: unsupported or malformed header {info}") from None
+        count = int(np.prod(shape))
+        if stop - start != count * dtype.itemsize or base + stop > size:
+            raise PayloadError(f"tensor {name!r}: data offsets do not match shape {shape}")
+        tensors[name] = np.frombuffer(payload, dtype, count, base + start).reshape(shape)
+    return tensors, metadata
 
 
-def read_frames(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def read_frames(chunks: Iterator[bytes]) -> Iterator[bytearray]:
     """Payloads of a framed stream, from an iterator of byte chunks of any size."""
     buffer = bytearray()
     for chunk in chunks:
         buffer += chunk
-        while len(buffer) >= _LENGTH.size:
-            length = _LENGTH.unpack_from(buffer)[0]
+        pos = 0
+        while len(buffer) - pos >= _LENGTH.size:
+            length = _LENGTH.unpack_from(buffer, pos)[0]
             if length == 0:
                 return
-            if len(buffer) < _LENGTH.size + length:
+            start = pos + _LENGTH.size
+            if len(buffer) < start + length:
                 break
-            yield bytes(buffer[_LENGTH.size : _LENGTH.size + length])
-            del buffer[: _LENGTH.size + length]
+            yield buffer[start : start + length]
+            pos = start + length
+        del buffer[:pos]
     raise PayloadError("stream ended before its end frame (connection lost?)")

@@ -1,0 +1,71 @@
+"""The wire format: safetensors payloads and length-prefixed frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from softserve.client.payload import (
+    END_FRAME,
+    PayloadError,
+    decode,
+    encode,
+    error_frame,
+    frame,
+    read_frames,
+)
+
+DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64]
+
+
+def sample_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        f"t{i}": (rng.standard_normal((3, 5)) * 50).astype(dtype) for i, dtype in enumerate(DTYPES)
+    } | {"empty": np.zeros((0, 4), np.float32), "flag": np.array([True, False])}
+
+
+def test_decode_equals_safetensors() -> None:
+    tensors = sample_tensors()
+    payload = encode(tensors, {"epoch": "3"})
+    ours, metadata = decode(bytearray(payload))
+    theirs = safetensors.numpy.load(payload)
+    assert metadata == {"epoch": "3"} and ours.keys() == theirs.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert ours[name].dtype == value.dtype and ours[name].shape == value.shape
+        np.testing.assert_array_equal(ours[name], value)
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    assert ours["t7"].flags.writeable  # views into a bytearray: usable by torch as is
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda p: p[:5], "too short"),
+        (lambda p: p[:40], "header is longer"),
+        (lambda p: p[:8] + b"X" + p[9:], "not JSON"),
+        (lambda p: p[:-4], "do not match"),
+    ],
+)
+def test_decode_rejects_broken_payloads(mangle, message: str) -> None:
+    payload = encode({"x": np.arange(10, dtype=np.int64)})
+    with pytest.raises(PayloadError, match=message):
+        decode(mangle(payload))
+
+
+def test_frames_survive_any_chunking() -> None:
+    payloads = [encode(sample_tensors(seed)) for seed in range(4)]
+    stream = b"".join(frame(p) for p in payloads) + END_FRAME + b"ignored trailing bytes"
+    for size in (1, 7, 64, len(stream)):
+        chunks = (stream[i : i + size] for i in range(0, len(stream), size))
+        assert [bytes(p) for p in read_frames(chunks)] == payloads
+
+
+def test_cut_stream_and_error_frame() -> None:
+    whole = frame(encode({"x": np.arange(3)})) * 2
+    with pytest.raises(PayloadError, match="before its end frame"):
+        list(read_frames(iter([whole[:-5]])))
+    (bad,) = read_frames(iter([error_frame("shard unreadable") + END_FRAME]))
+    with pytest.raises(PayloadError, match="server error: shard unreadable"):
+        decode(bad)
