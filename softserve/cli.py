@@ -277,6 +277,9 @@ def train(
 
 WorkdirOption = Annotated[Path, typer.Option(help="Where the teacher and synthetic set go.")]
 StoreOption = Annotated[Path, typer.Option(help="Store that receives the label set.")]
+LabelEpochsOption = Annotated[int, typer.Option(help="Epochs of views to relabel.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 DataOption = Annotated[
     Path | None, typer.Option(help="Folder with the Fashion-MNIST IDX files [default: Debian's].")
 ]
@@ -303,11 +306,11 @@ def demo_prepare(
     train_limit: Annotated[
         int | None, typer.Option(help="Train the teacher on this many images only (quick runs).")
     ] = None,
-    label_epochs: Annotated[int, typer.Option(help="Epochs of views to relabel.")] = 300,
+    label_epochs: LabelEpochsOption = 300,
     codec: Annotated[str, typer.Option(help="Label codec.")] = "fp16",
     seed: Annotated[int, typer.Option(help="Seed of teacher training, selection and views.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
 ) -> None:
     """Train a Fashion-MNIST teacher, pick an IPC-10 synthetic set by confidence, relabel it."""
     from softserve.worker.demo import DemoOptions
@@ -334,6 +337,9 @@ def demo_run(
     workdir: WorkdirOption = Path("demo"),
     store: StoreOption = Path("store"),
     data: DataOption = None,
+    label_epochs: LabelEpochsOption = 300,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
     port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
 ) -> None:
     """Prepare the demo label set (cached after the first run), then serve it on localhost."""
@@ -341,7 +347,11 @@ def demo_run(
     from softserve.service.settings import ServiceSettings
     from softserve.worker.demo import DemoOptions
 
-    label_set = _prepare_demo(DemoOptions(workdir=workdir, store=store, data=data))
+    opts = DemoOptions(
+        workdir=workdir, store=store, data=data, label_epochs=label_epochs, device=device,
+        progress=progress,
+    )  # fmt: skip
+    label_set = _prepare_demo(opts)
     stdout.print(
         "\nTrain a student against it, from another shell:\n\n"
         f"  .venv/bin/softserve train --url http://127.0.0.1:{port} --labelset {label_set.name} "

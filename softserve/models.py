@@ -6,7 +6,6 @@ Each factory here is usable as a teacher spec, e.g. ``--teacher softserve.models
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -62,6 +61,8 @@ def fashion_mnist_teacher(num_classes: int = 10) -> ConvNet:
 
 def resnet18_small(num_classes: int = 10, channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18 for small inputs: 3×3 stem, stride 1, no max-pool (CIFAR style)."""
+    import torchvision  # here, not at the top: importing it costs a second or more
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

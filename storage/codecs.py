@@ -11,6 +11,9 @@ fp32      4·K                 none
 fp16      2·K                 relative 2^-11 (for |x| < 65504; larger values clip)
 int8      K + 8               at most (max-min)/510 per row (per-row affine)
 ========  ==================  =====================================================
+
+int8 pays off for many classes: at K = 10 its 8 bytes of scale and offset make it no
+smaller than fp16, with ~20× fp16's error.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ when it frees that file).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -98,7 +97,11 @@ def write_dataset(
 
 
 class ShardWriter:
-    """Writes one label shard: a contiguous range of epochs, rows in each epoch's order."""
+    """Builds one label shard: a contiguous range of epochs, rows in each epoch's order.
+
+    Rows accumulate in NumPy arrays (a shard is 256 MiB at most by default) and become an
+    HDF5 file only at :meth:`commit`, so the hot loop never waits on h5py.
+    """
 
     def __init__(
         self,
@@ -115,60 +118,46 @@ class ShardWriter:
         self.epoch_stop = epoch_stop
         self.codec = codec
         self.num_samples = num_samples
-        self._file = _in_memory(path)
-        self._create_datasets(epoch_stop - epoch_start, num_samples, num_classes, chunk_rows)
-
-    def _create_datasets(self, epochs: int, n: int, k: int, chunk_rows: int) -> None:
-        self._file.attrs["format_version"] = FORMAT_VERSION
-        self._file.attrs["epoch_start"] = self.epoch_start
-        self._file.attrs["epoch_stop"] = self.epoch_stop
-        self._file.attrs["codec"] = self.codec.name
-
-        def create(name: str, dtype: np.dtype, row: tuple[int, ...]) -> None:
-            self._file.create_dataset(
-                name,
-                shape=(epochs, n, *row),
-                dtype=dtype,
-                chunks=(1, chunk_rows, *row),
-                track_times=False,
-            )
-
-        create("order", ORDER_DTYPE, ())
-        create("params", PARAMS_DTYPE, (NUM_PARAMS,))
+        self.chunk_rows = chunk_rows
+        shape = (epoch_stop - epoch_start, num_samples)
+        self._arrays: dict[str, np.ndarray] = {
+            "order": np.zeros(shape, ORDER_DTYPE),
+            "params": np.zeros((*shape, NUM_PARAMS), PARAMS_DTYPE),
+        }
         for field in LABEL_FIELDS:
-            for part in self.codec.parts:
-                create(part_name(field, part.suffix), part.dtype, (k,) if part.per_class else ())
+            for part in codec.parts:
+                row = (num_classes,) if part.per_class else ()
+                self._arrays[part_name(field, part.suffix)] = np.zeros((*shape, *row), part.dtype)
 
     def write_epoch_plan(self, epoch: int, order: np.ndarray, params: np.ndarray) -> None:
         """Store an epoch's order and its views, both in order: row j is sample order[j]."""
         local = epoch - self.epoch_start
-        self._file["order"][local] = order.astype(ORDER_DTYPE)
-        self._file["params"][local] = params.astype(PARAMS_DTYPE)
+        self._arrays["order"][local] = order
+        self._arrays["params"][local] = params
 
     def write_labels(self, position: int, labels: dict[str, np.ndarray]) -> None:
         """Encode and store label rows from flat ``position`` (local epoch · N + row) on.
 
         ``labels`` maps each of LABEL_FIELDS to float32 (rows, K); rows may span epochs.
         """
-        count = len(labels[LABEL_FIELDS[0]])
-        done = 0
-        while done < count:
-            local, row = divmod(position + done, self.num_samples)
-            take = min(count - done, self.num_samples - row)
-            for field in LABEL_FIELDS:
-                encoded = self.codec.encode(labels[field][done : done + take])
-                for suffix, values in encoded.items():
-                    self._file[part_name(field, suffix)][local, row : row + take] = values
-            done += take
+        for field in LABEL_FIELDS:
+            for suffix, values in self.codec.encode(labels[field]).items():
+                flat = self._arrays[part_name(field, suffix)].reshape(-1, *values.shape[1:])
+                flat[position : position + len(values)] = values
 
     def commit(self) -> None:
         """Write the shard to disk under its final name, atomically and durably."""
-        try:
-            _persist(self._file, self.path)
-        finally:
-            self._file.close()
+        with _in_memory(self.path) as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["epoch_start"] = self.epoch_start
+            f.attrs["epoch_stop"] = self.epoch_stop
+            f.attrs["codec"] = self.codec.name
+            for name, array in self._arrays.items():
+                chunks = (1, self.chunk_rows, *array.shape[2:])
+                f.create_dataset(name, data=array, chunks=chunks, track_times=False)
+            _persist(f, self.path)
+        self._arrays.clear()
 
     def abort(self) -> None:
         """Drop the shard; nothing of it reaches the disk."""
-        with contextlib.suppress(Exception):  # already closed after a failed commit
-            self._file.close()
+        self._arrays.clear()

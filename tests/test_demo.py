@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import Server, run_cli
+from conftest import Server, cli_env, free_port, run_cli, softserve_cmd
 from test_errors import assert_one_line_error
 
 from softserve.client import apply_views
@@ -87,6 +90,35 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert "reusing teacher" in again.stdout
+
+    # the README's main command: serve the (now cached) demo and say how to train
+    port = free_port()
+    demo = subprocess.Popen(
+        softserve_cmd(
+            "demo", "run", "--workdir", workdir, "--store", store, "--label-epochs", 30,
+            "--device", "cpu", "--no-progress", "--port", port,
+        ),
+        env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        while not any("softserve train --url" in line for line in lines):
+            line = demo.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert f"--url http://127.0.0.1:{port} --labelset fashion-mnist-ipc10" in lines[-1]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                listed = httpx.get(f"http://127.0.0.1:{port}/v1/labelsets", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert [x["name"] for x in listed] == ["fashion-mnist-ipc10"]
+    finally:
+        demo.terminate()
+        demo.wait(timeout=30)
 
     # students trained through the server, scored on the real test split
     server = Server(store).start()

@@ -11,9 +11,11 @@ command skips the complete shards, and the result equals an uninterrupted run.
 from __future__ import annotations
 
 import errno
+import functools
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,7 +95,8 @@ class RelabelResult:
 
 
 def default_shard_epochs(epochs: int, bytes_per_epoch: int) -> int:
-    """Epochs per shard: 16 shards or more for parallelism and resume, each 4 to 256 MiB."""
+    """Epochs per shard: up to 16 shards (for parallel ranks and resume granularity), fewer
+    when they would be under 4 MiB, more when they would be over 256 MiB."""
     per_epoch = max(1, bytes_per_epoch)
     by_count = -(-epochs // _MIN_SHARDS)
     smallest = -(-_SHARD_MIN_BYTES // per_epoch)
@@ -179,10 +182,10 @@ def _describe_write_error(exc: OSError, out: Path) -> str:
 
 
 class _Writer(threading.Thread):
-    """Background encoder and writer: takes label rows off the queue and stores them.
+    """Background writer: runs each shard's queued tasks (store rows, commit) in order.
 
-    An item is (shard, position, rows, event); position None commits the shard. After an
-    error every further item is skipped, so no shard is committed past a failed write.
+    After an error every further task is skipped, so no shard is committed past a failed
+    write; the main thread raises the error at its next hand-over.
     """
 
     def __init__(self) -> None:
@@ -193,38 +196,39 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         while (item := self.queue.get()) is not None:
-            shard, position, rows, event = item
+            shard, task = item
             if self.error is not None or id(shard) in self._dropped:
                 continue
             try:
-                if position is None:
-                    shard.commit()
-                    continue
-                if event is not None:
-                    event.synchronize()
-                shard.write_labels(position, {k: v.numpy() for k, v in rows.items()})
+                task()
             except BaseException as exc:  # handed to the main thread, which raises it
                 self.error = exc
 
-    def put(self, shard: ShardWriter, position: int | None, rows=None, event=None) -> None:
+    def put(self, shard: ShardWriter, task: Callable[[], None]) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((shard, position, rows, event))
+        self.queue.put((shard, task))
 
     def finish(self) -> None:
-        """Write everything queued, stop, and raise the first error if there was one."""
+        """Run everything queued, stop, and raise the first error if there was one."""
         self.queue.put(None)
         self.join()
         if self.error is not None:
             raise self.error
 
     def drop(self, shard: ShardWriter) -> None:
-        """Skip what is queued for ``shard``, finish the rest, stop, and delete its partial file."""
+        """Skip what is queued for ``shard``, run the rest, stop, and discard the shard."""
         self._dropped.add(id(shard))
         if self.is_alive():
             self.queue.put(None)
             self.join()
         shard.abort()
+
+
+def _store_rows(shard: ShardWriter, position: int, rows: dict[str, torch.Tensor], event) -> None:
+    if event is not None:
+        event.synchronize()
+    shard.write_labels(position, {k: v.numpy() for k, v in rows.items()})
 
 
 def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -262,11 +266,13 @@ class _Labeler:
         self.model = teacher.model.to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        # fixed shapes help CUDA kernels and exported teachers with a static batch
+        self.pad = device.type == "cuda" or teacher.spec.endswith(".pt2")
 
     def logits(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Teacher logits (float32) on the views ``params`` of samples ``ids``."""
         count = ids.shape[0]
-        if count < self.batch_size:  # pad: every forward has the same shape
+        if self.pad and count < self.batch_size:
             pad = self.batch_size - count
             ids = torch.cat([ids, ids[:1].expand(pad)])
             params = torch.cat([params, params[:1].expand(pad, -1)])
@@ -285,11 +291,15 @@ class _Labeler:
         return out[:count].float()
 
     def probe(self) -> None:
-        """Check on one batch that the teacher accepts the views and outputs K classes."""
+        """Check that the teacher accepts the views and outputs K classes, before any writing.
+
+        Two rows suffice, unless batches are padded (then the probe is a full batch).
+        """
         c = self.config.image_shape[0]
-        ids = torch.zeros(self.batch_size, dtype=torch.long)
+        rows = self.batch_size if self.pad else min(2, self.batch_size)
+        ids = torch.zeros(rows, dtype=torch.long)
         h, w = self.config.image_shape[1:]
-        params = torch.tensor([[0, 0, h, w, 0]], dtype=torch.int32).expand(self.batch_size, -1)
+        params = torch.tensor([[0, 0, h, w, 0]], dtype=torch.int32).expand(rows, -1)
         try:
             out = self.logits(ids, params)
         except InputError:
@@ -297,7 +307,7 @@ class _Labeler:
         except Exception as exc:  # any failure of user code on our input
             raise InputError(
                 f"teacher {self.config.teacher.spec!r} failed on a batch of shape "
-                f"({self.batch_size}, {c}, {self.size[0]}, {self.size[1]}) ({brief(exc)}); "
+                f"({rows}, {c}, {self.size[0]}, {self.size[1]}) ({brief(exc)}); "
                 "check --teacher, --size and the image channels"
             ) from None
         if out.ndim != 2 or out.shape[1] != self.config.num_classes:
@@ -330,8 +340,12 @@ def _write_shard(
 ) -> None:
     start, stop = shard.epoch_start, shard.epoch_stop
     orders, params = _shard_plan(config, start, stop)
-    for epoch in range(start, stop):
-        shard.write_epoch_plan(epoch, orders[epoch - start], params[epoch - start])
+
+    def store_plan() -> None:
+        for epoch in range(start, stop):
+            shard.write_epoch_plan(epoch, orders[epoch - start], params[epoch - start])
+
+    writer.put(shard, store_plan)
     ids_all = torch.from_numpy(orders.reshape(-1).astype(np.int64))
     params_all = torch.from_numpy(params.reshape(-1, params.shape[-1]))
     batch = labeler.batch_size
@@ -341,9 +355,10 @@ def _write_shard(
         hosts = {k: _to_host(v) for k, v in labels.items()}
         events = [e for _, e in hosts.values() if e is not None]
         rows = {k: t for k, (t, _) in hosts.items()}
-        writer.put(shard, position, rows, events[-1] if events else None)
+        event = events[-1] if events else None
+        writer.put(shard, functools.partial(_store_rows, shard, position, rows, event))
         bar.update(ids.shape[0])
-    writer.put(shard, None)
+    writer.put(shard, shard.commit)
 
 
 def _finalize(out: Path, config: LabelSetConfig, producer: ProducerInfo) -> Manifest:
