@@ -1,11 +1,13 @@
-"""A training loop's loader over epochs: prefetching, resumable, one request per epoch.
+"""A training loop's loader over epochs: prefetching, resumable, one request for all.
 
 A background thread receives batches (one stream for all epochs, resumed after failures)
-and keeps up to ``prefetch`` of them ready, so a training step does not wait on the
-network. On the CPU that thread builds the views too; on CUDA it pins the tensors and the
-views are built on the GPU by the consuming thread. ``state_dict()`` names
-the next batch to yield; a loader restored from it continues with exactly that batch, so
-no sample is lost or repeated across a restart of the job or of the server.
+and keeps up to ``prefetch`` of them ready (pinned, for CUDA), so a training step does not
+wait on the network. Views are built on the training device by the consuming thread: on
+a CPU, building them in the background only takes cores from the training step.
+
+``state_dict()`` names the next batch to yield; a loader restored from it continues with
+exactly that batch, so no sample is lost or repeated across a restart of the job or of
+the server.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import IterableDataset
 
-from softserve.client.remote import Batch, RawBatch
-
 if TYPE_CHECKING:
-    from softserve.client.remote import RemoteLabelSet
+    from softserve.client.remote import Batch, RemoteLabelSet
 
 _DONE = object()
 
@@ -91,11 +91,7 @@ class Loader(IterableDataset):
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        """Background: receive batches from the current position on, until told to stop.
-
-        On the CPU the views are built here too, off the training thread; for CUDA the
-        tensors are pinned here and the views built on the GPU by the consumer.
-        """
+        """Background: receive batches from the current position on, until told to stop."""
         try:
             with_images = self.labelset.base_images() is None
             if self.epoch >= self.epochs:
@@ -108,12 +104,9 @@ class Loader(IterableDataset):
             for raw in raw_batches:
                 if self.device.type == "cuda":
                     raw.tensors = {k: v.pin_memory() for k, v in raw.tensors.items()}
-                    item: RawBatch | Batch = raw
-                else:
-                    item = self.labelset.to_batch(raw, self.device)
                 while not stop.is_set():
                     try:
-                        out.put(item, timeout=0.1)
+                        out.put(raw, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -135,9 +128,7 @@ class Loader(IterableDataset):
             while (item := out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                batch = (
-                    item if isinstance(item, Batch) else self.labelset.to_batch(item, self.device)
-                )
+                batch = self.labelset.to_batch(item, self.device)
                 self.epoch, self.batch = batch.epoch, batch.index + 1
                 if self.batch >= self.batches_per_epoch:
                     self.epoch, self.batch = batch.epoch + 1, 0
