@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from softserve.client.payload import END_FRAME, encode, error_frame, frame
+from softserve.client.payload import END_FRAME, encode, encode_parts, error_frame, frame_parts
 from softserve.client.sampling import Sharding
 from softserve.client.schema import (
     LabelSetDetail,
@@ -106,14 +106,19 @@ def read_batch(request: BatchRequest, index: int) -> dict[str, np.ndarray]:
     return out
 
 
-def batch_payload(request: BatchRequest, index: int) -> bytes:
-    """Batch ``index`` as safetensors bytes."""
+def batch_parts(request: BatchRequest, index: int) -> list[bytes | memoryview]:
+    """Batch ``index`` as safetensors buffers, to be joined once."""
     metadata = {
         "epoch": str(request.epoch),
         "stored_epoch": str(request.stored_epoch),
         "batch": str(index),
     }
-    return encode(read_batch(request, index), metadata)
+    return encode_parts(read_batch(request, index), metadata)
+
+
+def batch_payload(request: BatchRequest, index: int) -> bytes:
+    """Batch ``index`` as safetensors bytes."""
+    return b"".join(batch_parts(request, index))
 
 
 def image_payload(entry: LabelSet, start: int, stop: int) -> bytes:
@@ -122,17 +127,19 @@ def image_payload(entry: LabelSet, start: int, stop: int) -> bytes:
     return encode({"images": entry.base_images(ids), "hard": entry.hard[start:stop]})
 
 
-def _frames(request: BatchRequest, indices: range) -> tuple[list[bytes], str | None]:
-    """Frames of several batches read in one go, and the error that stopped them, if any."""
-    frames = []
+def _frames(request: BatchRequest, indices: range) -> tuple[bytes, str | None]:
+    """Frames of several batches read in one go (joined: one copy), and the error that
+    stopped them, if any."""
+    parts: list[bytes | memoryview] = []
+    error = None
     try:
         for index in indices:
             with metrics.BATCH_SECONDS.labels("stream").time():
-                frames.append(frame(batch_payload(request, index)))
+                parts += frame_parts(batch_parts(request, index))
     except SoftserveError as exc:
         log.error("stream of %s failed at batch %d: %s", request.entry.name, index, exc)
-        return frames, str(exc)
-    return frames, None
+        error = str(exc)
+    return b"".join(parts), error
 
 
 async def stream_frames(request: BatchRequest, start: int, epochs: int) -> AsyncIterator[bytes]:
@@ -149,7 +156,7 @@ async def stream_frames(request: BatchRequest, start: int, epochs: int) -> Async
             indices = range(group, min(group + _BATCHES_PER_READ, per_epoch))
             frames, error = await run_in_threadpool(_frames, current, indices)
             if frames:
-                yield b"".join(frames)  # one write for the group: fewer trips through the stack
+                yield frames  # one write for the group: fewer trips through the stack
             if error is not None:
                 yield error_frame(error)
                 return

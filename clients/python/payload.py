@@ -25,7 +25,6 @@ import struct
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-from safetensors.numpy import save
 
 TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
@@ -33,32 +32,61 @@ MEDIA_TYPE = "application/vnd.softserve.safetensors"
 STREAM_MEDIA_TYPE = "application/vnd.softserve.safetensors-stream"
 _LENGTH = struct.Struct("<Q")
 END_FRAME = _LENGTH.pack(0)
+_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "F16": np.float16, "F32": np.float32, "F64": np.float64,
+}  # fmt: skip
+_NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
 
 
 class PayloadError(ValueError):
     """A payload or stream that cannot be decoded, or an error the server sent in-stream."""
 
 
+def encode_parts(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """One batch in the safetensors layout, as buffers to join: the tensors are not copied.
+
+    Layout: 8-byte little-endian header size, JSON header (padded with spaces to a multiple
+    of 8), then each tensor's bytes back to back, as the header's ``data_offsets`` say.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    buffers: list[bytes | memoryview] = []
+    offset = 0
+    for name, value in tensors.items():
+        array = np.ascontiguousarray(value)
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        buffers.append(memoryview(array.reshape(-1)).cast("B"))
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return [_LENGTH.pack(len(raw)), raw, *buffers]
+
+
 def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """One batch as safetensors bytes."""
-    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    return b"".join(encode_parts(tensors, metadata))
+
+
+def frame_parts(parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """A payload's buffers as one stream frame's buffers (length prefix first)."""
+    return [_LENGTH.pack(sum(len(part) for part in parts)), *parts]
 
 
 def frame(payload: bytes) -> bytes:
     """A payload as one stream frame."""
-    return _LENGTH.pack(len(payload)) + payload
+    return b"".join(frame_parts([payload]))
 
 
 def error_frame(message: str) -> bytes:
     """A frame that tells the client the stream failed, and why."""
     return frame(encode({}, {"error": message}))
-
-
-_DTYPES = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
-    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
-    "F16": np.float16, "F32": np.float32, "F64": np.float64,
-}  # fmt: skip
 
 
 def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str, str]]:

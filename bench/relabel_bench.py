@@ -1,0 +1,614 @@
+"""Benchmark of the relabel pipeline and the label codecs, on synthetic image sets.
+
+In one run on one machine, for each configuration (a synthetic image set and a teacher):
+
+1. **Throughput.** ``softserve.worker.relabel.relabel`` end to end, against the bare teacher
+   forward on exactly the same batches (views precomputed into memory with the same
+   ``epoch_order`` / ``sample_views`` / ``apply_views``, batch size and normalization; only
+   ``model(views)`` is timed). Measurements are repeated, interleaved, and the median is
+   reported, since the machine may be shared. The pipeline's time is also split into phases
+   (load, probe, dataset write, label loop, manifest) by wrapping the worker's internal
+   functions, so the steady-state ratio (label loop vs bare forward) is reported beside the
+   end-to-end one. The project's goal is a ratio of at least 0.9.
+2. **Storage.** Bytes per label of every codec in ``softserve.storage.codecs.CODECS`` and the
+   stored bytes per (epoch, sample) of the label shards a relabel with that codec writes
+   (both ``refined`` and ``logits`` are stored, plus the order and the view parameters).
+3. **Loss error.** The GIFT-loss error each codec introduces: the fp32 relabel's refined
+   labels against the same labels round-tripped through the codec, under random student
+   logits; and a check that the labels a relabel with that codec stored equal that
+   round-trip.
+
+Run ``python bench/relabel_bench.py --help`` for the options; ``--quick`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import softserve.worker.relabel as relabel_mod
+from softserve.client.losses import cosine_loss
+from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
+from softserve.errors import InputError
+from softserve.storage import CODECS, LabelSetConfig, LabelSetReader, read_manifest
+from softserve.worker.relabel import RelabelOptions, relabel
+from softserve.worker.runtime import autocast, check_precision, resolve_device
+from softserve.worker.teacher import load_teacher
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A synthetic image set, its teacher, and how many epochs to relabel."""
+
+    name: str
+    channels: int
+    size: int
+    num_classes: int
+    teacher: str
+    num_samples: int
+    epochs: int
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "cifar100-like": Scenario(
+        "cifar100-like", 3, 32, 100, "softserve.models:resnet18_small", 500, 2
+    ),
+    "fashion-mnist-like": Scenario(
+        "fashion-mnist-like", 1, 28, 10, "softserve.models:fashion_mnist_teacher", 100, 40
+    ),
+}
+QUICK: dict[str, dict[str, int]] = {
+    "cifar100-like": {"num_samples": 128, "epochs": 2},
+    "fashion-mnist-like": {"num_samples": 100, "epochs": 10},
+}
+
+#: Worker functions whose time is reported as a phase of the pipeline (skipped if absent).
+_PHASES: dict[str, str] = {
+    "load_image_set": "load images",
+    "load_teacher": "build teacher",
+    "_claim": "write dataset",
+    "_run_shards": "label loop",
+    "_finalize": "manifest",
+}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_image_set(path: Path, scenario: Scenario, seed: int) -> None:
+    """Random uint8 images and balanced random labels, saved as a ``{"data", "label"}`` file."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, s = scenario.num_samples, scenario.channels, scenario.size
+    data = torch.randint(0, 256, (n, c, s, s), generator=gen, dtype=torch.uint8)
+    label = torch.arange(n) % scenario.num_classes
+    label = label[torch.randperm(n, generator=gen)]
+    torch.save({"data": data, "label": label}, path)
+
+
+def relabel_options(
+    args: argparse.Namespace, scenario: Scenario, images: Path, out: Path, codec: str
+) -> RelabelOptions:
+    """The options of one relabel of ``scenario`` into ``out``."""
+    return RelabelOptions(
+        images=images,
+        teacher=scenario.teacher,
+        out=out,
+        num_classes=scenario.num_classes,
+        epochs=scenario.epochs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        codec=codec,
+        progress=False,
+    )
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def phase_timer(device: torch.device) -> Iterator[dict[str, float]]:
+    """Wrap the worker's phase functions (and the probe) and sum their wall times."""
+    times: dict[str, float] = {}
+    patched: list[tuple[object, str, Any]] = []
+
+    def wrap(owner: object, attr: str, label: str) -> None:
+        original = getattr(owner, attr, None)
+        if original is None:
+            return
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                _sync(device)
+                times[label] = times.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+        patched.append((owner, attr, original))
+
+    for attr, label in _PHASES.items():
+        wrap(relabel_mod, attr, label)
+    labeler = getattr(relabel_mod, "_Labeler", None)
+    if labeler is not None:
+        wrap(labeler, "probe", "probe")
+    try:
+        yield times
+    finally:
+        for owner, attr, original in reversed(patched):
+            setattr(owner, attr, original)
+
+
+@dataclass
+class PipelineRun:
+    """One timed relabel: total seconds and the seconds of each phase found."""
+
+    total_s: float
+    phases: dict[str, float]
+
+
+def run_pipeline(opts: RelabelOptions, seed: int, device: torch.device) -> PipelineRun:
+    """Relabel into a fresh ``opts.out``, timed end to end and by phase."""
+    torch.manual_seed(seed)  # the teacher's random init: same weights in every run
+    with phase_timer(device) as phases:
+        start = time.perf_counter()
+        relabel(opts)
+        _sync(device)
+        total = time.perf_counter() - start
+    phases = dict(phases)
+    phases["other"] = total - sum(phases.values())
+    return PipelineRun(total, phases)
+
+
+# --------------------------------------------------------------------------- bare teacher
+
+
+def plan_batches(config: LabelSetConfig, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (sample ids, view params) of every teacher batch the worker runs, in its order.
+
+    Mirrors the worker: per shard, every epoch's order and its views in order, flattened
+    across the shard's epochs and cut into batches of ``batch_size`` (the last one shorter;
+    the worker pads it, the bare baseline does not).
+    """
+    _, h, w = config.image_shape
+    policy = ViewPolicy(scale=config.views.scale, ratio=config.views.ratio, flip=config.views.flip)
+    batches = []
+    for start, stop in config.shard_ranges():
+        ids, params = [], []
+        for epoch in range(start, stop):
+            order = epoch_order(config.seed, epoch, config.num_samples)
+            ids.append(order)
+            params.append(sample_views(policy, config.seed, epoch, config.num_samples, h, w)[order])
+        flat_ids, flat_params = np.concatenate(ids), np.concatenate(params)
+        for pos in range(0, len(flat_ids), batch_size):
+            batches.append((flat_ids[pos : pos + batch_size], flat_params[pos : pos + batch_size]))
+    return batches
+
+
+def precompute_views(
+    images: torch.Tensor,
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    config: LabelSetConfig,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """The teacher's input of every batch, on ``device``, as the worker builds it."""
+    images = images.to(device)
+    views = []
+    for ids, params in batches:
+        x = apply_views(
+            images[torch.from_numpy(ids).to(device)],
+            torch.from_numpy(params).to(device),
+            config.views.output_size,
+            mean=config.mean,
+            std=config.std,
+        )
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        views.append(x)
+    _sync(device)
+    return views
+
+
+def build_bare_teacher(scenario: Scenario, seed: int, device: torch.device) -> torch.nn.Module:
+    """The same teacher the worker loads (same spec, same seeded init), on ``device``."""
+    torch.manual_seed(seed)
+    model = load_teacher(scenario.teacher, None, scenario.num_classes).model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def time_bare(
+    model: torch.nn.Module, views: list[torch.Tensor], device: torch.device, precision: str
+) -> float:
+    """Seconds for ``model(views)`` over every batch (one untimed warm-up batch first)."""
+    with torch.inference_mode(), autocast(device, precision):
+        model(views[0])
+        _sync(device)
+        start = time.perf_counter()
+        for x in views:
+            model(x)
+        _sync(device)
+        return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@dataclass
+class Throughput:
+    """Median throughputs of one configuration, and the raw times of every repeat."""
+
+    samples: int
+    teacher_rows_pipeline: int
+    bare_s: list[float] = field(default_factory=list)
+    pipeline_s: list[float] = field(default_factory=list)
+    loop_s: list[float] = field(default_factory=list)
+    phases_s: dict[str, list[float]] = field(default_factory=dict)
+
+    def rate(self, times: list[float]) -> float | None:
+        """Useful samples per second at the median of ``times``."""
+        return self.samples / statistics.median(times) if times else None
+
+    def summary(self) -> dict[str, float | None]:
+        """Throughputs and their ratios to the bare forward."""
+        bare, pipe, loop = (
+            self.rate(self.bare_s),
+            self.rate(self.pipeline_s),
+            self.rate(self.loop_s),
+        )
+        return {
+            "bare_samples_per_s": bare,
+            "pipeline_samples_per_s": pipe,
+            "loop_samples_per_s": loop,
+            "ratio_pipeline_over_bare": pipe / bare if bare and pipe else None,
+            "ratio_loop_over_bare": loop / bare if bare and loop else None,
+            "paired_ratio_pipeline_over_bare": _paired_ratio(self.bare_s, self.pipeline_s),
+            "paired_ratio_loop_over_bare": _paired_ratio(self.bare_s, self.loop_s),
+        }
+
+
+def _paired_ratio(bare_s: list[float], other_s: list[float]) -> float | None:
+    """Median over repeats of bare time / other time: robust to load drifting between repeats."""
+    if len(bare_s) != len(other_s):
+        return None
+    pairs = [b / o for b, o in zip(bare_s, other_s, strict=True) if o > 0]
+    return statistics.median(pairs) if pairs else None
+
+
+def measure_throughput(
+    args: argparse.Namespace,
+    scenario: Scenario,
+    images_path: Path,
+    work: Path,
+    device: torch.device,
+) -> tuple[Throughput, Path]:
+    """Interleaved repeats of (pipeline, bare forward); returns the last pipeline's output."""
+    # built first: importing the teacher's module (torchvision) is not charged to run 0
+    model = build_bare_teacher(scenario, args.seed, device)
+    out = work / f"{scenario.name}-{args.codec}-0"
+    first = run_pipeline(
+        relabel_options(args, scenario, images_path, out, args.codec), args.seed, device
+    )
+    config = read_manifest(out).config
+    batches = plan_batches(config, args.batch_size)
+    samples = scenario.epochs * scenario.num_samples
+    if device.type == "cuda":  # shards' last batches padded; the probe is a full batch
+        pipeline_rows = len(batches) * args.batch_size + args.batch_size
+    else:  # no padding; a 2-row probe
+        pipeline_rows = samples + min(2, args.batch_size)
+    payload = torch.load(images_path, weights_only=True)
+    views = precompute_views(payload["data"], batches, config, device)
+    result = Throughput(
+        samples=samples,
+        teacher_rows_pipeline=pipeline_rows,
+    )
+    runs = [first]
+    for repeat in range(args.repeats):
+        if repeat > 0:
+            out = work / f"{scenario.name}-{args.codec}-{repeat}"
+            opts = relabel_options(args, scenario, images_path, out, args.codec)
+            runs.append(run_pipeline(opts, args.seed, device))
+        result.bare_s.append(time_bare(model, views, device, args.precision))
+    for run in runs:
+        result.pipeline_s.append(run.total_s)
+        if "label loop" in run.phases:
+            result.loop_s.append(run.phases["label loop"])
+        for name, seconds in run.phases.items():
+            result.phases_s.setdefault(name, []).append(seconds)
+    return result, out
+
+
+def stored_label_bytes(out: Path) -> int:
+    """Total size of the label shards of the label set at ``out``."""
+    return sum(p.stat().st_size for p in out.glob("labels-*.h5"))
+
+
+def read_labels(
+    out: Path, fields: tuple[str, ...] = ("refined", "logits")
+) -> dict[str, np.ndarray]:
+    """Decoded labels of every epoch, in each epoch's order: field -> (E, N, K) float32."""
+    with LabelSetReader(out) as reader:
+        n, epochs = reader.config.num_samples, reader.config.epochs
+        rows = [reader.read(e, 0, n, fields=fields) for e in range(epochs)]
+    return {f: np.stack([r[f] for r in rows]) for f in fields}
+
+
+def gift_errors(
+    reference: np.ndarray, decoded: np.ndarray, batch_size: int, seed: int
+) -> tuple[float, float]:
+    """Max and mean |gift(student, decoded) - gift(student, reference)| over batches.
+
+    Batches are ``batch_size`` consecutive rows of each epoch (as served); student logits
+    are standard normal from ``seed``, the same for every codec.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    epochs, n, k = reference.shape
+    diffs = []
+    for e in range(epochs):
+        student = torch.randn(n, k, generator=gen)
+        ref, dec = torch.from_numpy(reference[e]), torch.from_numpy(decoded[e])
+        for pos in range(0, n, batch_size):
+            s = slice(pos, pos + batch_size)
+            exact = cosine_loss(student[s].double(), ref[s].double())
+            approx = cosine_loss(student[s].double(), dec[s].double())
+            diffs.append(abs(float(approx - exact)))
+    return max(diffs), float(np.mean(diffs))
+
+
+@dataclass
+class CodecResult:
+    """Storage cost and loss error of one codec on one configuration."""
+
+    codec: str
+    bytes_per_label: int
+    stored_bytes_per_epoch_sample: float
+    max_abs_refined_error: float
+    max_abs_logits_error: float
+    max_abs_gift_error: float
+    mean_abs_gift_error: float
+    max_abs_stored_vs_roundtrip: float
+
+
+def roundtrip(codec_name: str, x: np.ndarray) -> np.ndarray:
+    """``x`` encoded and decoded by a codec."""
+    codec = CODECS[codec_name]
+    return codec.decode(codec.encode(x))
+
+
+def measure_codecs(
+    args: argparse.Namespace,
+    scenario: Scenario,
+    images_path: Path,
+    work: Path,
+    device: torch.device,
+    reuse: dict[str, Path],
+) -> list[CodecResult]:
+    """Relabel with every codec (reusing ``reuse[codec]`` outputs) and measure each."""
+    outs = dict(reuse)
+    for name in CODECS:
+        if name not in outs:
+            out = work / f"{scenario.name}-{name}-codec"
+            run_pipeline(relabel_options(args, scenario, images_path, out, name), args.seed, device)
+            outs[name] = out
+    reference = read_labels(outs["fp32"]) if "fp32" in outs else None
+    results = []
+    samples = scenario.epochs * scenario.num_samples
+    for name, codec in CODECS.items():
+        stored = read_labels(outs[name])
+        ref = reference if reference is not None else stored
+        decoded = {f: roundtrip(name, ref[f]) for f in ref}
+        gmax, gmean = gift_errors(ref["refined"], decoded["refined"], args.batch_size, args.seed)
+        results.append(
+            CodecResult(
+                codec=name,
+                bytes_per_label=codec.bytes_per_label(scenario.num_classes),
+                stored_bytes_per_epoch_sample=stored_label_bytes(outs[name]) / samples,
+                max_abs_refined_error=float(np.abs(decoded["refined"] - ref["refined"]).max()),
+                max_abs_logits_error=float(np.abs(decoded["logits"] - ref["logits"]).max()),
+                max_abs_gift_error=gmax,
+                mean_abs_gift_error=gmean,
+                max_abs_stored_vs_roundtrip=max(
+                    float(np.abs(stored[f] - decoded[f]).max()) for f in stored
+                ),
+            )
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _rate_row(
+    label: str, rate: float | None, ratio: float | None, paired: float | None, times: list[float]
+) -> str:
+    """One line of the throughput table."""
+    runs = " ".join(f"{t:.2f}" for t in times)
+    return (
+        f"  {label:<32}{_fmt(rate, '.1f'):>10}{_fmt(ratio, '.2f'):>9}{_fmt(paired, '.2f'):>8}"
+        f"   {runs}"
+    )
+
+
+def format_report(
+    scenario: Scenario,
+    args: argparse.Namespace,
+    device: torch.device,
+    tp: Throughput,
+    codecs: list[CodecResult],
+) -> str:
+    """The human-readable tables of one configuration."""
+    s = tp.summary()
+    med = {k: statistics.median(v) for k, v in tp.phases_s.items()}
+    lines = [
+        f"== {scenario.name}: N={scenario.num_samples} {scenario.channels}x{scenario.size}x"
+        f"{scenario.size} K={scenario.num_classes} teacher={scenario.teacher}",
+        f"   epochs={scenario.epochs} batch={args.batch_size} device={device} "
+        f"precision={args.precision} codec={args.codec} repeats={args.repeats} "
+        f"threads={torch.get_num_threads()}",
+        "",
+        f"  {'throughput':<32}{'samples/s':>10}{'vs bare':>9}{'paired':>8}   seconds per run",
+        _rate_row("bare teacher forward", s["bare_samples_per_s"], 1.0, 1.0, tp.bare_s),
+        _rate_row(
+            "pipeline end to end",
+            s["pipeline_samples_per_s"],
+            s["ratio_pipeline_over_bare"],
+            s["paired_ratio_pipeline_over_bare"],
+            tp.pipeline_s,
+        ),
+        _rate_row(
+            "pipeline label loop (no setup)",
+            s["loop_samples_per_s"],
+            s["ratio_loop_over_bare"],
+            s["paired_ratio_loop_over_bare"],
+            tp.loop_s,
+        ),
+        "  (samples/s from the median time; vs bare: ratio of those; paired: median over repeats"
+        " of\n   the ratio within a repeat, robust to load that drifts between repeats)",
+        f"  useful samples {tp.samples}; teacher rows the pipeline runs "
+        f"{tp.teacher_rows_pipeline} (with the probe, and on CUDA the padding of each "
+        "shard's last batch)",
+        "  pipeline phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()),
+        "",
+        f"  {'codec':<6}{'B/label':>9}{'stored B/(ep,smp)':>19}{'max|Δrefined|':>15}"
+        f"{'max|Δlogits|':>14}{'max|Δgift|':>12}{'mean|Δgift|':>13}{'stored≠rt':>11}",
+    ]
+    for c in codecs:
+        lines.append(
+            f"  {c.codec:<6}{c.bytes_per_label:>9}{c.stored_bytes_per_epoch_sample:>19.1f}"
+            f"{c.max_abs_refined_error:>15.2e}{c.max_abs_logits_error:>14.2e}"
+            f"{c.max_abs_gift_error:>12.2e}{c.mean_abs_gift_error:>13.2e}"
+            f"{c.max_abs_stored_vs_roundtrip:>11.1e}"
+        )
+    lines.append(
+        "  stored B/(ep,smp): label shard bytes / (epochs*N); shards hold refined and logits"
+        " (2 labels)\n  plus order (4 B) and view params (10 B) per row. stored≠rt: max |stored"
+        " - codec(fp32 labels)|."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options, with the --quick-dependent defaults filled in."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        choices=list(SCENARIOS),
+        default=list(SCENARIOS),
+        help="configurations to run: cifar100-like (32x32 RGB, 100 classes, ResNet-18) and "
+        "fashion-mnist-like (28x28 gray, 10 classes, small ConvNet); default both",
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true", help="tiny sizes, batch 64, 2 repeats: a ~30 s smoke run")
+    add("--repeats", type=int, help="timed repeats, interleaved (default 3; 2 with --quick)")
+    add("--batch-size", type=int, help="teacher batch size (default 256; 64 with --quick)")
+    add("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    add("--precision", default="fp32", help="fp32; bf16 or fp16 on CUDA (default %(default)s)")
+    add("--codec", default="fp16", choices=list(CODECS), help="codec of the timed runs")
+    add("--seed", type=int, default=0, help="seed of images, teacher init and views")
+    add("--threads", type=int, help="call torch.set_num_threads (default: torch's choice)")
+    add("--workdir", type=Path, help="keep outputs in a new folder here (default: temp, deleted)")
+    add("--json", type=Path, help="also write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    if args.batch_size is None:
+        args.batch_size = 64 if args.quick else 256
+    if args.repeats < 1 or args.batch_size < 1:
+        parser.error("--repeats and --batch-size must be at least 1")
+    return args
+
+
+def scenario_for(name: str, quick: bool) -> Scenario:
+    """The named configuration, shrunk for ``--quick``."""
+    base = SCENARIOS[name]
+    if not quick:
+        return base
+    return replace(base, **QUICK[name])
+
+
+def run_scenario(
+    args: argparse.Namespace, scenario: Scenario, work: Path, device: torch.device
+) -> dict[str, Any]:
+    """Measure one configuration, print its tables, and return its JSON record."""
+    images = work / f"{scenario.name}.pt"
+    make_image_set(images, scenario, args.seed)
+    tp, last_out = measure_throughput(args, scenario, images, work, device)
+    codecs = measure_codecs(args, scenario, images, work, device, {args.codec: last_out})
+    print(format_report(scenario, args, device, tp, codecs), flush=True)
+    print()
+    return {
+        "scenario": asdict(scenario),
+        "throughput": {**tp.summary(), **asdict(tp)},
+        "codecs": [asdict(c) for c in codecs],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every selected configuration, print the tables, write --json if asked."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+        check_precision(device, args.precision)
+    except InputError as exc:
+        print(f"relabel_bench: {exc}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="relabel-bench-")))
+        else:
+            args.workdir.mkdir(parents=True, exist_ok=True)  # a fresh run dir: nothing reused
+            work = Path(tempfile.mkdtemp(prefix="relabel-bench-", dir=args.workdir))
+        records = [
+            run_scenario(args, scenario_for(n, args.quick), work, device) for n in args.config
+        ]
+    elapsed = time.perf_counter() - started
+    print(f"total benchmark time {elapsed:.1f} s")
+    if args.json is not None:
+        meta = {
+            "torch": torch.__version__,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "total_s": elapsed,
+        }
+        args.json.write_text(json.dumps({"meta": meta, "configs": records}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

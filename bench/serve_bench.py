@@ -1,0 +1,767 @@
+"""Benchmark of serving label batches over HTTP, against reading them locally.
+
+Setup (untimed): a random 32×32 RGB image set (``--samples`` images, ``--classes`` classes)
+is relabelled for ``--epochs`` epochs with codec fp16 by ``softserve.worker.relabel.relabel``
+and a cheap teacher (``bench/serve_teacher.py``), and ``python -m softserve serve`` is
+started on a free loopback port (stopped at the end, also on errors).
+
+Throughput, in samples/s at ``--batch-size`` per rank, world size 1 (``drop_last``, so an
+epoch is ``samples // batch_size`` batches). One measurement reads every batch of every
+stored epoch ``--passes`` times. Tensors per batch: indices, view params, hard labels, soft
+(GIFT-refined, float32) labels, and (a, d, e) images:
+
+  a. in-process: ``LabelSetReader.read`` (order, params, refined) per batch, plus base
+     images and hard labels gathered by index from in-memory arrays (what the server does);
+  b. per-batch: one ``GET .../epochs/{e}/batches/{i}`` per batch on one ``httpx.Client``
+     (include=indices,params,hard,soft: images are cached client-side, as the client does),
+     decoded by ``softserve.client.payload.decode`` into torch tensors;
+  c. stream: ``RemoteLabelSet.raw_batches`` (one stream for all epochs, as the loader opens),
+     received and decoded;
+  d. stream + views: ``RemoteLabelSet.batches``: c plus ``to_batch`` (base images gathered
+     from the client's cache, ``apply_views`` on the CPU): the student's input, float32;
+  e. files: the field's practice (SRe2L/FKD), one ``torch.save`` file per (epoch, batch)
+     holding the same tensors as a (base images + params + soft labels, not the views),
+     written once, read back with ``torch.load(weights_only=True)``; the files sit in the
+     page cache, as the server's HDF5 shards do.
+
+Goals: stream/in-process >= 0.5 (a naive server lands near 0.1 per batch), stream/files
+>= 1.0 (remote against local files). Client and server CPU milliseconds per batch are
+reported beside each path (server: its process's user+system time from /proc), and a few
+diagnostics say where a batch's time goes (fixed cost of a request and of a stream, the
+server's own work per batch, the client's image gather and views).
+
+Student step time: a ConvNet student (``softserve.models:convnet``, width ``--student-width``)
+trained with the GIFT loss for ``--student-steps`` steps, fed (1) by
+``RemoteLabelSet.loader(batch_size, device="cpu", prefetch=8)`` and (2) by the same batches
+pre-materialized in memory (images already viewed). Goal: remote within 5% of in-memory.
+The time each step waits in ``next()`` (the loader: queue wait plus views) is reported apart
+from the compute. On a 2-core machine the loader's thread and the server share the student's
+cores.
+
+Measurements are repeated (``--repeats``), interleaved with a rotating order, and medians
+reported; "paired" ratios are the median over repeats of the ratio within a repeat, robust to
+load that drifts between repeats. Run ``python bench/serve_bench.py --help`` for options;
+the default run takes about a minute on 2 idle cores, ``--quick`` (fewer repeats and steps)
+well under one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from softserve.client import Client, RemoteLabelSet, Sharding, Targets, apply_views, get_loss
+from softserve.client.payload import decode
+from softserve.models import convnet
+from softserve.service.batches import BatchRequest, batch_payload
+from softserve.service.catalog import Catalog
+from softserve.storage import LabelSetReader
+from softserve.worker.relabel import RelabelOptions, relabel
+
+BENCH_DIR = Path(__file__).resolve().parent
+TEACHER = "serve_teacher:tiny_convnet"
+LABEL_SET = "bench"
+INCLUDE = "indices,params,hard,soft"
+Tensors = dict[str, torch.Tensor]
+
+# --------------------------------------------------------------------------- setup
+
+
+def make_image_set(path: Path, samples: int, classes: int, seed: int) -> None:
+    """Random uint8 3×32×32 images with balanced labels, as a ``{"data", "label"}`` file."""
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (samples, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    label = (torch.arange(samples) % classes)[torch.randperm(samples, generator=gen)]
+    torch.save({"data": data, "label": label}, path)
+
+
+def build_label_set(args: argparse.Namespace, work: Path) -> Path:
+    """Relabel the random image set into ``work/store/bench``; returns the label set root."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))  # the teacher spec serve_teacher:tiny_convnet
+    images = work / "images.pt"
+    make_image_set(images, args.samples, args.classes, args.seed)
+    out = work / "store" / LABEL_SET
+    torch.manual_seed(args.seed)
+    relabel(
+        RelabelOptions(
+            images=images, teacher=TEACHER, out=out, num_classes=args.classes,
+            epochs=args.epochs, seed=args.seed, batch_size=256, device="cpu", codec="fp16",
+            progress=False,
+        )
+    )  # fmt: skip
+    return out
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    """The environment of the server: bench/ importable, as for the relabel."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+@contextlib.contextmanager
+def running_server(store: Path, log_path: Path) -> Iterator[tuple[str, int]]:
+    """``softserve serve`` on a free loopback port until the block ends: (url, pid)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "softserve", "serve", "--store", str(store), "--port", str(port)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--log-level", "warning"], env=server_env(), stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_ready(proc, url, log_path)
+        yield url, proc.pid
+    finally:
+        stop_process(proc)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 60) -> None:
+    """Poll ``/readyz`` until the server answers 200; fail with its log if it dies or stalls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{log_path.read_text()}")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate, then kill after 30 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc), None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- paths a to e
+
+
+@dataclass
+class Sources:
+    """Everything the timed paths read from, opened once in the setup."""
+
+    reader: LabelSetReader
+    images: np.ndarray
+    hard: np.ndarray
+    sharding: Sharding
+    epochs: int
+    http: httpx.Client
+    remote: RemoteLabelSet
+    files: list[Path] = field(default_factory=list)
+
+    def positions(self) -> Iterator[tuple[int, int]]:
+        """Every (epoch, batch index) of every stored epoch, in serving order."""
+        return itertools.product(range(self.epochs), range(len(self.sharding)))
+
+    @property
+    def batch_query(self) -> dict[str, str | int]:
+        s = self.sharding
+        return {"batch_size": s.batch_size, "rank": s.rank, "world_size": s.world_size,
+                "include": INCLUDE}  # fmt: skip
+
+
+def in_process(src: Sources) -> Iterator[Tensors]:
+    """a. LabelSetReader.read per batch + images and hard labels gathered in memory."""
+    for epoch, index in src.positions():
+        start, stop = src.sharding.positions(index)
+        rows = src.reader.read(epoch, start, stop, ("order", "params", "refined"))
+        ids = rows["order"].astype(np.int64)
+        yield {
+            "indices": torch.from_numpy(ids),
+            "images": torch.from_numpy(src.images[ids]),
+            "params": torch.from_numpy(rows["params"]),
+            "hard": torch.from_numpy(src.hard[ids]),
+            "soft": torch.from_numpy(rows["refined"]),
+        }
+
+
+def per_batch(src: Sources) -> Iterator[Tensors]:
+    """b. One GET per batch (no images), decoded into torch tensors."""
+    path = f"/v1/labelsets/{LABEL_SET}/epochs"
+    for epoch, index in src.positions():
+        response = src.http.get(f"{path}/{epoch}/batches/{index}", params=src.batch_query)
+        response.raise_for_status()
+        yield {k: torch.from_numpy(v) for k, v in decode(response.content)[0].items()}
+
+
+def stream(src: Sources) -> Iterator[Tensors]:
+    """c. RemoteLabelSet.raw_batches (no images): one stream for all epochs, as the loader."""
+    for raw in src.remote.raw_batches(0, src.sharding, epochs=src.epochs):
+        yield raw.tensors
+
+
+def stream_views(src: Sources) -> Iterator[Tensors]:
+    """d. RemoteLabelSet.batches: the stream plus apply_views on the CPU."""
+    s = src.sharding
+    for epoch in range(src.epochs):
+        for b in src.remote.batches(epoch, s.batch_size, s.rank, s.world_size, device="cpu"):
+            yield {"indices": b.indices, "images": b.images, "params": b.params,
+                   "hard": b.hard, "soft": b.soft}  # fmt: skip
+
+
+def torch_files(src: Sources) -> Iterator[Tensors]:
+    """e. torch.load(weights_only=True) of one file per (epoch, batch)."""
+    for path in src.files:
+        yield torch.load(path, weights_only=True)
+
+
+PATHS: dict[str, tuple[str, Callable[[Sources], Iterator[Tensors]]]] = {
+    "in_process": ("a in-process reader + gather", in_process),
+    "per_batch": ("b remote, one GET per batch", per_batch),
+    "stream": ("c remote stream (raw_batches)", stream),
+    "stream_views": ("d remote stream + views (batches)", stream_views),
+    "files": ("e torch.load, file per batch", torch_files),
+}
+
+
+def write_files(src: Sources, folder: Path) -> list[Path]:
+    """The field's practice: one torch.save file per (epoch, batch), from path a's tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for (epoch, index), tensors in zip(src.positions(), in_process(src), strict=True):
+        path = folder / f"epoch{epoch:04d}-batch{index:05d}.pt"
+        torch.save(tensors, path)
+        files.append(path)
+    return files
+
+
+def check_paths(src: Sources, output_size: tuple[int, int], mean: list, std: list) -> None:
+    """Every path must deliver path a's tensors (b, c: all but images; d: views of a's)."""
+    reference = list(in_process(src))
+    for key, (_, path) in PATHS.items():
+        got = list(path(src))
+        if len(got) != len(reference):
+            raise AssertionError(f"{key}: {len(got)} batches, expected {len(reference)}")
+        for ref, out in zip(reference, got, strict=True):
+            expected = dict(ref)
+            if key == "stream_views":
+                expected["images"] = apply_views(
+                    ref["images"], ref["params"], output_size, mean=mean, std=std
+                )
+            if key in ("per_batch", "stream"):  # images come from the client's cache
+                expected.pop("images")
+            if set(out) != set(expected):
+                raise AssertionError(f"{key}: tensors {sorted(out)}, expected {sorted(expected)}")
+            for name, tensor in out.items():
+                if not torch.equal(tensor, expected[name]):
+                    raise AssertionError(f"{key}: tensor {name!r} differs from the in-process one")
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+@dataclass
+class PathResult:
+    """Timed measurements of one path: each reads ``samples`` samples in ``batches`` batches."""
+
+    key: str
+    label: str
+    samples: int = 0
+    batches: int = 0
+    seconds: list[float] = field(default_factory=list)
+    client_cpu_s: list[float] = field(default_factory=list)
+    server_cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.samples / statistics.median(self.seconds)
+
+    def cpu_ms_per_batch(self, values: list[float]) -> float | None:
+        return 1000 * statistics.median(values) / self.batches if values else None
+
+
+def time_path(
+    src: Sources, path: Callable[[Sources], Iterator[Tensors]], passes: int, server_pid: int
+) -> tuple[int, int, float, float, float | None]:
+    """(samples, batches, wall s, client CPU s, server CPU s) of ``passes`` passes of a path."""
+    samples = batches = 0
+    server_before = process_cpu_s(server_pid)
+    cpu_before = time.process_time()
+    start = time.perf_counter()
+    for _ in range(passes):
+        for tensors in path(src):
+            samples += int(tensors["indices"].shape[0])
+            batches += 1
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_before
+    server_after = process_cpu_s(server_pid)
+    server = None if server_before is None or server_after is None else server_after - server_before
+    return samples, batches, wall, cpu, server
+
+
+def measure_paths(src: Sources, args: argparse.Namespace, server_pid: int) -> dict[str, PathResult]:
+    """Interleaved repeats of every path (order rotated each repeat), after one warm-up pass."""
+    results = {key: PathResult(key, label) for key, (label, _) in PATHS.items()}
+    keys = list(PATHS)
+    for key in keys:
+        time_path(src, PATHS[key][1], 1, server_pid)
+    for repeat in range(args.repeats):
+        shift = repeat % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            samples, batches, wall, cpu, server = time_path(
+                src, PATHS[key][1], args.passes, server_pid
+            )
+            r = results[key]
+            r.samples, r.batches = samples, batches
+            r.seconds.append(wall)
+            r.client_cpu_s.append(cpu)
+            if server is not None:
+                r.server_cpu_s.append(server)
+    return results
+
+
+def paired_ratio(num: PathResult, den: PathResult) -> float:
+    """Median over repeats of rate(num)/rate(den) within the same repeat."""
+    return statistics.median(
+        (num.samples / tn) / (den.samples / td)
+        for tn, td in zip(num.seconds, den.seconds, strict=True)
+    )
+
+
+# --------------------------------------------------------------------------- student
+
+
+@dataclass
+class StudentResult:
+    """Timed student runs fed one way: per run, total, waiting-for-data and compute seconds."""
+
+    feed: str
+    steps: int
+    total_s: list[float] = field(default_factory=list)
+    data_s: list[float] = field(default_factory=list)
+    compute_s: list[float] = field(default_factory=list)
+
+    def ms_per_step(self, values: list[float]) -> float:
+        return 1000 * statistics.median(values) / self.steps
+
+
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def loader_feed(remote: RemoteLabelSet, args: argparse.Namespace) -> Iterator[Step]:
+    """(views, soft, hard) from ``RemoteLabelSet.loader``, enough epochs for the steps."""
+    per_epoch = args.samples // args.batch_size
+    epochs = math.ceil((args.student_steps + 1) / per_epoch)
+    loader = remote.loader(args.batch_size, epochs=epochs, device="cpu", prefetch=args.prefetch)
+    batches = iter(loader)
+    try:
+        for b in batches:
+            yield b.images, b.soft, b.hard
+    finally:
+        batches.close()  # stops the prefetch thread
+
+
+def make_student(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The student ConvNet with a fixed seeded init, and its optimizer."""
+    torch.manual_seed(args.seed)
+    model = convnet(num_classes=args.classes, width=args.student_width)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def train_steps(feed: Iterator[Step], warm: Step, args: argparse.Namespace) -> tuple[float, ...]:
+    """(total, data, compute) seconds of ``student_steps`` GIFT steps on a fresh student.
+
+    Two untimed warm-up steps on ``warm`` first; the loader (when ``feed`` is one) is started
+    by the first ``next``, inside the timed region.
+    """
+    model, opt = make_student(args)
+    loss_fn = get_loss("gift")
+
+    def step(x: torch.Tensor, soft: torch.Tensor, hard: torch.Tensor) -> None:
+        loss = loss_fn(model(x), Targets(soft=soft, hard=hard))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step(*warm)
+    data = compute = 0.0
+    start = time.perf_counter()
+    for _ in range(args.student_steps):
+        t0 = time.perf_counter()
+        batch = next(feed)
+        t1 = time.perf_counter()
+        step(*batch)
+        t2 = time.perf_counter()
+        data, compute = data + t1 - t0, compute + t2 - t1
+    return time.perf_counter() - start, data, compute
+
+
+def measure_student(remote: RemoteLabelSet, args: argparse.Namespace) -> dict[str, StudentResult]:
+    """Interleaved student runs fed by the remote loader and by the same batches in memory."""
+    with contextlib.closing(loader_feed(remote, args)) as feed:
+        memory = list(itertools.islice(feed, args.student_steps))
+    results = {k: StudentResult(k, args.student_steps) for k in ("in_memory", "remote_loader")}
+    for repeat in range(args.student_repeats):
+        order = ["in_memory", "remote_loader"]
+        for key in order if repeat % 2 == 0 else order[::-1]:
+            if key == "in_memory":
+                total, data, compute = train_steps(iter(memory), memory[0], args)
+            else:
+                with contextlib.closing(loader_feed(remote, args)) as feed:
+                    total, data, compute = train_steps(feed, memory[0], args)
+            r = results[key]
+            r.total_s.append(total)
+            r.data_s.append(data)
+            r.compute_s.append(compute)
+    return results
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def median_ms(fn: Callable[[], object], calls: int) -> float:
+    """Median milliseconds of ``calls`` calls of ``fn``, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def diagnostics(src: Sources, root: Path, calls: int) -> dict[str, float]:
+    """Where a streamed batch's time goes: fixed costs and per-batch parts, in median ms.
+
+    - ``healthz``: a GET /healthz round trip (keep-alive): the floor of any request;
+    - ``empty_stream``: ``raw_batches`` from the last batch on (only the end frame): the fixed
+      cost of one stream, paid once per epoch;
+    - ``server_batch``: ``softserve.service.batches.batch_payload`` in this process (read,
+      gather, encode): the server's own work per batch, without HTTP;
+    - ``reader_read``: the ``LabelSetReader.read`` part of it;
+    - ``gather`` and ``views``: the two parts of ``RemoteLabelSet.to_batch`` (base images
+      indexed out of the client's cache, then ``apply_views`` on the CPU).
+    """
+    catalog = Catalog(root.parent, image_cache_bytes=1 << 30, rescan_seconds=1e9, locking=None)
+    catalog.refresh(True)
+    entry = catalog.get(LABEL_SET)
+    assert entry is not None
+    request = BatchRequest(entry, 0, src.sharding, tuple(INCLUDE.split(",")))
+    remote, last = src.remote, len(src.sharding)
+    raw = next(remote.raw_batches(0, src.sharding))
+    cache, idx = remote.base_images(), raw.tensors["indices"]
+    assert cache is not None
+    images, params = cache[idx], raw.tensors["params"]
+    view = dict(mean=remote.mean, std=remote.std)
+    out = {
+        "healthz": median_ms(lambda: src.http.get("/healthz"), calls),
+        "empty_stream": median_ms(lambda: list(remote.raw_batches(0, src.sharding, last)), calls),
+        "server_batch": median_ms(lambda: batch_payload(request, 0), calls),
+        "reader_read": median_ms(
+            lambda: src.reader.read(0, 0, src.sharding.batch_size, ("order", "params", "refined")),
+            calls,
+        ),
+        "gather": median_ms(lambda: cache[idx], calls),
+        "views": median_ms(lambda: apply_views(images, params, remote.output_size, **view), calls),
+    }
+    catalog.close()
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Goal:
+    """A ratio, its target, and whether it is met (None: reported for information)."""
+
+    name: str
+    value: float
+    paired: float
+    target: str
+    met: bool | None
+
+
+def goals(paths: dict[str, PathResult], student: dict[str, StudentResult] | None) -> list[Goal]:
+    """The benchmark's ratios against the project's goals."""
+    a, b, c, e = (paths[k] for k in ("in_process", "per_batch", "stream", "files"))
+    d = paths["stream_views"]
+    out = [
+        Goal("stream / in-process", c.rate / a.rate, paired_ratio(c, a), ">= 0.5", None),
+        Goal("per-batch / in-process", b.rate / a.rate, paired_ratio(b, a), "naive ~0.1", None),
+        Goal("stream / torch.load files", c.rate / e.rate, paired_ratio(c, e), ">= 1.0", None),
+        Goal("stream+views / in-process", d.rate / a.rate, paired_ratio(d, a), "info", None),
+    ]
+    out[0].met = out[0].value >= 0.5
+    out[2].met = out[2].value >= 1.0
+    if student is not None:
+        mem, rem = student["in_memory"], student["remote_loader"]
+        ratio = statistics.median(rem.total_s) / statistics.median(mem.total_s)
+        paired = statistics.median(
+            r / m for r, m in zip(rem.total_s, mem.total_s, strict=True)
+        )  # fmt: skip
+        out.append(Goal("student step remote / in-memory", ratio, paired, "<= 1.05", ratio <= 1.05))
+    return out
+
+
+def _opt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_paths(paths: dict[str, PathResult]) -> list[str]:
+    """The throughput table."""
+    base = paths["in_process"].rate
+    lines = [
+        f"  {'path':<36}{'samples/s':>11}{'vs a':>7}{'client CPU':>12}{'server CPU':>12}"
+        "   seconds per run",
+        f"  {'':<36}{'':>11}{'':>7}{'ms/batch':>12}{'ms/batch':>12}",
+    ]
+    for r in paths.values():
+        runs = " ".join(f"{t:.3f}" for t in r.seconds)
+        lines.append(
+            f"  {r.label:<36}{r.rate:>11,.0f}{r.rate / base:>7.2f}"
+            f"{_opt(r.cpu_ms_per_batch(r.client_cpu_s), '.2f'):>12}"
+            f"{_opt(r.cpu_ms_per_batch(r.server_cpu_s), '.2f'):>12}   {runs}"
+        )
+    return lines
+
+
+def format_student(student: dict[str, StudentResult]) -> list[str]:
+    """The student step table."""
+    lines = [
+        f"  {'feed':<36}{'ms/step':>9}{'waiting':>9}{'compute':>9}   seconds per run",
+        f"  {'':<36}{'':>9}{'ms/step':>9}{'ms/step':>9}",
+    ]
+    labels = {"in_memory": "in-memory batches (views applied)", "remote_loader": "remote loader"}
+    for key, r in student.items():
+        runs = " ".join(f"{t:.2f}" for t in r.total_s)
+        lines.append(
+            f"  {labels[key]:<36}{r.ms_per_step(r.total_s):>9.1f}{r.ms_per_step(r.data_s):>9.1f}"
+            f"{r.ms_per_step(r.compute_s):>9.1f}   {runs}"
+        )
+    return lines
+
+
+def format_goals(rows: list[Goal]) -> list[str]:
+    """The ratio table with goals."""
+    lines = [f"  {'ratio':<36}{'median':>8}{'paired':>8}   {'goal':<12}met"]
+    for g in rows:
+        met = "-" if g.met is None else ("yes" if g.met else "NO")
+        lines.append(f"  {g.name:<36}{g.value:>8.3f}{g.paired:>8.3f}   {g.target:<12}{met}")
+    return lines
+
+
+def format_diagnostics(diag: dict[str, float], paths: dict[str, PathResult]) -> list[str]:
+    """Per-request, per-stream and per-batch costs beside the measured per-batch times."""
+    wall = {k: 1000 * statistics.median(r.seconds) / r.batches for k, r in paths.items()}
+    letters = ", ".join(f"{r.label[0]} {wall[k]:.2f}" for k, r in paths.items())
+    return [
+        "  where a batch's time goes (median ms):",
+        f"    wall per batch: {letters}",
+        f"    fixed: GET /healthz round trip {diag['healthz']:.2f}; empty stream (paid once per "
+        f"epoch) {diag['empty_stream']:.2f}",
+        f"    server work per batch in-process (batch_payload) {diag['server_batch']:.2f}, of "
+        f"which LabelSetReader.read {diag['reader_read']:.2f}",
+        f"    client to_batch: image gather cache[indices] {diag['gather']:.2f}, apply_views "
+        f"{diag['views']:.2f}",
+    ]
+
+
+def format_report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    paths: dict[str, PathResult],
+    student: dict[str, StudentResult] | None,
+    rows: list[Goal],
+) -> str:
+    """The whole human-readable report."""
+    per_epoch = args.samples // args.batch_size
+    lines = [
+        f"== softserve serve benchmark: N={args.samples} 3x32x32 K={args.classes} "
+        f"epochs={args.epochs} codec=fp16 teacher={TEACHER}",
+        f"   batch {args.batch_size} per rank, world size 1, drop_last: {per_epoch} batches "
+        f"({per_epoch * args.batch_size} samples) per epoch; one run = {args.passes} pass(es) "
+        f"over all {args.epochs} epochs",
+        f"   repeats={args.repeats} threads={torch.get_num_threads()} cpus={os.cpu_count()} "
+        f"loadavg(1m) start {info['loadavg_start']:.2f}",
+        f"   payload {info['payload_bytes'] / 1024:.1f} KiB/batch on the wire (no images); "
+        f"torch.save file {info['file_bytes'] / 1024:.1f} KiB/batch (base images + labels)",
+        f"   every path checked to deliver identical tensors: {info['checked']}",
+        "",
+        *format_paths(paths),
+        "  (CPU ms/batch: client = this process, all threads; server = the server process)",
+        "",
+        *format_diagnostics(info["diagnostics"], paths),
+    ]
+    if student is not None:
+        lines += [
+            "",
+            f"  student: ConvNet-3 width {args.student_width}, GIFT loss, SGD, "
+            f"{args.student_steps} steps per run, batch {args.batch_size}, "
+            f"prefetch {args.prefetch}, repeats {args.student_repeats}",
+            *format_student(student),
+            "  (waiting: time in next() - for the loader, queue wait plus apply_views in the "
+            "training thread)",
+        ]
+    lines += ["", *format_goals(rows)]
+    lines.append(f"  loadavg(1m) end {os.getloadavg()[0]:.2f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true", help="fewer repeats and student steps: well under a minute")
+    add("--samples", type=int, default=1000, help="images in the set (default %(default)s)")
+    add("--classes", type=int, default=100, help="classes (default %(default)s)")
+    add("--epochs", type=int, default=3, help="stored epochs (default %(default)s)")
+    add("--batch-size", type=int, default=256, help="batch size per rank (default %(default)s)")
+    add("--repeats", type=int, help="interleaved repeats of each path (default 7; 3 quick)")
+    add("--passes", type=int, help="passes over all epochs per measurement (default 10; 3 quick)")
+    add("--student-width", type=int, default=32, help="student ConvNet width (default 32)")
+    add("--student-steps", type=int, help="timed student steps per run (default 40; 10 quick)")
+    add("--student-repeats", type=int, help="student runs per feed (default 3; 2 quick)")
+    add("--prefetch", type=int, default=8, help="loader prefetch (default %(default)s)")
+    add("--no-student", action="store_true", help="skip the student step measurement")
+    add("--diag-calls", type=int, default=50, help="calls per diagnostic timing (default 50)")
+    add("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    add("--seed", type=int, default=0, help="seed of images, views and student init")
+    add("--workdir", type=Path, help="keep store, files and server log here (default: temp)")
+    add("--json", type=Path, help="also write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    defaults = {"repeats": (7, 3), "passes": (10, 3), "student_steps": (40, 10),
+                "student_repeats": (3, 2)}  # fmt: skip
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.samples < args.batch_size:
+        parser.error("--samples must be at least --batch-size (drop_last leaves no batch)")
+    return args
+
+
+def open_sources(
+    root: Path, url: str, args: argparse.Namespace, stack: contextlib.ExitStack
+) -> Sources:
+    """Reader, HTTP clients and the client's base-image cache (all fetched once, untimed)."""
+    reader = stack.enter_context(LabelSetReader(root))
+    client = stack.enter_context(Client(url))
+    remote = client.labelset(LABEL_SET)
+    if remote.base_images() is None:  # fetched once here, then cached by the client
+        raise RuntimeError("the base images must fit the client's image cache")
+    return Sources(
+        reader=reader,
+        images=reader.images(),
+        hard=reader.hard_labels(),
+        sharding=remote.sharding(args.batch_size, 0, 1),
+        epochs=reader.config.epochs,
+        http=stack.enter_context(httpx.Client(base_url=url, timeout=30)),
+        remote=remote,
+    )
+
+
+def payload_bytes(src: Sources) -> int:
+    """Bytes of one batch payload as served (no images)."""
+    response = src.http.get(f"/v1/labelsets/{LABEL_SET}/epochs/0/batches/0", params=src.batch_query)
+    response.raise_for_status()
+    return len(response.content)
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Build, serve, measure; returns the JSON record (and prints the report)."""
+    started = time.perf_counter()
+    root = build_label_set(args, work)
+    info: dict[str, Any] = {
+        "setup_relabel_s": time.perf_counter() - started,
+        "loadavg_start": os.getloadavg()[0],
+    }
+    with contextlib.ExitStack() as stack:
+        url, pid = stack.enter_context(running_server(root.parent, work / "server.log"))
+        src = open_sources(root, url, args, stack)
+        src.files = write_files(src, work / "files")
+        remote = src.remote
+        check_paths(src, remote.output_size, remote.mean, remote.std)
+        info.update(checked="yes", payload_bytes=payload_bytes(src),
+                    file_bytes=src.files[0].stat().st_size)  # fmt: skip
+        paths = measure_paths(src, args, pid)
+        info["diagnostics"] = diagnostics(src, root, args.diag_calls)
+        student = None if args.no_student else measure_student(remote, args)
+    rows = goals(paths, student)
+    print(format_report(args, info, paths, student, rows), flush=True)
+    return {
+        "info": info,
+        "paths": {k: {**asdict(r), "samples_per_s": r.rate} for k, r in paths.items()},
+        "student": None if student is None else {k: asdict(r) for k, r in student.items()},
+        "goals": [asdict(g) for g in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-bench-")))
+        else:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=args.workdir))
+        record = run(args, work)
+    elapsed = time.perf_counter() - started
+    print(f"total benchmark time {elapsed:.1f} s")
+    if args.json is not None:
+        meta = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "total_s": elapsed,
+        }
+        args.json.write_text(json.dumps({"meta": meta, **record}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""A cheap teacher for ``bench/serve_bench.py``: the serving benchmark needs labels, not quality.
+
+Importable as the teacher spec ``serve_teacher:tiny_convnet`` once ``bench/`` is on
+``sys.path`` (the benchmark puts it there, and on ``PYTHONPATH`` for its subprocesses).
+"""
+
+from __future__ import annotations
+
+from softserve.models import ConvNet
+
+
+def tiny_convnet(num_classes: int = 100) -> ConvNet:
+    """ConvNet-3 with 8 channels for 3×32×32 inputs: relabels 3,000 views in about a second."""
+    return ConvNet(channels=3, num_classes=num_classes, image_size=32, width=8, depth=3)
