@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from softserve.service.catalog import LabelSet
 log = logging.getLogger("softserve.service")
 
 _LABEL_FIELDS = {"soft": "refined", "logits": "logits"}
-_BATCHES_PER_READ = 4
+_BATCHES_PER_READ = 8
 
 
 @dataclass(frozen=True)
@@ -127,15 +128,15 @@ def image_payload(entry: LabelSet, start: int, stop: int) -> bytes:
     return encode({"images": entry.base_images(ids), "hard": entry.hard[start:stop]})
 
 
-def _frames(request: BatchRequest, indices: range) -> tuple[bytes, str | None]:
-    """Frames of several batches read in one go (joined: one copy), and the error that
-    stopped them, if any."""
+def _frames(request: BatchRequest, batches: list[tuple[int, int]]) -> tuple[bytes, str | None]:
+    """Frames of several (epoch, index) batches read in one go (joined: one copy), and the
+    error that stopped them, if any."""
     parts: list[bytes | memoryview] = []
     error = None
     try:
-        for index in indices:
+        for epoch, index in batches:
             with metrics.BATCH_SECONDS.labels("stream").time():
-                parts += frame_parts(batch_parts(request, index))
+                parts += frame_parts(batch_parts(replace(request, epoch=epoch), index))
     except SoftserveError as exc:
         log.error("stream of %s failed at batch %d: %s", request.entry.name, index, exc)
         error = str(exc)
@@ -145,19 +146,21 @@ def _frames(request: BatchRequest, indices: range) -> tuple[bytes, str | None]:
 async def stream_frames(request: BatchRequest, start: int, epochs: int) -> AsyncIterator[bytes]:
     """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame.
 
-    Batches are read a few at a time per trip to the thread pool: one trip per batch costs
-    more than reading a small batch. A read failure ends the stream with an error frame.
+    Batches are read several at a time per trip to the thread pool, across epoch
+    boundaries: a trip and a write cost more than reading a small batch. A read failure
+    ends the stream with an error frame.
     """
     per_epoch = len(request.sharding)
-    for epoch in range(request.epoch, request.epoch + epochs):
-        current = replace(request, epoch=epoch)
-        first = start if epoch == request.epoch else 0
-        for group in range(first, per_epoch, _BATCHES_PER_READ):
-            indices = range(group, min(group + _BATCHES_PER_READ, per_epoch))
-            frames, error = await run_in_threadpool(_frames, current, indices)
-            if frames:
-                yield frames  # one write for the group: fewer trips through the stack
-            if error is not None:
-                yield error_frame(error)
-                return
+    batches = (
+        (epoch, index)
+        for epoch in range(request.epoch, request.epoch + epochs)
+        for index in range(start if epoch == request.epoch else 0, per_epoch)
+    )
+    while group := list(itertools.islice(batches, _BATCHES_PER_READ)):
+        frames, error = await run_in_threadpool(_frames, request, group)
+        if frames:
+            yield frames
+        if error is not None:
+            yield error_frame(error)
+            return
     yield END_FRAME
