@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import softserve
-from softserve.client.payload import MEDIA_TYPE, STREAM_MEDIA_TYPE, TENSORS
+from softserve.client.payload import DEFAULT_INCLUDE, MEDIA_TYPE, STREAM_MEDIA_TYPE, TENSORS
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
 from softserve.service import metrics
@@ -81,7 +81,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         drop_last: bool = True,
         include: Annotated[
             str, Query(description=f"Comma-separated tensors among {', '.join(TENSORS)}")
-        ] = "indices,images,params,hard,soft",
+        ] = ",".join(DEFAULT_INCLUDE),
     ) -> BatchRequest:
         if not 1 <= batch_size <= settings.max_batch_size:
             raise ApiError(
