@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import teachers
 import torch
 from conftest import Server, build_label_set, run_cli
 
-from softserve.client import Client, ClientError, Sharding, refine_labels
+from softserve.client import Client, ClientError, PayloadError, Sharding, refine_labels
 from softserve.client.payload import read_frames
 from softserve.storage import LabelSetReader
 
@@ -370,3 +371,44 @@ def test_one_stream_spans_epochs(server: Server) -> None:
             safetensors.numpy.load(bytes(payload))["indices"],
             safetensors.numpy.load(single.content)["indices"],
         )
+
+
+def test_corrupt_shard_is_a_clear_error_not_a_crash(store: Path, tmp_path: Path) -> None:
+    """A shard damaged after serving began: JSON 500 for a batch, an error frame mid-stream,
+    ClientError/PayloadError in the client without retries, and the server stays up."""
+    local = tmp_path / "store"
+    shutil.copytree(store / "tiny", local / "tiny")
+    shard = local / "tiny" / "labels-00001.h5"  # epochs 2 and 3
+    data = bytearray(shard.read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)  # same size: the scan still accepts it
+    shard.write_bytes(bytes(data))
+    srv = Server(local).start()
+    try:
+        ok = httpx.get(srv.url + TINY + "/epochs/0/batches/0?batch_size=10")
+        assert ok.status_code == 200
+        broken = httpx.get(srv.url + TINY + "/epochs/2/batches/0?batch_size=10")
+        assert broken.status_code == 500
+        body = broken.json()["error"]
+        assert body["code"] == "store_error" and "softserve verify" in body["message"]
+        with Client(srv.url, retries=2, max_wait=0.1) as client:
+            remote = client.labelset("tiny")
+            batches = remote.raw_batches(1, remote.sharding(10), epochs=2)
+            assert len([next(batches) for _ in range(5)]) == 5  # epoch 1 is intact
+            with pytest.raises(PayloadError, match="server error: cannot read"):
+                next(batches)
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_client_dropping_mid_stream_harms_nothing(server: Server) -> None:
+    host, port = "127.0.0.1", server.port
+    query = "batch_size=1&epochs=1000&include=indices,images,params,hard,soft,logits"
+    for _ in range(3):
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(f"GET {TINY}/epochs/0/stream?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        # the socket is gone mid-stream; the server carries on
+    response = httpx.get(server.url + TINY + "/epochs/0/batches/0?batch_size=5")
+    assert response.status_code == 200
+    assert "Traceback" not in server.log.read_text()

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from softserve.errors import SoftserveError
+
 TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
 MEDIA_TYPE = "application/vnd.softserve.safetensors"
@@ -40,8 +42,12 @@ _DTYPES = {
 _NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
 
 
-class PayloadError(ValueError):
+class PayloadError(SoftserveError, ValueError):
     """A payload or stream that cannot be decoded, or an error the server sent in-stream."""
+
+    def __init__(self, message: str, from_server: bool = False) -> None:
+        super().__init__(message)
+        self.from_server = from_server
 
 
 def encode_parts(
@@ -108,7 +114,7 @@ def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str,
         raise PayloadError(f"payload header is not JSON ({exc})") from None
     metadata = header.pop("__metadata__", None) or {}
     if "error" in metadata:
-        raise PayloadError(f"server error: {metadata['error']}")
+        raise PayloadError(f"server error: {metadata['error']}", from_server=True)
     tensors = {}
     for name, info in header.items():
         try:

@@ -48,21 +48,23 @@ class _ServerError(Exception):
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (httpx.TransportError, _ServerError, PayloadError)) and not (
-        isinstance(exc, PayloadError) and str(exc).startswith("server error")
-    )
+    if isinstance(exc, PayloadError):  # a cut stream is worth a retry, a server's report not
+        return not exc.from_server
+    return isinstance(exc, (httpx.TransportError, _ServerError))
 
 
 def _raise_for_status(response: httpx.Response) -> None:
+    """ClientError for a 4xx or a store error (retrying cannot help), _ServerError for
+    other 5xx (it might)."""
     if response.status_code < 400:
         return
-    if response.status_code >= 500:
-        raise _ServerError(f"{response.status_code} from {response.request.url}")
     try:
         body = response.json()["error"]
         message, code = body["message"], body["code"]
     except (ValueError, KeyError, TypeError):
         message, code = response.text[:200], None
+    if response.status_code >= 500 and code != "store_error":
+        raise _ServerError(f"{response.status_code} from {response.request.url}: {message}")
     raise ClientError(f"{response.status_code} {message}", response.status_code, code)
 
 
