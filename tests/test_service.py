@@ -412,3 +412,20 @@ def test_client_dropping_mid_stream_harms_nothing(server: Server) -> None:
     response = httpx.get(server.url + TINY + "/epochs/0/batches/0?batch_size=5")
     assert response.status_code == 200
     assert "Traceback" not in server.log.read_text()
+
+
+def test_several_worker_processes(store: Path) -> None:
+    """--workers 2 serves, and /metrics sums what every worker process counted."""
+    srv = Server(store, "--workers", 2).start()
+    try:
+        url = srv.url + TINY + "/epochs/0/batches/0?batch_size=5"
+        with httpx.Client() as http:  # a new connection each time spreads the requests
+            for _ in range(12):
+                assert http.get(url, headers={"Connection": "close"}).status_code == 200
+        route = "/v1/labelsets/{name}/epochs/{epoch}/batches/{index}"
+        metrics = httpx.get(srv.url + "/metrics").text
+        line = next(x for x in metrics.splitlines() if x.startswith(
+            f'softserve_requests_total{{route="{route}",status="200"}}'))  # fmt: skip
+        assert float(line.split()[-1]) == 12
+    finally:
+        srv.stop()
