@@ -1,9 +1,13 @@
 """The FastAPI application: label-set metadata as JSON, batches as safetensors.
 
 Routes are thin: validation and HTTP shape here, reading in :mod:`softserve.service.batches`.
-Blocking HDF5 reads run in the thread pool, never on the event loop.
+Blocking HDF5 reads and store rescans run in the thread pool, never on the event loop;
+everything else (auth, lookups, validation, JSON) is async, so a request does not pay a
+trip to the thread pool for each of them.
 """
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,14 +47,25 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     catalog = Catalog(
         settings.store,
         image_cache_bytes=settings.image_cache_mb << 20,
-        rescan_seconds=settings.rescan_seconds,
         locking=settings.hdf5_locking,
     )
 
+    async def rescan() -> None:
+        while True:
+            await asyncio.sleep(settings.rescan_seconds)
+            try:
+                await run_in_threadpool(catalog.refresh)
+            except Exception:  # keep serving what is open; the next rescan may succeed
+                log.exception("rescanning the store %s failed", settings.store)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(catalog.refresh, True)
+        await run_in_threadpool(catalog.refresh)
+        rescans = asyncio.create_task(rescan())
         yield
+        rescans.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rescans
         catalog.close()
 
     app = FastAPI(
@@ -62,17 +77,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     metrics.install(app)
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:
         if tokens is not None and not authorized(request.headers.get("authorization"), tokens):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
-    def label_set(name: Annotated[str, Path(description="Label set name")]) -> LabelSet:
+    async def label_set(name: Annotated[str, Path(description="Label set name")]) -> LabelSet:
         found = catalog.get(name)
         if found is None:
             raise ApiError(404, "unknown_label_set", f"no label set named {name!r}")
         return found
 
-    def batch_request(
+    async def batch_request(
         entry: Annotated[LabelSet, Depends(label_set)],
         epoch: Annotated[int, Path(ge=0, description="Epoch; wraps modulo the stored epochs")],
         batch_size: Annotated[int, Query(description="Samples per batch, per rank")],
@@ -105,12 +120,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     v1 = [Depends(require_token)]
 
     @app.get("/v1/labelsets", dependencies=v1, response_model=list[LabelSetSummary])
-    def list_label_sets() -> list[LabelSetSummary]:
+    async def list_label_sets() -> list[LabelSetSummary]:
         """Complete label sets in the store."""
         return [summary(entry) for name in catalog.names() if (entry := catalog.get(name))]
 
     @app.get("/v1/labelsets/{name}", dependencies=v1, response_model=LabelSetDetail)
-    def get_label_set(entry: Annotated[LabelSet, Depends(label_set)]) -> LabelSetDetail:
+    async def get_label_set(entry: Annotated[LabelSet, Depends(label_set)]) -> LabelSetDetail:
         """Everything a training job needs: shapes, normalization, views, refinement."""
         return detail(entry)
 
@@ -177,11 +192,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         )  # fmt: skip
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         if not catalog.scanned or not settings.store.is_dir():
             return JSONResponse({"status": "not ready", "store": str(settings.store)}, 503)
         return JSONResponse({"status": "ready", "label_sets": len(catalog.names())})

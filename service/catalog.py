@@ -2,16 +2,15 @@
 
 Only complete label sets are served: a folder needs a valid manifest whose files exist
 with the sizes it lists (checksums are ``softserve verify``'s job, too slow for a scan).
-The store is rescanned every few seconds, so new sets appear without a restart and
-removed ones disappear. Each process has its own catalog: h5py handles are opened after
-the server forks its workers, never before.
+The server rescans the store every few seconds in the background (never on a request's
+path), so new sets appear without a restart and removed ones disappear. Each process has
+its own catalog: h5py handles are opened after the server forks its workers, never before.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,28 +62,21 @@ def _check_files(root: Path, manifest: Manifest) -> None:
 
 
 class Catalog:
-    """Label sets of one store, rescanned at most every ``rescan_seconds``."""
+    """Label sets of one store, as of the last :meth:`refresh`."""
 
-    def __init__(
-        self, store: Path, *, image_cache_bytes: int, rescan_seconds: float, locking: bool | None
-    ) -> None:
+    def __init__(self, store: Path, *, image_cache_bytes: int, locking: bool | None) -> None:
         self.store = store
         self.image_cache_bytes = image_cache_bytes
-        self.rescan_seconds = rescan_seconds
         self.locking = locking
         self.scanned = False
         self._sets: dict[str, LabelSet] = {}
         self._skipped: dict[str, str] = {}
-        self._last_scan = -float("inf")
         self._lock = threading.Lock()
 
-    def refresh(self, force: bool = False) -> None:
-        """Rescan the store if the last scan is older than ``rescan_seconds`` (or forced)."""
-        if not force and time.monotonic() - self._last_scan < self.rescan_seconds:
-            return
+    def refresh(self) -> None:
+        """Rescan the store: open new or changed label sets, drop gone or broken ones."""
         with self._lock:
             self._scan()
-            self._last_scan = time.monotonic()
             self.scanned = True
 
     def _scan(self) -> None:
@@ -140,11 +132,9 @@ class Catalog:
         )
 
     def names(self) -> list[str]:
-        self.refresh()
         return sorted(self._sets)
 
     def get(self, name: str) -> LabelSet | None:
-        self.refresh()
         return self._sets.get(name)
 
     def close(self) -> None:

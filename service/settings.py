@@ -27,7 +27,7 @@ class ServiceSettings(BaseSettings):
     )
     max_batch_size: int = Field(8192, ge=1, description="Largest batch_size a request may ask.")
     rescan_seconds: float = Field(
-        2.0, ge=0, description="How often the store is rescanned for new label sets."
+        2.0, gt=0, description="How often the store is rescanned for new label sets."
     )
     hdf5_locking: bool | None = Field(
         None, description="HDF5 file locking; set false on network filesystems."
