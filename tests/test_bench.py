@@ -1,0 +1,57 @@
+"""The benchmarks still run end to end, and their paths still deliver identical data.
+
+Timings are not asserted here (shared, noisy machines): these are smoke runs at tiny sizes
+that catch a benchmark broken by a change in the code it measures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *args: object, out: Path) -> dict:
+    cmd = [sys.executable, str(BENCH / script), *map(str, args), "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_serve_bench_paths_agree(tmp_path: Path) -> None:
+    record = run_bench(
+        "serve_bench.py", "--quick", "--samples", 200, "--classes", 10, "--batch-size", 64,
+        "--repeats", 1, "--passes", 2, "--student-steps", 3, "--student-repeats", 1,
+        "--diag-calls", 3, out=tmp_path / "serve.json",
+    )  # fmt: skip
+    assert record["info"]["checked"] == "yes"  # every path delivered path a's tensors
+    paths = record["paths"]
+    assert set(paths) == {"in_process", "per_batch", "stream", "stream_per_epoch",
+                          "stream_views", "files"}  # fmt: skip
+    # 2 passes over 3 stored epochs of 200 // 64 = 3 batches of 64
+    assert {(p["batches"], p["samples"]) for p in paths.values()} == {(18, 18 * 64)}
+    goals = {g["name"]: g for g in record["goals"]}
+    assert goals["stream / in-process"]["value"] > 0
+    assert goals["student step remote / in-memory"]["value"] > 0
+
+
+def test_relabel_bench_runs(tmp_path: Path) -> None:
+    record = run_bench(
+        "relabel_bench.py", "--quick", "--config", "fashion-mnist-like", "--repeats", 1,
+        out=tmp_path / "relabel.json",
+    )  # fmt: skip
+    (config,) = record["configs"]
+    throughput = config["throughput"]
+    assert throughput["samples"] == 1000  # 100 images x 10 epochs went through the pipeline
+    assert throughput["ratio_pipeline_over_bare"] > 0
+    codecs = {c["codec"]: c for c in config["codecs"]}
+    assert set(codecs) == {"fp32", "fp16", "int8"}
+    for c in codecs.values():  # what a relabel stored equals the codec's own round trip
+        assert c["max_abs_stored_vs_roundtrip"] == 0
