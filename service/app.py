@@ -197,7 +197,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        if not catalog.scanned or not settings.store.is_dir():
+        if not catalog.ready:  # as of the last scan: no file system call on the event loop
             return JSONResponse({"status": "not ready", "store": str(settings.store)}, 503)
         return JSONResponse({"status": "ready", "label_sets": len(catalog.names())})
 

@@ -68,7 +68,7 @@ class Catalog:
         self.store = store
         self.image_cache_bytes = image_cache_bytes
         self.locking = locking
-        self.scanned = False
+        self.ready = False
         self._sets: dict[str, LabelSet] = {}
         self._skipped: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -76,13 +76,13 @@ class Catalog:
     def refresh(self) -> None:
         """Rescan the store: open new or changed label sets, drop gone or broken ones."""
         with self._lock:
-            self._scan()
-            self.scanned = True
+            self.ready = self._scan()
 
-    def _scan(self) -> None:
+    def _scan(self) -> bool:
+        """Update the open label sets; False when the store folder is missing."""
         if not self.store.is_dir():
             log.warning("store %s does not exist (yet)", self.store)
-            return
+            return False
         seen = set()
         for root in sorted(p for p in self.store.iterdir() if p.is_dir()):
             manifest_path = root / MANIFEST_FILE
@@ -108,6 +108,7 @@ class Catalog:
         for name in set(self._sets) - seen:
             log.info("label set %s is gone from the store", name)
             self._drop(name)
+        return True
 
     def _drop(self, name: str) -> None:
         gone = self._sets.pop(name, None)

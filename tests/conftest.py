@@ -140,7 +140,8 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = store.parent / f"server-{self.port}.log"
 
-    def start(self) -> Server:
+    def start(self, probe: str = "/readyz") -> Server:
+        """Start, and wait until ``probe`` answers 200 (``/healthz``: up, maybe not ready)."""
         log = open(self.log, "ab")  # noqa: SIM115 - the subprocess owns it
         self.proc = subprocess.Popen(
             softserve_cmd("serve", "--store", self.store, "--port", self.port, *self.args),
@@ -150,7 +151,7 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                if httpx.get(self.url + probe, timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -252,6 +252,24 @@ def test_new_label_sets_appear_and_broken_ones_are_skipped(tmp_path: Path) -> No
         srv.stop()
 
 
+def test_not_ready_until_the_store_exists(tmp_path: Path) -> None:
+    store = tmp_path / "later"
+    srv = Server(store).start(probe="/healthz")
+    try:
+        answer = httpx.get(srv.url + "/readyz")
+        assert answer.status_code == 503
+        assert answer.json() == {"status": "not ready", "store": str(store)}
+        shutil.copytree(build_label_set(tmp_path / "staging" / "fresh", n=12), store / "fresh")
+        deadline = time.monotonic() + 20
+        while (answer := httpx.get(srv.url + "/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, "the background rescan never found the store"
+            time.sleep(0.1)
+        assert answer.json() == {"status": "ready", "label_sets": 1}
+        assert httpx.get(srv.url + "/v1/labelsets/fresh").status_code == 200
+    finally:
+        srv.stop()
+
+
 def test_auth(store: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# training jobs\ns3cret-one\ns3cret-two\n")
