@@ -397,8 +397,9 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
         labeler = _Labeler(teacher, data, config, opts, device)
         labeler.probe()
         ranges = config.shard_ranges()
-        # every rank looks before the barrier in _claim, so before any rank writes a shard
         done = {i for i in range(len(ranges)) if (out / shard_file(i)).exists()}
+        # every rank has looked at the folder before rank 0 writes the plan and the dataset
+        ranks.barrier()
         _claim(out, config, data, ranks)
         pending = [
             i for i in range(len(ranges)) if i % ranks.world_size == ranks.rank and i not in done
