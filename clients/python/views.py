@@ -153,12 +153,14 @@ def apply_views(
         taken = torch.gather(images, 2, index[:, None, :, None].expand(b, c, out_h, w_in))
         return taken.to(torch.float32)
 
-    x = torch.lerp(rows(y0), rows(y1), fy[:, None, :, None])
+    # in place where possible: a fresh multi-MB CPU buffer can cost more in page faults than
+    # the arithmetic written into it
+    x = rows(y0).lerp_(rows(y1), fy[:, None, :, None])
 
     def cols(index: torch.Tensor) -> torch.Tensor:
         return torch.gather(x, 3, index[:, None, None, :].expand(b, c, out_h, out_w))
 
-    x = torch.lerp(cols(x0), cols(x1), fx[:, None, None, :])
+    x = cols(x0).lerp_(cols(x1), fx[:, None, None, :])
     # one affine pass: uint8 to [0, 1], then the normalization
     scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
     if mean is None or std is None:
