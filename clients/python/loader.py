@@ -90,8 +90,15 @@ class Loader(IterableDataset):
                 )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
-    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        """Background: receive batches from the current position on, until told to stop."""
+    def _produce(
+        self, out: queue.Queue, credits: threading.Semaphore, stop: threading.Event
+    ) -> None:
+        """Background: receive batches from the current position on, until told to stop.
+
+        Each batch is received against a credit, which the consumer hands back once it has
+        built the views of a batch it took: the Python work of receiving the next batch
+        then overlaps the training step, not the view building (both would want the GIL).
+        """
         try:
             with_images = self.labelset.base_images() is None
             if self.epoch >= self.epochs:
@@ -101,41 +108,39 @@ class Loader(IterableDataset):
                 self.epoch, self.sharding, self.batch, self.logits, with_images,
                 epochs=self.epochs - self.epoch,
             )  # fmt: skip
-            for raw in raw_batches:
-                if self.device.type == "cuda":
-                    raw.tensors = {k: v.pin_memory() for k, v in raw.tensors.items()}
-                while not stop.is_set():
-                    try:
-                        out.put(raw, timeout=0.1)
+            with contextlib.closing(raw_batches):
+                while True:
+                    while not credits.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
+                    if stop.is_set() or (raw := next(raw_batches, None)) is None:
                         break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    raw_batches.close()
-                    return
+                    if self.device.type == "cuda":
+                        raw.tensors = {k: v.pin_memory() for k, v in raw.tensors.items()}
+                    out.put(raw)
             out.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it
             out.put(exc)
 
     def __iter__(self) -> Iterator[Batch]:
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        out: queue.Queue = queue.Queue()
+        credits = threading.Semaphore(self.prefetch)
         stop = threading.Event()
         worker = threading.Thread(
-            target=self._produce, args=(out, stop), name="softserve-prefetch", daemon=True
-        )
+            target=self._produce, args=(out, credits, stop), name="softserve-prefetch",
+            daemon=True,
+        )  # fmt: skip
         worker.start()
         try:
             while (item := out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 batch = self.labelset.to_batch(item, self.device)
+                credits.release()
                 self.epoch, self.batch = batch.epoch, batch.index + 1
                 if self.batch >= self.batches_per_epoch:
                     self.epoch, self.batch = batch.epoch + 1, 0
                 yield batch
         finally:
-            stop.set()
-            while worker.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    out.get(timeout=0.1)
+            stop.set()  # the worker sees it within 0.1 s of waiting for a credit
             worker.join()
