@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,6 +20,7 @@ from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError, PayloadError, Sharding, refine_labels
 from softserve.client.payload import read_frames
+from softserve.client.remote import RawBatch
 from softserve.storage import LabelSetReader
 
 TINY = "/v1/labelsets/tiny"
@@ -172,6 +175,30 @@ def test_loader_resumes_from_a_state_dict(server: Server) -> None:
     assert head + tail == full
     with pytest.raises(ValueError, match="batch_size"):
         remote.loader(4).load_state_dict(state)
+
+
+def test_loader_runs_at_most_prefetch_batches_ahead_and_stops(server: Server) -> None:
+    with Client(server.url) as client:
+        remote = client.labelset("tiny")
+        received: list[int] = []
+        raw_batches = remote.raw_batches
+
+        def counting(*args: object, **kwargs: object) -> Iterator[RawBatch]:
+            for raw in raw_batches(*args, **kwargs):
+                received.append(raw.index)
+                yield raw
+
+        remote.raw_batches = counting  # type: ignore[method-assign]
+        batches = iter(remote.loader(8, epochs=3, prefetch=2))
+        for taken in range(1, 5):
+            next(batches)
+            deadline = time.monotonic() + 30
+            while len(received) < taken + 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)  # room to overrun, were the bound broken
+            assert len(received) == taken + 2
+        batches.close()
+        assert not [t for t in threading.enumerate() if t.name == "softserve-prefetch"]
 
 
 def test_errors_are_json_with_a_clear_message(server: Server) -> None:
