@@ -46,6 +46,7 @@ def test_decode_equals_safetensors() -> None:
         (lambda p: p[:40], "header is longer"),
         (lambda p: p[:8] + b"X" + p[9:], "not JSON"),
         (lambda p: p[:-4], "do not match"),
+        (lambda p: p.replace(b'"shape":[10]', b'"shape":[-1]'), "malformed header"),
     ],
 )
 def test_decode_rejects_broken_payloads(mangle, message: str) -> None:

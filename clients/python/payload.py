@@ -21,6 +21,7 @@ frame; a frame whose metadata has ``error`` reports a failure mid-stream.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 
@@ -120,10 +121,12 @@ def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str,
         try:
             dtype = np.dtype(_DTYPES[info["dtype"]])
             start, stop = info["data_offsets"]
-            shape = tuple(info["shape"])
+            shape = tuple(int(d) for d in info["shape"])
+            if min(shape, default=0) < 0:
+                raise ValueError("negative dimension")
         except (KeyError, TypeError, ValueError):
             raise PayloadError(f"tensor {name!r}: unsupported or malformed header {info}") from None
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # not np.prod: ~40x the cost on a tiny tuple, per tensor
         if stop - start != count * dtype.itemsize or base + stop > size:
             raise PayloadError(f"tensor {name!r}: data offsets do not match shape {shape}")
         tensors[name] = np.frombuffer(payload, dtype, count, base + start).reshape(shape)
