@@ -28,7 +28,8 @@ def run_bench(script: str, *args: object, out: Path) -> dict:
 def test_serve_bench_paths_agree(tmp_path: Path) -> None:
     record = run_bench(
         "serve_bench.py", "--quick", "--samples", 200, "--classes", 10, "--batch-size", 64,
-        "--repeats", 1, "--passes", 2, "--student-steps", 3, "--student-repeats", 1,
+        "--repeats", 1, "--passes", 2, "--student-widths", "16,8",
+        "--student-steps", 4, "--student-block", 2, "--student-repeats", 1,
         "--diag-calls", 3, out=tmp_path / "serve.json",
     )  # fmt: skip
     assert record["info"]["checked"] == "yes"  # every path delivered path a's tensors
@@ -39,7 +40,13 @@ def test_serve_bench_paths_agree(tmp_path: Path) -> None:
     assert {(p["batches"], p["samples"]) for p in paths.values()} == {(18, 18 * 64)}
     goals = {g["name"]: g for g in record["goals"]}
     assert goals["stream / in-process"]["value"] > 0
-    assert goals["student step remote / in-memory"]["value"] > 0
+    assert goals["student step remote / in-memory w16"]["target"] == "<= 1.05"
+    assert goals["student step remote / in-memory w8"]["target"] == "info"
+    assert set(record["student"]) == {"16", "8"}
+    for student in record["student"].values():  # both feeds took the same timed steps
+        assert set(student) == {"in_memory", "remote_loader"}
+        assert all(s["steps"] == 4 and len(s["total_s"]) == 1 for s in student.values())
+        assert all(t > 0 for s in student.values() for t in s["total_s"])
 
 
 def test_relabel_bench_runs(tmp_path: Path) -> None:
