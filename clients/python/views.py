@@ -95,9 +95,7 @@ def sample_views(
     return np.stack([top, left, h, w, flip], axis=1).astype(np.int32)
 
 
-def _taps(
-    params: torch.Tensor, out_h: int, out_w: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _taps(params: torch.Tensor, out_h: int, out_w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Source indices of both bilinear taps and the second tap's weight, for both axes.
 
     Returns ``index`` (2 taps, 2 axes, B, S) and ``frac`` (2 axes, B, S), S = max(out_h,
