@@ -102,6 +102,16 @@ def test_fp16_clips_instead_of_overflowing() -> None:
     assert y.tolist() == [[65504.0, -65504.0, 1.0, 65504.0]]
 
 
+def test_fp16_decode_is_the_exact_cast_of_every_half() -> None:
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    frozen = halves.copy()
+    frozen.flags.writeable = False  # read-only input takes numpy's path
+    for stored in (halves, frozen, halves[:, ::2]):
+        decoded = CODECS["fp16"].decode({"": stored})
+        assert decoded.dtype == np.float32
+        assert np.array_equal(decoded, stored.astype(np.float32), equal_nan=True)
+
+
 def test_int8_hits_row_extremes() -> None:
     """int8's grid ends on each row's min and max (to float32 rounding)."""
     x = realistic_logits((50, 20), seed=9)
