@@ -42,7 +42,7 @@ batches pre-materialized in memory (images already viewed). They take turns ever
 ``--student-block`` steps (ABBA), so load that drifts over seconds falls on both alike; a
 repeat is ``--student-steps`` steps of each. This runs for each of ``--student-widths``:
 the first is the student the goal is judged on (default 128, the literature's ConvNet-3 and
-``softserve train``'s), the others are reported for information (default 32: a student 5-7x
+``softserve train``'s), the others are reported for information (default 32: a student 5-8x
 cheaper per step on a CPU, the stress case for the loader's fixed per-batch work). Goal: remote
 within 5% of in-memory. The time each step waits in ``next()`` (the loader: queue wait plus
 views) is reported apart from the compute. On a 2-core machine the loader's thread and the
