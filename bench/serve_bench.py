@@ -9,7 +9,9 @@ Throughput, in samples/s at ``--batch-size`` per rank, world size 1 (``drop_last
 epoch is ``samples // batch_size`` batches). One measurement is a training run's worth of
 batches: ``--passes`` × E epochs, where epochs past the E stored ones wrap (the server
 serves stored epoch e mod E). Tensors per batch: indices, view params, hard labels, soft
-(GIFT-refined, float32) labels, and (a, d, e) images:
+(GIFT-refined, float32) labels, and (a, d, e) images. The remote paths (b, c, c', d) ask for
+``label_dtype=float16``, as the client does for an fp16 label set (the stored bytes, half of
+float32's), and widen ``soft`` to float32 on receipt, so every path delivers the same tensors:
 
   a. in-process: ``LabelSetReader.read`` (order, params, refined) per batch, plus base
      images and hard labels gathered by index from in-memory arrays (what the server does);
@@ -81,7 +83,7 @@ import numpy as np
 import torch
 
 from softserve.client import Client, RemoteLabelSet, Sharding, Targets, apply_views, get_loss
-from softserve.client.payload import decode
+from softserve.client.payload import decode, wire_label_dtype
 from softserve.models import convnet
 from softserve.service.batches import BatchRequest, batch_payload
 from softserve.service.catalog import Catalog
@@ -92,6 +94,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 TEACHER = "serve_teacher:tiny_convnet"
 LABEL_SET = "bench"
 INCLUDE = "indices,params,hard,soft"
+LABEL_DTYPE = wire_label_dtype("fp16")
 Tensors = dict[str, torch.Tensor]
 
 # --------------------------------------------------------------------------- setup
@@ -214,7 +217,7 @@ class Sources:
     def batch_query(self) -> dict[str, str | int]:
         s = self.sharding
         return {"batch_size": s.batch_size, "rank": s.rank, "world_size": s.world_size,
-                "include": INCLUDE}  # fmt: skip
+                "include": INCLUDE, "label_dtype": LABEL_DTYPE}  # fmt: skip
 
 
 def in_process(src: Sources) -> Iterator[Tensors]:
@@ -233,26 +236,31 @@ def in_process(src: Sources) -> Iterator[Tensors]:
         }
 
 
+def widened(tensors: Tensors) -> Tensors:
+    """float16 labels as float32, as ``RemoteLabelSet.to_batch`` widens them."""
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
+
+
 def per_batch(src: Sources) -> Iterator[Tensors]:
     """b. One GET per batch (no images), decoded into torch tensors."""
     path = f"/v1/labelsets/{LABEL_SET}/epochs"
     for epoch, index in src.positions():
         response = src.http.get(f"{path}/{epoch}/batches/{index}", params=src.batch_query)
         response.raise_for_status()
-        yield {k: torch.from_numpy(v) for k, v in decode(response.content)[0].items()}
+        yield widened({k: torch.from_numpy(v) for k, v in decode(response.content)[0].items()})
 
 
 def stream(src: Sources) -> Iterator[Tensors]:
     """c. RemoteLabelSet.raw_batches (no images): one stream for the run, as the loader."""
     for raw in src.remote.raw_batches(0, src.sharding, epochs=src.run_epochs):
-        yield raw.tensors
+        yield widened(raw.tensors)
 
 
 def stream_per_epoch(src: Sources) -> Iterator[Tensors]:
     """c'. RemoteLabelSet.raw_batches (no images), one stream per epoch."""
     for epoch in range(src.run_epochs):
         for raw in src.remote.raw_batches(epoch, src.sharding):
-            yield raw.tensors
+            yield widened(raw.tensors)
 
 
 def stream_views(src: Sources) -> Iterator[Tensors]:
@@ -510,7 +518,7 @@ def diagnostics(src: Sources, root: Path, calls: int) -> dict[str, float]:
     catalog.refresh()
     entry = catalog.get(LABEL_SET)
     assert entry is not None
-    request = BatchRequest(entry, 0, src.sharding, tuple(INCLUDE.split(",")))
+    request = BatchRequest(entry, 0, src.sharding, tuple(INCLUDE.split(",")), LABEL_DTYPE)
     remote, last = src.remote, len(src.sharding)
     raw = next(remote.raw_batches(0, src.sharding))
     cache, idx = remote.base_images(), raw.tensors["indices"]

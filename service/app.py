@@ -18,7 +18,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import softserve
-from softserve.client.payload import DEFAULT_INCLUDE, MEDIA_TYPE, STREAM_MEDIA_TYPE, TENSORS
+from softserve.client.payload import (
+    DEFAULT_INCLUDE,
+    MEDIA_TYPE,
+    STREAM_MEDIA_TYPE,
+    TENSORS,
+    LabelDtype,
+)
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
 from softserve.service import metrics
@@ -97,6 +103,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         include: Annotated[
             str, Query(description=f"Comma-separated tensors among {', '.join(TENSORS)}")
         ] = ",".join(DEFAULT_INCLUDE),
+        label_dtype: Annotated[
+            LabelDtype,
+            Query(description="dtype of soft and logits; float16 is exact for the fp16 codec"),
+        ] = "float32",
     ) -> BatchRequest:
         if not 1 <= batch_size <= settings.max_batch_size:
             raise ApiError(
@@ -115,7 +125,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         sharding = Sharding(
             entry.manifest.config.num_samples, batch_size, rank, world_size, drop_last
         )
-        return BatchRequest(entry, epoch, sharding, wanted)
+        return BatchRequest(entry, epoch, sharding, wanted, label_dtype)
 
     v1 = [Depends(require_token)]
 

@@ -10,7 +10,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from softserve.client.payload import END_FRAME, encode, encode_parts, error_frame, frame_parts
+from softserve.client.payload import (
+    END_FRAME,
+    LabelDtype,
+    encode,
+    encode_parts,
+    error_frame,
+    frame_parts,
+)
 from softserve.client.sampling import Sharding
 from softserve.client.schema import (
     LabelSetDetail,
@@ -36,6 +43,7 @@ class BatchRequest:
     epoch: int
     sharding: Sharding
     include: tuple[str, ...]
+    label_dtype: LabelDtype = "float32"
 
     @property
     def stored_epoch(self) -> int:
@@ -90,7 +98,7 @@ def read_batch(request: BatchRequest, index: int) -> dict[str, np.ndarray]:
         fields.append("params")
     fields += [stored for name, stored in _LABEL_FIELDS.items() if name in request.include]
     with entry.lock:
-        rows = entry.reader.read(request.stored_epoch, start, stop, fields)
+        rows = entry.reader.read(request.stored_epoch, start, stop, fields, request.label_dtype)
     ids = rows["order"].astype(np.int64)
     out: dict[str, np.ndarray] = {}
     for name in request.include:

@@ -50,7 +50,22 @@ class Codec:
         raise NotImplementedError
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        """The labels as float32."""
         raise NotImplementedError
+
+    def decode_as(self, parts: dict[str, np.ndarray], dtype: np.dtype) -> np.ndarray:
+        """The labels as float32 or float16 (clipped to its range); a float codec's own dtype
+        comes back as stored, without a copy."""
+        if np.dtype(dtype) == np.float32:
+            return self.decode(parts)
+        if np.dtype(dtype) != np.float16:
+            raise ValueError(f"labels decode to float32 or float16, not {dtype}")
+        return to_float16(self.decode(parts))
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """float16 of ``x``, clipped to its finite range rather than overflowing to inf."""
+    return np.clip(x, -_FP16_MAX, _FP16_MAX).astype(np.float16)
 
 
 class _FloatCodec(Codec):
@@ -61,7 +76,7 @@ class _FloatCodec(Codec):
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self._dtype == np.float16:
-            x = np.clip(x, -_FP16_MAX, _FP16_MAX)
+            return {"": to_float16(x)}
         return {"": np.asarray(x, dtype=self._dtype)}
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -71,6 +86,11 @@ class _FloatCodec(Codec):
             # a batch: most of the server's decode); exact either way
             return torch.from_numpy(x).float().numpy()
         return np.asarray(x, dtype=np.float32)
+
+    def decode_as(self, parts: dict[str, np.ndarray], dtype: np.dtype) -> np.ndarray:
+        if np.dtype(dtype) == self._dtype:
+            return parts[""]
+        return super().decode_as(parts, dtype)
 
 
 class Int8Codec(Codec):

@@ -80,9 +80,11 @@ class LabelSetReader:
         return shard.file, epoch - shard.epoch_start
 
     def read(
-        self, epoch: int, start: int, stop: int, fields: Iterable[str] = ROW_FIELDS
-    ) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of an epoch's order: sample ids, view params, decoded labels."""
+        self, epoch: int, start: int, stop: int, fields: Iterable[str] = ROW_FIELDS,
+        label_dtype: np.dtype | type = np.float32,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """Rows [start, stop) of an epoch's order: sample ids, view params, and labels decoded
+        to ``label_dtype`` (float32, or float16: the fp16 codec's labels as stored)."""
         name, local = self.shard_of(epoch)
         rows = slice(start, stop)
         out: dict[str, np.ndarray] = {}
@@ -92,7 +94,7 @@ class LabelSetReader:
                     p.suffix: self._read(name, part_name(field, p.suffix), (local, rows))
                     for p in self.codec.parts
                 }
-                out[field] = self.codec.decode(parts)
+                out[field] = self.codec.decode_as(parts, label_dtype)
             elif field in ROW_FIELDS:
                 out[field] = self._read(name, field, (local, rows))
             else:

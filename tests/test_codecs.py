@@ -233,6 +233,24 @@ def test_shard_roundtrip_through_reader(tmp_path: Path, name: str) -> None:
             reader.read(EPOCHS, 0, 1)
 
 
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_decode_as_float16(name: str) -> None:
+    """float16 labels: the fp16 codec's as stored (no copy), others are float32's, rounded and
+    clipped to float16's range rather than overflowing to inf."""
+    codec = CODECS[name]
+    x = realistic_logits((64, 10), seed=3)
+    x[3, :2] = [1e6, -1e6]
+    parts = codec.encode(x)
+    half = codec.decode_as(parts, np.float16)
+    assert half.dtype == np.float16 and half.shape == x.shape and np.isfinite(half).all()
+    assert np.array_equal(half, codec.decode(parts).clip(-65504, 65504).astype(np.float16))
+    assert (half[3, :2] == [65504, -65504]).all()
+    assert np.shares_memory(half, parts[""]) == (name == "fp16")
+    assert codec.decode_as(parts, np.float32).dtype == np.float32
+    with pytest.raises(ValueError, match="float32 or float16"):
+        codec.decode_as(parts, np.float64)
+
+
 def test_shard_stores_codec_parts(tmp_path: Path) -> None:
     """A shard holds order, params and each label field's codec parts, with the shard's epochs."""
     import h5py

@@ -78,6 +78,35 @@ def test_batch_is_plain_safetensors(server: Server, store: Path) -> None:
     assert set(safetensors.numpy.load(few.content)) == {"soft"}
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-int8"])
+def test_labels_as_float16(server: Server, name: str) -> None:
+    """label_dtype=float16 halves the label bytes; for the fp16 codec it loses nothing."""
+    path = f"/v1/labelsets/{name}/epochs/1/batches/1"
+    params = {"batch_size": 8, "include": "soft,logits"}
+    wide = safetensors.numpy.load(httpx.get(server.url + path, params=params).content)
+    response = httpx.get(server.url + path, params={**params, "label_dtype": "float16"})
+    half = safetensors.numpy.load(response.content)
+    for key in ("soft", "logits"):
+        assert half[key].dtype == np.float16 and half[key].shape == wide[key].shape
+        np.testing.assert_array_equal(half[key], wide[key].astype(np.float16))
+        if name == "tiny":  # stored as fp16: widening gives back the float32 answer exactly
+            np.testing.assert_array_equal(half[key].astype(np.float32), wide[key])
+    bad = httpx.get(server.url + path, params={**params, "label_dtype": "float64"})
+    assert bad.status_code == 422 and "label_dtype" in bad.text
+
+
+def test_client_receives_fp16_labels_as_stored_and_widens_them(server: Server) -> None:
+    """The client asks for float16 labels only where they are exact, and yields float32."""
+    with Client(server.url) as client:
+        for name, wire in [("tiny", torch.float16), ("tiny-int8", torch.float32)]:
+            remote = client.labelset(name)
+            (raw, *_) = remote.raw_batches(0, remote.sharding(8))
+            assert raw.tensors["soft"].dtype == wire
+            batch = remote.to_batch(raw, "cpu")
+            assert batch.soft.dtype == torch.float32
+            torch.testing.assert_close(batch.soft, raw.tensors["soft"].float(), rtol=0, atol=0)
+
+
 def test_stream_equals_batches_and_resumes(server: Server) -> None:
     params = {"batch_size": 7, "rank": 1, "world_size": 2, "include": "indices,soft"}
     with httpx.stream("GET", server.url + TINY + "/epochs/2/stream", params=params) as response:

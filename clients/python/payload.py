@@ -13,6 +13,10 @@ soft       float32  (B,K)       GIFT-refined labels, decoded from the stored cod
 logits     float32  (B,K)       raw teacher logits on the same views (when asked)
 =========  =======  ==========  =====================================================
 
+``soft`` and ``logits`` come as float16 when a request asks ``label_dtype=float16``: half
+the bytes, and for a label set stored with the fp16 codec exactly the stored values, so
+the client asks for it there (:func:`wire_label_dtype`) and widens on the job's device.
+
 and metadata ``epoch``, ``stored_epoch`` and ``batch``. A stream is a sequence of frames,
 each an 8-byte little-endian length and that many payload bytes, ended by a zero-length
 frame; a frame whose metadata has ``error`` reports a failure mid-stream.
@@ -24,6 +28,7 @@ import json
 import math
 import struct
 from collections.abc import Iterator, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -31,6 +36,7 @@ from softserve.errors import SoftserveError
 
 TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
+LabelDtype = Literal["float32", "float16"]
 MEDIA_TYPE = "application/vnd.softserve.safetensors"
 STREAM_MEDIA_TYPE = "application/vnd.softserve.safetensors-stream"
 _LENGTH = struct.Struct("<Q")
@@ -49,6 +55,11 @@ class PayloadError(SoftserveError, ValueError):
     def __init__(self, message: str, from_server: bool = False) -> None:
         super().__init__(message)
         self.from_server = from_server
+
+
+def wire_label_dtype(codec: str) -> LabelDtype:
+    """The smallest ``label_dtype`` that carries a label set's stored labels exactly."""
+    return "float16" if codec == "fp16" else "float32"
 
 
 def encode_parts(

@@ -23,7 +23,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from softserve.client.payload import PayloadError, decode, read_frames
+from softserve.client.payload import PayloadError, decode, read_frames, wire_label_dtype
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
 from softserve.client.views import apply_views
@@ -184,7 +184,8 @@ class Batch:
 
 @dataclass
 class RawBatch:
-    """A batch as received: CPU tensors, views not yet applied."""
+    """A batch as received: CPU tensors, views not yet applied, labels in the wire's dtype
+    (float16 for a label set stored with the fp16 codec)."""
 
     epoch: int
     index: int
@@ -277,6 +278,7 @@ class RemoteLabelSet:
             "world_size": sharding.world_size,
             "drop_last": str(sharding.drop_last).lower(),
             "include": ",".join(include),
+            "label_dtype": wire_label_dtype(self.detail.codec),
         }
         per_epoch, end = len(sharding), epoch + epochs
         if per_epoch == 0:
@@ -314,6 +316,10 @@ class RemoteLabelSet:
             mean=self.mean,
             std=self.std,
         )
+
+        def labels(x: torch.Tensor) -> torch.Tensor:  # widened after the copy: half the bytes
+            return x.to(device, non_blocking=non_blocking).float()
+
         logits = t.get("logits")
         return Batch(
             epoch=raw.epoch,
@@ -322,8 +328,8 @@ class RemoteLabelSet:
             images=views,
             params=t["params"],
             hard=t["hard"].to(device, non_blocking=non_blocking),
-            soft=t["soft"].to(device, non_blocking=non_blocking),
-            logits=logits.to(device, non_blocking=non_blocking) if logits is not None else None,
+            soft=labels(t["soft"]),
+            logits=labels(logits) if logits is not None else None,
         )
 
     def batches(
