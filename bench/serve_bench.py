@@ -14,7 +14,11 @@ serves stored epoch e mod E). Tensors per batch: indices, view params, hard labe
 float32's), and widen ``soft`` to float32 on receipt, so every path delivers the same tensors:
 
   a. in-process: ``LabelSetReader.read`` (order, params, refined) per batch, plus base
-     images and hard labels gathered by index from in-memory arrays (what the server does);
+     images and hard labels gathered by index from in-memory arrays: a local job's reads;
+  a'. in-process, the server's reads: ``softserve.service.batches.read_batches`` over the
+     groups a stream reads at a time (consecutive batches of a stored epoch in one read),
+     images from the server's cache; for information: c against it is the cost of serving
+     alone (encode, HTTP, decode), with the reads on both sides;
   b. per-batch: one ``GET .../epochs/{e}/batches/{i}`` per batch on one ``httpx.Client``
      (include=indices,params,hard,soft: images are cached client-side, as the client does),
      decoded by ``softserve.client.payload.decode`` into torch tensors;
@@ -74,7 +78,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +89,7 @@ import torch
 from softserve.client import Client, RemoteLabelSet, Sharding, Targets, apply_views, get_loss
 from softserve.client.payload import decode, wire_label_dtype
 from softserve.models import convnet
-from softserve.service.batches import BatchRequest, batch_payload
+from softserve.service.batches import BatchRequest, batch_payload, read_batches, stream_groups
 from softserve.service.catalog import Catalog
 from softserve.storage import LabelSetReader
 from softserve.worker.relabel import RelabelOptions, relabel
@@ -207,6 +211,7 @@ class Sources:
     run_epochs: int
     http: httpx.Client
     remote: RemoteLabelSet
+    request: BatchRequest
     files: list[Path] = field(default_factory=list)
 
     def positions(self) -> Iterator[tuple[int, int]]:
@@ -239,6 +244,13 @@ def in_process(src: Sources) -> Iterator[Tensors]:
 def widened(tensors: Tensors) -> Tensors:
     """float16 labels as float32, as ``RemoteLabelSet.to_batch`` widens them."""
     return {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
+
+
+def in_process_grouped(src: Sources) -> Iterator[Tensors]:
+    """a'. The server's reads, in this process: read_batches over the stream's groups."""
+    for group in stream_groups(src.request, 0, src.run_epochs):
+        for tensors in read_batches(src.request, group):
+            yield {k: torch.from_numpy(v) for k, v in tensors.items()}
 
 
 def per_batch(src: Sources) -> Iterator[Tensors]:
@@ -281,6 +293,7 @@ def torch_files(src: Sources) -> Iterator[Tensors]:
 
 PATHS: dict[str, tuple[str, Callable[[Sources], Iterator[Tensors]]]] = {
     "in_process": ("a in-process reader + gather", in_process),
+    "in_process_grouped": ("a' in-process, the server's reads", in_process_grouped),
     "per_batch": ("b remote, one GET per batch", per_batch),
     "stream": ("c remote stream, one per run", stream),
     "stream_per_epoch": ("c' remote stream, one per epoch", stream_per_epoch),
@@ -502,7 +515,7 @@ def median_ms(fn: Callable[[], object], calls: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def diagnostics(src: Sources, root: Path, calls: int) -> dict[str, float]:
+def diagnostics(src: Sources, calls: int) -> dict[str, float]:
     """Where a streamed batch's time goes: fixed costs and per-batch parts, in median ms.
 
     - ``healthz``: a GET /healthz round trip (keep-alive): the floor of any request;
@@ -514,18 +527,14 @@ def diagnostics(src: Sources, root: Path, calls: int) -> dict[str, float]:
     - ``gather`` and ``views``: the two parts of ``RemoteLabelSet.to_batch`` (base images
       indexed out of the client's cache, then ``apply_views`` on the CPU).
     """
-    catalog = Catalog(root.parent, image_cache_bytes=1 << 30, locking=None)
-    catalog.refresh()
-    entry = catalog.get(LABEL_SET)
-    assert entry is not None
-    request = BatchRequest(entry, 0, src.sharding, tuple(INCLUDE.split(",")), LABEL_DTYPE)
+    request = replace(src.request, include=tuple(INCLUDE.split(",")), label_dtype=LABEL_DTYPE)
     remote, last = src.remote, len(src.sharding)
     raw = next(remote.raw_batches(0, src.sharding))
     cache, idx = remote.base_images(), raw.tensors["indices"]
     assert cache is not None
     images, params = cache.index_select(0, idx), raw.tensors["params"]
     view = dict(mean=remote.mean, std=remote.std)
-    out = {
+    return {
         "healthz": median_ms(lambda: src.http.get("/healthz"), calls),
         "empty_stream": median_ms(lambda: list(remote.raw_batches(0, src.sharding, last)), calls),
         "server_batch": median_ms(lambda: batch_payload(request, 0), calls),
@@ -536,8 +545,6 @@ def diagnostics(src: Sources, root: Path, calls: int) -> dict[str, float]:
         "gather": median_ms(lambda: cache.index_select(0, idx), calls),
         "views": median_ms(lambda: apply_views(images, params, remote.output_size, **view), calls),
     }
-    catalog.close()
-    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -559,11 +566,18 @@ def goals(
 ) -> list[Goal]:
     """The benchmark's ratios against the project's goals."""
     a, b, c, e = (paths[k] for k in ("in_process", "per_batch", "stream", "files"))
-    c1, d = paths["stream_per_epoch"], paths["stream_views"]
+    a1, c1, d = paths["in_process_grouped"], paths["stream_per_epoch"], paths["stream_views"]
     out = [
         Goal("stream / in-process", c.rate / a.rate, paired_ratio(c, a), ">= 0.5", None),
         Goal("per-batch / in-process", b.rate / a.rate, paired_ratio(b, a), "naive ~0.1", None),
         Goal("stream / torch.load files", c.rate / e.rate, paired_ratio(c, e), ">= 1.0", None),
+        Goal(
+            "stream / in-process server's reads",
+            c.rate / a1.rate,
+            paired_ratio(c, a1),
+            "info",
+            None,
+        ),  # fmt: skip
         Goal("stream per epoch / in-process", c1.rate / a.rate, paired_ratio(c1, a), "info", None),
         Goal("stream+views / in-process", d.rate / a.rate, paired_ratio(d, a), "info", None),
     ]
@@ -748,21 +762,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def open_sources(
     root: Path, url: str, args: argparse.Namespace, stack: contextlib.ExitStack
 ) -> Sources:
-    """Reader, HTTP clients and the client's base-image cache (all fetched once, untimed)."""
+    """Reader, the server's catalog entry, HTTP clients and the client's base-image cache
+    (all opened once, untimed)."""
     reader = stack.enter_context(LabelSetReader(root))
     client = stack.enter_context(Client(url))
     remote = client.labelset(LABEL_SET)
     if remote.base_images() is None:  # fetched once here, then cached by the client
         raise RuntimeError("the base images must fit the client's image cache")
+    catalog = Catalog(root.parent, image_cache_bytes=1 << 30, locking=None)
+    stack.callback(catalog.close)
+    catalog.refresh()
+    entry = catalog.get(LABEL_SET)
+    assert entry is not None
+    sharding = remote.sharding(args.batch_size, 0, 1)
     return Sources(
         reader=reader,
         images=reader.images(),
         hard=reader.hard_labels(),
-        sharding=remote.sharding(args.batch_size, 0, 1),
+        sharding=sharding,
         stored_epochs=reader.config.epochs,
         run_epochs=args.passes * reader.config.epochs,
         http=stack.enter_context(httpx.Client(base_url=url, timeout=30)),
         remote=remote,
+        request=BatchRequest(entry, 0, sharding, ("indices", "images", "params", "hard", "soft")),
     )
 
 
@@ -790,7 +812,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         info.update(checked="yes", payload_bytes=payload_bytes(src),
                     file_bytes=src.files[0].stat().st_size)  # fmt: skip
         paths = measure_paths(src, args, pid)
-        info["diagnostics"] = diagnostics(src, root, args.diag_calls)
+        info["diagnostics"] = diagnostics(src, args.diag_calls)
         widths = [] if args.no_student else args.student_widths
         students = {w: measure_student(remote, args, w) for w in widths}
     rows = goals(paths, students)

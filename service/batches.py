@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -47,8 +48,11 @@ class BatchRequest:
 
     @property
     def stored_epoch(self) -> int:
+        return self.stored(self.epoch)
+
+    def stored(self, epoch: int) -> int:
         """Epochs past the stored ones wrap around: epoch e serves stored epoch e mod E."""
-        return self.epoch % self.entry.manifest.config.epochs
+        return epoch % self.entry.manifest.config.epochs
 
 
 def summary(entry: LabelSet) -> LabelSetSummary:
@@ -89,16 +93,44 @@ def detail(entry: LabelSet) -> LabelSetDetail:
     )
 
 
-def read_batch(request: BatchRequest, index: int) -> dict[str, np.ndarray]:
-    """The requested tensors of batch ``index`` (see softserve.client.payload)."""
+def read_batches(
+    request: BatchRequest, batches: Iterable[tuple[int, int]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The requested tensors (see softserve.client.payload) of (epoch, index) batches.
+
+    Batches that follow each other in one stored epoch (world size 1) are read together, one
+    read per dataset: a read of a few rows costs about as much as a read of many.
+    """
     entry = request.entry
-    start, stop = request.sharding.positions(index)
     fields = ["order"]
     if "params" in request.include:
         fields.append("params")
     fields += [stored for name, stored in _LABEL_FIELDS.items() if name in request.include]
-    with entry.lock:
-        rows = entry.reader.read(request.stored_epoch, start, stop, fields, request.label_dtype)
+    spans = [(request.stored(epoch), *request.sharding.positions(i)) for epoch, i in batches]
+    for run in _contiguous_runs(spans):
+        stored, first, last = run[0][0], run[0][1], run[-1][2]
+        with entry.lock:
+            rows = entry.reader.read(stored, first, last, fields, request.label_dtype)
+        for _, start, stop in run:
+            batch = {k: v[start - first : stop - first] for k, v in rows.items()}
+            yield _tensors(request, batch)
+
+
+def _contiguous_runs(spans: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
+    """(stored epoch, start, stop) spans grouped into runs that read as one slice."""
+    run: list[tuple[int, int, int]] = []
+    for span in spans:
+        if run and (span[0] != run[-1][0] or span[1] != run[-1][2]):
+            yield run
+            run = []
+        run.append(span)
+    if run:
+        yield run
+
+
+def _tensors(request: BatchRequest, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch's payload tensors, in the requested order, from its stored rows."""
+    entry = request.entry
     ids = rows["order"].astype(np.int64)
     out: dict[str, np.ndarray] = {}
     for name in request.include:
@@ -115,19 +147,22 @@ def read_batch(request: BatchRequest, index: int) -> dict[str, np.ndarray]:
     return out
 
 
-def batch_parts(request: BatchRequest, index: int) -> list[bytes | memoryview]:
-    """Batch ``index`` as safetensors buffers, to be joined once."""
+def _parts(
+    request: BatchRequest, epoch: int, index: int, tensors: dict[str, np.ndarray]
+) -> list[bytes | memoryview]:
+    """Batch ``index`` of ``epoch`` as safetensors buffers, to be joined once."""
     metadata = {
-        "epoch": str(request.epoch),
-        "stored_epoch": str(request.stored_epoch),
+        "epoch": str(epoch),
+        "stored_epoch": str(request.stored(epoch)),
         "batch": str(index),
     }
-    return encode_parts(read_batch(request, index), metadata)
+    return encode_parts(tensors, metadata)
 
 
 def batch_payload(request: BatchRequest, index: int) -> bytes:
-    """Batch ``index`` as safetensors bytes."""
-    return b"".join(batch_parts(request, index))
+    """Batch ``index`` of the request's epoch as safetensors bytes."""
+    (tensors,) = read_batches(request, [(request.epoch, index)])
+    return b"".join(_parts(request, request.epoch, index, tensors))
 
 
 def image_payload(entry: LabelSet, start: int, stop: int) -> bytes:
@@ -140,24 +175,27 @@ def _frames(request: BatchRequest, batches: list[tuple[int, int]]) -> tuple[byte
     """Frames of several (epoch, index) batches read in one go (joined: one copy), and the
     error that stopped them, if any."""
     parts: list[bytes | memoryview] = []
-    error = None
+    done, error = 0, None
+    started = time.perf_counter()
     try:
-        for epoch, index in batches:
-            with metrics.BATCH_SECONDS.labels("stream").time():
-                parts += frame_parts(batch_parts(replace(request, epoch=epoch), index))
+        for (epoch, index), tensors in zip(batches, read_batches(request, batches), strict=True):
+            parts += frame_parts(_parts(request, epoch, index, tensors))
+            done += 1
     except SoftserveError as exc:
-        log.error("stream of %s failed at batch %d: %s", request.entry.name, index, exc)
+        epoch, index = batches[done]
+        log.error("stream of %s failed at epoch %d, batch %d: %s", request.entry.name, epoch,
+                  index, exc)  # fmt: skip
         error = str(exc)
+    metrics.observe_batches("stream", time.perf_counter() - started, done)
     return b"".join(parts), error
 
 
-async def stream_frames(request: BatchRequest, start: int, epochs: int) -> AsyncIterator[bytes]:
-    """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame.
-
-    Batches are read several at a time per trip to the thread pool, across epoch
-    boundaries: a trip and a write cost more than reading a small batch. A read failure
-    ends the stream with an error frame.
-    """
+def stream_groups(
+    request: BatchRequest, start: int, epochs: int
+) -> Iterator[list[tuple[int, int]]]:
+    """The (epoch, index) batches of a stream from batch ``start`` through ``epochs`` epochs,
+    in the groups it reads at a time (across epoch boundaries: a trip to the thread pool and
+    a write cost more than reading a small batch)."""
     per_epoch = len(request.sharding)
     batches = (
         (epoch, index)
@@ -165,6 +203,14 @@ async def stream_frames(request: BatchRequest, start: int, epochs: int) -> Async
         for index in range(start if epoch == request.epoch else 0, per_epoch)
     )
     while group := list(itertools.islice(batches, _BATCHES_PER_READ)):
+        yield group
+
+
+async def stream_frames(request: BatchRequest, start: int, epochs: int) -> AsyncIterator[bytes]:
+    """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame; each group of
+    :func:`stream_groups` is one trip to the thread pool. A read failure ends the stream
+    with an error frame."""
+    for group in stream_groups(request, start, epochs):
         frames, error = await run_in_threadpool(_frames, request, group)
         if frames:
             yield frames

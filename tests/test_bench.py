@@ -34,12 +34,13 @@ def test_serve_bench_paths_agree(tmp_path: Path) -> None:
     )  # fmt: skip
     assert record["info"]["checked"] == "yes"  # every path delivered path a's tensors
     paths = record["paths"]
-    assert set(paths) == {"in_process", "per_batch", "stream", "stream_per_epoch",
-                          "stream_views", "files"}  # fmt: skip
+    assert set(paths) == {"in_process", "in_process_grouped", "per_batch", "stream",
+                          "stream_per_epoch", "stream_views", "files"}  # fmt: skip
     # 2 passes over 3 stored epochs of 200 // 64 = 3 batches of 64
     assert {(p["batches"], p["samples"]) for p in paths.values()} == {(18, 18 * 64)}
     goals = {g["name"]: g for g in record["goals"]}
     assert goals["stream / in-process"]["value"] > 0
+    assert goals["stream / in-process server's reads"]["target"] == "info"
     assert goals["student step remote / in-memory w16"]["target"] == "<= 1.05"
     assert goals["student step remote / in-memory w8"]["target"] == "info"
     assert set(record["student"]) == {"16", "8"}

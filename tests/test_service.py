@@ -19,8 +19,10 @@ import torch
 from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError, PayloadError, Sharding, refine_labels
-from softserve.client.payload import read_frames
+from softserve.client.payload import TENSORS, read_frames
 from softserve.client.remote import RawBatch
+from softserve.service.batches import BatchRequest, read_batches
+from softserve.service.catalog import Catalog
 from softserve.storage import LabelSetReader
 
 TINY = "/v1/labelsets/tiny"
@@ -432,19 +434,55 @@ def test_serve_rejects_an_unreadable_token_file(store: Path, tmp_path: Path) -> 
 
 
 def test_one_stream_spans_epochs(server: Server) -> None:
-    """``epochs=K`` streams K epochs in one response; ``start`` applies to the first."""
-    params = {"batch_size": 10, "include": "indices", "start": 3, "epochs": 3}
-    response = httpx.get(server.url + TINY + "/epochs/2/stream", params=params)
+    """``epochs=K`` streams K epochs in one response; ``start`` applies to the first. Every
+    frame equals the batch requested alone, short last batches and wrapped epochs included."""
+    params = {"batch_size": 8, "include": ",".join(TENSORS), "drop_last": "false"}
+    response = httpx.get(
+        server.url + TINY + "/epochs/2/stream", params={**params, "start": 3, "epochs": 3}
+    )
     frames = list(read_frames(iter([response.content])))
-    assert len(frames) == 2 + 5 + 5
+    assert len(frames) == 4 + 7 + 7
     for payload, (epoch, index) in zip(
-        frames, [(2, 3), (2, 4)] + [(e, b) for e in (3, 4) for b in range(5)], strict=True
-    ):
+        frames, [(2, b) for b in range(3, 7)] + [(e, b) for e in (3, 4) for b in range(7)],
+        strict=True,
+    ):  # fmt: skip
         single = httpx.get(server.url + TINY + f"/epochs/{epoch}/batches/{index}", params=params)
-        np.testing.assert_array_equal(
-            safetensors.numpy.load(bytes(payload))["indices"],
-            safetensors.numpy.load(single.content)["indices"],
-        )
+        got, want = safetensors.numpy.load(bytes(payload)), safetensors.numpy.load(single.content)
+        assert got.keys() == want.keys() and len(got["indices"]) == (2 if index == 6 else 8)
+        for key in got:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_consecutive_batches_are_read_together(store: Path) -> None:
+    """Batches that follow each other in a stored epoch cost one read, with the same tensors
+    as read one by one; a rank's batches of a larger world are apart and read one by one."""
+    catalog = Catalog(store, image_cache_bytes=1 << 20, locking=None)
+    catalog.refresh()
+    entry = catalog.get("tiny")
+    assert entry is not None
+    reads: list[tuple[int, int, int]] = []
+    read = entry.reader.read
+    entry.reader.read = lambda *a, **k: reads.append(a[:3]) or read(*a, **k)  # type: ignore
+    try:
+        request = BatchRequest(entry, 3, Sharding(50, 8, drop_last=False), TENSORS)
+        group = [(3, 5), (3, 6), (4, 0), (4, 1), (4, 2)]  # epoch 4 is stored epoch 0
+        together = list(read_batches(request, group))
+        assert reads == [(3, 40, 50), (0, 0, 24)]
+        reads.clear()
+        for (epoch, index), tensors in zip(group, together, strict=True):
+            (alone,) = read_batches(request, [(epoch, index)])
+            assert list(tensors) == list(alone) == list(TENSORS)
+            for key in tensors:
+                np.testing.assert_array_equal(tensors[key], alone[key])
+        assert len(reads) == len(group)
+        reads.clear()
+        ranked = BatchRequest(entry, 0, Sharding(50, 8, 1, 2), ("indices", "soft"))
+        assert [len(b["indices"]) for b in read_batches(ranked, [(0, 0), (0, 1), (0, 2)])] == [
+            8
+        ] * 3
+        assert reads == [(0, 8, 16), (0, 24, 32), (0, 40, 48)]
+    finally:
+        catalog.close()
 
 
 def test_corrupt_shard_is_a_clear_error_not_a_crash(store: Path, tmp_path: Path) -> None:
