@@ -109,6 +109,22 @@ def test_client_receives_fp16_labels_as_stored_and_widens_them(server: Server) -
             torch.testing.assert_close(batch.soft, raw.tensors["soft"].float(), rtol=0, atol=0)
 
 
+def test_loader_puts_every_tensor_on_the_training_device(server: Server) -> None:
+    """Views and targets land on the loader's device. This machine has no GPU: the "meta"
+    device stands in for one, so a tensor made on the CPU by mistake fails to mix with it."""
+    with Client(server.url) as client:
+        remote = client.labelset("tiny")
+        loader = remote.loader(8, epochs=1, device="meta", logits=True)
+        assert len(loader) == 6
+        batches = list(loader)
+        assert len(batches) == 6 and len(loader) == 0  # batches left to yield
+        for batch in batches:
+            assert batch.images.shape == (8, 3, *remote.output_size)
+            for t in (batch.images, batch.soft, batch.hard, batch.logits):
+                assert t is not None and t.device.type == "meta"
+            assert batch.soft.dtype == batch.images.dtype == torch.float32
+
+
 def test_stream_equals_batches_and_resumes(server: Server) -> None:
     params = {"batch_size": 7, "rank": 1, "world_size": 2, "include": "indices,soft"}
     with httpx.stream("GET", server.url + TINY + "/epochs/2/stream", params=params) as response:
