@@ -15,6 +15,7 @@ from rich.table import Table
 from softserve.errors import InputError, SoftserveError
 
 if TYPE_CHECKING:
+    from softserve.client.views import ViewPolicy
     from softserve.worker.demo import DemoOptions
 
 app = typer.Typer(
@@ -66,46 +67,74 @@ def _interrupted(what: str) -> NoReturn:
     raise typer.Exit(130)
 
 
+TeacherOption = Annotated[
+    str, typer.Option(help="torchvision:ARCH, module.path:callable, or a torch.export .pt2 file.")
+]
+ImagesOption = Annotated[
+    Path, typer.Option(help="ImageFolder tree (ROOT/CLASS/IMG.png) or a .pt {data, label}.")
+]
+WeightsOption = Annotated[
+    Path | None, typer.Option(help="State dict to load (plain, or under 'state_dict'/'model').")
+]
+NumClassesOption = Annotated[
+    int | None, typer.Option(help="Classes (torchvision teachers; tensor files).")
+]
+MeanOption = Annotated[
+    str | None, typer.Option(help="Per-channel mean in [0,1] units, e.g. 0.485,0.456,0.406.")
+]
+StdOption = Annotated[str | None, typer.Option(help="Per-channel std, like --mean.")]
+SizeOption = Annotated[
+    str | None, typer.Option(help="Output view size N or HxW [default: base size].")
+]
+MinScaleOption = Annotated[float, typer.Option(help="Smallest crop area fraction.")]
+MaxScaleOption = Annotated[float, typer.Option(help="Largest crop area fraction.")]
+MinRatioOption = Annotated[float, typer.Option(help="Smallest crop aspect ratio.")]
+MaxRatioOption = Annotated[float, typer.Option(help="Largest crop aspect ratio.")]
+FlipOption = Annotated[bool, typer.Option(help="Random horizontal flips.")]
+AlphaOption = Annotated[float, typer.Option(help="GIFT label smoothing α.")]
+BetaOption = Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
+
+
+def _policy(
+    min_scale: float, max_scale: float, min_ratio: float, max_ratio: float, flip: bool
+) -> ViewPolicy:
+    from softserve.client.views import ViewPolicy
+
+    try:
+        return ViewPolicy(scale=(min_scale, max_scale), ratio=(min_ratio, max_ratio), flip=flip)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 @app.command()
 def relabel(
-    images: Annotated[
-        Path, typer.Option(help="ImageFolder tree (ROOT/CLASS/IMG.png) or a .pt {data, label}.")
-    ],
-    teacher: Annotated[
-        str,
-        typer.Option(help="torchvision:ARCH, module.path:callable, or a torch.export .pt2 file."),
-    ],
+    images: ImagesOption,
+    teacher: TeacherOption,
     out: Annotated[Path, typer.Option(help="Label set directory to write: STORE/NAME.")],
-    weights: Annotated[
-        Path | None, typer.Option(help="State dict to load (plain, or under 'state_dict'/'model').")
-    ] = None,
-    num_classes: Annotated[
-        int | None, typer.Option(help="Classes (torchvision teachers; tensor files).")
-    ] = None,
-    mean: Annotated[
-        str | None, typer.Option(help="Per-channel mean in [0,1] units, e.g. 0.485,0.456,0.406.")
-    ] = None,
-    std: Annotated[str | None, typer.Option(help="Per-channel std, like --mean.")] = None,
-    size: Annotated[
-        str | None, typer.Option(help="Output view size N or HxW [default: base size].")
-    ] = None,
-    min_scale: Annotated[float, typer.Option(help="Smallest crop area fraction.")] = 0.08,
-    max_scale: Annotated[float, typer.Option(help="Largest crop area fraction.")] = 1.0,
-    min_ratio: Annotated[float, typer.Option(help="Smallest crop aspect ratio.")] = 3 / 4,
-    max_ratio: Annotated[float, typer.Option(help="Largest crop aspect ratio.")] = 4 / 3,
-    flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
+    weights: WeightsOption = None,
+    num_classes: NumClassesOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    size: SizeOption = None,
+    min_scale: MinScaleOption = 0.08,
+    max_scale: MaxScaleOption = 1.0,
+    min_ratio: MinRatioOption = 3 / 4,
+    max_ratio: MaxRatioOption = 4 / 3,
+    flip: FlipOption = True,
     epochs: Annotated[int, typer.Option(help="Epochs of views to label.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the orders and views.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
     codec: Annotated[str, typer.Option(help="Label codec: fp32, fp16 or int8.")] = "fp16",
-    alpha: Annotated[float, typer.Option(help="GIFT label smoothing α.")] = 0.1,
-    beta: Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")] = 0.1,
+    alpha: AlphaOption = 0.1,
+    beta: BetaOption = 0.1,
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Label a synthetic image set with a teacher: E epochs of views, logits and GIFT labels.
 
@@ -113,14 +142,10 @@ def relabel(
     seed and device; rerun the same command after an interruption to resume. Under torchrun,
     ranks split the shards.
     """
-    from softserve.client.views import ViewPolicy
     from softserve.worker.relabel import RelabelOptions
     from softserve.worker.relabel import relabel as run_relabel
 
-    try:
-        policy = ViewPolicy(scale=(min_scale, max_scale), ratio=(min_ratio, max_ratio), flip=flip)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    policy = _policy(min_scale, max_scale, min_ratio, max_ratio, flip)
     opts = RelabelOptions(
         images=images,
         teacher=teacher,
@@ -229,11 +254,32 @@ def serve(
 
 @app.command()
 def train(
-    url: Annotated[list[str], typer.Option(help="Server URL; repeat for failover.")],
-    labelset: Annotated[str, typer.Option(help="Label set name on the server.")],
+    url: Annotated[
+        list[str] | None, typer.Option(help="Server URL; repeat for failover. Served runs.")
+    ] = None,
+    labelset: Annotated[str | None, typer.Option(help="Label set name on the server.")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Online runs: this teacher labels fresh views each step.")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Online runs: the image set (ImageFolder or .pt).")
+    ] = None,
+    weights: WeightsOption = None,
+    num_classes: NumClassesOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    size: SizeOption = None,
+    min_scale: MinScaleOption = 0.08,
+    max_scale: MaxScaleOption = 1.0,
+    min_ratio: MinRatioOption = 3 / 4,
+    max_ratio: MaxRatioOption = 4 / 3,
+    flip: FlipOption = True,
+    alpha: AlphaOption = 0.1,
+    beta: BetaOption = 0.1,
     model: Annotated[str, typer.Option(help="Student: convnet or resnet18.")] = "convnet",
     loss: Annotated[
-        str, typer.Option(help="gift, ce, softce, kl, mse, mse_ce, softce_ce or cosine.")
+        str,
+        typer.Option(help="gift, ce, softce, kl, mse, mse_ce, softce_ce, cosine (or kl_t2)."),
     ] = "gift",
     optimizer: Annotated[str, typer.Option(help="adamw, adam or sgd.")] = "adamw",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 300,
@@ -241,32 +287,50 @@ def train(
         float | None, typer.Option(help="Learning rate [default: 1e-3 adamw/adam, 0.01 sgd].")
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Batch size (per rank).")] = 64,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Per rank [default: 10/50/100/200 by set size, as the evaluator]."),
+    ] = None,
     eval: Annotated[
         str, typer.Option(help="fashion-mnist, or a test set (ImageFolder or .pt) path.")
     ] = "fashion-mnist",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     token: Annotated[
         str | None,
         typer.Option(envvar="SOFTSERVE_TOKEN", help="Bearer token (or SOFTSERVE_TOKEN)."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the student's initialization.")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the student (and of online views).")] = 0,
+    progress: ProgressOption = True,
 ) -> None:
-    """Train a student from a served label set and report top-1 on a real test split.
+    """Train a student and report top-1 on a real test split; prints one JSON result line.
 
-    Prints one JSON line with the result. AdamW (lr 1e-3, wd 1e-4) and MultiStepLR at 2/3
-    and 5/6 of training, as the official GIFT evaluator.
+    Served: --url URL --labelset NAME trains on a label set's precomputed labels.
+    Online: --teacher SPEC --weights W --images SRC runs the teacher on fresh views every
+    step instead (view options as for relabel): what precomputing labels is measured against.
+
+    Defaults are the official GIFT evaluator's: AdamW (lr 1e-3, wd 1e-4), the learning rate
+    times 0.2 at 2/3 and 5/6 of the epochs, batch size by set size.
     """
     import json as json_lib
 
-    from softserve.train import TrainOptions
+    from softserve.train import Online, TrainOptions
     from softserve.train import train as run_train
 
+    online = None
+    if teacher is not None or images is not None:
+        if teacher is None or images is None:
+            raise InputError("an online run needs both --teacher and --images")
+        online = Online(
+            teacher=teacher, images=images, weights=weights, num_classes=num_classes,
+            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
+            policy=_policy(min_scale, max_scale, min_ratio, max_ratio, flip),
+            alpha=alpha, beta=beta,
+        )  # fmt: skip
     opts = TrainOptions(
-        urls=url, labelset=labelset, model=model, loss=loss, optimizer=optimizer,
-        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, eval=eval,
-        device=device, token=token, seed=seed, progress=progress,
+        urls=url or (), labelset=labelset, online=online, model=model, loss=loss,
+        optimizer=optimizer, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        batch_size=batch_size, eval=eval, device=device, token=token, seed=seed,
+        progress=progress,
     )  # fmt: skip
     try:
         result = run_train(opts)
@@ -278,8 +342,6 @@ def train(
 WorkdirOption = Annotated[Path, typer.Option(help="Where the teacher and synthetic set go.")]
 StoreOption = Annotated[Path, typer.Option(help="Store that receives the label set.")]
 LabelEpochsOption = Annotated[int, typer.Option(help="Epochs of views to relabel.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 DataOption = Annotated[
     Path | None, typer.Option(help="Folder with the Fashion-MNIST IDX files [default: Debian's].")
 ]

@@ -1,16 +1,23 @@
-"""Student training through the client: the distillation papers' evaluation protocol.
+"""Student training: the official GIFT evaluator's protocol, fed by a label set or a teacher.
 
-A student learns from a served label set with a bundled loss, and is scored top-1 on a
-real test split. AdamW (lr 1e-3, weight decay 1e-4) with the learning rate divided by 10 at
-2/3 and 5/6 of training follows the official GIFT evaluator; Adam and SGD are there for
-the cross-optimizer study.
+A student learns from batches with a bundled loss and is scored top-1 on a real test split.
+Two feeds give the same student, schedule, losses and evaluation:
+
+- **served**: a label set, through a softserve server (precomputed labels);
+- **online**: a teacher run on the fly on fresh views every step, as RDED and GIFT's own
+  evaluator do (no label set, no server): the reference for what precomputation costs.
+
+Defaults follow LINs-lab/GIFT ``validate/evaluator_benchmark.py``: AdamW (lr 1e-3, weight
+decay 1e-4), MultiStepLR with gamma 0.2 at epochs 2E/3 and 5E/6, and the batch size by set
+size (:func:`official_batch_size`). Adam and SGD are there for the cross-optimizer study.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,25 +26,79 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from softserve.client import NEEDS_LOGITS, Client, RemoteLabelSet, get_loss
+from softserve.client import (
+    NEEDS_LOGITS,
+    Batch,
+    Client,
+    ViewPolicy,
+    apply_views,
+    epoch_order,
+    get_loss,
+    refine_labels,
+    sample_views,
+)
 from softserve.errors import InputError
 from softserve.models import convnet, resnet18_small
 
 MODELS = ("convnet", "resnet18")
+#: Default learning rate per optimizer: the evaluator's AdamW lr for Adam too; SGD's is ours.
 OPTIMIZERS = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.01}
+#: The evaluator's MultiStepLR: decay by 0.2 at these fractions of the epochs.
+LR_GAMMA = 0.2
+#: Online views are drawn from the student's seed plus this, apart from any label set's seed.
+ONLINE_VIEW_SEED = 1_000_003
+
+
+def official_batch_size(num_samples: int) -> int:
+    """The evaluator's batch size by set size: 10 up to 10, 50 to 500, 100 to 20,000, else 200."""
+    if num_samples <= 10:
+        return 10
+    if num_samples <= 500:
+        return 50
+    if num_samples <= 20_000:
+        return 100
+    return 200
+
+
+def lr_milestones(epochs: int, batches_per_epoch: int) -> list[int]:
+    """Steps at which the learning rate decays: the starts of epochs 2E//3 and 5E//6.
+
+    The evaluator steps its scheduler once per epoch with milestones [2E//3, 5E//6]; stepping
+    per batch at these steps gives every batch the same learning rate as it would get there.
+    """
+    return [batches_per_epoch * (2 * epochs // 3), batches_per_epoch * (5 * epochs // 6)]
+
+
+@dataclass
+class Online:
+    """The online-teacher feed's inputs: which teacher, which images, which views."""
+
+    teacher: str
+    images: Path
+    weights: Path | None = None
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    size: tuple[int, int] | None = None
+    policy: ViewPolicy = field(default_factory=ViewPolicy)
+    alpha: float = 0.1
+    beta: float = 0.1
 
 
 @dataclass
 class TrainOptions:
-    urls: Sequence[str]
-    labelset: str
+    """One student run. Exactly one feed: ``urls`` + ``labelset`` (served) or ``online``."""
+
+    urls: Sequence[str] = ()
+    labelset: str | None = None
+    online: Online | None = None
     model: str = "convnet"
     loss: str = "gift"
     optimizer: str = "adamw"
     epochs: int = 300
     lr: float | None = None
     weight_decay: float = 1e-4
-    batch_size: int = 64
+    batch_size: int | None = None
     eval: str = "fashion-mnist"
     device: str = "auto"
     token: str | None = None
@@ -46,13 +107,28 @@ class TrainOptions:
     progress: bool = True
 
 
-def build_student(name: str, labelset: RemoteLabelSet) -> nn.Module:
-    """A fresh student for the label set's channels, view size and classes."""
-    channels = labelset.image_shape[0]
+@dataclass
+class Feed:
+    """What a student trains on: batches for every epoch, and the shape of its inputs."""
+
+    batches: Iterable[Batch]
+    batches_per_epoch: int
+    num_samples: int
+    num_classes: int
+    channels: int
+    output_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int
+    describe: dict
+
+
+def build_student(name: str, channels: int, num_classes: int, size: tuple[int, int]) -> nn.Module:
+    """A fresh student for the feed's channels, view size and classes."""
     if name == "convnet":
-        return convnet(labelset.num_classes, channels, image_size=labelset.output_size)
+        return convnet(num_classes, channels, image_size=size)
     if name == "resnet18":
-        return resnet18_small(labelset.num_classes, channels)
+        return resnet18_small(num_classes, channels)
     raise InputError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
 
 
@@ -65,6 +141,14 @@ def build_optimizer(opts: TrainOptions, params) -> torch.optim.Optimizer:
     if opts.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=opts.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=opts.weight_decay)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, epochs: int, batches_per_epoch: int
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """The evaluator's schedule, stepped once per batch."""
+    milestones = lr_milestones(epochs, batches_per_epoch)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=LR_GAMMA)
 
 
 def load_eval_set(spec: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,86 +165,191 @@ def load_eval_set(spec: str) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, labelset: RemoteLabelSet,
-    device: torch.device,
-) -> float:  # fmt: skip
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, feed: Feed, device: torch.device
+) -> float:
     """Top-1 accuracy on whole images, resized to the view size and normalized."""
     model.eval()
-    mean = torch.tensor(labelset.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(labelset.std, device=device).view(1, -1, 1, 1)
+    mean = torch.tensor(feed.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(feed.std, device=device).view(1, -1, 1, 1)
     correct = 0
     for start in range(0, len(images), 1024):
         x = torch.from_numpy(images[start : start + 1024]).to(device).float() / 255
-        if tuple(x.shape[2:]) != tuple(labelset.output_size):
-            x = F.interpolate(x, size=labelset.output_size, mode="bilinear", align_corners=False)
+        if tuple(x.shape[2:]) != tuple(feed.output_size):
+            x = F.interpolate(x, size=feed.output_size, mode="bilinear", align_corners=False)
         pred = model((x - mean) / std).argmax(1).cpu().numpy()
         correct += int((pred == labels[start : start + 1024]).sum())
     model.train()
     return correct / len(images)
 
 
+class OnlineTeacherBatches:
+    """Batches labelled by a teacher on fresh views, every epoch, with no label set.
+
+    Epoch e's order and views are drawn as a relabel would draw them, from
+    ``ONLINE_VIEW_SEED + seed``; the teacher labels each batch's views as the student trains.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, teacher: nn.Module, online: Online,
+        mean: tuple[float, ...], std: tuple[float, ...], size: tuple[int, int],
+        batch_size: int, epochs: int, seed: int, device: torch.device, logits: bool,
+    ) -> None:  # fmt: skip
+        self.images = torch.from_numpy(images).to(device)
+        self.labels = torch.from_numpy(labels.astype(np.int64)).to(device)
+        self.teacher = teacher
+        self.online = online
+        self.mean, self.std, self.size = mean, std, size
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = ONLINE_VIEW_SEED + seed
+        self.device = device
+        self.logits = logits
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, _, h, w = self.images.shape
+        for epoch in range(self.epochs):
+            order = torch.from_numpy(epoch_order(self.seed, epoch, n)).to(self.device)
+            views = sample_views(self.online.policy, self.seed, epoch, n, h, w)
+            params = torch.from_numpy(views).to(self.device)
+            for index in range(len(self)):
+                ids = order[index * self.batch_size : (index + 1) * self.batch_size]
+                yield self._batch(epoch, index, ids, params[ids])
+
+    def _batch(self, epoch: int, index: int, ids: torch.Tensor, params: torch.Tensor) -> Batch:
+        images = apply_views(self.images[ids], params, self.size, mean=self.mean, std=self.std)
+        hard = self.labels[ids]
+        with torch.no_grad():
+            teacher = self.teacher(images).float()
+        soft = refine_labels(teacher, hard, self.online.alpha, self.online.beta)
+        return Batch(
+            epoch=epoch, index=index, indices=ids, images=images, params=params, hard=hard,
+            soft=soft, logits=teacher if self.logits else None,
+        )  # fmt: skip
+
+
+def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
+    """The online-teacher feed: the teacher loaded onto ``device``, views drawn per epoch."""
+    from softserve.worker.sources import default_normalization, load_image_set
+    from softserve.worker.teacher import load_teacher
+
+    online = opts.online
+    assert online is not None
+    data = load_image_set(online.images, online.num_classes)
+    n, c, h, w = data.images.shape
+    mean, std = default_normalization(c, online.mean, online.std)
+    size = online.size or (h, w)
+    teacher = load_teacher(online.teacher, online.weights, online.num_classes or data.num_classes)
+    model = teacher.model.to(device)
+    batch_size = opts.batch_size or official_batch_size(n)
+    batches = OnlineTeacherBatches(
+        data.images, data.labels, model, online, mean, std, size, batch_size, opts.epochs,
+        opts.seed, device, logits=opts.loss in NEEDS_LOGITS,
+    )  # fmt: skip
+    return Feed(
+        batches=batches, batches_per_epoch=len(batches), num_samples=n,
+        num_classes=data.num_classes, channels=c, output_size=size, mean=mean, std=std,
+        batch_size=batch_size,
+        describe={"feed": "online", "teacher": online.teacher, "images": str(online.images)},
+    )  # fmt: skip
+
+
+def served_feed(opts: TrainOptions, client: Client, device: torch.device) -> Feed:
+    """The served feed: the label set's loader, one stream for every epoch."""
+    assert opts.labelset is not None
+    labelset = client.labelset(opts.labelset)
+    batch_size = opts.batch_size or official_batch_size(labelset.num_samples)
+    loader = labelset.loader(
+        batch_size, epochs=opts.epochs, device=device,
+        logits=opts.loss in NEEDS_LOGITS, prefetch=opts.prefetch,
+    )  # fmt: skip
+    return Feed(
+        batches=loader, batches_per_epoch=loader.batches_per_epoch,
+        num_samples=labelset.num_samples, num_classes=labelset.num_classes,
+        channels=labelset.image_shape[0], output_size=tuple(labelset.output_size),
+        mean=tuple(labelset.mean), std=tuple(labelset.std), batch_size=batch_size,
+        describe={"feed": "served", "labelset": opts.labelset, "codec": labelset.detail.codec},
+    )  # fmt: skip
+
+
+def _check(opts: TrainOptions) -> None:
+    served = bool(opts.urls) or opts.labelset is not None
+    if served == (opts.online is not None):
+        raise InputError(
+            "train from a label set (--url and --labelset) or from a teacher "
+            "(--teacher and --images), not both and not neither"
+        )
+    if served and not (opts.urls and opts.labelset):
+        raise InputError("a served run needs both --url and --labelset")
+    if opts.epochs < 1 or (opts.batch_size is not None and opts.batch_size < 1):
+        raise InputError("--epochs and --batch-size must be positive")
+
+
+def fit(
+    model: nn.Module, feed: Feed, loss_fn: nn.Module, opts: TrainOptions,
+    device: torch.device,
+) -> tuple[int, int, float]:  # fmt: skip
+    """Train ``model`` on every batch of ``feed``; returns steps, samples and seconds."""
+    steps = opts.epochs * feed.batches_per_epoch
+    if steps == 0:
+        raise InputError(
+            f"--batch-size {feed.batch_size} exceeds the set's {feed.num_samples} samples; lower it"
+        )
+    optimizer = build_optimizer(opts, model.parameters())
+    schedule = build_schedule(optimizer, opts.epochs, feed.batches_per_epoch)
+    name = f"train {opts.model}/{opts.loss}"
+    bar = tqdm(total=steps, unit="step", desc=name, disable=not opts.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    samples = 0
+    model.train()
+    for batch in feed.batches:
+        loss = loss_fn(model(batch.images), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        samples += len(batch)
+        bar.update()
+        if bar.n % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    return steps, samples, time.perf_counter() - started
+
+
 def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
-    """Train a student from the server and score it; returns the result record."""
+    """Train a student from the chosen feed and score it; returns the result record."""
     from softserve.worker.runtime import resolve_device
 
+    _check(opts)
     device = resolve_device(opts.device)
-    if opts.epochs < 1 or opts.batch_size < 1:
-        raise InputError("--epochs and --batch-size must be positive")
     try:
         loss_fn = get_loss(opts.loss)
     except ValueError as exc:
         raise InputError(f"--loss: {exc}") from None
     test_images, test_labels = load_eval_set(opts.eval)
     torch.manual_seed(opts.seed)
-    with Client(list(opts.urls), token=opts.token) as client:
-        labelset = client.labelset(opts.labelset)
-        if test_images.shape[1] != labelset.image_shape[0]:
+    client_context = Client(list(opts.urls), token=opts.token) if opts.urls else nullcontext()
+    with client_context as client:
+        feed = served_feed(opts, client, device) if client else online_feed(opts, device)
+        if test_images.shape[1] != feed.channels:
             raise InputError(
-                f"--eval images have {test_images.shape[1]} channels, "
-                f"the label set {labelset.image_shape[0]}"
+                f"--eval images have {test_images.shape[1]} channels, the training set "
+                f"{feed.channels}"
             )
-        model = build_student(opts.model, labelset).to(device)
-        optimizer = build_optimizer(opts, model.parameters())
-        loader = labelset.loader(
-            opts.batch_size, epochs=opts.epochs, device=device,
-            logits=opts.loss in NEEDS_LOGITS, prefetch=opts.prefetch,
-        )  # fmt: skip
-        steps = opts.epochs * loader.batches_per_epoch
-        if steps == 0:
-            raise InputError(
-                f"--batch-size {opts.batch_size} exceeds the label set's "
-                f"{labelset.num_samples} samples; lower it"
-            )
-        schedule = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[steps * 2 // 3, steps * 5 // 6], gamma=0.1
-        )
-        bar = tqdm(
-            total=steps, unit="step", desc=f"train {opts.model}/{opts.loss}",
-            disable=not opts.progress, dynamic_ncols=True,
-        )  # fmt: skip
-        started = time.perf_counter()
-        samples = 0
-        model.train()
-        for batch in loader:
-            loss = loss_fn(model(batch.images), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            samples += len(batch)
-            bar.update()
-            if bar.n % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        bar.close()
-        seconds = time.perf_counter() - started
-        top1 = evaluate(model, test_images, test_labels, labelset, device)
+        model = build_student(opts.model, feed.channels, feed.num_classes, feed.output_size)
+        model = model.to(device)
+        steps, samples, seconds = fit(model, feed, loss_fn, opts, device)
+        top1 = evaluate(model, test_images, test_labels, feed, device)
     return {
-        "labelset": opts.labelset,
+        **feed.describe,
         "model": opts.model,
         "loss": opts.loss,
         "optimizer": opts.optimizer,
+        "seed": opts.seed,
         "epochs": opts.epochs,
-        "batch_size": opts.batch_size,
+        "batch_size": feed.batch_size,
         "steps": steps,
         "top1": round(top1, 4),
         "train_seconds": round(seconds, 2),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from softserve.client.losses import (
+    ALL_LOSS_NAMES,
     LOSS_NAMES,
     NEEDS_LOGITS,
     GIFTLoss,
@@ -21,8 +22,11 @@ from softserve.client.losses import (
 
 B, C = 32, 10
 ALPHA_BETA = [(0.1, 0.1), (0.0, 0.5), (0.3, 1.0), (0.1, 0.0), (0.05, 3.0)]
-ALL_LOSSES = {"ce", "softce", "kl", "mse", "mse_ce", "softce_ce", "cosine", "gift"}
-LOGIT_LOSSES = {"softce", "kl", "mse", "mse_ce", "softce_ce", "cosine"}
+#: The paper's eight, as the official evaluator names them, and the other conventions.
+PAPER_LOSSES = {"ce", "softce", "kl", "mse", "mse_ce", "softce_ce", "cosine", "gift"}
+ALL_LOSSES = PAPER_LOSSES | {"kl_t2"}
+LOGIT_LOSSES = {"softce", "kl", "kl_t2", "mse", "mse_ce", "softce_ce", "cosine"}
+CLASS_COUNTS = [2, 10, 100]
 
 
 def make_inputs(
@@ -191,10 +195,10 @@ def ref_softce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def ref_kl(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
-    """T^2 * sum_i KL(softmax(t_i/T) || softmax(s_i/T)) / B."""
+    """sum_i KL(softmax(t_i/T) || softmax(s_i/T)) / B: KLDivLoss(batchmean), no T^2."""
     p = softmax64(teacher.double() / temp)
     q = softmax64(student.double() / temp)
-    return temp * temp * (p * (torch.log(p) - torch.log(q))).sum() / len(p)
+    return (p * (torch.log(p) - torch.log(q))).sum() / len(p)
 
 
 def ref_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -209,9 +213,10 @@ REFERENCES: dict[str, RefLoss] = {
     "ce": lambda s, t, y, r: ref_ce(s, y),
     "softce": lambda s, t, y, r: ref_softce(s, t),
     "kl": lambda s, t, y, r: ref_kl(s, t, 20.0),
+    "kl_t2": lambda s, t, y, r: 400.0 * ref_kl(s, t, 20.0),
     "mse": lambda s, t, y, r: ref_mse(s, t),
-    "mse_ce": lambda s, t, y, r: ref_mse(s, t) + ref_ce(s, y),
-    "softce_ce": lambda s, t, y, r: ref_softce(s, t) + ref_ce(s, y),
+    "mse_ce": lambda s, t, y, r: ref_mse(s, t) + 0.1 * ref_ce(s, y),
+    "softce_ce": lambda s, t, y, r: ref_softce(s, t) + 0.1 * ref_ce(s, y),
     "cosine": lambda s, t, y, r: ref_cosine_loss(s, t),
     "gift": lambda s, t, y, r: ref_cosine_loss(s, r),
 }
@@ -220,9 +225,12 @@ REFERENCES: dict[str, RefLoss] = {
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
 @pytest.mark.parametrize("hard_shape", ["flat", "column"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_loss_by_name_matches_reference(name: str, hard_shape: str, seed: int) -> None:
+@pytest.mark.parametrize("classes", CLASS_COUNTS)
+def test_loss_by_name_matches_reference(
+    name: str, hard_shape: str, seed: int, classes: int
+) -> None:
     """get_loss(name)(student, batch) equals the loss's formula, value and gradient."""
-    student, teacher, hard = make_inputs(seed)
+    student, teacher, hard = make_inputs(seed, c=classes)
     y = hard[:, None] if hard_shape == "column" else hard
     soft = refine_labels(teacher, y)
     batch = Targets(soft=soft, hard=y, logits=teacher)
@@ -236,11 +244,54 @@ def test_loss_by_name_matches_reference(name: str, hard_shape: str, seed: int) -
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
 def test_kl_custom_temperature(temperature: float) -> None:
-    """get_loss('kl', temperature=T) scales by T^2 and softens both sides by T."""
+    """get_loss('kl', temperature=T) softens both sides by T; kl_t2 also scales by T^2."""
     student, teacher, hard = make_inputs(3)
     batch = Targets(soft=refine_labels(teacher, hard), hard=hard, logits=teacher)
     loss = get_loss("kl", temperature=temperature)
     assert_same_loss(lambda x: loss(x, batch), lambda x: ref_kl(x, teacher, temperature), student)
+    hinton = get_loss("kl_t2", temperature=temperature)
+    assert_same_loss(
+        lambda x: hinton(x, batch), lambda x: temperature**2 * ref_kl(x, teacher, temperature),
+        student,
+    )  # fmt: skip
+
+
+def test_kl_has_no_t2_factor() -> None:
+    """The official 'kl' is KLDivLoss(batchmean) as is: a T^2 = 400 factor must not come back.
+
+    Checked on the gradient, which is what the factor changes for an optimizer: the paper's
+    finding that KL collapses under SGD depends on its size.
+    """
+    student, teacher, hard = make_inputs(8)
+    batch = Targets(soft=refine_labels(teacher, hard), hard=hard, logits=teacher)
+    _, grad = value_and_grad(lambda x: get_loss("kl")(x, batch), student)
+    _, hinton = value_and_grad(lambda x: get_loss("kl_t2")(x, batch), student)
+    torch.testing.assert_close(hinton, 400.0 * grad, rtol=1e-4, atol=1e-9)
+    official = torch.nn.KLDivLoss(reduction="batchmean")
+    x = student.clone().requires_grad_(True)
+    expected = official(torch.log_softmax(x / 20, 1), torch.softmax(teacher / 20, 1))
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(grad.float(), expected_grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "soft_part"), [("mse_ce", ref_mse), ("softce_ce", ref_softce)])
+def test_ce_weight_is_one_tenth(name: str, soft_part: Callable) -> None:
+    """mse_ce and softce_ce add CE weighted 0.1 (the evaluator's loss_hyper), not 1."""
+    student, teacher, hard = make_inputs(9)
+    batch = Targets(soft=refine_labels(teacher, hard), hard=hard, logits=teacher)
+    combined = float(get_loss(name)(student, batch))
+    ce_part = (combined - float(soft_part(student, teacher))) / float(ref_ce(student, hard))
+    assert ce_part == pytest.approx(0.1, rel=1e-4)
+    heavier = float(get_loss(name, ce_weight=1.0)(student, batch))
+    assert heavier - combined == pytest.approx(0.9 * float(ref_ce(student, hard)), rel=1e-4)
+
+
+def test_loss_options_are_checked() -> None:
+    """An option a loss does not take, or a non-positive temperature, is a ValueError."""
+    with pytest.raises(ValueError, match="ce_weight"):
+        get_loss("gift", ce_weight=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        get_loss("kl", temperature=0.0)
 
 
 def test_kl_default_temperature_differs_from_one() -> None:
@@ -278,9 +329,10 @@ def test_unknown_loss_lists_names() -> None:
 
 
 def test_loss_names_and_needs_logits() -> None:
-    """LOSS_NAMES holds exactly the eight names; NEEDS_LOGITS the six on raw logits."""
+    """LOSS_NAMES holds exactly the paper's eight; NEEDS_LOGITS those on raw logits."""
     assert len(LOSS_NAMES) == 8
-    assert set(LOSS_NAMES) == ALL_LOSSES
+    assert set(LOSS_NAMES) == PAPER_LOSSES
+    assert set(ALL_LOSS_NAMES) == ALL_LOSSES
     assert set(NEEDS_LOGITS) == LOGIT_LOSSES
 
 

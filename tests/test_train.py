@@ -1,4 +1,4 @@
-"""``softserve train``: students trained through a real server, every optimizer and model."""
+"""``softserve train``: the evaluator's protocol, through a real server or an online teacher."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Server, free_port, random_set, run_cli
+from conftest import Server, free_port, random_set, run_cli, write_folder
 from test_errors import assert_one_line_error
 
-from softserve.client import Sharding
+from softserve.client import Sharding, ViewPolicy, apply_views, refine_labels
+from softserve.train import (
+    Online,
+    OnlineTeacherBatches,
+    TrainOptions,
+    build_optimizer,
+    build_schedule,
+    official_batch_size,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +58,114 @@ def test_train_errors(server: Server, eval_set: Path) -> None:
     assert done.returncode == 1 and retries, done.stderr
     assert all("failed" in line and line.endswith("retrying") for line in retries)
     assert last.startswith("error: no server answered") and dead in last
+
+
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [(1, 10), (10, 10), (11, 50), (500, 50), (501, 100), (20_000, 100), (20_001, 200)],
+)
+def test_official_batch_size(samples: int, expected: int) -> None:
+    """The evaluator's rule: 10 up to 10 images, 50 to 500, 100 to 20,000, 200 above."""
+    assert official_batch_size(samples) == expected
+
+
+@pytest.mark.parametrize(("epochs", "per_epoch"), [(12, 3), (300, 2), (7, 1)])
+def test_schedule_matches_the_evaluators_epoch_schedule(epochs: int, per_epoch: int) -> None:
+    """Stepped per batch, every batch gets the learning rate of the evaluator's schedule:
+    MultiStepLR stepped once per epoch, milestones [2E//3, 5E//6], gamma 0.2."""
+    model = torch.nn.Linear(2, 2)
+    opts = TrainOptions(urls=["http://x"], labelset="x")
+    optimizer = build_optimizer(opts, model.parameters())
+    schedule = build_schedule(optimizer, epochs, per_epoch)
+    seen = []
+    for _ in range(epochs * per_epoch):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    decays = [sum(e >= m for m in (2 * epochs // 3, 5 * epochs // 6)) for e in range(epochs)]
+    expected = [1e-3 * 0.2**d for d in decays for _ in range(per_epoch)]
+    assert seen == pytest.approx(expected, rel=1e-9)
+    first, second = (2 * epochs // 3) * per_epoch, (5 * epochs // 6) * per_epoch
+    assert seen[first - 1] == pytest.approx(1e-3) and seen[first] == pytest.approx(2e-4)
+    assert seen[second] == pytest.approx(4e-5)
+
+
+def test_served_run_defaults_to_the_official_batch_size(server: Server, eval_set: Path) -> None:
+    """Without --batch-size, the 50-sample set trains in batches of 50 (one per epoch)."""
+    done = run_cli(
+        "train", "--url", server.url, "--labelset", "tiny", "--epochs", 3, "--eval", eval_set,
+        "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["batch_size"], result["steps"], result["feed"]) == (50, 3, "served")
+
+
+def test_online_run_trains_without_a_server(tmp_path: Path, eval_set: Path) -> None:
+    """--teacher and --images train the same student with labels computed on the fly."""
+    images, labels = random_set(n=30, seed=4)
+    folder = write_folder(tmp_path / "set", images, labels)
+    done = run_cli(
+        "train", "--teacher", "teachers:tiny_rgb", "--images", folder, "--loss", "kl",
+        "--epochs", 2, "--batch-size", 8, "--eval", eval_set, "--device", "cpu",
+        "--min-scale", 0.5, "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["feed"], result["teacher"], result["loss"]) == (
+        "online",
+        "teachers:tiny_rgb",
+        "kl",
+    )
+    assert result["steps"] == 2 * (30 // 8) and 0.0 <= result["top1"] <= 1.0
+
+
+def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
+    """Each online batch: the views of its params, the teacher's logits on exactly those
+    views, GIFT's refinement of them; every epoch a new permutation and new views."""
+    from teachers import tiny_rgb
+
+    images, labels = random_set(n=20, seed=5)
+    teacher = tiny_rgb().eval()
+    online = Online(teacher="teachers:tiny_rgb", images=tmp_path, policy=ViewPolicy((0.3, 1)))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    feed = OnlineTeacherBatches(
+        images, labels, teacher, online, mean, std, (8, 8), batch_size=6, epochs=2, seed=3,
+        device=torch.device("cpu"), logits=True,
+    )  # fmt: skip
+    batches = list(feed)
+    assert len(feed) == 3 and [(b.epoch, b.index) for b in batches] == [
+        (e, i) for e in range(2) for i in range(3)
+    ]
+    for b in batches:
+        views = apply_views(
+            torch.from_numpy(images)[b.indices], b.params, (8, 8), mean=mean, std=std
+        )
+        torch.testing.assert_close(b.images, views, rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(b.logits, teacher(views), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b.soft, refine_labels(b.logits, b.hard))
+        assert b.hard.tolist() == labels[b.indices.numpy()].tolist()
+    epoch_ids = [torch.cat([b.indices for b in batches if b.epoch == e]) for e in range(2)]
+    assert len(set(epoch_ids[0].tolist())) == 18 and not torch.equal(*epoch_ids)
+    params = [torch.cat([b.params for b in batches if b.epoch == e]) for e in range(2)]
+    assert not torch.equal(params[0], params[1])
+
+
+def test_train_needs_exactly_one_feed(tmp_path: Path, eval_set: Path) -> None:
+    base = ["train", "--epochs", 1, "--eval", eval_set, "--no-progress"]
+    assert_one_line_error(run_cli(*base), "--url and --labelset", "--teacher and --images")
+    both = [
+        "--url",
+        "http://127.0.0.1:1",
+        "--labelset",
+        "x",
+        "--teacher",
+        "t:x",
+        "--images",
+        tmp_path,
+    ]
+    assert_one_line_error(run_cli(*base, *both), "not both")
+    assert_one_line_error(
+        run_cli(*base, "--teacher", "teachers:tiny_rgb"), "--teacher and --images"
+    )

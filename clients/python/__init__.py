@@ -10,11 +10,13 @@ imports the server or h5py.
 
 from softserve.client.loader import Loader
 from softserve.client.losses import (
+    ALL_LOSS_NAMES,
     LOSS_NAMES,
     NEEDS_LOGITS,
     GIFTLoss,
     KLLoss,
     Targets,
+    WithCE,
     beta_from_gamma,
     cosine_loss,
     get_loss,
@@ -45,6 +47,7 @@ __all__ = [
     "PayloadError",
     "RemoteLabelSet",
     "Sharding",
+    "ALL_LOSS_NAMES",
     "LOSS_NAMES",
     "NEEDS_LOGITS",
     "NUM_PARAMS",
@@ -52,6 +55,7 @@ __all__ = [
     "GIFTLoss",
     "KLLoss",
     "Targets",
+    "WithCE",
     "ViewPolicy",
     "apply_views",
     "beta_from_gamma",

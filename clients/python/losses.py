@@ -14,6 +14,11 @@ Every loss here has one signature, ``loss(student_logits, batch)``, where ``batc
 ``soft`` (GIFT-refined labels, as served), ``hard`` and, when a loss needs them, ``logits``
 (raw teacher logits). Each loss takes the target it was defined on, so nobody refines twice
 or feeds refined labels to a loss that expects logits.
+
+The eight names of the paper's loss study (:data:`LOSS_NAMES`) are exactly the official
+evaluator's losses and constants (LINs-lab/GIFT, ``validate/losses_benchmark.py``): ``kl``
+at T = 20 with no T² factor, CE weighted 0.1 in ``mse_ce`` and ``softce_ce``. Other
+conventions carry names of their own (``kl_t2``), never the paper's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 DEFAULT_ALPHA = 0.1
 DEFAULT_BETA = 0.1
 DEFAULT_KL_TEMPERATURE = 20.0
+DEFAULT_CE_WEIGHT = 0.1
 
 
 class LabelledBatch(Protocol):
@@ -136,33 +142,56 @@ def _softce_teacher(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor
 
 
 class KLLoss(nn.Module):
-    """KL(teacher ‖ student) on temperature-softened distributions, scaled by T²."""
+    """KL(teacher ‖ student) on temperature-softened distributions, batch-averaged.
 
-    def __init__(self, temperature: float = DEFAULT_KL_TEMPERATURE) -> None:
+    ``kl`` is the official evaluator's loss: ``KLDivLoss("batchmean")`` of
+    ``log_softmax(s/T)`` against ``softmax(t/T)`` at T = 20, with **no** T² factor.
+    ``kl_t2`` is Hinton's convention, the same divergence multiplied by T² (so its gradients
+    keep their size as T grows); it is not what the GIFT paper evaluated.
+    """
+
+    def __init__(self, temperature: float = DEFAULT_KL_TEMPERATURE, scale_t2: bool = False):
         super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
+        self.scale_t2 = scale_t2
 
     def forward(self, student_logits: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
         t = self.temperature
-        teacher = _need_logits(batch, "kl").float() / t
-        return (
-            F.kl_div(
-                F.log_softmax(student_logits.float() / t, dim=1),
-                F.log_softmax(teacher, dim=1),
-                reduction="batchmean",
-                log_target=True,
-            )
-            * t
-            * t
+        teacher = _need_logits(batch, "kl_t2" if self.scale_t2 else "kl").float() / t
+        loss = F.kl_div(
+            F.log_softmax(student_logits.float() / t, dim=1),
+            F.log_softmax(teacher, dim=1),
+            reduction="batchmean",
+            log_target=True,
         )
+        return loss * (t * t) if self.scale_t2 else loss
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, scale_t2={self.scale_t2}"
 
 
-def _mse_ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
-    return _mse(student, batch) + _ce(student, batch)
+class WithCE(nn.Module):
+    """A soft-target loss plus ``ce_weight`` times cross-entropy on the hard labels.
 
+    The official evaluator's ``mse_ce`` and ``softce_ce`` weight CE by 0.1 (``loss_hyper``).
+    """
 
-def _softce_ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
-    return _softce_teacher(student, batch) + _ce(student, batch)
+    def __init__(
+        self, name: str, fn: Callable[[torch.Tensor, LabelledBatch], torch.Tensor],
+        ce_weight: float = DEFAULT_CE_WEIGHT,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.name = name
+        self.fn = fn
+        self.ce_weight = ce_weight
+
+    def forward(self, student_logits: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+        return self.fn(student_logits, batch) + self.ce_weight * _ce(student_logits, batch)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, ce_weight={self.ce_weight}"
 
 
 class BatchLoss(nn.Module):
@@ -197,25 +226,38 @@ _LOSSES: dict[str, Callable[..., nn.Module]] = {
     "softce": lambda: BatchLoss("softce", _softce_teacher),
     "kl": KLLoss,
     "mse": lambda: BatchLoss("mse", _mse),
-    "mse_ce": lambda: BatchLoss("mse_ce", _mse_ce),
-    "softce_ce": lambda: BatchLoss("softce_ce", _softce_ce),
+    "mse_ce": lambda **kw: WithCE("mse_ce", _mse, **kw),
+    "softce_ce": lambda **kw: WithCE("softce_ce", _softce_teacher, **kw),
     "cosine": lambda: BatchLoss("cosine", _cosine),
     "gift": GIFTLoss,
 }
+#: Conventions other than the official evaluator's, each under its own name.
+_VARIANTS: dict[str, Callable[..., nn.Module]] = {
+    "kl_t2": lambda **kw: KLLoss(scale_t2=True, **kw),
+}
 
-#: Loss names accepted by :func:`get_loss`.
+#: The eight losses of the GIFT paper's study, as its official evaluator defines them.
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
+#: Every name :func:`get_loss` accepts: the paper's eight, then other conventions.
+ALL_LOSS_NAMES: tuple[str, ...] = LOSS_NAMES + tuple(_VARIANTS)
 #: Losses that need the raw teacher logits in the batch.
-NEEDS_LOGITS: frozenset[str] = frozenset({"softce", "kl", "mse", "mse_ce", "softce_ce", "cosine"})
+NEEDS_LOGITS: frozenset[str] = frozenset(
+    {"softce", "kl", "kl_t2", "mse", "mse_ce", "softce_ce", "cosine"}
+)
 
 
 def get_loss(name: str, **kwargs: float) -> nn.Module:
     """A loss module by name, called as ``loss(student_logits, batch)``.
 
-    ``kl`` takes ``temperature`` (default 20, as the official evaluator).
+    Every name of :data:`LOSS_NAMES` is the official evaluator's loss with its constants
+    (LINs-lab/GIFT ``validate/losses_benchmark.py``). ``kl`` and ``kl_t2`` take
+    ``temperature`` (default 20); ``mse_ce`` and ``softce_ce`` take ``ce_weight`` (default
+    0.1).
     """
+    factory = _LOSSES.get(name) or _VARIANTS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(ALL_LOSS_NAMES)}")
     try:
-        factory = _LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
-    return factory(**kwargs)
+        return factory(**kwargs)
+    except TypeError:
+        raise ValueError(f"loss {name!r} takes no option {', '.join(kwargs)}") from None
