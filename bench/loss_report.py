@@ -1,0 +1,314 @@
+"""Tables, claims and plots of the loss study, from its JSON-lines results file alone.
+
+    python bench/loss_report.py [--results bench/results/loss_study.jsonl] [--readme README.md]
+
+Writes ``loss_study.md`` and PNG plots into the output folder, and, with ``--readme``,
+replaces the README's section between ``<!-- loss-study:begin -->`` and
+``<!-- loss-study:end -->``. The same results give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+PAPER_ORDER = ("gift", "cosine", "kl", "softce", "softce_ce", "mse", "mse_ce", "ce")
+OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
+BEGIN, END = "<!-- loss-study:begin -->", "<!-- loss-study:end -->"
+#: KL "collapses" under SGD when its top-1 falls below this fraction of its AdamW top-1.
+COLLAPSE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The seeds' top-1 of one (IPC, feed, loss, optimizer)."""
+
+    values: tuple[float, ...]
+    seeds: tuple[int, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def text(self) -> str:
+        return f"{self.mean:.3f} ± {self.std:.3f} ({len(self.values)})"
+
+
+def _ordered(values: set[str], order: tuple[str, ...]) -> list[str]:
+    return [v for v in order if v in values] + sorted(values - set(order))
+
+
+def load(results: Path) -> list[dict]:
+    """Every record of the results file, in file order."""
+    lines = results.read_text().splitlines() if results.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def cells(records: list[dict]) -> dict[tuple, Cell]:
+    """Top-1 by (ipc, feed, loss, optimizer), seeds sorted; one record per seed (the last)."""
+    by_seed: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in records:
+        job = r["job"]
+        key = (job["ipc"], job["feed"], job["loss"], job["optimizer"])
+        by_seed[key][job["seed"]] = r["result"]["top1"]
+    return {
+        key: Cell(tuple(seeds[s] for s in sorted(seeds)), tuple(sorted(seeds)))
+        for key, seeds in sorted(by_seed.items())
+    }
+
+
+def grid_table(table: dict[tuple, Cell], ipc: int) -> str:
+    """Losses × optimizers at one IPC (served), mean ± std (seeds), and the spread."""
+    keys = [k for k in table if k[0] == ipc and k[1] == "served"]
+    losses = _ordered({k[2] for k in keys}, PAPER_ORDER)
+    optimizers = _ordered({k[3] for k in keys}, OPTIMIZER_ORDER)
+    lines = [
+        "| loss | " + " | ".join(optimizers) + " | spread (max − min) |",
+        "| --- |" + " --- |" * (len(optimizers) + 1),
+    ]
+    for loss in losses:
+        row = [table.get((ipc, "served", loss, opt)) for opt in optimizers]
+        means = [c.mean for c in row if c is not None]
+        spread = f"{max(means) - min(means):.3f}" if len(means) == len(optimizers) > 1 else "–"
+        texts = [c.text() if c else "–" for c in row]
+        lines.append(f"| `{loss}` | " + " | ".join(texts) + f" | {spread} |")
+    return "\n".join(lines)
+
+
+def online_table(table: dict[tuple, Cell], ipc: int) -> str:
+    """Served vs online teacher, and their difference paired by seed."""
+    pairs = sorted(
+        {(k[2], k[3]) for k in table if k[0] == ipc and k[1] == "online"},
+        key=lambda p: (PAPER_ORDER.index(p[0]) if p[0] in PAPER_ORDER else 99, p[1]),
+    )
+    lines = [
+        "| loss | optimizer | served (precomputed) | online teacher | served − online (paired) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for loss, opt in pairs:
+        online = table[(ipc, "online", loss, opt)]
+        served = table.get((ipc, "served", loss, opt))
+        diff = "–"
+        if served is not None:
+            common = sorted(set(served.seeds) & set(online.seeds))
+            s = dict(zip(served.seeds, served.values, strict=True))
+            o = dict(zip(online.seeds, online.values, strict=True))
+            deltas = [s[k] - o[k] for k in common]
+            if deltas:
+                spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+                diff = f"{statistics.fmean(deltas):+.3f} ± {spread:.3f} ({len(deltas)})"
+        served_text = served.text() if served else "–"
+        lines.append(f"| `{loss}` | {opt} | {served_text} | {online.text()} | {diff} |")
+    return "\n".join(lines)
+
+
+def by_ipc_table(table: dict[tuple, Cell], optimizer: str) -> str:
+    """One optimizer's top-1 by IPC for every loss measured at more than one IPC."""
+    ipcs = sorted({k[0] for k in table if k[1] == "served"})
+    losses = _ordered(
+        {k[2] for k in table if k[1] == "served" and k[3] == optimizer
+         and sum((i, "served", k[2], optimizer) in table for i in ipcs) > 1},
+        PAPER_ORDER,
+    )  # fmt: skip
+    lines = [
+        "| loss | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+        "| --- |" + " --- |" * len(ipcs),
+    ]
+    for loss in losses:
+        row = [table.get((i, "served", loss, optimizer)) for i in ipcs]
+        lines.append(f"| `{loss}` | " + " | ".join(c.text() if c else "–" for c in row) + " |")
+    return "\n".join(lines)
+
+
+def claims(table: dict[tuple, Cell], ipc: int) -> list[str]:
+    """The paper's three claims, checked against this study's numbers, as found."""
+    served = {(k[2], k[3]): c for k, c in table.items() if k[0] == ipc and k[1] == "served"}
+    losses = {k[0] for k in served}
+    optimizers = _ordered({k[1] for k in served}, OPTIMIZER_ORDER)
+    found = []
+    if "gift" in losses:
+        verdicts = []
+        for opt in optimizers:
+            row = {loss: c.mean for (loss, o), c in served.items() if o == opt}
+            best = max(sorted(row), key=lambda name: row[name])
+            gift = row.get("gift")
+            if gift is None:
+                continue
+            rank = 1 + sum(v > gift for v in row.values())
+            verdicts.append(
+                f"{opt}: {'yes' if best == 'gift' else 'no'}, GIFT {gift:.3f} ranks {rank} of "
+                f"{len(row)}" + ("" if best == "gift" else f" (best: `{best}` {row[best]:.3f})")
+            )
+        found.append("**GIFT best?** " + "; ".join(verdicts) + ".")
+    complete = sorted(loss for loss in losses if all((loss, opt) in served for opt in optimizers))
+    if "gift" in complete and len(optimizers) > 1:
+        spread = {
+            loss: max(served[(loss, o)].mean for o in optimizers)
+            - min(served[(loss, o)].mean for o in optimizers)
+            for loss in complete
+        }
+        smallest = min(sorted(spread), key=lambda name: spread[name])
+        verdict = "yes" if smallest == "gift" else f"no, `{smallest}` has {spread[smallest]:.3f}"
+        found.append(
+            f"**Smallest cross-optimizer spread?** {verdict}: GIFT's is {spread['gift']:.3f} "
+            f"over {', '.join(optimizers)} (largest: "
+            f"`{max(sorted(spread), key=lambda n: spread[n])}` {max(spread.values()):.3f})."
+        )
+    if ("kl", "sgd") in served and ("kl", "adamw") in served:
+        sgd, adamw = served[("kl", "sgd")].mean, served[("kl", "adamw")].mean
+        collapsed = sgd < COLLAPSE_FRACTION * adamw
+        found.append(
+            f"**KL collapses under SGD?** {'yes' if collapsed else 'no'}: KL reaches {sgd:.3f} "
+            f"with SGD against {adamw:.3f} with AdamW (collapse: below "
+            f"{COLLAPSE_FRACTION:.0%} of AdamW's)."
+        )
+    return found
+
+
+def plot(table: dict[tuple, Cell], ipc: int, out: Path) -> list[str]:
+    """PNG plots; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    served = {k: c for k, c in table.items() if k[1] == "served"}
+    main = {(k[2], k[3]): c for k, c in served.items() if k[0] == ipc}
+    if main:
+        losses = _ordered({k[0] for k in main}, PAPER_ORDER)
+        optimizers = _ordered({k[1] for k in main}, OPTIMIZER_ORDER)
+        fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+        width = 0.8 / len(optimizers)
+        for j, opt in enumerate(optimizers):
+            xs = [i + (j - (len(optimizers) - 1) / 2) * width for i in range(len(losses))]
+            cs = [main.get((loss, opt)) for loss in losses]
+            ax.bar(
+                xs, [c.mean if c else 0 for c in cs], width, yerr=[c.std if c else 0 for c in cs],
+                label=opt, capsize=2,
+            )  # fmt: skip
+        ax.set_xticks(range(len(losses)), losses)
+        ax.set_ylabel("test top-1")
+        ax.set_title(f"Fashion-MNIST IPC {ipc}, ConvNet-3 student: loss × optimizer")
+        ax.legend()
+        names.append(_save(fig, out / f"loss_study_ipc{ipc}.png"))
+    ipcs = sorted({k[0] for k in served})
+    if len(ipcs) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for loss in _ordered({k[2] for k in served}, PAPER_ORDER):
+            points = [(i, served[(i, "served", loss, "adamw")]) for i in ipcs
+                      if (i, "served", loss, "adamw") in served]  # fmt: skip
+            if len(points) > 1:
+                ax.errorbar(
+                    [p[0] for p in points], [p[1].mean for p in points],
+                    yerr=[p[1].std for p in points], marker="o", capsize=2, label=loss,
+                )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xticks(ipcs, [str(i) for i in ipcs])
+        ax.set_xlabel("images per class")
+        ax.set_ylabel("test top-1")
+        ax.set_title("AdamW, by IPC")
+        ax.legend()
+        names.append(_save(fig, out / "loss_study_by_ipc.png"))
+    online = sorted((k[2], k[3]) for k in table if k[0] == ipc and k[1] == "online")
+    if online:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for j, feed in enumerate(("served", "online")):
+            cs = [table.get((ipc, feed, loss, opt)) for loss, opt in online]
+            ax.bar(
+                [i + (j - 0.5) * 0.4 for i in range(len(online))],
+                [c.mean if c else 0 for c in cs], 0.4, yerr=[c.std if c else 0 for c in cs],
+                label="precomputed (served)" if feed == "served" else "online teacher", capsize=2,
+            )  # fmt: skip
+        ax.set_xticks(range(len(online)), [f"{loss}\n{opt}" for loss, opt in online])
+        ax.set_ylabel("test top-1")
+        ax.set_title(f"IPC {ipc}: precomputed labels vs the online teacher")
+        ax.legend()
+        names.append(_save(fig, out / "loss_study_online.png"))
+    return names
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def render(records: list[dict], main_ipc: int, plots: list[str], link: str) -> str:
+    """The study's markdown: provenance, tables, claims and plot links."""
+    table = cells(records)
+    versions = sorted({r["code_version"] for r in records})
+    epochs = sorted({r["job"]["epochs"] for r in records})
+    evals = sorted({r["command"][r["command"].index("--eval") + 1] for r in records})
+    tested = (
+        "Fashion-MNIST's real test split (10,000 images)" if evals == ["fashion-mnist"]
+        else f"the test images of {', '.join(f'`{e}`' for e in evals)}"
+    )  # fmt: skip
+    parts = [
+        f"{len(records)} runs; code version{'s' if len(versions) > 1 else ''} "
+        f"{', '.join(f'`{v}`' for v in versions)}; {'/'.join(map(str, epochs))} epochs; "
+        f"ConvNet-3 student, top-1 on {tested}, as mean ± sample std (seeds). Reproduce: "
+        f"`python bench/loss_study.py`; every run's exact `softserve train` command is in "
+        f"`{link}loss_study.jsonl`.",
+        f"**IPC {main_ipc}, served labels, loss × optimizer**\n\n{grid_table(table, main_ipc)}",
+    ]
+    found = claims(table, main_ipc)
+    if found:
+        parts.append("The paper's claims, as found here:\n\n" + "\n".join(f"- {c}" for c in found))
+    if any(k[1] == "online" for k in table):
+        parts.append(
+            f"**IPC {main_ipc}: precomputed (served, E = {epochs[-1]}) vs the online teacher**"
+            f"\n\n{online_table(table, main_ipc)}"
+        )
+    if len({k[0] for k in table}) > 1:
+        parts.append(f"**AdamW by IPC**\n\n{by_ipc_table(table, 'adamw')}")
+        for ipc in sorted({k[0] for k in table if k[0] != main_ipc}):
+            parts.append(f"**IPC {ipc}, loss × optimizer**\n\n{grid_table(table, ipc)}")
+    parts += [f"![{name}]({link}{name})" for name in plots]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(results: Path, out: Path, readme: Path | None = None, main_ipc: int = 10) -> Path:
+    """Write ``loss_study.md`` and the plots into ``out``; update ``readme`` if given."""
+    records = load(results)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(cells(records), main_ipc, out) if records else []
+    page = out / "loss_study.md"
+    page.write_text("# Loss study\n\n" + render(records, main_ipc, plots, link=""))
+    if readme is not None:
+        text = readme.read_text()
+        if BEGIN not in text or END not in text:
+            raise SystemExit(f"{readme} has no {BEGIN} ... {END} section to update")
+        link = os.path.relpath(out.resolve(), readme.parent.resolve()) + "/"
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        body = render(records, main_ipc, plots, link=link)
+        readme.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
+    return page
+
+
+def main() -> None:
+    bench = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=bench / "results" / "loss_study.jsonl")
+    parser.add_argument("--out", type=Path, default=bench / "results")
+    parser.add_argument("--readme", type=Path, default=None)
+    parser.add_argument("--main-ipc", type=int, default=10)
+    args = parser.parse_args()
+    print(write_report(args.results, args.out, args.readme, args.main_ipc))
+
+
+if __name__ == "__main__":
+    main()

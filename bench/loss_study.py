@@ -1,0 +1,311 @@
+"""The GIFT paper's loss study on Fashion-MNIST, run through a real softserve server.
+
+1. Build (or reuse) the demo label sets at IPC 1, 10 and 50: one real teacher, an IPC-k
+   synthetic set picked by confidence, E epochs of views relabelled into a store.
+2. Start ``softserve serve`` over that store on loopback.
+3. Run ``softserve train`` jobs in a worker pool sized to the cores: at IPC 10 every loss
+   × optimizer × seed, served; the online-teacher arm (GIFT and KL, AdamW and SGD) beside
+   it; then IPC 1 and IPC 50 for GIFT, KL and CE.
+4. Write the tables and plots (``bench/loss_report.py``).
+
+Resumable: every finished run is appended to a JSON-lines results file, with its command
+and code version, and skipped on the next run; the file is the source of every table.
+Jobs are ordered seed-major, so a partial run already covers every cell once.
+
+    python bench/loss_study.py                 # the full study (hours on 2 CPU cores)
+    python bench/loss_study.py --smoke         # CI: 2 epochs, 2 losses, 1 seed, small eval
+    python bench/loss_study.py --device cuda   # on a GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import loss_report  # noqa: E402
+
+from softserve.client import LOSS_NAMES  # noqa: E402
+from softserve.worker import fashion_mnist  # noqa: E402
+from softserve.worker.demo import DEMO_POLICY, TEACHER_SPEC, DemoOptions, prepare_demo  # noqa: E402
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+#: Losses run at every IPC; at the main IPC every loss of the paper runs.
+CORE_LOSSES = ("gift", "kl", "ce")
+#: The online-teacher arm: what precomputed labels are compared against.
+ONLINE_LOSSES = ("gift", "kl")
+ONLINE_OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One student run; its key identifies it in the results file."""
+
+    ipc: int
+    feed: str
+    loss: str
+    optimizer: str
+    seed: int
+    epochs: int
+    model: str = "convnet"
+
+    @property
+    def key(self) -> tuple:
+        return (self.ipc, self.feed, self.loss, self.optimizer, self.seed, self.epochs, self.model)
+
+
+def plan(
+    ipcs: list[int], main_ipc: int, seeds: list[int], epochs: int, losses: Iterable[str],
+    core_losses: Iterable[str], optimizers: Iterable[str], online: bool,
+) -> list[Job]:  # fmt: skip
+    """Every job of the study, seed-major: a partial run covers every cell once first."""
+    jobs = []
+    for seed in seeds:
+        for ipc in sorted(ipcs, key=lambda i: (i != main_ipc, i)):
+            names = losses if ipc == main_ipc else core_losses
+            for loss in names:
+                for optimizer in optimizers:
+                    jobs.append(Job(ipc, "served", loss, optimizer, seed, epochs))
+            if online and ipc == main_ipc:
+                for loss in ONLINE_LOSSES:
+                    for optimizer in ONLINE_OPTIMIZERS:
+                        if optimizer in optimizers and loss in names:
+                            jobs.append(Job(ipc, "online", loss, optimizer, seed, epochs))
+    return jobs
+
+
+def done_keys(results: Path) -> set[tuple]:
+    """Keys of the runs already in the results file."""
+    if not results.exists():
+        return set()
+    keys = set()
+    for line in results.read_text().splitlines():
+        if line.strip():
+            keys.add(Job(**json.loads(line)["job"]).key)
+    return keys
+
+
+def code_version() -> str:
+    """The commit the study runs, with ``-dirty`` when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``softserve serve`` over the study's store, for the length of the study."""
+
+    def __init__(self, store: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "softserve", "serve", "--store", str(store),
+                 "--port", str(self.port), "--log-level", "warning"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"softserve serve exited; see {self.log}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"softserve serve did not become ready; see {self.log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@dataclass
+class Context:
+    """What every job's command needs: where things are and how to run them."""
+
+    url: str
+    workdir: Path
+    eval: str
+    device: str
+    threads: int
+
+    def command(self, job: Job) -> list[str]:
+        common = [
+            "--model", job.model, "--loss", job.loss, "--optimizer", job.optimizer,
+            "--epochs", str(job.epochs), "--seed", str(job.seed), "--eval", self.eval,
+            "--device", self.device, "--no-progress",
+        ]  # fmt: skip
+        if job.feed == "served":
+            feed = ["--url", self.url, "--labelset", f"fashion-mnist-ipc{job.ipc}"]
+        else:
+            feed = [
+                "--teacher", TEACHER_SPEC, "--weights", str(self.workdir / "teacher.pt"),
+                "--images", str(self.workdir / f"ipc{job.ipc}"),
+                "--mean", ",".join(map(str, fashion_mnist.MEAN)),
+                "--std", ",".join(map(str, fashion_mnist.STD)),
+                "--min-scale", str(DEMO_POLICY.scale[0]), "--max-scale", str(DEMO_POLICY.scale[1]),
+            ]  # fmt: skip
+        return ["softserve", "train", *feed, *common]
+
+
+def run_job(job: Job, ctx: Context, version: str) -> dict:
+    """Run one ``softserve train`` and return its results-file record."""
+    command = ctx.command(job)
+    env = {**os.environ, "OMP_NUM_THREADS": str(ctx.threads), "NO_COLOR": "1"}
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "softserve", *command[1:]], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "job": asdict(job),
+        "result": result,
+        "command": command,
+        "code_version": version,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "host": {"cpus": os.cpu_count(), "threads": ctx.threads, "torch": torch.__version__},
+    }
+
+
+def run_all(jobs: list[Job], ctx: Context, results: Path, workers: int) -> list[str]:
+    """Run ``jobs`` in a pool, appending each record as it finishes; returns the failures."""
+    version = code_version()
+    lock = threading.Lock()
+    failures = []
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(run_job, job, ctx, version): job for job in jobs}
+        bar = tqdm(total=len(jobs), unit="run", desc="loss study", dynamic_ncols=True)
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                record = future.result()
+            except Exception as exc:  # a failed run is reported, the others go on
+                failures.append(str(exc))
+                tqdm.write(f"FAILED {job}: {exc}")
+            else:
+                with lock, open(results, "a") as out:
+                    out.write(json.dumps(record) + "\n")
+                bar.set_postfix_str(f"{job.loss}/{job.optimizer} {record['result']['top1']:.3f}")
+            bar.update()
+        bar.close()
+    return failures
+
+
+def small_eval_set(workdir: Path, count: int) -> Path:
+    """The first ``count`` test images as a tensor file: a quick evaluation for smoke runs."""
+    path = workdir / f"test-{count}.pt"
+    if not path.exists():
+        images, labels = fashion_mnist.load_split(fashion_mnist.find_data(), "test")
+        data = {"data": torch.from_numpy(images[:count]), "label": torch.from_numpy(labels[:count])}
+        torch.save(data, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("study"), help="teacher, sets, store")
+    parser.add_argument("--results", type=Path, default=BENCH / "results" / "loss_study.jsonl")
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="tables and plots")
+    parser.add_argument("--readme", type=Path, default=None, help="README to update in place")
+    parser.add_argument("--ipcs", default="1,10,50")
+    parser.add_argument("--main-ipc", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=300, help="label and training epochs")
+    parser.add_argument("--losses", default=",".join(LOSS_NAMES), help="losses at the main IPC")
+    parser.add_argument("--core-losses", default=",".join(CORE_LOSSES), help="at other IPCs")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--no-online", action="store_true", help="skip the online-teacher arm")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--eval-limit", type=int, default=None, help="first N test images only")
+    parser.add_argument("--report-only", action="store_true", help="tables and plots only")
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="CI: tiny teacher, 2 epochs, gift and kl, AdamW and SGD, seed 0, 500 test images",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.seeds, args.ipcs = 2, "0", "1,10"
+        args.losses = args.core_losses = "gift,kl"
+        args.optimizers = "adamw,sgd"
+        args.eval_limit = args.eval_limit or 500
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    names = lambda text: [v for v in text.split(",") if v]  # noqa: E731
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+
+    if not args.report_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        store = args.workdir / "store"
+        for ipc in ints(args.ipcs):
+            prepare_demo(
+                DemoOptions(
+                    workdir=args.workdir, store=store, ipc=ipc, label_epochs=args.epochs,
+                    device=args.device, teacher_epochs=1 if args.smoke else 3,
+                    train_limit=2000 if args.smoke else None,
+                ),
+                log=lambda m: tqdm.write(f"prepare: {m}"),
+            )  # fmt: skip
+        jobs = plan(
+            ints(args.ipcs), args.main_ipc, ints(args.seeds), args.epochs, names(args.losses),
+            names(args.core_losses), names(args.optimizers), online=not args.no_online,
+        )  # fmt: skip
+        done = done_keys(args.results)
+        todo = [job for job in jobs if job.key not in done]
+        print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {args.results}")
+        evaluation = "fashion-mnist"
+        if args.eval_limit:
+            evaluation = str(small_eval_set(args.workdir, args.eval_limit))
+        server = Server(store, args.workdir / "server.log")
+        try:
+            server.wait_ready()
+            ctx = Context(server.url, args.workdir, evaluation, args.device, args.threads)
+            failures = run_all(todo, ctx, args.results, args.workers)
+        finally:
+            server.stop()
+        if failures:
+            print(f"{len(failures)} runs failed; rerun to retry them", file=sys.stderr)
+    loss_report.write_report(args.results, args.out, readme=args.readme, main_ipc=args.main_ipc)
+    return 1 if not args.report_only and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

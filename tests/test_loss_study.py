@@ -1,0 +1,97 @@
+"""The loss study's pipeline: its report from known records, and a smoke run on real data."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from softserve.worker import fashion_mnist
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import loss_report  # noqa: E402
+
+HAVE_DATA = (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+def record(ipc: int, feed: str, loss: str, optimizer: str, seed: int, top1: float) -> dict:
+    job = {"ipc": ipc, "feed": feed, "loss": loss, "optimizer": optimizer, "seed": seed,
+           "epochs": 300, "model": "convnet"}  # fmt: skip
+    command = ["softserve", "train", "--loss", loss, "--eval", "fashion-mnist"]
+    return {"job": job, "result": {"top1": top1}, "command": command, "code_version": "abc"}
+
+
+def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
+    """Means, sample stds, spreads, paired differences and the three verdicts."""
+    top1 = {  # (loss, optimizer): per-seed top-1
+        ("gift", "adamw"): [0.80, 0.82], ("gift", "sgd"): [0.78, 0.80],
+        ("kl", "adamw"): [0.84, 0.86], ("kl", "sgd"): [0.30, 0.34],
+        ("ce", "adamw"): [0.70, 0.70], ("ce", "sgd"): [0.60, 0.62],
+    }  # fmt: skip
+    records = [
+        record(10, "served", loss, opt, seed, v)
+        for (loss, opt), values in top1.items() for seed, v in enumerate(values)
+    ]  # fmt: skip
+    records += [record(10, "online", "gift", "adamw", s, v) for s, v in enumerate([0.83, 0.84])]
+    records += [record(1, "served", "gift", "adamw", 0, 0.5)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{loss_report.BEGIN}\nold\n{loss_report.END}\nrest\n")
+    page = loss_report.write_report(results, tmp_path / "out", readme=readme).read_text()
+
+    std = statistics.stdev([0.80, 0.82])
+    assert f"| `gift` | 0.810 ± {std:.3f} (2) | 0.790 ± {std:.3f} (2) | 0.020 |" in page
+    assert "| `kl` | 0.850 ± 0.014 (2) | 0.320 ± 0.028 (2) | 0.530 |" in page
+    assert "adamw: no, GIFT 0.810 ranks 2 of 3 (best: `kl` 0.850)" in page
+    assert "sgd: yes, GIFT 0.790 ranks 1 of 3" in page
+    assert "**Smallest cross-optimizer spread?** yes: GIFT's is 0.020" in page
+    assert "**KL collapses under SGD?** yes: KL reaches 0.320 with SGD against 0.850" in page
+    # served - online per seed: -0.03, -0.02
+    assert "| `gift` | adamw | 0.810 ± 0.014 (2) | 0.835 ± 0.007 (2) | -0.025 ± 0.007 (2) |" in page
+    assert "| `gift` | 0.500 ± 0.000 (1) | 0.810 ± 0.014 (2) |" in page  # by IPC
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "![loss_study_ipc10.png](out/loss_study_ipc10.png)" in text
+    for name in ("loss_study_ipc10.png", "loss_study_by_ipc.png", "loss_study_online.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = loss_report.write_report(results, tmp_path / "out2").read_text()
+    assert again == page  # deterministic
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DATA, reason="needs Debian's dataset-fashion-mnist")
+def test_loss_study_smoke_runs_through_a_server_and_resumes(tmp_path: Path) -> None:
+    """2 epochs, gift and kl, AdamW and SGD, seed 0, IPC 1 and 10, served and online."""
+    results, out = tmp_path / "results.jsonl", tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "loss_study.py"), "--smoke", "--workdir", tmp_path / "w",
+           "--results", results, "--out", out]  # fmt: skip
+    done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    keys = {(r["job"]["ipc"], r["job"]["feed"], r["job"]["loss"], r["job"]["optimizer"])
+            for r in records}  # fmt: skip
+    expected = {(ipc, "served", loss, opt) for ipc in (1, 10) for loss in ("gift", "kl")
+                for opt in ("adamw", "sgd")}  # fmt: skip
+    expected |= {(10, "online", loss, opt) for loss in ("gift", "kl") for opt in ("adamw", "sgd")}
+    assert keys == expected and len(records) == len(expected)
+    for r in records:
+        assert r["result"]["epochs"] == 2 and r["result"]["feed"] == r["job"]["feed"]
+        assert 0.0 <= r["result"]["top1"] <= 1.0
+        assert r["command"][:2] == ["softserve", "train"] and "--epochs" in r["command"]
+    page = (out / "loss_study.md").read_text()
+    gift = [r["result"]["top1"] for r in records
+            if (r["job"]["ipc"], r["job"]["feed"], r["job"]["loss"], r["job"]["optimizer"])
+            == (10, "served", "gift", "adamw")]  # fmt: skip
+    assert f"| `gift` | {gift[0]:.3f} ± 0.000 (1) |" in page
+
+    rerun = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "12 runs planned, 12 already in" in rerun.stdout
+    assert results.read_text().count("\n") == len(records)
