@@ -128,7 +128,9 @@ def relabel(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 256,
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
-    codec: Annotated[str, typer.Option(help="Label codec: fp32, fp16 or int8.")] = "fp16",
+    codec: Annotated[
+        str, typer.Option(help="Label codec: fp32, fp16, int8 or topk:k (k largest).")
+    ] = "fp16",
     alpha: AlphaOption = 0.1,
     beta: BetaOption = 0.1,
     shard_epochs: Annotated[

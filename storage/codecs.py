@@ -2,22 +2,28 @@
 
 Each codec names the parts it stores (HDF5 datasets ``<field>`` plus ``<field>_<part>``),
 its bytes per label row, and its worst-case error, which ``bench/relabel_bench.py``
-measures on real labels and on the GIFT loss.
+measures on real labels and on the GIFT and KL losses.
 
-========  ==================  =====================================================
-codec     bytes per label     error
-========  ==================  =====================================================
-fp32      4·K                 none
-fp16      2·K                 relative 2^-11 (for |x| < 65504; larger values clip)
-int8      K + 8               at most (max-min)/510 per row (per-row affine)
-========  ==================  =====================================================
+==========  ==========================  ===================================================
+codec       bytes per label             error
+==========  ==========================  ===================================================
+fp32        4·K                         none
+fp16        2·K                         relative 2^-11 (for |x| < 65504; larger values clip)
+int8        K + 8                       at most (max-min)/510 per row (per-row affine)
+topk:k      2·k + k·idx + 2             the k largest exact to fp16; every other class
+                                        holds the mean of the rest (fp16)
+==========  ==========================  ===================================================
 
 int8 pays off for many classes: at K = 10 its 8 bytes of scale and offset make it no
-smaller than fp16, with ~20× fp16's error.
+smaller than fp16, with ~20× fp16's error. ``topk:k`` stores the k largest entries of a row
+(fp16), their class indices (``idx`` bytes each: the smallest unsigned integer type that
+holds K - 1) and the mean of the other K - k entries (fp16): GIFT's cosine and KL at T = 20
+both depend on the tail, so the tail's mass is kept, not dropped.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,37 +36,53 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 
 @dataclass(frozen=True)
 class Part:
-    """One stored array of a codec: a name suffix ('' for the main one), dtype, row shape."""
+    """One stored array of a codec: a name suffix ('' for the main one), dtype, and width:
+    ``None`` for one value per class, 0 for one value per row, n for n values per row."""
 
     suffix: str
     dtype: np.dtype
-    per_class: bool
+    width: int | None = None
+
+    def row_shape(self, num_classes: int) -> tuple[int, ...]:
+        if self.width is None:
+            return (num_classes,)
+        return (self.width,) if self.width else ()
 
 
 class Codec:
-    """Base of the label codecs; subclasses set ``name`` and ``parts`` and encode/decode."""
+    """Base of the label codecs: ``parts``, ``encode`` and ``decode`` define one."""
 
     name: str = ""
-    parts: tuple[Part, ...] = ()
+
+    def parts(self, num_classes: int) -> tuple[Part, ...]:
+        """The arrays a row of ``num_classes`` labels is stored as."""
+        raise NotImplementedError
 
     def bytes_per_label(self, num_classes: int) -> int:
-        return sum(p.dtype.itemsize * (num_classes if p.per_class else 1) for p in self.parts)
+        return sum(
+            p.dtype.itemsize * math.prod(p.row_shape(num_classes)) for p in self.parts(num_classes)
+        )
+
+    def check(self, num_classes: int) -> None:
+        """Raise InputError unless this codec can store labels of ``num_classes`` classes."""
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
-        """The labels as float32."""
+    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        """The labels as float32 (…, num_classes)."""
         raise NotImplementedError
 
-    def decode_as(self, parts: dict[str, np.ndarray], dtype: np.dtype) -> np.ndarray:
+    def decode_as(
+        self, parts: dict[str, np.ndarray], num_classes: int, dtype: np.dtype | type
+    ) -> np.ndarray:
         """The labels as float32 or float16 (clipped to its range); a float codec's own dtype
         comes back as stored, without a copy."""
         if np.dtype(dtype) == np.float32:
-            return self.decode(parts)
+            return self.decode(parts, num_classes)
         if np.dtype(dtype) != np.float16:
             raise ValueError(f"labels decode to float32 or float16, not {dtype}")
-        return to_float16(self.decode(parts))
+        return to_float16(self.decode(parts, num_classes))
 
 
 def to_float16(x: np.ndarray) -> np.ndarray:
@@ -68,40 +90,49 @@ def to_float16(x: np.ndarray) -> np.ndarray:
     return np.clip(x, -_FP16_MAX, _FP16_MAX).astype(np.float16)
 
 
+def half_to_float(x: np.ndarray) -> np.ndarray:
+    """float32 of a float16 array: torch's SIMD cast where it can (numpy casts half to float
+    an element at a time, ~8x slower on a batch); exact either way."""
+    if x.dtype == np.float16 and x.flags.writeable:
+        return torch.from_numpy(x).float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
 class _FloatCodec(Codec):
     def __init__(self, name: str, dtype: type[np.floating]) -> None:
         self.name = name
-        self.parts = (Part("", np.dtype(dtype), True),)
         self._dtype = np.dtype(dtype)
+
+    def parts(self, num_classes: int) -> tuple[Part, ...]:
+        return (Part("", self._dtype),)
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self._dtype == np.float16:
             return {"": to_float16(x)}
         return {"": np.asarray(x, dtype=self._dtype)}
 
-    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
-        x = parts[""]
-        if x.dtype == np.float16 and x.flags.writeable:
-            # numpy casts half to float an element at a time, torch with SIMD (~8x faster on
-            # a batch: most of the server's decode); exact either way
-            return torch.from_numpy(x).float().numpy()
-        return np.asarray(x, dtype=np.float32)
+    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        return half_to_float(parts[""])
 
-    def decode_as(self, parts: dict[str, np.ndarray], dtype: np.dtype) -> np.ndarray:
+    def decode_as(
+        self, parts: dict[str, np.ndarray], num_classes: int, dtype: np.dtype | type
+    ) -> np.ndarray:
         if np.dtype(dtype) == self._dtype:
             return parts[""]
-        return super().decode_as(parts, dtype)
+        return super().decode_as(parts, num_classes, dtype)
 
 
 class Int8Codec(Codec):
     """Per-row affine int8: x ≈ offset + scale·(q + 128), with float32 scale and offset."""
 
     name = "int8"
-    parts = (
-        Part("", np.dtype(np.int8), True),
-        Part("scale", np.dtype(np.float32), False),
-        Part("offset", np.dtype(np.float32), False),
-    )
+
+    def parts(self, num_classes: int) -> tuple[Part, ...]:
+        return (
+            Part("", np.dtype(np.int8)),
+            Part("scale", np.dtype(np.float32), 0),
+            Part("offset", np.dtype(np.float32), 0),
+        )
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         x = np.asarray(x, dtype=np.float32)
@@ -116,9 +147,65 @@ class Int8Codec(Codec):
             "offset": lo.astype(np.float32),
         }
 
-    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
         q = parts[""].astype(np.float32) + 128.0
         return parts["offset"][..., None] + parts["scale"][..., None] * q
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every class index."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise InputError(f"{num_classes} classes is more than a top-k code can index")
+
+
+class TopKCodec(Codec):
+    """The k largest entries of each row (fp16) with their class indices, and the mean of
+    the other entries (fp16), which decoding puts in every other class.
+
+    Ties are broken toward the lower class index, so encoding is deterministic.
+    """
+
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise InputError(f"codec topk:{k} keeps no entries; use topk:k with k >= 1")
+        self.k = k
+        self.name = f"topk:{k}"
+
+    def check(self, num_classes: int) -> None:
+        if self.k >= num_classes:
+            raise InputError(
+                f"codec {self.name} keeps all {num_classes} classes or more; use k < "
+                f"{num_classes}, or fp16 to keep every class"
+            )
+
+    def parts(self, num_classes: int) -> tuple[Part, ...]:
+        return (
+            Part("", np.dtype(np.float16), self.k),
+            Part("index", index_dtype(num_classes), self.k),
+            Part("tail", np.dtype(np.float16), 0),
+        )
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.asarray(x, dtype=np.float32)
+        num_classes = x.shape[-1]
+        self.check(num_classes)
+        index = np.argsort(-x, axis=-1, kind="stable")[..., : self.k]
+        top = np.take_along_axis(x, index, axis=-1)
+        rest = x.sum(axis=-1, dtype=np.float64) - top.sum(axis=-1, dtype=np.float64)
+        return {
+            "": to_float16(top),
+            "index": index.astype(index_dtype(num_classes)),
+            "tail": to_float16(rest / (num_classes - self.k)),
+        }
+
+    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        tail = half_to_float(np.ascontiguousarray(parts["tail"]))
+        out = np.repeat(tail[..., None], num_classes, axis=-1)
+        top = half_to_float(np.ascontiguousarray(parts[""]))
+        np.put_along_axis(out, parts["index"].astype(np.intp), top, axis=-1)
+        return out
 
 
 CODECS: dict[str, Codec] = {
@@ -126,16 +213,18 @@ CODECS: dict[str, Codec] = {
     "fp16": _FloatCodec("fp16", np.float16),
     "int8": Int8Codec(),
 }
+#: Codec names to show users: the fixed ones, and the top-k family.
+CODEC_NAMES = (*CODECS, "topk:k")
 
 
 def get_codec(name: str) -> Codec:
-    """The codec registered under ``name``."""
-    try:
+    """The codec named ``name``: fp32, fp16, int8, or topk:k."""
+    if name in CODECS:
         return CODECS[name]
-    except KeyError:
-        raise InputError(
-            f"unknown label codec {name!r}; choose one of {', '.join(CODECS)}"
-        ) from None
+    prefix, _, k = name.partition(":")
+    if prefix == "topk" and k.isdigit():
+        return TopKCodec(int(k))
+    raise InputError(f"unknown label codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
 
 
 def part_name(field: str, suffix: str) -> str:

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from softserve.errors import StoreError
 from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
-FORMAT_VERSION = 1
+#: Written today: one stored label per view (see softserve.storage.shards); 1 still reads.
+FORMAT_VERSION = 2
 
 
 class _Model(BaseModel):
@@ -37,7 +38,8 @@ class ViewInfo(_Model):
 
 
 class RefinementInfo(_Model):
-    """GIFT refinement parameters used for the stored ``refined`` labels."""
+    """GIFT refinement parameters of the stored ``refined`` labels (and of recovering the
+    teacher's logits from them)."""
 
     method: Literal["gift"] = "gift"
     alpha: float
@@ -87,6 +89,11 @@ class ShardInfo(FileInfo):
     epoch_start: int
     epoch_stop: int
 
+    @property
+    def epochs(self) -> tuple[int, int]:
+        """The [start, stop) epochs this shard holds."""
+        return self.epoch_start, self.epoch_stop
+
 
 class ProducerInfo(_Model):
     """How the labels were computed; informative, not part of the label set's identity."""
@@ -101,7 +108,7 @@ class ProducerInfo(_Model):
 class Manifest(_Model):
     """The manifest of a complete label set."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = FORMAT_VERSION
     name: str
     created: datetime
     config: LabelSetConfig

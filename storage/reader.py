@@ -2,7 +2,8 @@
 
 Serving an epoch is a sequential read: rows are stored in each epoch's order, so any batch
 of any rank is one contiguous slice per dataset. Open a reader after forking, never before
-(h5py handles do not survive a fork).
+(h5py handles do not survive a fork). Sets of every format version read the same way: in
+format 2 the teacher's logits are recovered from the refined labels and their norms.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
+from softserve.client.losses import recover_logits
 from softserve.errors import StoreError, brief
-from softserve.storage.codecs import get_codec, part_name
+from softserve.storage.codecs import get_codec, part_name, to_float16
 from softserve.storage.layout import DATASET_FILE
 from softserve.storage.manifest import Manifest, read_manifest
-from softserve.storage.writer import LABEL_FIELDS
+from softserve.storage.shards import CODEC_FIELDS, NORM
 
-ROW_FIELDS = ("order", "params", *LABEL_FIELDS)
+#: What :meth:`LabelSetReader.read` returns: sample ids, views, refined labels, teacher
+#: logits, and the logits' norms.
+ROW_FIELDS = ("order", "params", "refined", "logits", NORM)
 
 
 class LabelSetReader:
@@ -30,7 +35,9 @@ class LabelSetReader:
         self.manifest: Manifest = read_manifest(self.root)
         self.config = self.manifest.config
         self.codec = get_codec(self.config.codec)
+        self.version = self.manifest.format_version
         self._locking = locking
+        self._hard: np.ndarray | None = None
         self._files: dict[str, h5py.File] = {}
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
 
@@ -70,7 +77,9 @@ class LabelSetReader:
 
     def hard_labels(self) -> np.ndarray:
         """Hard labels of every sample, int64 (N,)."""
-        return self._read(DATASET_FILE, "labels", slice(None))
+        if self._hard is None:
+            self._hard = self._read(DATASET_FILE, "labels", slice(None))
+        return self._hard
 
     def shard_of(self, epoch: int) -> tuple[str, int]:
         """File holding a stored epoch, and the epoch's index inside it."""
@@ -83,23 +92,50 @@ class LabelSetReader:
         self, epoch: int, start: int, stop: int, fields: Iterable[str] = ROW_FIELDS,
         label_dtype: np.dtype | type = np.float32,
     ) -> dict[str, np.ndarray]:  # fmt: skip
-        """Rows [start, stop) of an epoch's order: sample ids, view params, and labels decoded
-        to ``label_dtype`` (float32, or float16: the fp16 codec's labels as stored)."""
+        """Rows [start, stop) of an epoch's order: any of :data:`ROW_FIELDS`, with labels
+        decoded to ``label_dtype`` (float32, or float16: the fp16 codec's labels as stored)."""
+        fields = list(fields)
+        unknown = set(fields) - set(ROW_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}; choose from {ROW_FIELDS}")
         name, local = self.shard_of(epoch)
-        rows = slice(start, stop)
+        index = (local, slice(start, stop))
+        stored = {"order", "params", *CODEC_FIELDS[self.version]}
+        if self.version >= 2:
+            stored.add(NORM)
         out: dict[str, np.ndarray] = {}
         for field in fields:
-            if field in LABEL_FIELDS:
-                parts = {
-                    p.suffix: self._read(name, part_name(field, p.suffix), (local, rows))
-                    for p in self.codec.parts
-                }
-                out[field] = self.codec.decode_as(parts, label_dtype)
-            elif field in ROW_FIELDS:
-                out[field] = self._read(name, field, (local, rows))
-            else:
-                raise ValueError(f"unknown field {field!r}; choose from {ROW_FIELDS}")
-        return out
+            if field in CODEC_FIELDS[self.version]:
+                out[field] = self._decode(name, field, index, label_dtype)
+            elif field in stored:
+                out[field] = self._read(name, field, index)
+        if "logits" in fields and "logits" not in out:
+            out["logits"] = self._recover_logits(name, index, label_dtype, out)
+        if NORM in fields and NORM not in out:  # format 1: the norm of the stored logits
+            logits = self._decode(name, "logits", index, np.float32)
+            out[NORM] = np.linalg.norm(logits, axis=-1).astype(np.float32)
+        return {field: out[field] for field in fields}
+
+    def _decode(self, name: str, field: str, index: tuple, dtype: np.dtype | type) -> np.ndarray:
+        parts = {
+            p.suffix: self._read(name, part_name(field, p.suffix), index)
+            for p in self.codec.parts(self.config.num_classes)
+        }
+        return self.codec.decode_as(parts, self.config.num_classes, dtype)
+
+    def _recover_logits(
+        self, name: str, index: tuple, dtype: np.dtype | type, have: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """t = ‖t‖·(r − β·s/‖s‖) from the refined labels, norms and hard labels."""
+        refined = self._decode(name, "refined", index, np.float32)
+        order = have["order"] if "order" in have else self._read(name, "order", index)
+        norm = have[NORM] if NORM in have else self._read(name, NORM, index)
+        refinement = self.config.refinement
+        logits = recover_logits(
+            torch.from_numpy(refined), torch.from_numpy(self.hard_labels()[order]),
+            torch.from_numpy(norm), refinement.alpha, refinement.beta,
+        ).numpy()  # fmt: skip
+        return to_float16(logits) if np.dtype(dtype) == np.float16 else logits
 
     def close(self) -> None:
         self._datasets.clear()

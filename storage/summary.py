@@ -43,7 +43,7 @@ def _config_rows(config: LabelSetConfig) -> list[tuple[str, str]]:
         (
             "codec",
             f"{codec.name}: {codec.bytes_per_label(config.num_classes)} bytes per label "
-            "(refined and logits each)",
+            "(refined labels; logits recovered from them and their norms)",
         ),
         ("precision", config.precision),
     ]
@@ -73,6 +73,7 @@ def describe(root: Path) -> list[tuple[str, str]]:
     return [
         ("name", manifest.name),
         ("status", "complete"),
+        ("format", f"version {manifest.format_version}"),
         ("created", manifest.created.isoformat(timespec="seconds")),
         *_config_rows(config),
         ("shards", f"{len(manifest.shards)}, {_mib(label_bytes)} of labels"),

@@ -8,14 +8,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from softserve.client.views import NUM_PARAMS
 from softserve.errors import StoreError, brief
-from softserve.storage.codecs import get_codec, part_name
+from softserve.storage.codecs import get_codec
 from softserve.storage.layout import sha256_file
 from softserve.storage.manifest import FileInfo, LabelSetConfig, read_manifest
-from softserve.storage.writer import LABEL_FIELDS, ORDER_DTYPE, PARAMS_DTYPE
-
-Expected = dict[str, tuple[tuple[int, ...], np.dtype]]
+from softserve.storage.shards import Layout as Expected
+from softserve.storage.shards import shard_layout
 
 
 def _dataset_layout(config: LabelSetConfig) -> Expected:
@@ -24,19 +22,6 @@ def _dataset_layout(config: LabelSetConfig) -> Expected:
         "images": ((n, *config.image_shape), np.dtype(np.uint8)),
         "labels": ((n,), np.dtype(np.int64)),
     }
-
-
-def _shard_layout(config: LabelSetConfig, epochs: int) -> Expected:
-    n, k = config.num_samples, config.num_classes
-    layout: Expected = {
-        "order": ((epochs, n), ORDER_DTYPE),
-        "params": ((epochs, n, NUM_PARAMS), PARAMS_DTYPE),
-    }
-    for field in LABEL_FIELDS:
-        for part in get_codec(config.codec).parts:
-            row = (k,) if part.per_class else ()
-            layout[part_name(field, part.suffix)] = ((epochs, n, *row), part.dtype)
-    return layout
 
 
 def _check_file(root: Path, entry: FileInfo, layout: Expected) -> Iterator[str]:
@@ -81,6 +66,9 @@ def verify_label_set(root: Path, progress: Callable[[str], None] | None = None) 
     for shard in manifest.shards:
         if progress is not None:
             progress(shard.file)
-        layout = _shard_layout(config, shard.epoch_stop - shard.epoch_start)
+        layout = shard_layout(
+            manifest.format_version, shard.epoch_stop - shard.epoch_start, config.num_samples,
+            config.num_classes, get_codec(config.codec),
+        )  # fmt: skip
         problems.extend(_check_file(root, shard, layout))
     return problems

@@ -17,14 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from softserve.client.views import NUM_PARAMS
 from softserve.storage.codecs import Codec, part_name
 from softserve.storage.layout import commit, sha256_file, tmp_path
 from softserve.storage.manifest import FORMAT_VERSION, FileInfo, ShardInfo
+from softserve.storage.shards import NORM, bytes_per_row, shard_layout
 
-LABEL_FIELDS = ("refined", "logits")
-PARAMS_DTYPE = np.dtype(np.int16)
-ORDER_DTYPE = np.dtype(np.int32)
 _CHUNK_BYTES = 1 << 16
 
 
@@ -50,10 +47,8 @@ def _persist(f: h5py.File, path: Path) -> None:
 
 
 def bytes_per_epoch(num_samples: int, num_classes: int, codec: Codec) -> int:
-    """Stored bytes of one epoch of a shard (order, view params and both label fields)."""
-    row = ORDER_DTYPE.itemsize + NUM_PARAMS * PARAMS_DTYPE.itemsize
-    row += len(LABEL_FIELDS) * codec.bytes_per_label(num_classes)
-    return num_samples * row
+    """Stored bytes of one epoch of a shard written today (order, views, labels, norms)."""
+    return num_samples * bytes_per_row(FORMAT_VERSION, num_classes, codec)
 
 
 def chunk_rows_for(num_samples: int, row_bytes: int) -> int:
@@ -97,7 +92,8 @@ def write_dataset(
 
 
 class ShardWriter:
-    """Builds one label shard: a contiguous range of epochs, rows in each epoch's order.
+    """Builds one label shard: a contiguous range of epochs, rows in each epoch's order, in
+    the current format (:mod:`softserve.storage.shards`).
 
     Rows accumulate in NumPy arrays (a shard is 256 MiB at most by default) and become an
     HDF5 file only at :meth:`commit`, so the hot loop never waits on h5py.
@@ -119,15 +115,11 @@ class ShardWriter:
         self.codec = codec
         self.num_samples = num_samples
         self.chunk_rows = chunk_rows
-        shape = (epoch_stop - epoch_start, num_samples)
-        self._arrays: dict[str, np.ndarray] = {
-            "order": np.zeros(shape, ORDER_DTYPE),
-            "params": np.zeros((*shape, NUM_PARAMS), PARAMS_DTYPE),
-        }
-        for field in LABEL_FIELDS:
-            for part in codec.parts:
-                row = (num_classes,) if part.per_class else ()
-                self._arrays[part_name(field, part.suffix)] = np.zeros((*shape, *row), part.dtype)
+        codec.check(num_classes)
+        layout = shard_layout(
+            FORMAT_VERSION, epoch_stop - epoch_start, num_samples, num_classes, codec
+        )
+        self._arrays = {name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()}
 
     def write_epoch_plan(self, epoch: int, order: np.ndarray, params: np.ndarray) -> None:
         """Store an epoch's order and its views, both in order: row j is sample order[j]."""
@@ -135,15 +127,14 @@ class ShardWriter:
         self._arrays["order"][local] = order
         self._arrays["params"][local] = params
 
-    def write_labels(self, position: int, labels: dict[str, np.ndarray]) -> None:
-        """Encode and store label rows from flat ``position`` (local epoch · N + row) on.
-
-        ``labels`` maps each of LABEL_FIELDS to float32 (rows, K); rows may span epochs.
-        """
-        for field in LABEL_FIELDS:
-            for suffix, values in self.codec.encode(labels[field]).items():
-                flat = self._arrays[part_name(field, suffix)].reshape(-1, *values.shape[1:])
-                flat[position : position + len(values)] = values
+    def write_labels(self, position: int, refined: np.ndarray, norm: np.ndarray) -> None:
+        """Store label rows from flat ``position`` (local epoch · N + row) on: GIFT's refined
+        labels, float32 (rows, K), encoded in the codec, and the norms ‖t‖ of the teacher's
+        logits, (rows,). Rows may span epochs."""
+        parts = {part_name("refined", k): v for k, v in self.codec.encode(refined).items()}
+        for name, values in {**parts, NORM: np.asarray(norm, dtype=np.float32)}.items():
+            flat = self._arrays[name].reshape(-1, *values.shape[1:])
+            flat[position : position + len(values)] = values
 
     def commit(self) -> None:
         """Write the shard to disk under its final name, atomically and durably."""

@@ -31,6 +31,7 @@ from softserve.errors import InputError, StoreError, brief
 from softserve.storage.codecs import get_codec
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import (
+    FORMAT_VERSION,
     LabelSetConfig,
     Manifest,
     ProducerInfo,
@@ -41,6 +42,7 @@ from softserve.storage.manifest import (
     read_plan,
     write_model,
 )
+from softserve.storage.shards import stored_version
 from softserve.storage.writer import (
     ShardWriter,
     bytes_per_epoch,
@@ -124,6 +126,7 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
     mean, std = default_normalization(c, opts.mean, opts.std)
     size = opts.size or (h, w)
     codec = get_codec(opts.codec)
+    codec.check(data.num_classes)
     label_bytes = codec.bytes_per_label(data.num_classes)
     epoch_bytes = bytes_per_epoch(n, data.num_classes, codec)
     return LabelSetConfig(
@@ -228,7 +231,7 @@ class _Writer(threading.Thread):
 def _store_rows(shard: ShardWriter, position: int, rows: dict[str, torch.Tensor], event) -> None:
     if event is not None:
         event.synchronize()
-    shard.write_labels(position, {k: v.numpy() for k, v in rows.items()})
+    shard.write_labels(position, rows["refined"].numpy(), rows["norm"].numpy())
 
 
 def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -318,9 +321,10 @@ class _Labeler:
             )
 
     def label(self, ids: torch.Tensor, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a shard stores of each view: GIFT's refined label and the logits' norm."""
         logits = self.logits(ids, params)
         refined = refine_labels(logits, self.hard[ids.to(self.device)], self.alpha, self.beta)
-        return {"logits": logits, "refined": refined}
+        return {"refined": refined, "norm": torch.linalg.vector_norm(logits, dim=1)}
 
 
 def _shard_plan(config: LabelSetConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -398,6 +402,7 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
         labeler.probe()
         ranges = config.shard_ranges()
         done = {i for i in range(len(ranges)) if (out / shard_file(i)).exists()}
+        _check_format(out, done)
         # every rank has looked at the folder before rank 0 writes the plan and the dataset
         ranks.barrier()
         _claim(out, config, data, ranks)
@@ -419,6 +424,19 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
             manifest = _finalize(out, config, producer)
         ranks.barrier()
         return RelabelResult(manifest, len(ranges) - len(done), len(done))
+
+
+def _check_format(out: Path, done: set[int]) -> None:
+    """Refuse to resume a relabel whose complete shards an older format wrote."""
+    for index in sorted(done):
+        path = out / shard_file(index)
+        version = stored_version(path)
+        if version != FORMAT_VERSION:
+            raise InputError(
+                f"{path} was written in label-set format {version}, this softserve writes "
+                f"{FORMAT_VERSION}; finish the relabel with the softserve that started it, or "
+                "relabel into a new folder"
+            )
 
 
 def _claim(out: Path, config: LabelSetConfig, data: ImageSet, ranks: Ranks) -> None:

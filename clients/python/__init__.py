@@ -21,6 +21,7 @@ from softserve.client.losses import (
     cosine_loss,
     get_loss,
     gift_loss,
+    recover_logits,
     refine_labels,
     smooth_labels,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "epoch_order",
     "get_loss",
     "gift_loss",
+    "recover_logits",
     "refine_labels",
     "sample_views",
     "smooth_labels",

@@ -92,6 +92,23 @@ def refine_labels(
     return F.normalize(t, dim=1) + beta * F.normalize(s, dim=1)
 
 
+def recover_logits(
+    refined: torch.Tensor,
+    hard_labels: torch.Tensor,
+    norm: torch.Tensor,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+) -> torch.Tensor:
+    """The teacher's logits from GIFT's refined label and their norm: t = ‖t‖·(r − β·s/‖s‖).
+
+    The inverse of :func:`refine_labels`, given ‖t‖: why a label set stores one label field
+    per view (the refined one) and one norm per row, yet serves exact logits.
+    """
+    r = refined.float()
+    s = smooth_labels(hard_labels, r.shape[-1], alpha).to(r.device)
+    return norm.float().to(r.device)[:, None] * (r - beta * F.normalize(s, dim=1))
+
+
 def cosine_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean cosine similarity between rows."""
     return 1.0 - F.cosine_similarity(student_logits.float(), target.float(), dim=1).mean()

@@ -1,0 +1,60 @@
+"""What a label shard holds, by format version: its datasets, their shapes and dtypes.
+
+Format 2 (written today) stores one label per view, GIFT's refined label r, in the label
+set's codec, plus ``norm``, the float32 norm ‖t‖ of the teacher's logits, from which the
+logits are exact: t = ‖t‖·(r − β·s/‖s‖) (:func:`softserve.client.recover_logits`).
+Format 1 stored r and t both, each in the codec; its sets still open and serve.
+
+Every shard also holds ``order`` (int32 (E_s, N)) and ``params`` (int16 (E_s, N, 5)): row j
+of epoch e is sample order[e, j], seen through the view params[e, j].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from softserve.client.views import NUM_PARAMS
+from softserve.errors import StoreError, brief
+from softserve.storage.codecs import Codec, part_name
+
+ORDER_DTYPE = np.dtype(np.int32)
+PARAMS_DTYPE = np.dtype(np.int16)
+NORM_DTYPE = np.dtype(np.float32)
+NORM = "norm"
+#: Label fields stored in the codec, by format version.
+CODEC_FIELDS: dict[int, tuple[str, ...]] = {1: ("refined", "logits"), 2: ("refined",)}
+
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def shard_layout(
+    version: int, epochs: int, num_samples: int, num_classes: int, codec: Codec
+) -> Layout:
+    """Every dataset of a shard of ``epochs`` epochs: name -> (shape, dtype)."""
+    shape = (epochs, num_samples)
+    layout: Layout = {"order": (shape, ORDER_DTYPE), "params": ((*shape, NUM_PARAMS), PARAMS_DTYPE)}
+    for field in CODEC_FIELDS[version]:
+        for part in codec.parts(num_classes):
+            row = part.row_shape(num_classes)
+            layout[part_name(field, part.suffix)] = ((*shape, *row), part.dtype)
+    if version >= 2:
+        layout[NORM] = (shape, NORM_DTYPE)
+    return layout
+
+
+def bytes_per_row(version: int, num_classes: int, codec: Codec) -> int:
+    """Stored bytes of one (epoch, sample): order, view, and the label fields."""
+    layout = shard_layout(version, 1, 1, num_classes, codec)
+    return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout.values())
+
+
+def stored_version(path: Path) -> int:
+    """The format version a shard file was written in."""
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["format_version"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise StoreError(f"cannot read the format of {path} ({brief(exc)}); delete it") from None

@@ -1,0 +1,135 @@
+"""Label-set format versions: format 2 stores one label field per view; format 1 still serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import safetensors.numpy
+import torch
+from conftest import Server, build_label_set, run_cli
+
+from softserve.client import Client, recover_logits, refine_labels
+from softserve.errors import InputError
+from softserve.storage import LabelSetReader, read_manifest, verify_label_set
+from softserve.storage.codecs import get_codec, part_name
+from softserve.storage.manifest import write_model
+from softserve.storage.shards import NORM
+from softserve.storage.writer import shard_info
+from softserve.worker.relabel import RelabelOptions, relabel
+
+
+def downgrade_to_format_1(root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Rewrite a label set as format 1 wrote it (refined labels and logits, both in the
+    codec, no norms), the way a store made by an older softserve holds it. Returns each
+    shard's stored label parts."""
+    manifest = read_manifest(root)
+    config = manifest.config
+    codec = get_codec(config.codec)
+    with LabelSetReader(root) as reader:
+        rows = {
+            s.file: [reader.read(e, 0, config.num_samples) for e in range(*s.epochs)]
+            for s in manifest.shards
+        }  # fmt: skip
+    stored, shards = {}, []
+    for shard in manifest.shards:
+        path = root / shard.file
+        epochs = rows[shard.file]
+        stored[shard.file] = {}
+        with h5py.File(path, "w") as f:
+            f.attrs.update(format_version=1, epoch_start=shard.epoch_start,
+                           epoch_stop=shard.epoch_stop, codec=config.codec)  # fmt: skip
+            for key in ("order", "params"):
+                f[key] = np.stack([r[key] for r in epochs])
+            for field in ("refined", "logits"):
+                encoded = codec.encode(np.stack([r[field] for r in epochs]))
+                for suffix, array in encoded.items():
+                    f[part_name(field, suffix)] = array
+                stored[shard.file][field] = codec.decode(encoded, config.num_classes)
+        shards.append(shard_info(path, shard.epoch_start, shard.epoch_stop))
+    old = manifest.model_copy(update={"format_version": 1, "shards": shards})
+    write_model(root / "manifest.json", old)
+    return stored
+
+
+def test_format_1_label_sets_open_verify_and_serve(tmp_path: Path) -> None:
+    """A format-1 set: verify passes, inspect says so, the server serves its stored logits
+    and refined labels as stored, and the client trains on them."""
+    root = build_label_set(tmp_path / "store" / "old", codec="fp32", n=20)
+    stored = downgrade_to_format_1(root)
+    assert verify_label_set(root) == []
+    done = run_cli("inspect", root)
+    assert done.returncode == 0 and "version 1" in done.stdout, done.stderr
+    with LabelSetReader(root) as reader:
+        assert reader.version == 1
+        first = reader.manifest.shards[0].file
+        got = reader.read(0, 0, 20, fields=["refined", "logits", NORM])
+        np.testing.assert_array_equal(got["refined"], stored[first]["refined"][0])
+        np.testing.assert_array_equal(got["logits"], stored[first]["logits"][0])
+        np.testing.assert_allclose(got[NORM], np.linalg.norm(got["logits"], axis=1), rtol=1e-6)
+
+    server = Server(tmp_path / "store").start()
+    try:
+        path = "/v1/labelsets/old/epochs/1/batches/0"
+        import httpx
+
+        detail = httpx.get(server.url + "/v1/labelsets/old").json()
+        assert detail["format_version"] == 1
+        response = httpx.get(server.url + path, params={"batch_size": 20, "include": "soft,logits"})
+        batch = safetensors.numpy.load(response.content)
+        np.testing.assert_array_equal(batch["logits"], stored[first]["logits"][1])
+        np.testing.assert_array_equal(batch["soft"], stored[first]["refined"][1])
+        with Client(server.url) as client:
+            (b,) = client.labelset("old").batches(2, 20, logits=True)
+            torch.testing.assert_close(b.soft, refine_labels(b.logits, b.hard), atol=1e-6, rtol=0)
+    finally:
+        server.stop()
+
+
+#: How far refine_labels(served logits) may be from the served soft labels: float32
+#: rounding for fp32, else the codec's error on the stored labels (K = 3, |r| < 1.1).
+CONSISTENCY = {"fp32": 1e-6, "fp16": 2e-3, "int8": 6e-3, "topk:2": 2e-3}
+
+
+def test_served_logits_and_soft_are_consistent(tmp_path: Path) -> None:
+    """For every codec, what is served satisfies soft = refine_labels(logits, hard), within
+    the codec's error: both come from the one stored label field."""
+    for codec in CONSISTENCY:
+        build_label_set(tmp_path / "store" / codec.replace(":", "-"), codec=codec, n=20)
+    server = Server(tmp_path / "store").start()
+    try:
+        with Client(server.url) as client:
+            for codec, atol in CONSISTENCY.items():
+                labelset = client.labelset(codec.replace(":", "-"))
+                assert labelset.detail.codec == codec
+                for b in labelset.batches(1, 10, logits=True):
+                    torch.testing.assert_close(
+                        b.soft, refine_labels(b.logits, b.hard), atol=atol, rtol=0
+                    )
+                    norm = b.logits.norm(dim=1)
+                    torch.testing.assert_close(
+                        recover_logits(b.soft, b.hard, norm), b.logits, atol=2e-3, rtol=2e-3
+                    )
+    finally:
+        server.stop()
+
+
+def test_resuming_a_format_1_relabel_is_refused(tmp_path: Path) -> None:
+    """Complete shards of an older format are not mixed with new ones: a clear error."""
+    root = build_label_set(tmp_path / "set", codec="fp16", n=12)
+    opts = RelabelOptions(
+        images=tmp_path / "set-images", teacher="teachers:tiny_rgb", out=root, epochs=4,
+        shard_epochs=2, batch_size=32, device="cpu", codec="fp16", progress=False,
+    )  # fmt: skip
+    downgrade_to_format_1(root)
+    plan = read_manifest(root).config
+    (root / "manifest.json").unlink()
+    write_model(root / "relabel-plan.json", plan)
+    (root / "labels-00001.h5").unlink()
+    try:
+        relabel(opts)
+    except InputError as exc:
+        assert "format 1" in str(exc) and "new folder" in str(exc)
+    else:
+        raise AssertionError("a format-1 shard was resumed into a format-2 set")
