@@ -80,7 +80,7 @@ _PHASES: dict[str, str] = {
     "load_teacher": "build teacher",
     "_claim": "write dataset",
     "_run_shards": "label loop",
-    "_finalize": "manifest",
+    "finalize": "manifest",
 }
 
 

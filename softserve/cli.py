@@ -183,6 +183,47 @@ def relabel(
 
 
 @app.command()
+def transcode(
+    source: Annotated[Path, typer.Argument(help="Label set to read: STORE/NAME.")],
+    out: Annotated[Path, typer.Option(help="Label set directory to write: STORE/NEW-NAME.")],
+    codec: Annotated[
+        str | None,
+        typer.Option(help="Codec of the new set: fp32, fp16, int8, topk:k [default: same]."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Keep the first E' stored epochs [default: all].")
+    ] = None,
+    shard_epochs: Annotated[
+        int | None, typer.Option(help="Epochs per shard [default: as relabel picks].")
+    ] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Write a new label set from an existing one's stored labels: no teacher, no GPU.
+
+    Same dataset, orders, views and norms; labels re-encoded in --codec, and only the first
+    --epochs epochs if given. From an fp32 set, the result has the same label bytes as a
+    relabel with that codec. Resumable: rerun the same command after an interruption.
+    """
+    from softserve.worker.transcode import TranscodeOptions
+    from softserve.worker.transcode import transcode as run_transcode
+
+    opts = TranscodeOptions(
+        source=source, out=out, codec=codec, epochs=epochs, shard_epochs=shard_epochs,
+        progress=progress,
+    )  # fmt: skip
+    try:
+        manifest = run_transcode(opts)
+    except KeyboardInterrupt:
+        _interrupted(f"complete shards in {out} are kept; rerun the same command to resume")
+    size = manifest.label_bytes()
+    per_view = size / (manifest.config.epochs * manifest.config.num_samples)
+    stdout.print(
+        f"wrote {out}: {manifest.config.codec}, {manifest.config.epochs} epochs, "
+        f"{size / 2**20:.2f} MiB of labels ({per_view:.1f} bytes per view)"
+    )
+
+
+@app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="Label set directory STORE/NAME.")],
     json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,

@@ -125,10 +125,6 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
     n, c, h, w = data.images.shape
     mean, std = default_normalization(c, opts.mean, opts.std)
     size = opts.size or (h, w)
-    codec = get_codec(opts.codec)
-    codec.check(data.num_classes)
-    label_bytes = codec.bytes_per_label(data.num_classes)
-    epoch_bytes = bytes_per_epoch(n, data.num_classes, codec)
     return LabelSetConfig(
         num_samples=n,
         num_classes=data.num_classes,
@@ -147,16 +143,29 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
             output_size=size,
         ),
         refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),
-        epochs=opts.epochs,
         seed=opts.seed,
-        codec=opts.codec,
         precision=opts.precision,  # type: ignore[arg-type]
-        shard_epochs=opts.shard_epochs or default_shard_epochs(opts.epochs, epoch_bytes),
-        chunk_rows=chunk_rows_for(n, label_bytes),
+        **storage_fields(n, data.num_classes, opts.codec, opts.epochs, opts.shard_epochs),
     )
 
 
-def _check_out_dir(out: Path, config: LabelSetConfig) -> Manifest | None:
+def storage_fields(
+    num_samples: int, num_classes: int, codec_name: str, epochs: int, shard_epochs: int | None
+) -> dict[str, object]:
+    """The config fields that fix how labels are stored: codec, epochs, shard and chunk sizes
+    (the shard size by default from the bytes an epoch takes)."""
+    codec = get_codec(codec_name)
+    codec.check(num_classes)
+    epoch_bytes = bytes_per_epoch(num_samples, num_classes, codec)
+    return {
+        "epochs": epochs,
+        "codec": codec_name,
+        "shard_epochs": shard_epochs or default_shard_epochs(epochs, epoch_bytes),
+        "chunk_rows": chunk_rows_for(num_samples, codec.bytes_per_label(num_classes)),
+    }
+
+
+def check_out_dir(out: Path, config: LabelSetConfig) -> Manifest | None:
     """The existing manifest if ``out`` already holds this label set; raise if another."""
     if (out / MANIFEST_FILE).exists():
         existing = read_manifest(out)
@@ -365,7 +374,8 @@ def _write_shard(
     writer.put(shard, shard.commit)
 
 
-def _finalize(out: Path, config: LabelSetConfig, producer: ProducerInfo) -> Manifest:
+def finalize(out: Path, config: LabelSetConfig, producer: ProducerInfo) -> Manifest:
+    """Write the manifest of a set whose shards are all complete, and drop the plan."""
     shards = []
     for index, (start, stop) in enumerate(config.shard_ranges()):
         path = out / shard_file(index)
@@ -395,14 +405,14 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
     config = build_config(opts, data, teacher)
     out = opts.out
     with distributed(device) as ranks:
-        existing = _check_out_dir(out, config)
+        existing = check_out_dir(out, config)
         if existing is not None:
             return RelabelResult(existing, computed_shards=0, reused_shards=len(existing.shards))
         labeler = _Labeler(teacher, data, config, opts, device)
         labeler.probe()
         ranges = config.shard_ranges()
         done = {i for i in range(len(ranges)) if (out / shard_file(i)).exists()}
-        _check_format(out, done)
+        check_format(out, done)
         # every rank has looked at the folder before rank 0 writes the plan and the dataset
         ranks.barrier()
         _claim(out, config, data, ranks)
@@ -421,12 +431,12 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
                 batch_size=opts.batch_size,
                 world_size=ranks.world_size,
             )
-            manifest = _finalize(out, config, producer)
+            manifest = finalize(out, config, producer)
         ranks.barrier()
         return RelabelResult(manifest, len(ranges) - len(done), len(done))
 
 
-def _check_format(out: Path, done: set[int]) -> None:
+def check_format(out: Path, done: set[int]) -> None:
     """Refuse to resume a relabel whose complete shards an older format wrote."""
     for index in sorted(done):
         path = out / shard_file(index)

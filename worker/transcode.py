@@ -1,0 +1,89 @@
+"""Transcode: a new label set from an existing one's stored labels, without the teacher.
+
+The new set keeps the source's dataset, orders, views, refinement and norms, and stores its
+labels in another codec and/or only its first E' epochs. Each epoch's labels are decoded
+from the source (float32) and encoded again; from an fp32 source that gives exactly the
+bytes a relabel with the new codec writes. Resumable like a relabel: the plan is written
+first, complete shards are skipped on a rerun, the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from softserve.errors import InputError
+from softserve.storage.codecs import get_codec
+from softserve.storage.layout import DATASET_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
+from softserve.storage.manifest import Manifest, write_model
+from softserve.storage.reader import LabelSetReader
+from softserve.storage.shards import NORM
+from softserve.storage.writer import ShardWriter
+from softserve.worker.relabel import check_format, check_out_dir, finalize, storage_fields
+
+
+@dataclass
+class TranscodeOptions:
+    """Everything ``softserve transcode`` takes."""
+
+    source: Path
+    out: Path
+    codec: str | None = None
+    epochs: int | None = None
+    shard_epochs: int | None = None
+    progress: bool = True
+
+
+def transcode(opts: TranscodeOptions) -> Manifest:
+    """Write (or finish) ``opts.out`` from ``opts.source``; returns its manifest."""
+    with LabelSetReader(opts.source) as reader:
+        config = reader.config
+        epochs = opts.epochs or config.epochs
+        if not 0 < epochs <= config.epochs:
+            raise InputError(
+                f"--epochs {epochs}: the source stores {config.epochs} epochs; keep 1 to "
+                f"{config.epochs} of them"
+            )
+        fields = storage_fields(
+            config.num_samples, config.num_classes, opts.codec or config.codec, epochs,
+            opts.shard_epochs,
+        )  # fmt: skip
+        target = config.model_copy(update=fields)
+        existing = check_out_dir(opts.out, target)
+        if existing is not None:
+            return existing
+        ranges = target.shard_ranges()
+        done = {i for i in range(len(ranges)) if (opts.out / shard_file(i)).exists()}
+        check_format(opts.out, done)
+        opts.out.mkdir(parents=True, exist_ok=True)
+        write_model(opts.out / PLAN_FILE, target)
+        if not (opts.out / DATASET_FILE).exists():
+            copy = opts.out / (DATASET_FILE + TMP_SUFFIX)
+            shutil.copyfile(opts.source / DATASET_FILE, copy)
+            copy.replace(opts.out / DATASET_FILE)
+        codec = get_codec(target.codec)
+        n = config.num_samples
+        pending = [i for i in range(len(ranges)) if i not in done]
+        bar = tqdm(
+            total=sum(ranges[i][1] - ranges[i][0] for i in pending) * n, unit="label",
+            unit_scale=True, desc=f"transcode {opts.out.name}", disable=not opts.progress,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        for index in pending:
+            start, stop = ranges[index]
+            (opts.out / (shard_file(index) + TMP_SUFFIX)).unlink(missing_ok=True)
+            shard = ShardWriter(
+                opts.out / shard_file(index), start, stop, n, config.num_classes, codec,
+                target.chunk_rows,
+            )  # fmt: skip
+            for epoch in range(start, stop):
+                rows = reader.read(epoch, 0, n, ("order", "params", "refined", NORM))
+                shard.write_epoch_plan(epoch, rows["order"], rows["params"])
+                shard.write_labels((epoch - start) * n, rows["refined"], rows[NORM])
+                bar.update(n)
+            shard.commit()
+        bar.close()
+        return finalize(opts.out, target, reader.manifest.producer)
