@@ -10,13 +10,13 @@ In one run on one machine, for each configuration (a synthetic image set and a t
    (load, probe, dataset write, label loop, manifest) by wrapping the worker's internal
    functions, so the steady-state ratio (label loop vs bare forward) is reported beside the
    end-to-end one. The project's goal is a ratio of at least 0.9.
-2. **Storage.** Bytes per label of every codec in ``softserve.storage.codecs.CODECS`` and the
-   stored bytes per (epoch, sample) of the label shards a relabel with that codec writes
-   (both ``refined`` and ``logits`` are stored, plus the order and the view parameters).
-3. **Loss error.** The GIFT-loss error each codec introduces: the fp32 relabel's refined
-   labels against the same labels round-tripped through the codec, under random student
-   logits; and a check that the labels a relabel with that codec stored equal that
-   round-trip.
+2. **Storage.** The set is relabelled once at fp32 and transcoded to every codec (fp16, int8,
+   and top-k with k of 1, 3, 5, 10 below K): bytes per label, and the stored bytes per
+   (epoch, sample) of the shards (the refined label, its norm, the order and the view).
+3. **Loss error.** What each codec moves the GIFT loss (on refined labels) and the official
+   KL loss at T = 20 (on the logits recovered from them), against fp32, under random student
+   logits; and a check that the stored labels equal the codec's round trip of fp32's.
+   ``imagenet-k`` (K = 1000) is there for the codecs at ImageNet's class count.
 
 Run ``python bench/relabel_bench.py --help`` for the options; ``--quick`` is a smoke run.
 """
@@ -39,13 +39,15 @@ import numpy as np
 import torch
 
 import softserve.worker.relabel as relabel_mod
-from softserve.client.losses import cosine_loss
+from softserve.client.losses import Targets, get_loss
 from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
 from softserve.errors import InputError
-from softserve.storage import CODECS, LabelSetConfig, LabelSetReader, read_manifest
+from softserve.storage import CODECS, LabelSetConfig, LabelSetReader, get_codec, read_manifest
+from softserve.storage.shards import NORM
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.runtime import autocast, check_precision, resolve_device
 from softserve.worker.teacher import load_teacher
+from softserve.worker.transcode import TranscodeOptions, transcode
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,15 @@ SCENARIOS: dict[str, Scenario] = {
     "fashion-mnist-like": Scenario(
         "fashion-mnist-like", 1, 28, 10, "softserve.models:fashion_mnist_teacher", 100, 40
     ),
+    "imagenet-k": Scenario("imagenet-k", 3, 16, 1000, "softserve.models:resnet18_small", 200, 2),
 }
 QUICK: dict[str, dict[str, int]] = {
     "cifar100-like": {"num_samples": 128, "epochs": 2},
     "fashion-mnist-like": {"num_samples": 100, "epochs": 10},
+    "imagenet-k": {"num_samples": 64, "epochs": 2},
 }
+#: k of the top-k codecs measured (those below the class count).
+TOPK = (1, 3, 5, 10)
 
 #: Worker functions whose time is reported as a phase of the pipeline (skipped if absent).
 _PHASES: dict[str, str] = {
@@ -344,36 +350,51 @@ def stored_label_bytes(out: Path) -> int:
     return sum(p.stat().st_size for p in out.glob("labels-*.h5"))
 
 
-def read_labels(
-    out: Path, fields: tuple[str, ...] = ("refined", "logits")
-) -> dict[str, np.ndarray]:
-    """Decoded labels of every epoch, in each epoch's order: field -> (E, N, K) float32."""
+def read_labels(out: Path) -> dict[str, np.ndarray]:
+    """Every epoch's refined labels, recovered logits, norms and hard labels, in order."""
     with LabelSetReader(out) as reader:
         n, epochs = reader.config.num_samples, reader.config.epochs
-        rows = [reader.read(e, 0, n, fields=fields) for e in range(epochs)]
-    return {f: np.stack([r[f] for r in rows]) for f in fields}
+        rows = [
+            reader.read(e, 0, n, fields=("order", "refined", "logits", NORM)) for e in range(epochs)
+        ]
+        hard = reader.hard_labels()
+    stacked = {f: np.stack([r[f] for r in rows]) for f in ("order", "refined", "logits", NORM)}
+    stacked["hard"] = hard[stacked.pop("order")]
+    return stacked
 
 
-def gift_errors(
-    reference: np.ndarray, decoded: np.ndarray, batch_size: int, seed: int
-) -> tuple[float, float]:
-    """Max and mean |gift(student, decoded) - gift(student, reference)| over batches.
+def loss_errors(
+    reference: dict[str, np.ndarray], decoded: dict[str, np.ndarray], batch_size: int, seed: int
+) -> dict[str, float]:
+    """Max and mean |Δ loss| over batches for GIFT (on refined labels) and KL at T = 20 (on
+    logits, the official evaluator's, no T²).
 
     Batches are ``batch_size`` consecutive rows of each epoch (as served); student logits
     are standard normal from ``seed``, the same for every codec.
     """
     gen = torch.Generator().manual_seed(seed)
-    epochs, n, k = reference.shape
-    diffs = []
+    epochs, n, k = reference["refined"].shape
+    gift, kl = get_loss("gift"), get_loss("kl")
+    diffs: dict[str, list[float]] = {"gift": [], "kl": []}
     for e in range(epochs):
-        student = torch.randn(n, k, generator=gen)
-        ref, dec = torch.from_numpy(reference[e]), torch.from_numpy(decoded[e])
+        student = torch.randn(n, k, generator=gen, dtype=torch.float64)
         for pos in range(0, n, batch_size):
             s = slice(pos, pos + batch_size)
-            exact = cosine_loss(student[s].double(), ref[s].double())
-            approx = cosine_loss(student[s].double(), dec[s].double())
-            diffs.append(abs(float(approx - exact)))
-    return max(diffs), float(np.mean(diffs))
+            exact, approx = (
+                Targets(
+                    soft=torch.from_numpy(x["refined"][e, s]).double(),
+                    hard=torch.from_numpy(reference["hard"][e, s]),
+                    logits=torch.from_numpy(x["logits"][e, s]).double(),
+                )
+                for x in (reference, decoded)
+            )
+            for name, loss in (("gift", gift), ("kl", kl)):
+                diffs[name].append(abs(float(loss(student[s], approx) - loss(student[s], exact))))
+    return {
+        f"{stat}_abs_{name}_error": fn(values)
+        for name, values in diffs.items()
+        for stat, fn in (("max", max), ("mean", lambda v: float(np.mean(v))))
+    }
 
 
 @dataclass
@@ -387,13 +408,14 @@ class CodecResult:
     max_abs_logits_error: float
     max_abs_gift_error: float
     mean_abs_gift_error: float
+    max_abs_kl_error: float
+    mean_abs_kl_error: float
     max_abs_stored_vs_roundtrip: float
 
 
-def roundtrip(codec_name: str, x: np.ndarray) -> np.ndarray:
-    """``x`` encoded and decoded by a codec."""
-    codec = CODECS[codec_name]
-    return codec.decode(codec.encode(x))
+def codecs_for(num_classes: int) -> list[str]:
+    """The codecs measured at ``num_classes``: every fixed one, and top-k with k < K."""
+    return [*CODECS, *(f"topk:{k}" for k in TOPK if k < num_classes)]
 
 
 def measure_codecs(
@@ -404,33 +426,33 @@ def measure_codecs(
     device: torch.device,
     reuse: dict[str, Path],
 ) -> list[CodecResult]:
-    """Relabel with every codec (reusing ``reuse[codec]`` outputs) and measure each."""
-    outs = dict(reuse)
-    for name in CODECS:
-        if name not in outs:
-            out = work / f"{scenario.name}-{name}-codec"
-            run_pipeline(relabel_options(args, scenario, images_path, out, name), args.seed, device)
-            outs[name] = out
-    reference = read_labels(outs["fp32"]) if "fp32" in outs else None
+    """Relabel once at fp32 (or reuse it), transcode to every codec, and measure each
+    against fp32: bytes, label and loss errors."""
+    source = reuse.get("fp32")
+    if source is None:
+        source = work / f"{scenario.name}-fp32-codec"
+        run_pipeline(
+            relabel_options(args, scenario, images_path, source, "fp32"), args.seed, device
+        )
+    reference = read_labels(source)
     results = []
     samples = scenario.epochs * scenario.num_samples
-    for name, codec in CODECS.items():
-        stored = read_labels(outs[name])
-        ref = reference if reference is not None else stored
-        decoded = {f: roundtrip(name, ref[f]) for f in ref}
-        gmax, gmean = gift_errors(ref["refined"], decoded["refined"], args.batch_size, args.seed)
+    for name in codecs_for(scenario.num_classes):
+        out = source if name == "fp32" else work / f"{scenario.name}-{name.replace(':', '-')}"
+        if name != "fp32":
+            transcode(TranscodeOptions(source, out, codec=name, progress=False))
+        stored = read_labels(out)
+        codec = get_codec(name)
+        roundtrip = codec.decode(codec.encode(reference["refined"]), scenario.num_classes)
         results.append(
             CodecResult(
                 codec=name,
                 bytes_per_label=codec.bytes_per_label(scenario.num_classes),
-                stored_bytes_per_epoch_sample=stored_label_bytes(outs[name]) / samples,
-                max_abs_refined_error=float(np.abs(decoded["refined"] - ref["refined"]).max()),
-                max_abs_logits_error=float(np.abs(decoded["logits"] - ref["logits"]).max()),
-                max_abs_gift_error=gmax,
-                mean_abs_gift_error=gmean,
-                max_abs_stored_vs_roundtrip=max(
-                    float(np.abs(stored[f] - decoded[f]).max()) for f in stored
-                ),
+                stored_bytes_per_epoch_sample=stored_label_bytes(out) / samples,
+                max_abs_refined_error=float(np.abs(stored["refined"] - reference["refined"]).max()),
+                max_abs_logits_error=float(np.abs(stored["logits"] - reference["logits"]).max()),
+                **loss_errors(reference, stored, args.batch_size, args.seed),
+                max_abs_stored_vs_roundtrip=float(np.abs(stored["refined"] - roundtrip).max()),
             )
         )
     return results
@@ -494,20 +516,23 @@ def format_report(
         "shard's last batch)",
         "  pipeline phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()),
         "",
-        f"  {'codec':<6}{'B/label':>9}{'stored B/(ep,smp)':>19}{'max|Δrefined|':>15}"
-        f"{'max|Δlogits|':>14}{'max|Δgift|':>12}{'mean|Δgift|':>13}{'stored≠rt':>11}",
+        f"  {'codec':<8}{'B/label':>8}{'stored B/(ep,smp)':>19}{'max|Δrefined|':>15}"
+        f"{'max|Δlogits|':>14}{'max|Δgift|':>12}{'mean|Δgift|':>13}{'max|Δkl|':>11}"
+        f"{'mean|Δkl|':>11}{'stored≠rt':>11}",
     ]
     for c in codecs:
         lines.append(
-            f"  {c.codec:<6}{c.bytes_per_label:>9}{c.stored_bytes_per_epoch_sample:>19.1f}"
+            f"  {c.codec:<8}{c.bytes_per_label:>8}{c.stored_bytes_per_epoch_sample:>19.1f}"
             f"{c.max_abs_refined_error:>15.2e}{c.max_abs_logits_error:>14.2e}"
             f"{c.max_abs_gift_error:>12.2e}{c.mean_abs_gift_error:>13.2e}"
+            f"{c.max_abs_kl_error:>11.2e}{c.mean_abs_kl_error:>11.2e}"
             f"{c.max_abs_stored_vs_roundtrip:>11.1e}"
         )
     lines.append(
-        "  stored B/(ep,smp): label shard bytes / (epochs*N); shards hold refined and logits"
-        " (2 labels)\n  plus order (4 B) and view params (10 B) per row. stored≠rt: max |stored"
-        " - codec(fp32 labels)|."
+        "  stored B/(ep,smp): label shard bytes / (epochs*N): the refined label in the codec,"
+        " its\n  norm (4 B), order (4 B) and view params (10 B) per row, plus HDF5 overhead."
+        " Errors against\n  fp32 (logits recovered from the refined labels); kl: T = 20,"
+        " batchmean, no T^2.\n  stored≠rt: max |stored - codec(fp32 labels)|."
     )
     return "\n".join(lines)
 
@@ -525,8 +550,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=list(SCENARIOS),
         default=list(SCENARIOS),
-        help="configurations to run: cifar100-like (32x32 RGB, 100 classes, ResNet-18) and "
-        "fashion-mnist-like (28x28 gray, 10 classes, small ConvNet); default both",
+        help="configurations to run: cifar100-like (32x32 RGB, 100 classes, ResNet-18), "
+        "fashion-mnist-like (28x28 gray, 10 classes, small ConvNet) and imagenet-k (16x16 RGB, "
+        "1000 classes, ResNet-18: the codecs at K = 1000); default all",
     )
     add = parser.add_argument
     add("--quick", action="store_true", help="tiny sizes, batch 64, 2 repeats: a ~30 s smoke run")
@@ -534,7 +560,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, help="teacher batch size (default 256; 64 with --quick)")
     add("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     add("--precision", default="fp32", help="fp32; bf16 or fp16 on CUDA (default %(default)s)")
-    add("--codec", default="fp16", choices=list(CODECS), help="codec of the timed runs")
+    add("--codec", default="fp16", help="codec of the timed runs (default %(default)s)")
     add("--seed", type=int, default=0, help="seed of images, teacher init and views")
     add("--threads", type=int, help="call torch.set_num_threads (default: torch's choice)")
     add("--workdir", type=Path, help="keep outputs in a new folder here (default: temp, deleted)")

@@ -60,6 +60,11 @@ def test_relabel_bench_runs(tmp_path: Path) -> None:
     assert throughput["samples"] == 1000  # 100 images x 10 epochs went through the pipeline
     assert throughput["ratio_pipeline_over_bare"] > 0
     codecs = {c["codec"]: c for c in config["codecs"]}
-    assert set(codecs) == {"fp32", "fp16", "int8"}
-    for c in codecs.values():  # what a relabel stored equals the codec's own round trip
+    assert set(codecs) == {"fp32", "fp16", "int8", "topk:1", "topk:3", "topk:5"}
+    for c in codecs.values():  # what a transcode stored equals the codec's own round trip
         assert c["max_abs_stored_vs_roundtrip"] == 0
+        assert c["max_abs_kl_error"] >= c["mean_abs_kl_error"] >= 0
+    assert codecs["fp32"]["max_abs_gift_error"] == codecs["fp32"]["max_abs_kl_error"] == 0
+    assert codecs["topk:1"]["bytes_per_label"] == 2 + 1 + 2
+    # fewer kept classes, more error: the tail matters
+    assert codecs["topk:1"]["max_abs_gift_error"] > codecs["topk:5"]["max_abs_gift_error"]
