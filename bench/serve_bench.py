@@ -1,7 +1,8 @@
 """Benchmark of serving label batches over HTTP, against reading them locally.
 
 Setup (untimed): a random 32×32 RGB image set (``--samples`` images, ``--classes`` classes)
-is relabelled for ``--epochs`` epochs with codec fp16 by ``softserve.worker.relabel.relabel``
+is relabelled for ``--epochs`` epochs with ``--codec`` (fp16 by default; ``topk:k`` for the
+compact sets) by ``softserve.worker.relabel.relabel``
 and a cheap teacher (``bench/serve_teacher.py``), and ``python -m softserve serve`` is
 started on a free loopback port (stopped at the end, also on errors).
 
@@ -10,8 +11,9 @@ epoch is ``samples // batch_size`` batches). One measurement is a training run's
 batches: ``--passes`` × E epochs, where epochs past the E stored ones wrap (the server
 serves stored epoch e mod E). Tensors per batch: indices, view params, hard labels, soft
 (GIFT-refined, float32) labels, and (a, d, e) images. The remote paths (b, c, c', d) ask for
-``label_dtype=float16``, as the client does for an fp16 label set (the stored bytes, half of
-float32's), and widen ``soft`` to float32 on receipt, so every path delivers the same tensors:
+``label_encoding=stored``, as the client does (labels in the codec's stored parts: for fp16
+half of float32's bytes, for top-k a few dozen bytes a row), and decode ``soft`` to float32
+on receipt, so every path delivers the same tensors:
 
   a. in-process: ``LabelSetReader.read`` (order, params, refined) per batch, plus base
      images and hard labels gathered by index from in-memory arrays: a local job's reads;
@@ -87,7 +89,8 @@ import numpy as np
 import torch
 
 from softserve.client import Client, RemoteLabelSet, Sharding, Targets, apply_views, get_loss
-from softserve.client.payload import decode, wire_label_dtype
+from softserve.client.codecs import get_codec
+from softserve.client.payload import decode
 from softserve.models import convnet
 from softserve.service.batches import BatchRequest, batch_payload, read_batches, stream_groups
 from softserve.service.catalog import Catalog
@@ -98,7 +101,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 TEACHER = "serve_teacher:tiny_convnet"
 LABEL_SET = "bench"
 INCLUDE = "indices,params,hard,soft"
-LABEL_DTYPE = wire_label_dtype("fp16")
 Tensors = dict[str, torch.Tensor]
 
 # --------------------------------------------------------------------------- setup
@@ -123,7 +125,7 @@ def build_label_set(args: argparse.Namespace, work: Path) -> Path:
     relabel(
         RelabelOptions(
             images=images, teacher=TEACHER, out=out, num_classes=args.classes,
-            epochs=args.epochs, seed=args.seed, batch_size=256, device="cpu", codec="fp16",
+            epochs=args.epochs, seed=args.seed, batch_size=256, device="cpu", codec=args.codec,
             progress=False,
         )
     )  # fmt: skip
@@ -222,7 +224,7 @@ class Sources:
     def batch_query(self) -> dict[str, str | int]:
         s = self.sharding
         return {"batch_size": s.batch_size, "rank": s.rank, "world_size": s.world_size,
-                "include": INCLUDE, "label_dtype": LABEL_DTYPE}  # fmt: skip
+                "include": INCLUDE, "label_encoding": "stored"}  # fmt: skip
 
 
 def in_process(src: Sources) -> Iterator[Tensors]:
@@ -241,16 +243,20 @@ def in_process(src: Sources) -> Iterator[Tensors]:
         }
 
 
-def widened(tensors: Tensors) -> Tensors:
-    """float16 labels as float32, as ``RemoteLabelSet.to_batch`` widens them."""
-    return {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
+def decoded(src: Sources, tensors: Tensors) -> Tensors:
+    """Stored labels decoded to float32, as ``RemoteLabelSet.to_batch`` decodes them."""
+    codec, classes = get_codec(src.remote.detail.codec), src.remote.num_classes
+    names = codec.part_names("soft", classes)
+    out = {k: v for k, v in tensors.items() if k not in names.values()}
+    out["soft"] = codec.decode_tensors({s: tensors[n] for s, n in names.items()}, classes)
+    return out
 
 
 def in_process_grouped(src: Sources) -> Iterator[Tensors]:
     """a'. The server's reads, in this process: read_batches over the stream's groups."""
     for group in stream_groups(src.request, 0, src.run_epochs):
         for tensors in read_batches(src.request, group):
-            yield {k: torch.from_numpy(v) for k, v in tensors.items()}
+            yield decoded(src, {k: torch.from_numpy(v) for k, v in tensors.items()})
 
 
 def per_batch(src: Sources) -> Iterator[Tensors]:
@@ -259,20 +265,21 @@ def per_batch(src: Sources) -> Iterator[Tensors]:
     for epoch, index in src.positions():
         response = src.http.get(f"{path}/{epoch}/batches/{index}", params=src.batch_query)
         response.raise_for_status()
-        yield widened({k: torch.from_numpy(v) for k, v in decode(response.content)[0].items()})
+        tensors = decode(response.content)[0]
+        yield decoded(src, {k: torch.from_numpy(v) for k, v in tensors.items()})
 
 
 def stream(src: Sources) -> Iterator[Tensors]:
     """c. RemoteLabelSet.raw_batches (no images): one stream for the run, as the loader."""
     for raw in src.remote.raw_batches(0, src.sharding, epochs=src.run_epochs):
-        yield widened(raw.tensors)
+        yield decoded(src, raw.tensors)
 
 
 def stream_per_epoch(src: Sources) -> Iterator[Tensors]:
     """c'. RemoteLabelSet.raw_batches (no images), one stream per epoch."""
     for epoch in range(src.run_epochs):
         for raw in src.remote.raw_batches(epoch, src.sharding):
-            yield widened(raw.tensors)
+            yield decoded(src, raw.tensors)
 
 
 def stream_views(src: Sources) -> Iterator[Tensors]:
@@ -527,7 +534,7 @@ def diagnostics(src: Sources, calls: int) -> dict[str, float]:
     - ``gather`` and ``views``: the two parts of ``RemoteLabelSet.to_batch`` (base images
       indexed out of the client's cache, then ``apply_views`` on the CPU).
     """
-    request = replace(src.request, include=tuple(INCLUDE.split(",")), label_dtype=LABEL_DTYPE)
+    request = replace(src.request, include=tuple(INCLUDE.split(",")))
     remote, last = src.remote, len(src.sharding)
     raw = next(remote.raw_batches(0, src.sharding))
     cache, idx = remote.base_images(), raw.tensors["indices"]
@@ -671,7 +678,7 @@ def format_report(
     per_epoch = args.samples // args.batch_size
     lines = [
         f"== softserve serve benchmark: N={args.samples} 3x32x32 K={args.classes} "
-        f"epochs={args.epochs} codec=fp16 teacher={TEACHER}",
+        f"epochs={args.epochs} codec={args.codec} teacher={TEACHER}",
         f"   batch {args.batch_size} per rank, world size 1, drop_last: {per_epoch} batches "
         f"({per_epoch * args.batch_size} samples) per epoch; one run = {args.passes * args.epochs} "
         f"epochs ({args.passes} passes over the {args.epochs} stored ones)",
@@ -727,6 +734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--samples", type=int, default=1000, help="images in the set (default %(default)s)")
     add("--classes", type=int, default=100, help="classes (default %(default)s)")
     add("--epochs", type=int, default=3, help="stored epochs (default %(default)s)")
+    add("--codec", default="fp16", help="label codec of the set (default %(default)s)")
     add("--batch-size", type=int, default=256, help="batch size per rank (default %(default)s)")
     add("--repeats", type=int, help="interleaved repeats of each path (default 7; 3 quick)")
     add("--passes", type=int,
@@ -784,7 +792,13 @@ def open_sources(
         run_epochs=args.passes * reader.config.epochs,
         http=stack.enter_context(httpx.Client(base_url=url, timeout=30)),
         remote=remote,
-        request=BatchRequest(entry, 0, sharding, ("indices", "images", "params", "hard", "soft")),
+        request=BatchRequest(
+            entry,
+            0,
+            sharding,
+            ("indices", "images", "params", "hard", "soft"),
+            label_encoding="stored",
+        ),  # fmt: skip
     )
 
 

@@ -24,6 +24,7 @@ from softserve.client.payload import (
     STREAM_MEDIA_TYPE,
     TENSORS,
     LabelDtype,
+    LabelEncoding,
 )
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
@@ -107,6 +108,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             LabelDtype,
             Query(description="dtype of soft and logits; float16 is exact for the fp16 codec"),
         ] = "float32",
+        label_encoding: Annotated[
+            LabelEncoding,
+            Query(
+                description="decoded: soft and logits as floats; stored: soft in the codec's "
+                "stored parts (soft, soft_<part>) and logits as their norms (norm), for the "
+                "client to decode and recover on its device"
+            ),
+        ] = "decoded",
     ) -> BatchRequest:
         if not 1 <= batch_size <= settings.max_batch_size:
             raise ApiError(
@@ -125,7 +134,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         sharding = Sharding(
             entry.manifest.config.num_samples, batch_size, rank, world_size, drop_last
         )
-        return BatchRequest(entry, epoch, sharding, wanted, label_dtype)
+        return BatchRequest(entry, epoch, sharding, wanted, label_dtype, label_encoding)
 
     v1 = [Depends(require_token)]
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from softserve.client.codecs import part_name
 from softserve.client.payload import (
     END_FRAME,
     LabelDtype,
+    LabelEncoding,
     encode,
     encode_parts,
     error_frame,
@@ -33,6 +35,8 @@ from softserve.service.catalog import LabelSet
 log = logging.getLogger("softserve.service")
 
 _LABEL_FIELDS = {"soft": "refined", "logits": "logits"}
+#: With label_encoding=stored: soft as the codec's parts, logits as their norms.
+_STORED_FIELDS = {"soft": "refined", "logits": "norm"}
 _BATCHES_PER_READ = 8
 
 
@@ -45,6 +49,11 @@ class BatchRequest:
     sharding: Sharding
     include: tuple[str, ...]
     label_dtype: LabelDtype = "float32"
+    label_encoding: LabelEncoding = "decoded"
+
+    @property
+    def stored_labels(self) -> bool:
+        return self.label_encoding == "stored"
 
     @property
     def stored_epoch(self) -> int:
@@ -105,12 +114,15 @@ def read_batches(
     fields = ["order"]
     if "params" in request.include:
         fields.append("params")
-    fields += [stored for name, stored in _LABEL_FIELDS.items() if name in request.include]
+    labels = _STORED_FIELDS if request.stored_labels else _LABEL_FIELDS
+    fields += [stored for name, stored in labels.items() if name in request.include]
     spans = [(request.stored(epoch), *request.sharding.positions(i)) for epoch, i in batches]
     for run in _contiguous_runs(spans):
         stored, first, last = run[0][0], run[0][1], run[-1][2]
         with entry.lock:
-            rows = entry.reader.read(stored, first, last, fields, request.label_dtype)
+            rows = entry.reader.read(
+                stored, first, last, fields, request.label_dtype, request.stored_labels
+            )
         for _, start, stop in run:
             batch = {k: v[start - first : stop - first] for k, v in rows.items()}
             yield _tensors(request, batch)
@@ -142,6 +154,12 @@ def _tensors(request: BatchRequest, rows: dict[str, np.ndarray]) -> dict[str, np
             out[name] = entry.hard[ids]
         elif name == "params":
             out[name] = rows["params"]
+        elif request.stored_labels and name == "soft":
+            codec, classes = entry.reader.codec, entry.manifest.config.num_classes
+            for suffix, key in codec.part_names("refined", classes).items():
+                out[part_name("soft", suffix)] = rows[key]
+        elif request.stored_labels:
+            out["norm"] = rows["norm"]
         else:
             out[name] = rows[_LABEL_FIELDS[name]]
     return out
@@ -156,6 +174,8 @@ def _parts(
         "stored_epoch": str(request.stored(epoch)),
         "batch": str(index),
     }
+    if request.stored_labels:
+        metadata["codec"] = request.entry.manifest.config.codec
     return encode_parts(tensors, metadata)
 
 

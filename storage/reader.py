@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 import torch
 
+from softserve.client.codecs import get_codec, part_name, to_float16
 from softserve.client.losses import recover_logits
 from softserve.errors import StoreError, brief
-from softserve.storage.codecs import get_codec, part_name, to_float16
 from softserve.storage.layout import DATASET_FILE
 from softserve.storage.manifest import Manifest, read_manifest
 from softserve.storage.shards import CODEC_FIELDS, NORM
@@ -90,14 +90,27 @@ class LabelSetReader:
 
     def read(
         self, epoch: int, start: int, stop: int, fields: Iterable[str] = ROW_FIELDS,
-        label_dtype: np.dtype | type = np.float32,
+        label_dtype: np.dtype | type = np.float32, stored_labels: bool = False,
     ) -> dict[str, np.ndarray]:  # fmt: skip
         """Rows [start, stop) of an epoch's order: any of :data:`ROW_FIELDS`, with labels
-        decoded to ``label_dtype`` (float32, or float16: the fp16 codec's labels as stored)."""
+        decoded to ``label_dtype`` (float32, or float16: the fp16 codec's labels as stored).
+
+        With ``stored_labels``, ``refined`` comes in its codec's parts as stored (keys
+        ``refined`` and ``refined_<part>``, see :func:`part_name`), for the job to decode.
+        """
         fields = list(fields)
         unknown = set(fields) - set(ROW_FIELDS)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; choose from {ROW_FIELDS}")
+        if stored_labels:
+            if "logits" in fields:
+                raise ValueError("logits are not stored; read the norm and recover them")
+            name, local = self.shard_of(epoch)
+            rest = self.read(epoch, start, stop, [f for f in fields if f != "refined"])
+            if "refined" in fields:
+                parts = self._parts(name, "refined", (local, slice(start, stop)))
+                rest.update({part_name("refined", k): v for k, v in parts.items()})
+            return rest
         name, local = self.shard_of(epoch)
         index = (local, slice(start, stop))
         stored = {"order", "params", *CODEC_FIELDS[self.version]}
@@ -116,11 +129,13 @@ class LabelSetReader:
             out[NORM] = np.linalg.norm(logits, axis=-1).astype(np.float32)
         return {field: out[field] for field in fields}
 
+    def _parts(self, name: str, field: str, index: tuple) -> dict[str, np.ndarray]:
+        """A label field's codec parts as stored, by part suffix."""
+        names = self.codec.part_names(field, self.config.num_classes)
+        return {suffix: self._read(name, key, index) for suffix, key in names.items()}
+
     def _decode(self, name: str, field: str, index: tuple, dtype: np.dtype | type) -> np.ndarray:
-        parts = {
-            p.suffix: self._read(name, part_name(field, p.suffix), index)
-            for p in self.codec.parts(self.config.num_classes)
-        }
+        parts = self._parts(name, field, index)
         return self.codec.decode_as(parts, self.config.num_classes, dtype)
 
     def _recover_logits(

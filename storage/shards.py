@@ -16,9 +16,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from softserve.client.codecs import Codec, part_name
 from softserve.client.views import NUM_PARAMS
 from softserve.errors import StoreError, brief
-from softserve.storage.codecs import Codec, part_name
 
 ORDER_DTYPE = np.dtype(np.int32)
 PARAMS_DTYPE = np.dtype(np.int16)

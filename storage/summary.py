@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from softserve.client.codecs import get_codec
 from softserve.errors import StoreError
-from softserve.storage.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, shard_file
 from softserve.storage.manifest import LabelSetConfig, read_manifest, read_plan
 

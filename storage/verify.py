@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from softserve.client.codecs import get_codec
 from softserve.errors import StoreError, brief
-from softserve.storage.codecs import get_codec
 from softserve.storage.layout import sha256_file
 from softserve.storage.manifest import FileInfo, LabelSetConfig, read_manifest
 from softserve.storage.shards import Layout as Expected

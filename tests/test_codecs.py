@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from softserve.client.codecs import CODECS, Codec, TopKCodec, get_codec, part_name
 from softserve.client.losses import cosine_loss, gift_loss, recover_logits, refine_labels
 from softserve.client.views import NUM_PARAMS
 from softserve.errors import InputError
-from softserve.storage.codecs import CODECS, Codec, TopKCodec, get_codec, part_name
 from softserve.storage.layout import MANIFEST_FILE, shard_file
 from softserve.storage.layout import tmp_path as partial_path
 from softserve.storage.manifest import (

@@ -11,9 +11,9 @@ import torch
 from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, recover_logits, refine_labels
+from softserve.client.codecs import get_codec, part_name
 from softserve.errors import InputError
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
-from softserve.storage.codecs import get_codec, part_name
 from softserve.storage.manifest import write_model
 from softserve.storage.shards import NORM
 from softserve.storage.writer import shard_info
@@ -133,3 +133,50 @@ def test_resuming_a_format_1_relabel_is_refused(tmp_path: Path) -> None:
         assert "format 1" in str(exc) and "new folder" in str(exc)
     else:
         raise AssertionError("a format-1 shard was resumed into a format-2 set")
+
+
+def test_topk_labels_travel_in_their_stored_form(tmp_path: Path) -> None:
+    """K = 1000, topk:10, a batch of 256: ~12 KB of labels on the wire (values, uint16
+    indices, tail, norm) instead of 2 MB of float32 soft labels and logits; the client
+    decodes them to what the server's decoding gives."""
+    import httpx
+    import teachers
+
+    n, classes = 256, 1000
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=(n, 3, 8, 8), dtype=np.uint8)
+    images = tmp_path / "k1000.pt"
+    torch.save({"data": torch.from_numpy(data), "label": torch.arange(n) * 3 % classes}, images)
+    relabel(RelabelOptions(
+        images=images, teacher="teachers:tiny_rgb", num_classes=classes,
+        out=tmp_path / "store" / "k1000", epochs=1, device="cpu", codec="topk:10",
+        progress=False,
+    ))  # fmt: skip
+    server = Server(tmp_path / "store").start()
+    try:
+        path = server.url + "/v1/labelsets/k1000/epochs/0/batches/0"
+        query = {"batch_size": n, "include": "soft,logits"}
+        stored = httpx.get(path, params={**query, "label_encoding": "stored"})
+        tensors = safetensors.numpy.load(stored.content)
+        assert {k: (v.dtype, v.shape) for k, v in tensors.items()} == {
+            "soft": (np.float16, (n, 10)), "soft_index": (np.uint16, (n, 10)),
+            "soft_tail": (np.float16, (n,)), "norm": (np.float32, (n,)),
+        }  # fmt: skip
+        label_bytes = sum(v.nbytes for v in tensors.values())
+        assert label_bytes == n * (20 + 20 + 2 + 4) and len(stored.content) < 13_000
+        decoded = httpx.get(path, params=query)
+        assert len(decoded.content) > 2 * n * classes * 4
+        wide = safetensors.numpy.load(decoded.content)
+        with Client(server.url) as client:
+            labelset = client.labelset("k1000")
+            (batch,) = labelset.batches(0, n, logits=True)
+            np.testing.assert_array_equal(batch.soft.numpy(), wide["soft"])
+            np.testing.assert_allclose(batch.logits.numpy(), wide["logits"], rtol=1e-5, atol=1e-5)
+        teacher = teachers.tiny_rgb(num_classes=classes).eval()
+        with torch.no_grad():
+            exact = teacher(batch.images)
+        kept = torch.from_numpy(tensors["soft_index"].astype(np.int64))
+        top = refine_labels(exact, batch.hard).topk(10, dim=1).indices
+        assert (kept.sort(1).values == top.sort(1).values).float().mean() > 0.95
+    finally:
+        server.stop()

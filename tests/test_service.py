@@ -19,6 +19,7 @@ import torch
 from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError, PayloadError, Sharding, refine_labels
+from softserve.client.codecs import get_codec, part_name
 from softserve.client.payload import TENSORS, read_frames
 from softserve.client.remote import RawBatch
 from softserve.service.batches import BatchRequest, read_batches
@@ -98,16 +99,28 @@ def test_labels_as_float16(server: Server, name: str) -> None:
     assert bad.status_code == 422 and "label_dtype" in bad.text
 
 
-def test_client_receives_fp16_labels_as_stored_and_widens_them(server: Server) -> None:
-    """The client asks for float16 labels only where they are exact, and yields float32."""
+@pytest.mark.parametrize("name", ["tiny", "tiny-int8"])
+def test_client_receives_labels_as_stored_and_decodes_them(
+    server: Server, store: Path, name: str
+) -> None:
+    """The client asks for labels in their stored form (the codec's parts, and norms in
+    place of logits) and decodes them to exactly what the server's own decoding gives."""
     with Client(server.url) as client:
-        for name, wire in [("tiny", torch.float16), ("tiny-int8", torch.float32)]:
-            remote = client.labelset(name)
-            (raw, *_) = remote.raw_batches(0, remote.sharding(8))
-            assert raw.tensors["soft"].dtype == wire
-            batch = remote.to_batch(raw, "cpu")
-            assert batch.soft.dtype == torch.float32
-            torch.testing.assert_close(batch.soft, raw.tensors["soft"].float(), rtol=0, atol=0)
+        remote = client.labelset(name)
+        (raw, *_) = remote.raw_batches(0, remote.sharding(8), logits=True)
+        codec = get_codec(remote.detail.codec)
+        names = codec.part_names("soft", remote.num_classes)
+        assert set(raw.tensors) == {"indices", "params", "hard", "norm", *names.values()}
+        with LabelSetReader(store / name) as reader:
+            stored = reader.read(0, 0, 8, ["refined"], stored_labels=True)
+            rows = reader.read(0, 0, 8, ["refined", "logits", "norm"])
+        for suffix, key in names.items():
+            np.testing.assert_array_equal(raw.tensors[key], stored[part_name("refined", suffix)])
+        np.testing.assert_array_equal(raw.tensors["norm"], rows["norm"])
+        batch = remote.to_batch(raw, "cpu")
+        assert batch.soft.dtype == batch.logits.dtype == torch.float32
+        torch.testing.assert_close(batch.soft, torch.from_numpy(rows["refined"]), rtol=0, atol=0)
+        torch.testing.assert_close(batch.logits, torch.from_numpy(rows["logits"]))
 
 
 def test_loader_puts_every_tensor_on_the_training_device(server: Server) -> None:
@@ -180,8 +193,6 @@ def test_client_labels_match_the_teacher_on_the_client_views(server: Server, nam
                     logits = teacher(batch.images)
                 refined = refine_labels(logits, batch.hard)
                 tolerance = codec_tolerance(name, refined, logits.norm(dim=1))
-                if name == "tiny":  # fp16 sets: logits travel as float16 too
-                    tolerance["rtol"] = 2**-11
                 torch.testing.assert_close(batch.logits, logits, **tolerance)
                 torch.testing.assert_close(batch.soft, refined, **codec_tolerance(name, refined))
                 seen.append(batch.indices)

@@ -25,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 import softserve
+from softserve.client.codecs import get_codec
 from softserve.client.losses import DEFAULT_ALPHA, DEFAULT_BETA, refine_labels
 from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
 from softserve.errors import InputError, StoreError, brief
-from softserve.storage.codecs import get_codec
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import (
     FORMAT_VERSION,

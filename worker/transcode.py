@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from softserve.client.codecs import get_codec
 from softserve.errors import InputError
-from softserve.storage.codecs import get_codec
 from softserve.storage.layout import DATASET_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import Manifest, write_model
 from softserve.storage.reader import LabelSetReader

@@ -14,8 +14,14 @@ logits     float32  (B,K)       raw teacher logits on the same views (when asked
 =========  =======  ==========  =====================================================
 
 ``soft`` and ``logits`` come as float16 when a request asks ``label_dtype=float16``: half
-the bytes, and for a label set stored with the fp16 codec exactly the stored values, so
-the client asks for it there (:func:`wire_label_dtype`) and widens on the job's device.
+the bytes, and for a label set stored with the fp16 codec exactly the stored values.
+
+With ``label_encoding=stored``, labels travel as the label set stores them: ``soft`` and
+``soft_<part>`` are the codec's parts (:mod:`softserve.client.codecs`; a top-k batch of 256
+at K = 1000 is ~10 KB of labels instead of 1 MB of float32), and ``logits`` is replaced by
+``norm`` (float32 (B,), the norm of the teacher's logits), from which the client recovers
+them (:func:`softserve.client.recover_logits`). The metadata then names the ``codec``.
+The Python client asks for this; a plain safetensors reader gets floats by default.
 
 and metadata ``epoch``, ``stored_epoch`` and ``batch``. A stream is a sequence of frames,
 each an 8-byte little-endian length and that many payload bytes, ended by a zero-length
@@ -37,6 +43,7 @@ from softserve.errors import SoftserveError
 TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
 LabelDtype = Literal["float32", "float16"]
+LabelEncoding = Literal["decoded", "stored"]
 MEDIA_TYPE = "application/vnd.softserve.safetensors"
 STREAM_MEDIA_TYPE = "application/vnd.softserve.safetensors-stream"
 _LENGTH = struct.Struct("<Q")
@@ -55,11 +62,6 @@ class PayloadError(SoftserveError, ValueError):
     def __init__(self, message: str, from_server: bool = False) -> None:
         super().__init__(message)
         self.from_server = from_server
-
-
-def wire_label_dtype(codec: str) -> LabelDtype:
-    """The smallest ``label_dtype`` that carries a label set's stored labels exactly."""
-    return "float16" if codec == "fp16" else "float32"
 
 
 def encode_parts(

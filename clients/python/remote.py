@@ -23,7 +23,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from softserve.client.payload import PayloadError, decode, read_frames, wire_label_dtype
+from softserve.client.codecs import get_codec
+from softserve.client.losses import recover_logits
+from softserve.client.payload import PayloadError, decode, read_frames
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
 from softserve.client.views import apply_views
@@ -278,7 +280,7 @@ class RemoteLabelSet:
             "world_size": sharding.world_size,
             "drop_last": str(sharding.drop_last).lower(),
             "include": ",".join(include),
-            "label_dtype": wire_label_dtype(self.detail.codec),
+            "label_encoding": "stored",
         }
         per_epoch, end = len(sharding), epoch + epochs
         if per_epoch == 0:
@@ -317,19 +319,27 @@ class RemoteLabelSet:
             std=self.std,
         )
 
-        def labels(x: torch.Tensor) -> torch.Tensor:  # widened after the copy: half the bytes
-            return x.to(device, non_blocking=non_blocking).float()
-
-        logits = t.get("logits")
+        # labels arrive as stored (a top-k row is a few dozen bytes) and are decoded after
+        # the copy, on the job's device
+        codec = get_codec(self.detail.codec)
+        names = codec.part_names("soft", self.num_classes)
+        parts = {s: t[name].to(device, non_blocking=non_blocking) for s, name in names.items()}
+        soft = codec.decode_tensors(parts, self.num_classes)
+        hard = t["hard"].to(device, non_blocking=non_blocking)
+        logits = None
+        if "norm" in t:
+            norm = t["norm"].to(device, non_blocking=non_blocking)
+            refinement = self.detail.refinement
+            logits = recover_logits(soft, hard, norm, refinement.alpha, refinement.beta)
         return Batch(
             epoch=raw.epoch,
             index=raw.index,
             indices=t["indices"],
             images=views,
             params=t["params"],
-            hard=t["hard"].to(device, non_blocking=non_blocking),
-            soft=labels(t["soft"]),
-            logits=labels(logits) if logits is not None else None,
+            hard=hard,
+            soft=soft,
+            logits=logits,
         )
 
     def batches(

@@ -2,7 +2,10 @@
 
 Each codec names the parts it stores (HDF5 datasets ``<field>`` plus ``<field>_<part>``),
 its bytes per label row, and its worst-case error, which ``bench/relabel_bench.py``
-measures on real labels and on the GIFT and KL losses.
+measures on real labels and on the GIFT and KL losses. Encoding is NumPy (the worker and
+transcode); decoding is one torch function, so that a training job can receive labels in
+their stored form and decode them on its own device, and the server decodes the same way.
+This module is part of the client package: it needs no h5py.
 
 ==========  ==========================  ===================================================
 codec       bytes per label             error
@@ -24,6 +27,7 @@ both depend on the tail, so the tail's mass is kept, not dropped.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +62,10 @@ class Codec:
         """The arrays a row of ``num_classes`` labels is stored as."""
         raise NotImplementedError
 
+    def part_names(self, field: str, num_classes: int) -> dict[str, str]:
+        """Each part's suffix -> the name it is stored (or sent) under, for ``field``."""
+        return {p.suffix: part_name(field, p.suffix) for p in self.parts(num_classes)}
+
     def bytes_per_label(self, num_classes: int) -> int:
         return sum(
             p.dtype.itemsize * math.prod(p.row_shape(num_classes)) for p in self.parts(num_classes)
@@ -69,12 +77,17 @@ class Codec:
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
-        """The labels as float32 (…, num_classes)."""
+    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+        """The labels as float32 (…, num_classes), on the parts' device."""
         raise NotImplementedError
 
+    def decode(self, parts: Mapping[str, np.ndarray], num_classes: int) -> np.ndarray:
+        """The labels as a float32 NumPy array (…, num_classes)."""
+        tensors = {k: _as_tensor(v) for k, v in parts.items()}
+        return self.decode_tensors(tensors, num_classes).numpy()
+
     def decode_as(
-        self, parts: dict[str, np.ndarray], num_classes: int, dtype: np.dtype | type
+        self, parts: Mapping[str, np.ndarray], num_classes: int, dtype: np.dtype | type
     ) -> np.ndarray:
         """The labels as float32 or float16 (clipped to its range); a float codec's own dtype
         comes back as stored, without a copy."""
@@ -85,17 +98,16 @@ class Codec:
         return to_float16(self.decode(parts, num_classes))
 
 
+def _as_tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor over ``x``'s memory (a copy only when torch cannot share it)."""
+    if not x.flags.writeable or any(stride < 0 for stride in x.strides):
+        x = np.array(x)
+    return torch.from_numpy(x)
+
+
 def to_float16(x: np.ndarray) -> np.ndarray:
     """float16 of ``x``, clipped to its finite range rather than overflowing to inf."""
     return np.clip(x, -_FP16_MAX, _FP16_MAX).astype(np.float16)
-
-
-def half_to_float(x: np.ndarray) -> np.ndarray:
-    """float32 of a float16 array: torch's SIMD cast where it can (numpy casts half to float
-    an element at a time, ~8x slower on a batch); exact either way."""
-    if x.dtype == np.float16 and x.flags.writeable:
-        return torch.from_numpy(x).float().numpy()
-    return np.asarray(x, dtype=np.float32)
 
 
 class _FloatCodec(Codec):
@@ -111,11 +123,12 @@ class _FloatCodec(Codec):
             return {"": to_float16(x)}
         return {"": np.asarray(x, dtype=self._dtype)}
 
-    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
-        return half_to_float(parts[""])
+    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+        # torch casts half to float with SIMD; numpy an element at a time (~8x slower)
+        return parts[""].float()
 
     def decode_as(
-        self, parts: dict[str, np.ndarray], num_classes: int, dtype: np.dtype | type
+        self, parts: Mapping[str, np.ndarray], num_classes: int, dtype: np.dtype | type
     ) -> np.ndarray:
         if np.dtype(dtype) == self._dtype:
             return parts[""]
@@ -147,9 +160,9 @@ class Int8Codec(Codec):
             "offset": lo.astype(np.float32),
         }
 
-    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
-        q = parts[""].astype(np.float32) + 128.0
-        return parts["offset"][..., None] + parts["scale"][..., None] * q
+    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+        q = parts[""].float() + 128.0
+        return parts["offset"].float()[..., None] + parts["scale"].float()[..., None] * q
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -200,12 +213,10 @@ class TopKCodec(Codec):
             "tail": to_float16(rest / (num_classes - self.k)),
         }
 
-    def decode(self, parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
-        tail = half_to_float(np.ascontiguousarray(parts["tail"]))
-        out = np.repeat(tail[..., None], num_classes, axis=-1)
-        top = half_to_float(np.ascontiguousarray(parts[""]))
-        np.put_along_axis(out, parts["index"].astype(np.intp), top, axis=-1)
-        return out
+    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+        tail = parts["tail"].float()
+        out = tail[..., None].expand(*tail.shape, num_classes).clone()
+        return out.scatter_(-1, parts["index"].long(), parts[""].float())
 
 
 CODECS: dict[str, Codec] = {
