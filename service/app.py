@@ -88,10 +88,22 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if tokens is not None and not authorized(request.headers.get("authorization"), tokens):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
-    async def label_set(name: Annotated[str, Path(description="Label set name")]) -> LabelSet:
+    async def label_set(
+        name: Annotated[str, Path(description="Label set name")],
+        digest: Annotated[
+            str | None,
+            Query(description="The label set's digest as first seen: 409 if it has changed"),
+        ] = None,
+    ) -> LabelSet:
         found = catalog.get(name)
         if found is None:
             raise ApiError(404, "unknown_label_set", f"no label set named {name!r}")
+        if digest is not None and digest != found.digest:
+            raise ApiError(
+                409, "digest_mismatch",
+                f"label set {name!r} here is version {found.digest[:12]}, not the "
+                f"{digest[:12]} asked for: it was rebuilt, or this server holds another build",
+            )  # fmt: skip
         return found
 
     async def batch_request(
@@ -166,7 +178,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if not start < stop <= n:
             raise ApiError(400, "bad_range", f"need 0 <= start < stop <= {n}")
         body = await run_in_threadpool(image_payload, entry, start, stop)
-        return Response(body, media_type=MEDIA_TYPE)
+        return Response(body, media_type=MEDIA_TYPE, headers={"X-Softserve-Digest": entry.digest})
 
     @app.get(
         "/v1/labelsets/{name}/epochs/{epoch}/batches/{index}",
@@ -225,6 +237,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
 def _batch_headers(request: BatchRequest) -> dict[str, str]:
     return {
+        "X-Softserve-Digest": request.entry.digest,
         "X-Softserve-Batches": str(len(request.sharding)),
         "X-Softserve-Stored-Epoch": str(request.stored_epoch),
     }

@@ -76,6 +76,7 @@ def summary(entry: LabelSet) -> LabelSetSummary:
         codec=config.codec,
         teacher=config.teacher.spec,
         created=entry.manifest.created,
+        digest=entry.digest,
     )
 
 
@@ -170,6 +171,7 @@ def _parts(
 ) -> list[bytes | memoryview]:
     """Batch ``index`` of ``epoch`` as safetensors buffers, to be joined once."""
     metadata = {
+        "digest": request.entry.digest,
         "epoch": str(epoch),
         "stored_epoch": str(request.stored(epoch)),
         "batch": str(index),
@@ -188,7 +190,8 @@ def batch_payload(request: BatchRequest, index: int) -> bytes:
 def image_payload(entry: LabelSet, start: int, stop: int) -> bytes:
     """Base images and hard labels of sample ids [start, stop) as safetensors bytes."""
     ids = np.arange(start, stop)
-    return encode({"images": entry.base_images(ids), "hard": entry.hard[start:stop]})
+    tensors = {"images": entry.base_images(ids), "hard": entry.hard[start:stop]}
+    return encode(tensors, {"digest": entry.digest})
 
 
 def _frames(request: BatchRequest, batches: list[tuple[int, int]]) -> tuple[bytes, str | None]:

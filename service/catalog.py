@@ -1,10 +1,15 @@
-"""The label sets a server process offers: discovered in the store, opened lazily, cached.
+"""The label sets a server process offers: discovered in the store, opened, cached.
 
 Only complete label sets are served: a folder needs a valid manifest whose files exist
 with the sizes it lists (checksums are ``softserve verify``'s job, too slow for a scan).
 The server rescans the store every few seconds in the background (never on a request's
 path), so new sets appear without a restart and removed ones disappear. Each process has
 its own catalog: h5py handles are opened after the server forks its workers, never before.
+
+A set is known by its digest (sha256 of its manifest). A set rebuilt under the same name
+is a new entry with a new reader; the old entry is not closed but dropped, so a stream
+that holds it goes on reading the old files, open since the entry was made, to its end:
+one response never mixes two versions. Its handles close when the last such stream ends.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 
 from softserve.errors import StoreError
 from softserve.storage.layout import MANIFEST_FILE
-from softserve.storage.manifest import Manifest, read_manifest
+from softserve.storage.manifest import Manifest, load_manifest
 from softserve.storage.reader import LabelSetReader
 
 log = logging.getLogger("softserve.catalog")
@@ -31,7 +36,7 @@ class LabelSet:
     name: str
     root: Path
     manifest: Manifest
-    manifest_mtime: float
+    digest: str
     reader: LabelSetReader
     hard: np.ndarray
     images: np.ndarray | None
@@ -48,17 +53,6 @@ class LabelSet:
         out = np.empty((len(ids), *rows.shape[1:]), dtype=rows.dtype)
         out[order] = rows[inverse]
         return out
-
-
-def _check_files(root: Path, manifest: Manifest) -> None:
-    for entry in (manifest.dataset, *manifest.shards):
-        path = root / entry.file
-        if not path.is_file():
-            raise StoreError(f"{entry.file} is missing")
-        if path.stat().st_size != entry.size:
-            raise StoreError(
-                f"{entry.file} has {path.stat().st_size} bytes, manifest says {entry.size}"
-            )
 
 
 class Catalog:
@@ -89,36 +83,28 @@ class Catalog:
             if not manifest_path.exists():
                 continue
             seen.add(root.name)
-            mtime = manifest_path.stat().st_mtime
             current = self._sets.get(root.name)
-            if current is not None and current.manifest_mtime == mtime:
-                continue
             try:
-                self._sets[root.name] = self._open(root, mtime)
+                _, digest = load_manifest(root)
+                if current is not None and current.digest == digest:
+                    continue
+                self._sets[root.name] = self._open(root)
             except StoreError as exc:
                 if self._skipped.get(root.name) != str(exc):
                     log.warning("skipping label set %s: %s", root.name, exc)
                 self._skipped[root.name] = str(exc)
-                self._drop(root.name)
+                self._sets.pop(root.name, None)
                 continue
-            if current is not None:
-                current.reader.close()
             self._skipped.pop(root.name, None)
-            log.info("serving label set %s", root.name)
+            log.info("serving label set %s (digest %s)", root.name, digest[:12])
         for name in set(self._sets) - seen:
             log.info("label set %s is gone from the store", name)
-            self._drop(name)
+            self._sets.pop(name)
         return True
 
-    def _drop(self, name: str) -> None:
-        gone = self._sets.pop(name, None)
-        if gone is not None:
-            gone.reader.close()
-
-    def _open(self, root: Path, mtime: float) -> LabelSet:
-        manifest = read_manifest(root)
-        _check_files(root, manifest)
+    def _open(self, root: Path) -> LabelSet:
         reader = LabelSetReader(root, locking=self.locking)
+        manifest = reader.manifest
         config = manifest.config
         image_bytes = config.num_samples * int(np.prod(config.image_shape))
         images = reader.images() if image_bytes <= self.image_cache_bytes else None
@@ -126,7 +112,7 @@ class Catalog:
             name=root.name,
             root=root,
             manifest=manifest,
-            manifest_mtime=mtime,
+            digest=reader.digest,
             reader=reader,
             hard=reader.hard_labels(),
             images=images,
@@ -140,5 +126,6 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
-            for name in list(self._sets):
-                self._drop(name)
+            for entry in self._sets.values():
+                entry.reader.close()
+            self._sets.clear()

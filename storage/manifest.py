@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -120,11 +121,9 @@ class Manifest(_Model):
         return sum(s.size for s in self.shards)
 
 
-def _load(path: Path, model: type[_Model], what: str) -> _Model:
+def _parse(raw: bytes, path: Path, model: type[_Model], what: str) -> _Model:
     try:
-        return model.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
-        raise
+        return model.model_validate_json(raw)
     except (ValidationError, ValueError) as exc:
         first = str(exc).splitlines()[0]
         raise StoreError(
@@ -132,16 +131,29 @@ def _load(path: Path, model: type[_Model], what: str) -> _Model:
         ) from None
 
 
-def read_manifest(root: Path) -> Manifest:
-    """The manifest of the label set at ``root``; StoreError when absent or invalid."""
+def _load(path: Path, model: type[_Model], what: str) -> _Model:
+    return _parse(path.read_bytes(), path, model, what)
+
+
+def load_manifest(root: Path) -> tuple[Manifest, str]:
+    """The manifest of the label set at ``root`` and its digest: the sha256 of the manifest
+    file's bytes, read once. The digest is the label set's identity: the manifest lists
+    every file's sha256, so two builds of one name never share it."""
     path = root / MANIFEST_FILE
     try:
-        return _load(path, Manifest, "manifest")  # type: ignore[return-value]
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise StoreError(
             f"{root} holds no complete label set (no {MANIFEST_FILE}); "
             "finish it by rerunning the same 'softserve relabel' command"
         ) from None
+    manifest = _parse(raw, path, Manifest, "manifest")
+    return manifest, hashlib.sha256(raw).hexdigest()  # type: ignore[return-value]
+
+
+def read_manifest(root: Path) -> Manifest:
+    """The manifest of the label set at ``root``; StoreError when absent or invalid."""
+    return load_manifest(root)[0]
 
 
 def read_plan(root: Path) -> LabelSetConfig | None:

@@ -19,7 +19,7 @@ from softserve.client.codecs import get_codec, part_name, to_float16
 from softserve.client.losses import recover_logits
 from softserve.errors import StoreError, brief
 from softserve.storage.layout import DATASET_FILE
-from softserve.storage.manifest import Manifest, read_manifest
+from softserve.storage.manifest import load_manifest
 from softserve.storage.shards import CODEC_FIELDS, NORM
 
 #: What :meth:`LabelSetReader.read` returns: sample ids, views, refined labels, teacher
@@ -28,31 +28,53 @@ ROW_FIELDS = ("order", "params", "refined", "logits", NORM)
 
 
 class LabelSetReader:
-    """Read access to the label set at ``root`` (which must have a manifest)."""
+    """Read access to the label set at ``root`` (which must have a manifest).
+
+    Every file of the set is opened when the reader is made, and checked against the
+    manifest's sizes: a reader reads one version of a set for its whole life, whatever
+    happens to the paths later (a set replaced under the same name is a new reader). The
+    ``digest`` (sha256 of the manifest) names that version.
+    """
 
     def __init__(self, root: str | Path, *, locking: bool | None = None) -> None:
         self.root = Path(root)
-        self.manifest: Manifest = read_manifest(self.root)
+        self.manifest, self.digest = load_manifest(self.root)
         self.config = self.manifest.config
         self.codec = get_codec(self.config.codec)
         self.version = self.manifest.format_version
-        self._locking = locking
         self._hard: np.ndarray | None = None
-        self._files: dict[str, h5py.File] = {}
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
+        self._files: dict[str, h5py.File] = {}
+        try:
+            for entry in (self.manifest.dataset, *self.manifest.shards):
+                self._files[entry.file] = self._open(entry.file, entry.size, locking)
+        except StoreError:
+            self.close()
+            raise
+
+    def _open(self, name: str, size: int, locking: bool | None) -> h5py.File:
+        path = self.root / name
+        try:
+            handle = h5py.File(path, "r", locking=locking)
+        except FileNotFoundError:
+            raise StoreError(f"{name} is missing") from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"cannot read {path} ({brief(exc)}); run 'softserve verify {self.root}' "
+                "and relabel if it is corrupt"
+            ) from None
+        actual = handle.id.get_filesize()
+        if actual != size:
+            handle.close()
+            raise StoreError(f"{name} has {actual} bytes, manifest says {size}")
+        return handle
 
     def _file(self, name: str) -> h5py.File:
         handle = self._files.get(name)
         if handle is None:
-            path = self.root / name
-            try:
-                handle = h5py.File(path, "r", locking=self._locking)
-            except (OSError, ValueError) as exc:
-                raise StoreError(
-                    f"cannot read {path} ({brief(exc)}); run 'softserve verify {self.root}' "
-                    "and relabel if it is corrupt"
-                ) from None
-            self._files[name] = handle
+            raise StoreError(
+                f"{self.root} was closed (replaced or removed from the store); reopen it"
+            )
         return handle
 
     def _read(self, name: str, key: str, index: tuple | slice | np.ndarray) -> np.ndarray:

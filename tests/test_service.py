@@ -519,17 +519,26 @@ def test_consecutive_batches_are_read_together(store: Path) -> None:
         catalog.close()
 
 
+def damage(shard: Path) -> None:
+    """Zero the first half of a file in place (same inode, same size)."""
+    data = bytearray(shard.read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)
+    shard.write_bytes(bytes(data))
+
+
 def test_corrupt_shard_is_a_clear_error_not_a_crash(store: Path, tmp_path: Path) -> None:
     """A shard damaged after serving began: JSON 500 for a batch, an error frame mid-stream,
-    ClientError/PayloadError in the client without retries, and the server stays up."""
+    ClientError/PayloadError in the client without retries, and the server stays up. A set
+    damaged before it was opened is not served at all, while the others are."""
     local = tmp_path / "store"
     shutil.copytree(store / "tiny", local / "tiny")
-    shard = local / "tiny" / "labels-00001.h5"  # epochs 2 and 3
-    data = bytearray(shard.read_bytes())
-    data[: len(data) // 2] = bytes(len(data) // 2)  # same size: the scan still accepts it
-    shard.write_bytes(bytes(data))
+    shutil.copytree(store / "tiny", local / "broken")
+    damage(local / "broken" / "labels-00001.h5")
     srv = Server(local).start()
     try:
+        assert [s["name"] for s in httpx.get(srv.url + "/v1/labelsets").json()] == ["tiny"]
+        assert httpx.get(srv.url + "/v1/labelsets/broken").status_code == 404
+        damage(local / "tiny" / "labels-00001.h5")  # epochs 2 and 3, under the open set
         ok = httpx.get(srv.url + TINY + "/epochs/0/batches/0?batch_size=10")
         assert ok.status_code == 200
         broken = httpx.get(srv.url + TINY + "/epochs/2/batches/0?batch_size=10")

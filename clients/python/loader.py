@@ -73,6 +73,7 @@ class Loader(IterableDataset):
         """Where the loader stands: the next batch it will yield."""
         return {
             "labelset": self.labelset.name,
+            "digest": self.labelset.digest,
             "epoch": self.epoch,
             "batch": self.batch,
             "batch_size": self.sharding.batch_size,
@@ -81,9 +82,10 @@ class Loader(IterableDataset):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a state dict taken with the same label set and batch layout."""
+        """Continue from a state dict taken with the same label set (the same version of it)
+        and batch layout."""
         mine = self.state_dict()
-        for key in ("labelset", "batch_size", "rank", "world_size"):
+        for key in ("labelset", "digest", "batch_size", "rank", "world_size"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"state dict is for {key}={state.get(key)!r}, this loader has {mine[key]!r}"

@@ -207,7 +207,12 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 class RemoteLabelSet:
-    """A label set on a server: metadata, and batches as views plus labels."""
+    """A label set on a server: metadata, and batches as views plus labels.
+
+    It is pinned to the version first seen (``digest``): every request names it, and a
+    server that holds another build of the set (rebuilt, or a failover target with other
+    labels) answers 409, raised as a :class:`ClientError`, never served silently.
+    """
 
     def __init__(self, client: Client, detail: LabelSetDetail, image_cache_mb: int = 2048) -> None:
         self.client = client
@@ -224,6 +229,7 @@ class RemoteLabelSet:
     mean = property(lambda self: self.detail.mean)
     std = property(lambda self: self.detail.std)
     class_names = property(lambda self: self.detail.class_names)
+    digest = property(lambda self: self.detail.digest)
 
     def __repr__(self) -> str:
         d = self.detail
@@ -255,8 +261,9 @@ class RemoteLabelSet:
         parts = []
         for start in range(0, self.num_samples, step):
             stop = min(start + step, self.num_samples)
-            response = self.client.get(f"{self._path}/images", {"start": start, "stop": stop})
-            parts.append(decode(response.content)[0]["images"])
+            query = {"start": start, "stop": stop, "digest": self.digest}
+            response = self.client.get(f"{self._path}/images", query)
+            parts.append(self._checked(response.content)["images"])
         self._images = torch.from_numpy(np.concatenate(parts))
         return self._images
 
@@ -281,6 +288,7 @@ class RemoteLabelSet:
             "drop_last": str(sharding.drop_last).lower(),
             "include": ",".join(include),
             "label_encoding": "stored",
+            "digest": self.digest,
         }
         per_epoch, end = len(sharding), epoch + epochs
         if per_epoch == 0:
@@ -293,13 +301,25 @@ class RemoteLabelSet:
             with attempt, self.client.stream(path, query) as response:
                 chunks = response.iter_bytes()
                 for payload in read_frames(chunks):
-                    tensors, _ = decode(payload)
+                    tensors = self._checked(payload)
                     failures[0] = 0
                     received = {k: torch.from_numpy(v) for k, v in tensors.items()}
                     yield RawBatch(epoch, index, received)
                     epoch, index = (epoch + 1, 0) if index + 1 == per_epoch else (epoch, index + 1)
                 for _ in chunks:  # read to the end, so that the connection is reused
                     pass
+
+    def _checked(self, payload: bytes | bytearray) -> dict[str, np.ndarray]:
+        """A payload's tensors, after checking it comes from the pinned version."""
+        tensors, metadata = decode(payload)
+        if metadata.get("digest") != self.digest:
+            raise ClientError(
+                f"label set {self.name!r} changed: a payload of version "
+                f"{str(metadata.get('digest'))[:12]} arrived for pinned version "
+                f"{self.digest[:12]}; open the label set again to use the new version",
+                code="digest_mismatch",
+            )
+        return tensors
 
     def to_batch(self, raw: RawBatch, device: torch.device | str) -> Batch:
         """Apply the views on ``device``: the student sees what the teacher saw."""

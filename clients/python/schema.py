@@ -23,6 +23,7 @@ class LabelSetSummary(_Schema):
     codec: str
     teacher: str
     created: datetime
+    digest: str
 
 
 class ViewPolicyInfo(_Schema):
