@@ -80,6 +80,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         version=softserve.__version__,
         summary="Precomputed soft labels for dataset distillation, served as batches.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     metrics.install(app)
@@ -143,9 +145,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 "bad_include",
                 f"include takes tensors among {', '.join(TENSORS)}; got {include!r}",
             )
-        sharding = Sharding(
-            entry.manifest.config.num_samples, batch_size, rank, world_size, drop_last
-        )
+        n = entry.manifest.config.num_samples
+        sharding = Sharding(n, batch_size, rank, world_size, drop_last)
+        if world_size > n or len(sharding) == 0:
+            raise ApiError(
+                400, "no_batches",
+                f"batch_size {batch_size} on {world_size} rank(s) leaves no batch of the {n} "
+                "samples for every rank; lower batch_size (or world_size)",
+            )  # fmt: skip
         return BatchRequest(entry, epoch, sharding, wanted, label_dtype, label_encoding)
 
     v1 = [Depends(require_token)]

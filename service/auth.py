@@ -7,19 +7,31 @@ from pathlib import Path
 
 from softserve.errors import InputError
 
+#: Shorter tokens are refused: guessable by brute force over a fast API.
+MIN_TOKEN_LENGTH = 16
+
 
 def load_tokens(path: Path) -> tuple[bytes, ...]:
-    """Non-empty, non-comment lines of a token file."""
+    """The tokens of a token file: one per line, surrounding whitespace stripped; blank
+    lines and lines whose first non-blank character is ``#`` are skipped."""
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise InputError(f"cannot read --token-file {path} ({exc.strerror})") from None
-    tokens = tuple(
-        line.strip().encode() for line in lines if line.strip() and not line.startswith("#")
-    )
+    tokens = []
+    for number, line in enumerate(lines, 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+            raise InputError(
+                f"--token-file {path} line {number}: a token is one word of at least "
+                f"{MIN_TOKEN_LENGTH} characters (e.g. from 'openssl rand -hex 32')"
+            )
+        tokens.append(token.encode())
     if not tokens:
         raise InputError(f"--token-file {path} holds no token; write one token per line")
-    return tokens
+    return tuple(tokens)
 
 
 def authorized(header: str | None, tokens: tuple[bytes, ...]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.config
 import os
@@ -31,8 +32,16 @@ def run(settings: ServiceSettings) -> None:
         load_tokens(settings.token_file)  # fail now, in one place, not in every worker
     for name, value in settings.model_dump(exclude_none=True).items():
         os.environ[f"SOFTSERVE_{name.upper()}"] = str(value)
-    if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="softserve-metrics-")
+    with contextlib.ExitStack() as cleanup:
+        if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            metrics_dir = cleanup.enter_context(
+                tempfile.TemporaryDirectory(prefix="softserve-metrics-")
+            )
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        _serve(settings)
+
+
+def _serve(settings: ServiceSettings) -> None:
     logging.config.dictConfig(_log_config(settings.log_level))
     if settings.token_file is None:
         log.warning("no --token-file: the API is open to anyone who can reach %s", settings.host)

@@ -33,3 +33,6 @@ class ServiceSettings(BaseSettings):
         None, description="HDF5 file locking; set false on network filesystems."
     )
     log_level: str = Field("info", description="Log level of the server.")
+    docs: bool = Field(
+        False, description="Serve Swagger UI at /docs (it loads its scripts from a CDN)."
+    )

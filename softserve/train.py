@@ -261,10 +261,13 @@ def served_feed(opts: TrainOptions, client: Client, device: torch.device) -> Fee
     assert opts.labelset is not None
     labelset = client.labelset(opts.labelset)
     batch_size = opts.batch_size or official_batch_size(labelset.num_samples)
-    loader = labelset.loader(
-        batch_size, epochs=opts.epochs, device=device,
-        logits=opts.loss in NEEDS_LOGITS, prefetch=opts.prefetch,
-    )  # fmt: skip
+    try:
+        loader = labelset.loader(
+            batch_size, epochs=opts.epochs, device=device,
+            logits=opts.loss in NEEDS_LOGITS, prefetch=opts.prefetch,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise InputError(f"--batch-size: {exc}") from None
     return Feed(
         batches=loader, batches_per_epoch=loader.batches_per_epoch,
         num_samples=labelset.num_samples, num_classes=labelset.num_classes,

@@ -81,9 +81,11 @@ class LabelSetConfig(_Model):
 
 
 class FileInfo(_Model):
-    file: str
-    size: int
-    sha256: str
+    """One file of the set: a bare name inside the set's folder, never a path elsewhere."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$", max_length=255)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class ShardInfo(FileInfo):

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import safetensors.numpy
 import torch
 from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, recover_logits, refine_labels
 from softserve.client.codecs import get_codec, part_name
-from softserve.errors import InputError
+from softserve.errors import InputError, StoreError
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
 from softserve.storage.manifest import write_model
 from softserve.storage.shards import NORM
@@ -180,3 +181,17 @@ def test_topk_labels_travel_in_their_stored_form(tmp_path: Path) -> None:
         assert (kept.sort(1).values == top.sort(1).values).float().mean() > 0.95
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("name", ["../outside.h5", "/etc/passwd", "a/b.h5", ".hidden", ""])
+def test_manifest_files_stay_inside_the_set(tmp_path: Path, name: str) -> None:
+    """A manifest naming a file outside its folder is not a valid manifest: never opened."""
+    import json
+
+    root = build_label_set(tmp_path / "store" / "s", n=12)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = name
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="not a valid manifest"):
+        read_manifest(root)
+    assert any("not a valid manifest" in p for p in verify_label_set(root))

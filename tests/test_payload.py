@@ -70,3 +70,15 @@ def test_cut_stream_and_error_frame() -> None:
     (bad,) = read_frames(iter([error_frame("shard unreadable") + END_FRAME]))
     with pytest.raises(PayloadError, match="server error: shard unreadable"):
         decode(bad)
+
+
+def test_oversized_frame_is_refused_before_it_is_read() -> None:
+    """A length prefix over the limit (garbled, or not softserve) is an error, not a 1 TB
+    allocation; the limit is a parameter."""
+    huge = (1 << 40).to_bytes(8, "little") + b"x" * 64
+    with pytest.raises(PayloadError, match="over the .*-byte limit"):
+        list(read_frames(iter([huge])))
+    small = frame(encode({"x": np.arange(300)}))
+    with pytest.raises(PayloadError, match="limit"):
+        list(read_frames(iter([small]), max_frame_bytes=100))
+    assert len(list(read_frames(iter([small + END_FRAME])))) == 1

@@ -208,3 +208,18 @@ def test_verify_finds_corruption(make_options) -> None:
     done = run_cli("verify", opts.out)
     assert done.returncode == 1
     assert "labels-00001.h5: sha256" in done.stderr and "labels-00002.h5: missing" in done.stderr
+
+
+def test_module_teacher_leaves_sys_path_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """The working folder is on sys.path for the teacher's import only."""
+    import sys
+
+    from softserve.worker.teacher import load_teacher
+
+    (tmp_path / "my_teacher_mod.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    assert load_teacher("my_teacher_mod:make").model.in_features == 2
+    assert sys.path == before

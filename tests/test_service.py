@@ -291,7 +291,15 @@ def test_errors_are_json_with_a_clear_message(server: Server) -> None:
     assert "include" in error(
         TINY + "/epochs/0/batches/0?batch_size=4&include=x", 400, "bad_include"
     )
+    # tiny has 50 samples: no rank may be left without a batch
+    assert "no batch of the 50" in error(TINY + "/epochs/0/stream?batch_size=51", 400, "no_batches")
+    assert "no batch" in error(
+        TINY + "/epochs/0/stream?batch_size=1&rank=0&world_size=51&drop_last=false",
+        400, "no_batches",
+    )  # fmt: skip
     with Client(server.url) as client:
+        with pytest.raises(ValueError, match="no batch of the 50 samples"):
+            client.labelset("tiny").batches(0, 64)
         with pytest.raises(ClientError, match="no label set named 'nope'") as caught:
             client.labelset("nope")
         assert caught.value.status == 404
@@ -312,7 +320,7 @@ def test_health_metrics_and_docs(server: Server) -> None:
     assert "softserve_response_bytes_total" in metrics
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/labelsets/{name}/epochs/{epoch}/stream" in spec["paths"]
-    assert httpx.get(server.url + "/docs").status_code == 200
+    assert httpx.get(server.url + "/docs").status_code == 404  # its scripts come from a CDN
     log = server.log.read_text()
     assert '"path": "/v1/labelsets/tiny/epochs/0/batches/0"' in log
 
@@ -362,9 +370,12 @@ def test_not_ready_until_the_store_exists(tmp_path: Path) -> None:
         srv.stop()
 
 
+ONE, TWO = "s3cret-one-0123456789", "s3cret-two-0123456789"
+
+
 def test_auth(store: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    tokens.write_text("# training jobs\ns3cret-one\ns3cret-two\n")
+    tokens.write_text(f"# training jobs\n{ONE}\n  {TWO}  \n   # indented comment\n")
     srv = Server(store, "--token-file", tokens).start()
     try:
         url = srv.url + "/v1/labelsets"
@@ -372,10 +383,12 @@ def test_auth(store: Path, tmp_path: Path) -> None:
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
         assert missing.headers["www-authenticate"] == "Bearer"
         assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(url, headers={"Authorization": "Basic s3cret-one"}).status_code == 401
-        assert httpx.get(url, headers={"Authorization": "Bearer s3cret-two"}).status_code == 200
+        assert httpx.get(url, headers={"Authorization": f"Basic {ONE}"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": f"Bearer {TWO}"}).status_code == 200
+        comment = {"Authorization": "Bearer # indented comment"}
+        assert httpx.get(url, headers=comment).status_code == 401
         assert httpx.get(srv.url + "/healthz").status_code == 200
-        with Client(srv.url, token="s3cret-one") as client:
+        with Client(srv.url, token=ONE) as client:
             assert len(list(client.labelset("tiny").batches(0, 10))) == 5
         with Client(srv.url, token="nope") as client, pytest.raises(ClientError) as caught:
             client.labelsets()
@@ -461,9 +474,14 @@ def test_serve_rejects_an_unreadable_token_file(store: Path, tmp_path: Path) -> 
     done = run_cli("serve", "--store", store, "--token-file", tmp_path / "missing")
     assert_one_line_error(done, "cannot read --token-file")
     empty = tmp_path / "empty"
-    empty.write_text("# no tokens yet\n")
+    empty.write_text("# no tokens yet\n   # nor here\n")
     assert_one_line_error(
         run_cli("serve", "--store", store, "--token-file", empty), "holds no token"
+    )
+    short = tmp_path / "short"
+    short.write_text("# a guessable token\nhunter2\n")
+    assert_one_line_error(
+        run_cli("serve", "--store", store, "--token-file", short), "line 2", "16 characters"
     )
 
 
@@ -569,10 +587,14 @@ def test_client_dropping_mid_stream_harms_nothing(server: Server) -> None:
     assert "Traceback" not in server.log.read_text()
 
 
-def test_several_worker_processes(store: Path) -> None:
-    """--workers 2 serves, and /metrics sums what every worker process counted."""
-    srv = Server(store, "--workers", 2).start()
+def test_several_worker_processes(store: Path, tmp_path: Path) -> None:
+    """--workers 2 serves, and /metrics sums what every worker process counted; the metrics
+    folder goes when the server does. /docs is there when SOFTSERVE_DOCS asks for it."""
+    env = {"SOFTSERVE_DOCS": "true", "TMPDIR": str(tmp_path)}
+    srv = Server(store, "--workers", 2, env=env).start()
     try:
+        assert len(list(tmp_path.glob("softserve-metrics-*"))) == 1
+        assert httpx.get(srv.url + "/docs").status_code == 200
         url = srv.url + TINY + "/epochs/0/batches/0?batch_size=5"
         with httpx.Client() as http:  # a new connection each time spreads the requests
             for _ in range(12):
@@ -584,3 +606,4 @@ def test_several_worker_processes(store: Path) -> None:
         assert float(line.split()[-1]) == 12
     finally:
         srv.stop()
+    assert list(tmp_path.glob("softserve-metrics-*")) == []

@@ -81,7 +81,8 @@ def _load_torchvision(arch: str, num_classes: int | None) -> nn.Module:
 def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     cwd = str(Path.cwd())
-    if cwd not in sys.path:
+    added = cwd not in sys.path
+    if added:  # for the import only: later imports must not pick up the user's files
         sys.path.insert(0, cwd)
     try:
         target: object = importlib.import_module(module_name)
@@ -90,6 +91,9 @@ def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
             f"cannot import {module_name!r} for teacher {spec!r} ({brief(exc)}); "
             "run from its folder or add it to PYTHONPATH"
         ) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
     for part in attr.split("."):
         if not hasattr(target, part):
             raise InputError(f"{module_name!r} has no attribute {attr!r} (teacher {spec!r})")

@@ -146,7 +146,14 @@ def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str,
     return tensors, metadata
 
 
-def read_frames(chunks: Iterator[bytes]) -> Iterator[bytearray]:
+#: The largest frame a client accepts: far above any real batch, far below what a garbled
+#: length prefix would make it allocate.
+MAX_FRAME_BYTES = 1 << 31
+
+
+def read_frames(
+    chunks: Iterator[bytes], max_frame_bytes: int = MAX_FRAME_BYTES
+) -> Iterator[bytearray]:
     """Payloads of a framed stream, from an iterator of byte chunks of any size."""
     buffer = bytearray()
     for chunk in chunks:
@@ -156,6 +163,11 @@ def read_frames(chunks: Iterator[bytes]) -> Iterator[bytearray]:
             length = _LENGTH.unpack_from(buffer, pos)[0]
             if length == 0:
                 return
+            if length > max_frame_bytes:
+                raise PayloadError(
+                    f"stream frame of {length} bytes is over the {max_frame_bytes}-byte limit: "
+                    "not a softserve stream, or a corrupt one"
+                )
             start = pos + _LENGTH.size
             if len(buffer) < start + length:
                 break

@@ -246,9 +246,16 @@ class RemoteLabelSet:
         self, batch_size: int, rank: int | None = None, world_size: int | None = None,
         drop_last: bool = True,
     ) -> Sharding:  # fmt: skip
-        """How an epoch is cut into batches for this rank."""
+        """How an epoch is cut into batches for this rank; ValueError when some rank would
+        get no batch at all (the server refuses those requests too)."""
         rank, world_size = _resolve_ranks(rank, world_size)
-        return Sharding(self.num_samples, batch_size, rank, world_size, drop_last)
+        sharding = Sharding(self.num_samples, batch_size, rank, world_size, drop_last)
+        if world_size > self.num_samples or len(sharding) == 0:
+            raise ValueError(
+                f"batch_size {batch_size} on {world_size} rank(s) leaves no batch of the "
+                f"{self.num_samples} samples of {self.name!r} for every rank; lower batch_size"
+            )
+        return sharding
 
     def base_images(self) -> torch.Tensor | None:
         """All base images (uint8 N×C×H×W), fetched once; None when over the cache budget."""
@@ -291,8 +298,6 @@ class RemoteLabelSet:
             "digest": self.digest,
         }
         per_epoch, end = len(sharding), epoch + epochs
-        if per_epoch == 0:
-            return
         index = start
         failures = [0]
         for attempt in self.client.retrying(failures):
