@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softserve.errors import StoreError
+from softserve.errors import SoftserveError
 from softserve.storage.layout import MANIFEST_FILE
 from softserve.storage.manifest import Manifest, load_manifest
 from softserve.storage.reader import LabelSetReader
@@ -78,18 +78,22 @@ class Catalog:
             log.warning("store %s does not exist (yet)", self.store)
             return False
         seen = set()
-        for root in sorted(p for p in self.store.iterdir() if p.is_dir()):
-            manifest_path = root / MANIFEST_FILE
-            if not manifest_path.exists():
-                continue
-            seen.add(root.name)
-            current = self._sets.get(root.name)
+        try:
+            roots = sorted(p for p in self.store.iterdir() if p.is_dir())
+        except OSError as exc:
+            log.warning("cannot list store %s: %s", self.store, exc)
+            return False
+        for root in roots:
             try:
+                if not (root / MANIFEST_FILE).exists():
+                    continue
+                seen.add(root.name)
+                current = self._sets.get(root.name)
                 _, digest = load_manifest(root)
                 if current is not None and current.digest == digest:
                     continue
                 self._sets[root.name] = self._open(root)
-            except StoreError as exc:
+            except (SoftserveError, OSError) as exc:  # one bad set never blocks the others
                 if self._skipped.get(root.name) != str(exc):
                     log.warning("skipping label set %s: %s", root.name, exc)
                 self._skipped[root.name] = str(exc)

@@ -342,6 +342,9 @@ def train(
         str | None,
         typer.Option(envvar="SOFTSERVE_TOKEN", help="Bearer token (or SOFTSERVE_TOKEN)."),
     ] = None,
+    retry_seconds: Annotated[
+        float, typer.Option(help="How long to keep retrying unreachable servers.")
+    ] = 60.0,
     seed: Annotated[int, typer.Option(help="Seed of the student (and of online views).")] = 0,
     progress: ProgressOption = True,
 ) -> None:
@@ -372,8 +375,8 @@ def train(
     opts = TrainOptions(
         urls=url or (), labelset=labelset, online=online, model=model, loss=loss,
         optimizer=optimizer, epochs=epochs, lr=lr, weight_decay=weight_decay,
-        batch_size=batch_size, eval=eval, device=device, token=token, seed=seed,
-        progress=progress,
+        batch_size=batch_size, eval=eval, device=device, token=token,
+        retry_seconds=retry_seconds, seed=seed, progress=progress,
     )  # fmt: skip
     try:
         result = run_train(opts)

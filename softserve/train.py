@@ -102,6 +102,7 @@ class TrainOptions:
     eval: str = "fashion-mnist"
     device: str = "auto"
     token: str | None = None
+    retry_seconds: float = 60.0
     seed: int = 0
     prefetch: int = 8
     progress: bool = True
@@ -333,7 +334,10 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
         raise InputError(f"--loss: {exc}") from None
     test_images, test_labels = load_eval_set(opts.eval)
     torch.manual_seed(opts.seed)
-    client_context = Client(list(opts.urls), token=opts.token) if opts.urls else nullcontext()
+    client_context = (
+        Client(list(opts.urls), token=opts.token, retry_seconds=opts.retry_seconds)
+        if opts.urls else nullcontext()
+    )  # fmt: skip
     with client_context as client:
         feed = served_feed(opts, client, device) if client else online_feed(opts, device)
         if test_images.shape[1] != feed.channels:

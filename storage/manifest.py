@@ -7,9 +7,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from softserve.errors import StoreError
+from softserve.client.codecs import get_codec
+from softserve.errors import InputError, StoreError
 from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
 #: Written today: one stored label per view (see softserve.storage.shards); 1 still reads.
@@ -66,6 +67,15 @@ class LabelSetConfig(_Model):
     precision: Literal["fp32", "bf16", "fp16"]
     shard_epochs: int = Field(gt=0)
     chunk_rows: int = Field(gt=0)
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        try:
+            get_codec(name)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
     def shard_ranges(self) -> list[tuple[int, int]]:
         """[start, stop) epochs of every shard, in order."""
@@ -126,7 +136,13 @@ class Manifest(_Model):
 def _parse(raw: bytes, path: Path, model: type[_Model], what: str) -> _Model:
     try:
         return model.model_validate_json(raw)
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        first = f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+        raise StoreError(
+            f"{path} is not a valid {what} ({first}); relabel into a new path"
+        ) from None
+    except ValueError as exc:
         first = str(exc).splitlines()[0]
         raise StoreError(
             f"{path} is not a valid {what} ({first}); relabel into a new path"

@@ -53,7 +53,7 @@ def test_train_errors(server: Server, eval_set: Path) -> None:
     done = run_cli(*base, "--url", server.url, "--labelset", "nope")
     assert_one_line_error(done, "404", "no label set named 'nope'")
     dead = f"http://127.0.0.1:{free_port()}"
-    done = run_cli(*base, "--url", dead)
+    done = run_cli(*base, "--url", dead, "--retry-seconds", 1)
     *retries, last = done.stderr.strip().splitlines()
     assert done.returncode == 1 and retries, done.stderr
     assert all("failed" in line and line.endswith("retrying") for line in retries)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,22 @@ from softserve.errors import SoftserveError
 log = logging.getLogger("softserve.client")
 
 _IMAGE_CHUNK_BYTES = 32 << 20
+
+
+@dataclass
+class Patience:
+    """Failures since the last progress, and when the first of them came."""
+
+    failures: int = 0
+    since: float = 0.0
+
+    def failed(self) -> None:
+        if self.failures == 0:
+            self.since = time.monotonic()
+        self.failures += 1
+
+    def progress(self) -> None:
+        self.failures = 0
 
 
 class ClientError(SoftserveError):
@@ -78,12 +95,14 @@ class Client:
         url: str | Sequence[str],
         token: str | None = None,
         timeout: float = 30.0,
-        retries: int = 6,
+        retry_seconds: float = 60.0,
+        retries: int | None = None,
         max_wait: float = 10.0,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
             raise ValueError("give at least one server URL")
+        self.retry_seconds = retry_seconds
         self.retries = retries
         self.max_wait = max_wait
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -100,29 +119,29 @@ class Client:
         log.warning("request to %s failed (%s); retrying", self.url, exc)
         self._current = (self._current + 1) % len(self.urls)
 
-    def retrying(self, failures: list[int] | None = None) -> Retrying:
-        """Retry policy; ``failures[0]`` (when given) counts failures since the last progress."""
+    def retrying(self, patience: Patience | None = None) -> Retrying:
+        """Retry policy: connection errors and 5xx are retried, rotating through the URLs,
+        for ``retry_seconds`` after the first failure since the last progress (and at most
+        ``retries`` times, when set). ``patience`` carries that across a stream's batches."""
+        patience = patience or Patience()
 
         def stop(state: RetryCallState) -> bool:
-            count = failures[0] if failures is not None else state.attempt_number
-            return count > self.retries
-
-        def count(state: RetryCallState) -> None:
-            if failures is not None:
-                failures[0] += 1
+            if self.retries is not None and patience.failures > self.retries:
+                return True
+            return time.monotonic() - patience.since > self.retry_seconds
 
         def give_up(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             raise ClientError(
-                f"no server answered after {self.retries} retries ({exc}); "
-                f"tried {', '.join(self.urls)}"
+                f"no server answered for {time.monotonic() - patience.since:.0f} s "
+                f"({patience.failures} tries; last: {exc}); tried {', '.join(self.urls)}"
             ) from exc
 
         return Retrying(
             retry=retry_if_exception(_retryable),
             wait=wait_random_exponential(multiplier=0.05, max=self.max_wait),
             stop=stop,
-            after=count,
+            after=lambda state: patience.failed(),
             before_sleep=self._failover,
             retry_error_callback=give_up,
         )
@@ -299,15 +318,15 @@ class RemoteLabelSet:
         }
         per_epoch, end = len(sharding), epoch + epochs
         index = start
-        failures = [0]
-        for attempt in self.client.retrying(failures):
+        patience = Patience()
+        for attempt in self.client.retrying(patience):
             path = f"{self._path}/epochs/{epoch}/stream"
             query = {**params, "start": index, "epochs": end - epoch}
             with attempt, self.client.stream(path, query) as response:
                 chunks = response.iter_bytes()
                 for payload in read_frames(chunks):
                     tensors = self._checked(payload)
-                    failures[0] = 0
+                    patience.progress()
                     received = {k: torch.from_numpy(v) for k, v in tensors.items()}
                     yield RawBatch(epoch, index, received)
                     epoch, index = (epoch + 1, 0) if index + 1 == per_epoch else (epoch, index + 1)
