@@ -57,4 +57,5 @@ def _serve(settings: ServiceSettings) -> None:
         log_config=_log_config(settings.log_level),
         log_level=settings.log_level,
         access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_seconds,
     )

@@ -33,6 +33,9 @@ class ServiceSettings(BaseSettings):
         None, description="HDF5 file locking; set false on network filesystems."
     )
     log_level: str = Field("info", description="Log level of the server.")
+    shutdown_seconds: float = Field(
+        10.0, gt=0, description="On SIGTERM, how long open streams may run before they are cut."
+    )
     docs: bool = Field(
         False, description="Serve Swagger UI at /docs (it loads its scripts from a CDN)."
     )

@@ -625,3 +625,19 @@ def test_several_worker_processes(store: Path, tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert list(tmp_path.glob("softserve-metrics-*")) == []
+
+
+def test_sigterm_with_a_stream_open_exits_within_the_deadline(store: Path) -> None:
+    """A client in the middle of a long stream does not keep a SIGTERMed server alive: the
+    stream is cut at SOFTSERVE_SHUTDOWN_SECONDS and the client can resume elsewhere."""
+    srv = Server(store, env={"SOFTSERVE_SHUTDOWN_SECONDS": "2"}).start()
+    with httpx.stream(
+        "GET", srv.url + TINY + "/epochs/0/stream",
+        params={"batch_size": 1, "epochs": 100_000, "include": "indices,images"},
+    ) as response:  # fmt: skip
+        chunks = response.iter_bytes()
+        next(chunks)  # the stream is open and not being read
+        started = time.monotonic()
+        srv.proc.terminate()
+        srv.proc.wait(timeout=20)
+        assert time.monotonic() - started < 10
