@@ -93,6 +93,12 @@ MaxRatioOption = Annotated[float, typer.Option(help="Largest crop aspect ratio."
 FlipOption = Annotated[bool, typer.Option(help="Random horizontal flips.")]
 AlphaOption = Annotated[float, typer.Option(help="GIFT label smoothing α.")]
 BetaOption = Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")]
+AllowPickleOption = Annotated[
+    bool,
+    typer.Option(
+        help="Let a .pt2 teacher unpickle objects: that runs code from the file; trusted only."
+    ),
+]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 
@@ -136,6 +142,7 @@ def relabel(
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
+    allow_pickle: AllowPickleOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Label a synthetic image set with a teacher: E epochs of views, logits and GIFT labels.
@@ -167,6 +174,7 @@ def relabel(
         alpha=alpha,
         beta=beta,
         shard_epochs=shard_epochs,
+        allow_pickle=allow_pickle,
         progress=progress,
     )
     try:
@@ -319,6 +327,7 @@ def train(
     flip: FlipOption = True,
     alpha: AlphaOption = 0.1,
     beta: BetaOption = 0.1,
+    allow_pickle: AllowPickleOption = False,
     model: Annotated[str, typer.Option(help="Student: convnet or resnet18.")] = "convnet",
     loss: Annotated[
         str,
@@ -370,7 +379,7 @@ def train(
             teacher=teacher, images=images, weights=weights, num_classes=num_classes,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
             policy=_policy(min_scale, max_scale, min_ratio, max_ratio, flip),
-            alpha=alpha, beta=beta,
+            alpha=alpha, beta=beta, allow_pickle=allow_pickle,
         )  # fmt: skip
     opts = TrainOptions(
         urls=url or (), labelset=labelset, online=online, model=model, loss=loss,

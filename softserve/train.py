@@ -83,6 +83,7 @@ class Online:
     policy: ViewPolicy = field(default_factory=ViewPolicy)
     alpha: float = 0.1
     beta: float = 0.1
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -242,7 +243,10 @@ def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
     n, c, h, w = data.images.shape
     mean, std = default_normalization(c, online.mean, online.std)
     size = online.size or (h, w)
-    teacher = load_teacher(online.teacher, online.weights, online.num_classes or data.num_classes)
+    teacher = load_teacher(
+        online.teacher, online.weights, online.num_classes or data.num_classes,
+        online.allow_pickle,
+    )  # fmt: skip
     model = teacher.model.to(device)
     batch_size = opts.batch_size or official_batch_size(n)
     batches = OnlineTeacherBatches(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from conftest import random_set, relabel_args, run_cli, shard_digests
 
 from softserve.client import apply_views, epoch_order, refine_labels
+from softserve.errors import InputError
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
 from softserve.storage.layout import sha256_file
 from softserve.worker.relabel import relabel
@@ -223,3 +225,53 @@ def test_module_teacher_leaves_sys_path_as_it_was(tmp_path: Path, monkeypatch) -
     before = list(sys.path)
     assert load_teacher("my_teacher_mod:make").model.in_features == 2
     assert sys.path == before
+
+
+class _Planted:
+    """Unpickling this writes a file: what a crafted .pt2 payload can do."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def crafted_pt2(path: Path, target: Path) -> Path:
+    """A real exported teacher whose first weight is replaced by a planted pickle."""
+    import pickle
+    import zipfile
+
+    program = torch.export.export(teachers.tiny_rgb().eval(), (torch.zeros(2, 3, 12, 10),))
+    clean = path.with_suffix(".clean.pt2")
+    torch.export.save(program, str(clean))
+    with zipfile.ZipFile(clean) as src:
+        config_name = next(n for n in src.namelist() if n.endswith("model_weights_config.json"))
+        config = json.loads(src.read(config_name))
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True
+        weight_name = config_name.rsplit("/", 1)[0] + "/" + first["path_name"]
+        replaced = {
+            config_name: json.dumps(config).encode(),
+            weight_name: pickle.dumps(_Planted(str(target))),
+        }
+        with zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(info, replaced.get(info.filename, src.read(info.filename)))
+    return path
+
+
+def test_exported_teacher_runs_no_pickled_code(make_options, tmp_path: Path) -> None:
+    """A .pt2 with a planted pickle is refused with a clear error and nothing runs, unless
+    --allow-pickle says the file is trusted."""
+    target = tmp_path / "planted"
+    path = crafted_pt2(tmp_path / "evil.pt2", target)
+    opts = make_options(teacher=str(path), out=tmp_path / "evil-out", epochs=2)
+    with pytest.raises(InputError, match="pickled objects.*--allow-pickle"):
+        relabel(opts)
+    assert not target.exists() and not opts.out.exists()
+    done = run_cli(*relabel_args(opts))
+    assert done.returncode == 1 and "--allow-pickle" in done.stderr and not target.exists()
+    with pytest.raises(InputError):  # trusted: the pickle runs (and is no tensor)
+        relabel(replace(opts, allow_pickle=True))
+    assert target.exists()

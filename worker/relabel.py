@@ -84,6 +84,7 @@ class RelabelOptions:
     alpha: float = DEFAULT_ALPHA
     beta: float = DEFAULT_BETA
     shard_epochs: int | None = None
+    allow_pickle: bool = False
     progress: bool = True
 
 
@@ -401,7 +402,7 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
     device = resolve_device(opts.device)
     check_precision(device, opts.precision)
     data = load_image_set(opts.images, opts.num_classes)
-    teacher = load_teacher(opts.teacher, opts.weights, opts.num_classes)
+    teacher = load_teacher(opts.teacher, opts.weights, opts.num_classes, opts.allow_pickle)
     config = build_config(opts, data, teacher)
     out = opts.out
     with distributed(device) as ranks:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import pickle
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +28,19 @@ class Teacher:
     weights_sha256: str | None
 
 
-def load_teacher(spec: str, weights: Path | None = None, num_classes: int | None = None) -> Teacher:
-    """Build the teacher named by ``spec`` and load ``weights`` into it (on the CPU)."""
+def load_teacher(
+    spec: str, weights: Path | None = None, num_classes: int | None = None,
+    allow_pickle: bool = False,
+) -> Teacher:  # fmt: skip
+    """Build the teacher named by ``spec`` and load ``weights`` into it (on the CPU).
+
+    A ``.pt2`` file is data unless ``allow_pickle``: torch.export.load unpickles some
+    payloads with ``weights_only=False``, which runs code from the file; here every unpickle
+    is restricted to tensors unless the user trusts the file.
+    """
     digest: str | None = None
     if spec.endswith(".pt2"):
-        model = _load_exported(Path(spec))
+        model = _load_exported(Path(spec), allow_pickle)
         if weights is None:
             digest = sha256_file(Path(spec))
     elif spec.startswith("torchvision:"):
@@ -55,11 +65,34 @@ def load_teacher(spec: str, weights: Path | None = None, num_classes: int | None
     )
 
 
-def _load_exported(path: Path) -> nn.Module:
+@contextlib.contextmanager
+def _tensors_only() -> Iterator[None]:
+    """Make every torch.load restricted to tensors (weights_only=True) for a while."""
+    original = torch.load
+
+    def restricted(*args: object, **kwargs: object) -> object:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = restricted  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _load_exported(path: Path, allow_pickle: bool) -> nn.Module:
     if not path.is_file():
         raise InputError(f"teacher file {path} does not exist")
+    guard = contextlib.nullcontext() if allow_pickle else _tensors_only()
     try:
-        return torch.export.load(str(path)).module()
+        with guard:
+            return torch.export.load(str(path)).module()
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"exported teacher {path} holds pickled objects, which run code when loaded "
+            f"({brief(exc, 120)}); pass --allow-pickle only if you trust the file"
+        ) from None
     except Exception as exc:  # torch raises many types for an unusable archive
         raise InputError(f"cannot load exported teacher {path} ({brief(exc)})") from None
 
