@@ -100,6 +100,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         found = catalog.get(name)
         if found is None:
             raise ApiError(404, "unknown_label_set", f"no label set named {name!r}")
+        if found.failure is not None:
+            raise ApiError(
+                503, "withdrawn",
+                f"label set {name!r} is withdrawn: {found.failure}",
+            )  # fmt: skip
         if digest is not None and digest != found.digest:
             raise ApiError(
                 409, "digest_mismatch",
@@ -237,7 +242,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def readyz() -> JSONResponse:
         if not catalog.ready:  # as of the last scan: no file system call on the event loop
             return JSONResponse({"status": "not ready", "store": str(settings.store)}, 503)
-        return JSONResponse({"status": "ready", "label_sets": len(catalog.names())})
+        return JSONResponse(
+            {"status": "ready", "label_sets": len(catalog.names()),
+             "unhealthy": catalog.unhealthy()}
+        )  # fmt: skip
 
     return app
 

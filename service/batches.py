@@ -28,7 +28,7 @@ from softserve.client.schema import (
     RefinementParams,
     ViewPolicyInfo,
 )
-from softserve.errors import SoftserveError
+from softserve.errors import SoftserveError, StoreError
 from softserve.service import metrics
 from softserve.service.catalog import LabelSet
 
@@ -120,10 +120,14 @@ def read_batches(
     spans = [(request.stored(epoch), *request.sharding.positions(i)) for epoch, i in batches]
     for run in _contiguous_runs(spans):
         stored, first, last = run[0][0], run[0][1], run[-1][2]
-        with entry.lock:
-            rows = entry.reader.read(
-                stored, first, last, fields, request.label_dtype, request.stored_labels
-            )
+        try:
+            with entry.lock:
+                rows = entry.reader.read(
+                    stored, first, last, fields, request.label_dtype, request.stored_labels
+                )
+        except StoreError as exc:
+            entry.withdraw(str(exc))
+            raise
         for _, start, stop in run:
             batch = {k: v[start - first : stop - first] for k, v in rows.items()}
             yield _tensors(request, batch)

@@ -41,6 +41,14 @@ class LabelSet:
     hard: np.ndarray
     images: np.ndarray | None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    failure: str | None = None
+
+    def withdraw(self, reason: str) -> None:
+        """Stop serving this version of the set: a read found it damaged. A rebuild (a new
+        digest) is served again; this version stays withdrawn across rescans."""
+        if self.failure is None:
+            log.error("withdrawing label set %s: %s", self.name, reason)
+            self.failure = reason
 
     def base_images(self, ids: np.ndarray) -> np.ndarray:
         """Base images of sample ids, in the given order."""
@@ -123,7 +131,13 @@ class Catalog:
         )
 
     def names(self) -> list[str]:
-        return sorted(self._sets)
+        """Label sets being served: open, and not withdrawn."""
+        return sorted(name for name, entry in self._sets.items() if entry.failure is None)
+
+    def unhealthy(self) -> dict[str, str]:
+        """Label sets not served, and why: withdrawn after a failed read, or skipped."""
+        withdrawn = {n: e.failure for n, e in self._sets.items() if e.failure is not None}
+        return {**self._skipped, **withdrawn}
 
     def get(self, name: str) -> LabelSet | None:
         return self._sets.get(name)

@@ -144,12 +144,22 @@ class LabelSetReader:
                 out[field] = self._decode(name, field, index, label_dtype)
             elif field in stored:
                 out[field] = self._read(name, field, index)
+        if "order" in out:
+            self._check_order(out["order"], name)
         if "logits" in fields and "logits" not in out:
             out["logits"] = self._recover_logits(name, index, label_dtype, out)
         if NORM in fields and NORM not in out:  # format 1: the norm of the stored logits
             logits = self._decode(name, "logits", index, np.float32)
             out[NORM] = np.linalg.norm(logits, axis=-1).astype(np.float32)
         return {field: out[field] for field in fields}
+
+    def _check_order(self, order: np.ndarray, name: str) -> None:
+        """Sample ids must index the set: a wrong one would serve another sample's image."""
+        if len(order) and (order.min() < 0 or order.max() >= self.config.num_samples):
+            raise StoreError(
+                f"{self.root / name} holds sample ids outside 0..{self.config.num_samples - 1};"
+                f" run 'softserve verify {self.root}'"
+            )
 
     def _parts(self, name: str, field: str, index: tuple) -> dict[str, np.ndarray]:
         """A label field's codec parts as stored, by part suffix."""
@@ -166,6 +176,7 @@ class LabelSetReader:
         """t = ‖t‖·(r − β·s/‖s‖) from the refined labels, norms and hard labels."""
         refined = self._decode(name, "refined", index, np.float32)
         order = have["order"] if "order" in have else self._read(name, "order", index)
+        self._check_order(order, name)
         norm = have[NORM] if NORM in have else self._read(name, NORM, index)
         refinement = self.config.refinement
         logits = recover_logits(

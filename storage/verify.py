@@ -51,6 +51,20 @@ def _check_file(root: Path, entry: FileInfo, layout: Expected) -> Iterator[str]:
         yield f"{entry.file}: not a readable HDF5 file ({brief(exc)})"
 
 
+def _check_orders(root: Path, entry: FileInfo, num_samples: int) -> Iterator[str]:
+    """Each stored epoch's order must be a permutation of the sample ids."""
+    try:
+        with h5py.File(root / entry.file, "r") as f:
+            orders = f["order"][...]
+    except (OSError, KeyError) as exc:
+        yield f"{entry.file}: cannot read 'order' ({brief(exc)})"
+        return
+    expected = np.arange(num_samples)
+    for local, order in enumerate(orders):
+        if not np.array_equal(np.sort(order), expected):
+            yield f"{entry.file}: order of epoch {local} (in the shard) is not a permutation"
+
+
 def verify_label_set(root: Path, progress: Callable[[str], None] | None = None) -> list[str]:
     """Every problem found in the label set at ``root``; an empty list means it is intact."""
     try:
@@ -70,5 +84,6 @@ def verify_label_set(root: Path, progress: Callable[[str], None] | None = None) 
             manifest.format_version, shard.epoch_stop - shard.epoch_start, config.num_samples,
             config.num_classes, get_codec(config.codec),
         )  # fmt: skip
-        problems.extend(_check_file(root, shard, layout))
+        found = list(_check_file(root, shard, layout))
+        problems.extend(found or _check_orders(root, shard, config.num_samples))
     return problems

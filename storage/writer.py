@@ -1,6 +1,8 @@
 """Writers of the two HDF5 file kinds of a label set: the dataset and the label shards.
 
-Each file is assembled in memory (HDF5's core driver), then written in one sequential pass
+Every dataset carries HDF5's fletcher32 checksum per chunk, so a damaged byte is an error
+when it is read, never a label served on trust. Each file is assembled in memory (HDF5's
+core driver), then written in one sequential pass
 under a temporary name, fsynced, and renamed. A file under its final name is always
 whole, which is what makes an interrupted relabel resumable shard by shard; and a full
 disk surfaces as a plain OSError from that one write, never as a half-flushed HDF5 file
@@ -80,9 +82,12 @@ def write_dataset(
     with _in_memory(path) as f:
         f.create_dataset(
             "images", data=images, dtype=np.uint8, chunks=(rows, *images.shape[1:]),
+            fletcher32=True, track_times=False,
+        )  # fmt: skip
+        f.create_dataset(
+            "labels", data=labels.astype(np.int64), chunks=labels.shape, fletcher32=True,
             track_times=False,
         )  # fmt: skip
-        f.create_dataset("labels", data=labels.astype(np.int64), track_times=False)
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["class_names"] = json.dumps(class_names)
         f.attrs["mean"] = np.asarray(mean, dtype=np.float64)
@@ -145,7 +150,9 @@ class ShardWriter:
             f.attrs["codec"] = self.codec.name
             for name, array in self._arrays.items():
                 chunks = (1, self.chunk_rows, *array.shape[2:])
-                f.create_dataset(name, data=array, chunks=chunks, track_times=False)
+                f.create_dataset(
+                    name, data=array, chunks=chunks, fletcher32=True, track_times=False
+                )
             _persist(f, self.path)
         self._arrays.clear()
 

@@ -195,3 +195,55 @@ def test_manifest_files_stay_inside_the_set(tmp_path: Path, name: str) -> None:
     with pytest.raises(StoreError, match="not a valid manifest"):
         read_manifest(root)
     assert any("not a valid manifest" in p for p in verify_label_set(root))
+
+
+def flip_byte_in_chunk(path: Path, dataset: str) -> None:
+    """Flip one byte inside the first stored chunk of ``dataset``, in place."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as out:
+        out.seek(info.byte_offset + info.size // 2)
+        byte = out.read(1)
+        out.seek(-1, 1)
+        out.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_a_flipped_byte_is_an_error_not_a_label(tmp_path: Path) -> None:
+    """Every chunk carries a fletcher32 checksum: one flipped byte in the stored labels is a
+    StoreError on read (a JSON error from the server), never a wrong label."""
+    root = build_label_set(tmp_path / "store" / "s", n=20, epochs=2, shard_epochs=2)
+    flip_byte_in_chunk(root / "labels-00000.h5", "refined")
+    with LabelSetReader(root) as reader:
+        assert reader.read(0, 0, 20, ["order", "params"])["order"].shape == (20,)
+        with pytest.raises(StoreError, match="cannot read 'refined'"):
+            reader.read(0, 0, 20, ["refined"])
+    server = Server(tmp_path / "store").start()
+    try:
+        import httpx
+
+        response = httpx.get(server.url + "/v1/labelsets/s/epochs/0/batches/0?batch_size=10")
+        assert response.status_code == 500 and response.json()["error"]["code"] == "store_error"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("bad", [-1, 20, 1 << 30])
+def test_sample_ids_outside_the_set_are_refused(tmp_path: Path, bad: int) -> None:
+    """An order entry that is not a sample id (checksum intact) is a StoreError: -1 would
+    otherwise serve the last sample's image, N an IndexError."""
+    root = build_label_set(tmp_path / "s", n=20, epochs=2, shard_epochs=2)
+    with h5py.File(root / "labels-00000.h5", "r+") as f:
+        f["order"][1, 3] = bad
+    with LabelSetReader(root) as reader:
+        reader.read(0, 0, 20)
+        with pytest.raises(StoreError, match="sample ids outside 0..19"):
+            reader.read(1, 0, 20, ["order"])
+        with pytest.raises(StoreError, match="sample ids outside"):
+            reader.read(1, 0, 20, ["logits"])
+    assert any("labels-00000.h5: sha256" in p for p in verify_label_set(root))
+    manifest = read_manifest(root)  # even with a manifest made to match the file:
+    shards = [shard_info(root / "labels-00000.h5", 0, 2)]
+    write_model(root / "manifest.json", manifest.model_copy(update={"shards": shards}))
+    assert verify_label_set(root) == [
+        "labels-00000.h5: order of epoch 1 (in the shard) is not a permutation"
+    ]

@@ -299,7 +299,7 @@ def test_errors_are_json_with_a_clear_message(server: Server) -> None:
     )  # fmt: skip
     with Client(server.url) as client:
         with pytest.raises(ValueError, match="no batch of the 50 samples"):
-            client.labelset("tiny").batches(0, 64)
+            list(client.labelset("tiny").batches(0, 64))
         with pytest.raises(ClientError, match="no label set named 'nope'") as caught:
             client.labelset("nope")
         assert caught.value.status == 404
@@ -381,7 +381,7 @@ def test_not_ready_until_the_store_exists(tmp_path: Path) -> None:
         while (answer := httpx.get(srv.url + "/readyz")).status_code != 200:
             assert time.monotonic() < deadline, "the background rescan never found the store"
             time.sleep(0.1)
-        assert answer.json() == {"status": "ready", "label_sets": 1}
+        assert answer.json() == {"status": "ready", "label_sets": 1, "unhealthy": {}}
         assert httpx.get(srv.url + "/v1/labelsets/fresh").status_code == 200
     finally:
         srv.stop()
@@ -577,16 +577,25 @@ def test_corrupt_shard_is_a_clear_error_not_a_crash(store: Path, tmp_path: Path)
         damage(local / "tiny" / "labels-00001.h5")  # epochs 2 and 3, under the open set
         ok = httpx.get(srv.url + TINY + "/epochs/0/batches/0?batch_size=10")
         assert ok.status_code == 200
-        broken = httpx.get(srv.url + TINY + "/epochs/2/batches/0?batch_size=10")
-        assert broken.status_code == 500
-        body = broken.json()["error"]
-        assert body["code"] == "store_error" and "softserve verify" in body["message"]
-        with Client(srv.url, retries=2, max_wait=0.1) as client:
+        with Client(srv.url) as client:  # a store error is raised at once, never retried
             remote = client.labelset("tiny")
             batches = remote.raw_batches(1, remote.sharding(10), epochs=2)
             assert len([next(batches) for _ in range(5)]) == 5  # epoch 1 is intact
+            started = time.monotonic()
             with pytest.raises(PayloadError, match="server error: cannot read"):
                 next(batches)
+            assert time.monotonic() - started < 5
+            # the damaged version is withdrawn: a clear error, not retried either
+            with pytest.raises(ClientError, match="withdrawn"):
+                list(remote.batches(0, 10))
+        withdrawn = httpx.get(srv.url + TINY + "/epochs/0/batches/0?batch_size=10")
+        assert withdrawn.status_code == 503
+        body = withdrawn.json()["error"]
+        assert body["code"] == "withdrawn" and "softserve verify" in body["message"]
+        assert httpx.get(srv.url + "/v1/labelsets").json() == []
+        ready = httpx.get(srv.url + "/readyz").json()
+        assert set(ready["unhealthy"]) == {"tiny", "broken"}
+        assert "cannot read" in ready["unhealthy"]["tiny"]
         assert httpx.get(srv.url + "/healthz").status_code == 200
     finally:
         srv.stop()

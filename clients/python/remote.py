@@ -82,7 +82,7 @@ def _raise_for_status(response: httpx.Response) -> None:
         message, code = body["message"], body["code"]
     except (ValueError, KeyError, TypeError):
         message, code = response.text[:200], None
-    if response.status_code >= 500 and code != "store_error":
+    if response.status_code >= 500 and code not in ("store_error", "withdrawn"):
         raise _ServerError(f"{response.status_code} from {response.request.url}: {message}")
     raise ClientError(f"{response.status_code} {message}", response.status_code, code)
 
