@@ -27,7 +27,7 @@ from softserve.client.payload import (
     LabelEncoding,
 )
 from softserve.client.sampling import Sharding
-from softserve.client.schema import LabelSetDetail, LabelSetSummary
+from softserve.client.schema import ErrorResponse, LabelSetDetail, LabelSetSummary
 from softserve.service import metrics
 from softserve.service.auth import authorized, load_tokens
 from softserve.service.batches import (
@@ -44,7 +44,19 @@ from softserve.service.settings import ServiceSettings
 
 log = logging.getLogger("softserve.service")
 
-_SAFETENSORS = {200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"}}
+
+def _errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries of the JSON errors a route can answer."""
+    return {status: {"model": ErrorResponse} for status in (401, 404, 500, *statuses)}
+
+
+#: Errors of the routes on a label set; batch routes add 400 (parameters) and 409/503 all.
+_SET_ERRORS = _errors(409, 503)
+_BATCH_ERRORS = _errors(400, 409, 503)
+_SAFETENSORS = {
+    200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"},
+    **_BATCH_ERRORS,
+}
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -116,7 +128,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def batch_request(
         entry: Annotated[LabelSet, Depends(label_set)],
         epoch: Annotated[int, Path(ge=0, description="Epoch; wraps modulo the stored epochs")],
-        batch_size: Annotated[int, Query(description="Samples per batch, per rank")],
+        batch_size: Annotated[
+            int,
+            Query(
+                description="Samples per batch, per rank",
+                json_schema_extra={"minimum": 1, "maximum": settings.max_batch_size},
+            ),
+        ],
         rank: Annotated[int, Query(ge=0)] = 0,
         world_size: Annotated[int, Query(ge=1)] = 1,
         drop_last: bool = True,
@@ -162,12 +180,18 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     v1 = [Depends(require_token)]
 
-    @app.get("/v1/labelsets", dependencies=v1, response_model=list[LabelSetSummary])
+    @app.get(
+        "/v1/labelsets", dependencies=v1, response_model=list[LabelSetSummary],
+        responses=_errors(),
+    )  # fmt: skip
     async def list_label_sets() -> list[LabelSetSummary]:
         """Complete label sets in the store."""
         return [summary(entry) for name in catalog.names() if (entry := catalog.get(name))]
 
-    @app.get("/v1/labelsets/{name}", dependencies=v1, response_model=LabelSetDetail)
+    @app.get(
+        "/v1/labelsets/{name}", dependencies=v1, response_model=LabelSetDetail,
+        responses=_SET_ERRORS,
+    )  # fmt: skip
     async def get_label_set(entry: Annotated[LabelSet, Depends(label_set)]) -> LabelSetDetail:
         """Everything a training job needs: shapes, normalization, views, refinement."""
         return detail(entry)
@@ -216,7 +240,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         "/v1/labelsets/{name}/epochs/{epoch}/stream",
         dependencies=v1,
         response_class=StreamingResponse,
-        responses={200: {"content": {STREAM_MEDIA_TYPE: {}}, "description": "framed batches"}},
+        responses={
+            200: {"content": {STREAM_MEDIA_TYPE: {}}, "description": "framed batches"},
+            **_BATCH_ERRORS,
+        },
     )
     async def stream_batches(
         request: Annotated[BatchRequest, Depends(batch_request)],
