@@ -349,6 +349,11 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
                 f"--eval images have {test_images.shape[1]} channels, the training set "
                 f"{feed.channels}"
             )
+        if len(test_labels) and int(test_labels.max()) >= feed.num_classes:
+            raise InputError(
+                f"--eval labels go up to class {int(test_labels.max())}, the training set has "
+                f"{feed.num_classes} classes: a test set of another task scores nothing real"
+            )
         model = build_student(opts.model, feed.channels, feed.num_classes, feed.output_size)
         model = model.to(device)
         steps, samples, seconds = fit(model, feed, loss_fn, opts, device)

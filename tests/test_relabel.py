@@ -156,9 +156,11 @@ def test_weights_are_loaded_and_recorded(make_options, tmp_path: Path, wrap: str
         torch.testing.assert_close(torch.from_numpy(rows["logits"]), model(views))
 
 
-def test_torchvision_teacher(make_options) -> None:
+def test_torchvision_teacher(make_options, capsys) -> None:
+    """Works without weights, but says loudly that such a teacher is random."""
     opts = make_options(teacher="torchvision:resnet18", num_classes=3, epochs=1, shard_epochs=1)
     relabel(opts)
+    assert "randomly initialised" in capsys.readouterr().err
     manifest = read_manifest(opts.out)
     assert manifest.config.teacher.spec == "torchvision:resnet18"
     assert manifest.config.teacher.weights_sha256 is None

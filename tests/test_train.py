@@ -152,6 +152,19 @@ def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
     assert not torch.equal(params[0], params[1])
 
 
+def test_eval_set_of_another_task_is_refused(server: Server, tmp_path: Path) -> None:
+    """A test set with more classes than the label set is an error, not an accuracy."""
+    images, _ = random_set(n=10, seed=2)
+    path = tmp_path / "other.pt"
+    labels = torch.arange(10) % 7  # 7 classes; tiny has 3
+    torch.save({"data": torch.from_numpy(images), "label": labels}, path)
+    done = run_cli(
+        "train", "--url", server.url, "--labelset", "tiny", "--epochs", 1, "--eval", path,
+        "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert_one_line_error(done, "--eval labels go up to class 6", "3 classes")
+
+
 def test_train_needs_exactly_one_feed(tmp_path: Path, eval_set: Path) -> None:
     base = ["train", "--epochs", 1, "--eval", eval_set, "--no-progress"]
     assert_one_line_error(run_cli(*base), "--url and --labelset", "--teacher and --images")

@@ -14,6 +14,7 @@ import errno
 import functools
 import queue
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -403,6 +404,14 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
     check_precision(device, opts.precision)
     data = load_image_set(opts.images, opts.num_classes)
     teacher = load_teacher(opts.teacher, opts.weights, opts.num_classes, opts.allow_pickle)
+    if opts.progress:
+        tqdm.write(f"relabel: teacher {opts.teacher} on {device} ({opts.precision})", sys.stderr)
+    if opts.teacher.startswith("torchvision:") and opts.weights is None:
+        tqdm.write(
+            f"warning: {opts.teacher} without --weights is randomly initialised (softserve "
+            "never downloads weights): its labels teach nothing; pass --weights",
+            sys.stderr,
+        )
     config = build_config(opts, data, teacher)
     out = opts.out
     with distributed(device) as ranks:
