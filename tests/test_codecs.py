@@ -400,3 +400,16 @@ def test_codec_gift_loss_error(name: str, num_classes: int) -> None:
         assert abs(float(cosine_loss(student, stored)) - exact) <= bound
         logits = torch.from_numpy(roundtrip(codec, teacher.numpy()))
         assert abs(float(gift_loss(student, logits, hard)) - exact) <= bound
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 49])
+def test_top_k_indices_equal_a_stable_descending_sort(k: int) -> None:
+    """The partition-based selection gives exactly a stable argsort's first k columns, on
+    rows full of ties, on constant rows, and in more than two dimensions."""
+    from softserve.client.codecs import top_k_indices
+
+    rng = np.random.default_rng(k)
+    rows = np.round(rng.standard_normal((4, 500, 50)), 1).astype(np.float32)
+    rows[0, :10] = 0.0
+    expected = np.argsort(-rows, axis=-1, kind="stable")[..., :k]
+    assert np.array_equal(top_k_indices(rows, k), expected)
