@@ -68,3 +68,21 @@ def test_relabel_bench_runs(tmp_path: Path) -> None:
     assert codecs["topk:1"]["bytes_per_label"] == 2 + 1 + 2
     # fewer kept classes, more error: the tail matters
     assert codecs["topk:1"]["max_abs_gift_error"] > codecs["topk:5"]["max_abs_gift_error"]
+
+
+def test_storage_table_runs(tmp_path: Path) -> None:
+    """The ImageNet-shaped storage table at a tiny size: every codec and epoch count, the
+    sizes ordered as the codecs' bytes per label say."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "storage_table.py"), "--samples", "64", "--classes", "40",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "storage_table.json").read_text())
+    per_view = {(r["codec"], r["epochs"]): r["bytes_per_view"] for r in rows}
+    assert len(per_view) == 12
+    for epochs in (300, 30):
+        sizes = [per_view[(c, epochs)] for c in ("fp32", "fp16", "int8", "topk:10", "topk:1")]
+        assert sizes == sorted(sizes, reverse=True)
+    assert "| `topk:10` |" in (tmp_path / "storage_table.md").read_text()
