@@ -54,9 +54,12 @@ def bytes_per_epoch(num_samples: int, num_classes: int, codec: Codec) -> int:
 
 
 def chunk_rows_for(num_samples: int, row_bytes: int) -> int:
-    """Rows per chunk along the sample axis: about 64 KiB, a power of two, at most N."""
-    rows = max(16, _CHUNK_BYTES // max(1, row_bytes))
-    return min(num_samples, 1 << (rows.bit_length() - 1))
+    """Rows per chunk along the sample axis: about 64 KiB, with N split into chunks of
+    equal size (HDF5 allocates a whole chunk for the last, partial one: with chunks of a
+    fixed size, up to half of a small label field could be padding)."""
+    target = max(16, _CHUNK_BYTES // max(1, row_bytes))
+    chunks = -(-num_samples // target)
+    return -(-num_samples // chunks)
 
 
 def file_info(path: Path) -> FileInfo:

@@ -413,3 +413,15 @@ def test_top_k_indices_equal_a_stable_descending_sort(k: int) -> None:
     rows[0, :10] = 0.0
     expected = np.argsort(-rows, axis=-1, kind="stable")[..., :k]
     assert np.array_equal(top_k_indices(rows, k), expected)
+
+
+@pytest.mark.parametrize(("n", "row_bytes"), [(10_000, 6), (10_000, 42), (37, 10), (1, 4000)])
+def test_chunks_split_the_samples_evenly(n: int, row_bytes: int) -> None:
+    """Chunks of about 64 KiB whose padding (the last chunk's unused rows) is under one
+    row per chunk: a fixed power-of-two size padded topk:1 sets by ~60%."""
+    from softserve.storage.writer import chunk_rows_for
+
+    rows = chunk_rows_for(n, row_bytes)
+    chunks = -(-n // rows)
+    assert 1 <= rows <= n and chunks * rows - n < chunks
+    assert rows * row_bytes <= 2 * 65536 or rows <= 16
