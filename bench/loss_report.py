@@ -169,7 +169,7 @@ def claims(table: dict[tuple, Cell], ipc: int) -> list[str]:
         collapsed = adamw - sgd >= COLLAPSE_DROP
         found.append(
             f"**KL collapses under SGD?** {'yes' if collapsed else 'no'}: KL reaches {sgd:.3f} "
-            f"with SGD against {adamw:.3f} with AdamW, {adamw - sgd:+.3f} (collapse: a drop "
+            f"with SGD against {adamw:.3f} with AdamW, {sgd - adamw:+.3f} (collapse: a drop "
             f"of at least {COLLAPSE_DROP:.2f})."
         )
     return found

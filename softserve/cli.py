@@ -368,14 +368,15 @@ def train(
     """
     import json as json_lib
 
-    from softserve.train import Online, TrainOptions
+    from softserve.train import TrainOptions
     from softserve.train import train as run_train
+    from softserve.worker.sources import TeacherInputs
 
     online = None
     if teacher is not None or images is not None:
         if teacher is None or images is None:
             raise InputError("an online run needs both --teacher and --images")
-        online = Online(
+        online = TeacherInputs(
             teacher=teacher, images=images, weights=weights, num_classes=num_classes,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
             policy=_policy(min_scale, max_scale, min_ratio, max_ratio, flip),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,6 @@ from softserve.client import (
     NEEDS_LOGITS,
     Batch,
     Client,
-    ViewPolicy,
     apply_views,
     epoch_order,
     get_loss,
@@ -39,6 +38,7 @@ from softserve.client import (
 )
 from softserve.errors import InputError
 from softserve.models import convnet, resnet18_small
+from softserve.worker.sources import TeacherInputs
 
 MODELS = ("convnet", "resnet18")
 #: Default learning rate per optimizer: the evaluator's AdamW lr for Adam too; SGD's is ours.
@@ -70,29 +70,12 @@ def lr_milestones(epochs: int, batches_per_epoch: int) -> list[int]:
 
 
 @dataclass
-class Online:
-    """The online-teacher feed's inputs: which teacher, which images, which views."""
-
-    teacher: str
-    images: Path
-    weights: Path | None = None
-    num_classes: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    size: tuple[int, int] | None = None
-    policy: ViewPolicy = field(default_factory=ViewPolicy)
-    alpha: float = 0.1
-    beta: float = 0.1
-    allow_pickle: bool = False
-
-
-@dataclass
 class TrainOptions:
     """One student run. Exactly one feed: ``urls`` + ``labelset`` (served) or ``online``."""
 
     urls: Sequence[str] = ()
     labelset: str | None = None
-    online: Online | None = None
+    online: TeacherInputs | None = None
     model: str = "convnet"
     loss: str = "gift"
     optimizer: str = "adamw"
@@ -192,7 +175,7 @@ class OnlineTeacherBatches:
     """
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, teacher: nn.Module, online: Online,
+        self, images: np.ndarray, labels: np.ndarray, teacher: nn.Module, online: TeacherInputs,
         mean: tuple[float, ...], std: tuple[float, ...], size: tuple[int, int],
         batch_size: int, epochs: int, seed: int, device: torch.device, logits: bool,
     ) -> None:  # fmt: skip

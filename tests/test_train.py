@@ -12,13 +12,13 @@ from test_errors import assert_one_line_error
 
 from softserve.client import Sharding, ViewPolicy, apply_views, refine_labels
 from softserve.train import (
-    Online,
     OnlineTeacherBatches,
     TrainOptions,
     build_optimizer,
     build_schedule,
     official_batch_size,
 )
+from softserve.worker.sources import TeacherInputs
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,9 @@ def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
 
     images, labels = random_set(n=20, seed=5)
     teacher = tiny_rgb().eval()
-    online = Online(teacher="teachers:tiny_rgb", images=tmp_path, policy=ViewPolicy((0.3, 1)))
+    online = TeacherInputs(
+        teacher="teachers:tiny_rgb", images=tmp_path, policy=ViewPolicy((0.3, 1))
+    )
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     feed = OnlineTeacherBatches(
         images, labels, teacher, online, mean, std, (8, 8), batch_size=6, epochs=2, seed=3,

@@ -17,7 +17,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import softserve
 from softserve.client.codecs import get_codec
-from softserve.client.losses import DEFAULT_ALPHA, DEFAULT_BETA, refine_labels
+from softserve.client.losses import refine_labels
 from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
 from softserve.errors import InputError, StoreError, brief
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
@@ -53,7 +53,12 @@ from softserve.storage.writer import (
     write_dataset,
 )
 from softserve.worker.runtime import Ranks, autocast, check_precision, distributed, resolve_device
-from softserve.worker.sources import ImageSet, default_normalization, load_image_set
+from softserve.worker.sources import (
+    ImageSet,
+    TeacherInputs,
+    default_normalization,
+    load_image_set,
+)
 from softserve.worker.teacher import Teacher, load_teacher
 
 _SHARD_MIN_BYTES = 4 << 20
@@ -63,29 +68,18 @@ _QUEUE_DEPTH = 4
 _DEVICE_IMAGE_BUDGET = 2 << 30
 
 
-@dataclass
-class RelabelOptions:
-    """Everything ``softserve relabel`` takes."""
+@dataclass(kw_only=True)
+class RelabelOptions(TeacherInputs):
+    """Everything ``softserve relabel`` takes: the teacher inputs, and what to write."""
 
-    images: Path
-    teacher: str
     out: Path
-    weights: Path | None = None
-    num_classes: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    size: tuple[int, int] | None = None
-    policy: ViewPolicy = field(default_factory=ViewPolicy)
     epochs: int = 300
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
     precision: str = "fp32"
     codec: str = "fp16"
-    alpha: float = DEFAULT_ALPHA
-    beta: float = DEFAULT_BETA
     shard_epochs: int | None = None
-    allow_pickle: bool = False
     progress: bool = True
 
 

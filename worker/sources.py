@@ -1,17 +1,39 @@
-"""Synthetic image sets as the worker accepts them: an ImageFolder tree or a tensor file."""
+"""Synthetic image sets as the worker accepts them (an ImageFolder tree or a tensor file),
+and the teacher inputs that a relabel and an online-teacher training run share."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from softserve.client.losses import DEFAULT_ALPHA, DEFAULT_BETA
+from softserve.client.views import ViewPolicy
 from softserve.errors import InputError, brief
+
+
+@dataclass(kw_only=True)
+class TeacherInputs:
+    """A teacher, the images it labels, the views it sees them through, and GIFT's
+    refinement: what ``softserve relabel`` and ``softserve train --teacher`` both take."""
+
+    images: Path
+    teacher: str
+    weights: Path | None = None
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    size: tuple[int, int] | None = None
+    policy: ViewPolicy = field(default_factory=ViewPolicy)
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+    allow_pickle: bool = False
+
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _GRAY_MODES = {"1", "L", "I", "I;16", "F"}
