@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from softserve.client import refine_labels
+from softserve.client.codecs import get_codec
 from softserve.client.views import NUM_PARAMS
 from softserve.storage.manifest import LabelSetConfig
 from softserve.storage.writer import ShardWriter
@@ -40,8 +41,6 @@ PUBLISHED = {
 def shard_bytes(work: Path, epochs: int, n: int, k: int, codec: str, seed: int) -> int:
     """Size of one shard of ``epochs`` epochs written by the real writer."""
     fields = storage_fields(n, k, codec, epochs, epochs)
-    from softserve.client.codecs import get_codec
-
     rng = np.random.default_rng(seed)
     path = work / f"{codec.replace(':', '-')}-{epochs}.h5"
     writer = ShardWriter(path, 0, epochs, n, k, get_codec(codec), fields["chunk_rows"])
@@ -62,6 +61,7 @@ def shard_bytes(work: Path, epochs: int, n: int, k: int, codec: str, seed: int) 
 def plan_bytes(work: Path, epochs: int, n: int, k: int, codec: str) -> tuple[int, int, int]:
     """Total label bytes of a relabel's shard plan; and its shard count and epochs each."""
     fields = storage_fields(n, k, codec, epochs, None)
+    # the relabel's own shard plan (shard_ranges), for just the two fields it reads
     config = LabelSetConfig.model_construct(epochs=epochs, shard_epochs=fields["shard_epochs"])
     lengths = Counter(stop - start for start, stop in config.shard_ranges())
     total = sum(count * shard_bytes(work, length, n, k, codec, length)
