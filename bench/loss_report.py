@@ -10,12 +10,14 @@ replaces the README's section between ``<!-- loss-study:begin -->`` and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-from collections import defaultdict
-from dataclasses import dataclass
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study import Cell, cells_by, load, pyplot, replace_section, save_figure  # noqa: E402
 
 PAPER_ORDER = ("gift", "cosine", "kl", "softce", "softce_ce", "mse", "mse_ce", "ce")
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
@@ -25,46 +27,13 @@ BEGIN, END = "<!-- loss-study:begin -->", "<!-- loss-study:end -->"
 COLLAPSE_DROP = 0.2
 
 
-@dataclass(frozen=True)
-class Cell:
-    """The seeds' top-1 of one (IPC, feed, loss, optimizer)."""
-
-    values: tuple[float, ...]
-    seeds: tuple[int, ...]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
-
-    def text(self) -> str:
-        return f"{self.mean:.3f} ± {self.std:.3f} ({len(self.values)})"
-
-
 def _ordered(values: set[str], order: tuple[str, ...]) -> list[str]:
     return [v for v in order if v in values] + sorted(values - set(order))
 
 
-def load(results: Path) -> list[dict]:
-    """Every record of the results file, in file order."""
-    lines = results.read_text().splitlines() if results.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def cells(records: list[dict]) -> dict[tuple, Cell]:
-    """Top-1 by (ipc, feed, loss, optimizer), seeds sorted; one record per seed (the last)."""
-    by_seed: dict[tuple, dict[int, float]] = defaultdict(dict)
-    for r in records:
-        job = r["job"]
-        key = (job["ipc"], job["feed"], job["loss"], job["optimizer"])
-        by_seed[key][job["seed"]] = r["result"]["top1"]
-    return {
-        key: Cell(tuple(seeds[s] for s in sorted(seeds)), tuple(sorted(seeds)))
-        for key, seeds in sorted(by_seed.items())
-    }
+    """Top-1 by (ipc, feed, loss, optimizer)."""
+    return cells_by(records, lambda job: (job["ipc"], job["feed"], job["loss"], job["optimizer"]))
 
 
 def grid_table(table: dict[tuple, Cell], ipc: int) -> str:
@@ -177,11 +146,7 @@ def claims(table: dict[tuple, Cell], ipc: int) -> list[str]:
 
 def plot(table: dict[tuple, Cell], ipc: int, out: Path) -> list[str]:
     """PNG plots; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = []
     served = {k: c for k, c in table.items() if k[1] == "served"}
     main = {(k[2], k[3]): c for k, c in served.items() if k[0] == ipc}
@@ -201,7 +166,7 @@ def plot(table: dict[tuple, Cell], ipc: int, out: Path) -> list[str]:
         ax.set_ylabel("test top-1")
         ax.set_title(f"Fashion-MNIST IPC {ipc}, ConvNet-3 student: loss × optimizer")
         ax.legend()
-        names.append(_save(fig, out / f"loss_study_ipc{ipc}.png"))
+        names.append(save_figure(fig, out / f"loss_study_ipc{ipc}.png"))
     ipcs = sorted({k[0] for k in served})
     if len(ipcs) > 1:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -219,7 +184,7 @@ def plot(table: dict[tuple, Cell], ipc: int, out: Path) -> list[str]:
         ax.set_ylabel("test top-1")
         ax.set_title("AdamW, by IPC")
         ax.legend()
-        names.append(_save(fig, out / "loss_study_by_ipc.png"))
+        names.append(save_figure(fig, out / "loss_study_by_ipc.png"))
     online = sorted((k[2], k[3]) for k in table if k[0] == ipc and k[1] == "online")
     if online:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -234,17 +199,8 @@ def plot(table: dict[tuple, Cell], ipc: int, out: Path) -> list[str]:
         ax.set_ylabel("test top-1")
         ax.set_title(f"IPC {ipc}: precomputed labels vs the online teacher")
         ax.legend()
-        names.append(_save(fig, out / "loss_study_online.png"))
+        names.append(save_figure(fig, out / "loss_study_online.png"))
     return names
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path.name
 
 
 def render(records: list[dict], main_ipc: int, plots: list[str], link: str) -> str:
@@ -289,14 +245,8 @@ def write_report(results: Path, out: Path, readme: Path | None = None, main_ipc:
     page = out / "loss_study.md"
     page.write_text("# Loss study\n\n" + render(records, main_ipc, plots, link=""))
     if readme is not None:
-        text = readme.read_text()
-        if BEGIN not in text or END not in text:
-            raise SystemExit(f"{readme} has no {BEGIN} ... {END} section to update")
         link = os.path.relpath(out.resolve(), readme.parent.resolve()) + "/"
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        body = render(records, main_ipc, plots, link=link)
-        readme.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
+        replace_section(readme, BEGIN, END, render(records, main_ipc, plots, link=link))
     return page
 
 

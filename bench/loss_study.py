@@ -20,25 +20,19 @@ Jobs are ordered seed-major, so a partial run already covers every cell once.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import loss_report  # noqa: E402
+from study import Runner, Server, small_eval_set  # noqa: E402
 
 from softserve.client import LOSS_NAMES  # noqa: E402
 from softserve.worker import fashion_mnist  # noqa: E402
@@ -89,71 +83,6 @@ def plan(
     return jobs
 
 
-def done_keys(results: Path) -> set[tuple]:
-    """Keys of the runs already in the results file."""
-    if not results.exists():
-        return set()
-    keys = set()
-    for line in results.read_text().splitlines():
-        if line.strip():
-            keys.add(Job(**json.loads(line)["job"]).key)
-    return keys
-
-
-def code_version() -> str:
-    """The commit the study runs, with ``-dirty`` when tracked files differ from it."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True)
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``softserve serve`` over the study's store, for the length of the study."""
-
-    def __init__(self, store: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "softserve", "serve", "--store", str(store),
-                 "--port", str(self.port), "--log-level", "warning"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"softserve serve exited; see {self.log}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"softserve serve did not become ready; see {self.log}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @dataclass
 class Context:
     """What every job's command needs: where things are and how to run them."""
@@ -162,7 +91,6 @@ class Context:
     workdir: Path
     eval: str
     device: str
-    threads: int
 
     def command(self, job: Job) -> list[str]:
         common = [
@@ -181,62 +109,6 @@ class Context:
                 "--min-scale", str(DEMO_POLICY.scale[0]), "--max-scale", str(DEMO_POLICY.scale[1]),
             ]  # fmt: skip
         return ["softserve", "train", *feed, *common]
-
-
-def run_job(job: Job, ctx: Context, version: str) -> dict:
-    """Run one ``softserve train`` and return its results-file record."""
-    command = ctx.command(job)
-    env = {**os.environ, "OMP_NUM_THREADS": str(ctx.threads), "NO_COLOR": "1"}
-    started = time.time()
-    done = subprocess.run(
-        [sys.executable, "-m", "softserve", *command[1:]], capture_output=True, text=True, env=env
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {
-        "job": asdict(job),
-        "result": result,
-        "command": command,
-        "code_version": version,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "host": {"cpus": os.cpu_count(), "threads": ctx.threads, "torch": torch.__version__},
-    }
-
-
-def run_all(jobs: list[Job], ctx: Context, results: Path, workers: int) -> list[str]:
-    """Run ``jobs`` in a pool, appending each record as it finishes; returns the failures."""
-    version = code_version()
-    lock = threading.Lock()
-    failures = []
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(run_job, job, ctx, version): job for job in jobs}
-        bar = tqdm(total=len(jobs), unit="run", desc="loss study", dynamic_ncols=True)
-        for future in as_completed(futures):
-            job = futures[future]
-            try:
-                record = future.result()
-            except Exception as exc:  # a failed run is reported, the others go on
-                failures.append(str(exc))
-                tqdm.write(f"FAILED {job}: {exc}")
-            else:
-                with lock, open(results, "a") as out:
-                    out.write(json.dumps(record) + "\n")
-                bar.set_postfix_str(f"{job.loss}/{job.optimizer} {record['result']['top1']:.3f}")
-            bar.update()
-        bar.close()
-    return failures
-
-
-def small_eval_set(workdir: Path, count: int) -> Path:
-    """The first ``count`` test images as a tensor file: a quick evaluation for smoke runs."""
-    path = workdir / f"test-{count}.pt"
-    if not path.exists():
-        images, labels = fashion_mnist.load_split(fashion_mnist.find_data(), "test")
-        data = {"data": torch.from_numpy(images[:count]), "label": torch.from_numpy(labels[:count])}
-        torch.save(data, path)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,21 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             ints(args.ipcs), args.main_ipc, ints(args.seeds), args.epochs, names(args.losses),
             names(args.core_losses), names(args.optimizers), online=not args.no_online,
         )  # fmt: skip
-        done = done_keys(args.results)
-        todo = [job for job in jobs if job.key not in done]
-        print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {args.results}")
         evaluation = "fashion-mnist"
         if args.eval_limit:
             evaluation = str(small_eval_set(args.workdir, args.eval_limit))
-        server = Server(store, args.workdir / "server.log")
-        try:
-            server.wait_ready()
-            ctx = Context(server.url, args.workdir, evaluation, args.device, args.threads)
-            failures = run_all(todo, ctx, args.results, args.workers)
-        finally:
-            server.stop()
-        if failures:
-            print(f"{len(failures)} runs failed; rerun to retry them", file=sys.stderr)
+        with Server(store, args.workdir / "server.log") as server:
+            ctx = Context(server.url, args.workdir, evaluation, args.device)
+            runner = Runner(args.results, ctx.command, args.workers, args.threads, "loss study")
+            failures = runner.run(jobs)
     loss_report.write_report(args.results, args.out, readme=args.readme, main_ipc=args.main_ipc)
     return 1 if not args.report_only and failures else 0
 

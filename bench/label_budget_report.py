@@ -1,0 +1,214 @@
+"""Table, Pareto plot and default-codec verdict of the label-budget study, from its results.
+
+    python bench/label_budget_report.py [--results FILE.jsonl] [--readme README.md]
+
+Writes ``label_budget.md`` and ``label_budget.png`` into the output folder and, with
+``--readme``, replaces the README's section between ``<!-- label-budget:begin -->`` and
+``<!-- label-budget:end -->``. The same results give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study import Cell, cells_by, load, pyplot, replace_section, save_figure  # noqa: E402
+
+BEGIN, END = "<!-- label-budget:begin -->", "<!-- label-budget:end -->"
+LOSSES = ("gift", "kl")
+FLOOR_LOSS = "ce"
+OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One variant: its stored form, its size, and its cells by (loss, optimizer)."""
+
+    codec: str
+    stored_epochs: int
+    label_bytes: int
+    bytes_per_view: float
+    cells: dict[tuple[str, str], Cell]
+
+    @property
+    def label(self) -> str:
+        return f"{self.codec}, E={self.stored_epochs}"
+
+
+def rows(records: list[dict]) -> list[Row]:
+    """Variants in the order they first appear (the reference first), with their cells."""
+    table = cells_by(
+        records, lambda j: (j["codec"], j["stored_epochs"], j["loss"], j["optimizer"])
+    )
+    sizes: dict[tuple[str, int], dict] = {}
+    for r in records:
+        sizes.setdefault((r["job"]["codec"], r["job"]["stored_epochs"]), r["labels"])
+    return [
+        Row(codec, epochs, size["label_bytes"], size["bytes_per_view"],
+            {(k[2], k[3]): c for k, c in table.items() if k[:2] == (codec, epochs)})
+        for (codec, epochs), size in sizes.items()
+    ]  # fmt: skip
+
+
+def columns(table: list[Row]) -> list[tuple[str, str]]:
+    """(loss, optimizer) columns: GIFT and KL under every optimizer measured."""
+    optimizers = {k[1] for row in table for k in row.cells}
+    ordered = [o for o in OPTIMIZER_ORDER if o in optimizers] + sorted(
+        optimizers - set(OPTIMIZER_ORDER)
+    )
+    return [(loss, opt) for loss in LOSSES for opt in ordered
+            if any((loss, opt) in row.cells for row in table)]  # fmt: skip
+
+
+def within(row: Row, reference: Row, cols: list[tuple[str, str]]) -> bool | None:
+    """Every GIFT and KL mean within one seed std of the reference's; None: not decidable."""
+    verdicts = []
+    for col in cols:
+        ref, cell = reference.cells.get(col), row.cells.get(col)
+        if ref is None or cell is None or len(ref.values) < 2:
+            return None
+        verdicts.append(abs(cell.mean - ref.mean) <= ref.std)
+    return all(verdicts) if verdicts else None
+
+
+def default_codec(table: list[Row]) -> str:
+    """The smallest full-epoch codec within one std of the reference, as a sentence."""
+    reference = table[0]
+    cols = columns(table)
+    full = [row for row in table if row.stored_epochs == reference.stored_epochs]
+    verdicts = {row.codec: within(row, reference, cols) for row in full}
+    if any(v is None for v in verdicts.values()):
+        return (
+            "**Default codec:** not decided yet: every full-epoch codec needs GIFT and KL "
+            f"under {', '.join(sorted({o for _, o in cols}))} with at least 2 seeds on "
+            f"`{reference.codec}`."
+        )
+    passing = [row for row in full if verdicts[row.codec]]
+    best = min(passing, key=lambda row: row.label_bytes)
+    failing = [row.codec for row in full if not verdicts[row.codec]]
+    return (
+        f"**Default codec:** `{best.codec}`, {best.bytes_per_view:.1f} bytes per view: the "
+        f"smallest whose GIFT and KL top-1 stay within one seed std of `{reference.codec}`"
+        + (f" (outside it: {', '.join(f'`{c}`' for c in failing)})." if failing else ".")
+    )
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats with fewer (or as many) bytes and higher accuracy."""
+    front, best = [], float("-inf")
+    for size, top1 in sorted(points, key=lambda p: (p[0], -p[1])):
+        if top1 > best:
+            front.append((size, top1))
+            best = top1
+    return front
+
+
+def markdown_table(table: list[Row]) -> str:
+    cols = columns(table)
+    reference = table[0]
+    lines = [
+        "| codec | stored epochs | label bytes | bytes per view | "
+        + " | ".join(f"`{loss}` {opt}" for loss, opt in cols) + " | within 1 std of ref. |",
+        "| --- | --- | --- | --- |" + " --- |" * (len(cols) + 1),
+    ]  # fmt: skip
+    for row in table:
+        texts = [row.cells[c].text() if c in row.cells else "–" for c in cols]
+        verdict = "(reference)" if row is reference else {
+            True: "yes", False: "no", None: "–"}[within(row, reference, cols)]  # fmt: skip
+        lines.append(
+            f"| `{row.codec}` | {row.stored_epochs} | {row.label_bytes / 1e6:.3f} MB | "
+            f"{row.bytes_per_view:.1f} | " + " | ".join(texts) + f" | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(table: list[Row], out: Path) -> str:
+    """Top-1 against label bytes (log), one panel per optimizer, the Pareto front dashed."""
+    plt = pyplot()
+    cols = columns(table)
+    optimizers = list(dict.fromkeys(opt for _, opt in cols))
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(5 * len(optimizers), 4), dpi=100,
+                             squeeze=False, sharey=True)  # fmt: skip
+    for ax, opt in zip(axes[0], optimizers, strict=True):
+        for loss in LOSSES:
+            measured = [(row, row.cells[(loss, opt)]) for row in table if (loss, opt) in row.cells]
+            if not measured:
+                continue
+            line = ax.errorbar(
+                [row.label_bytes for row, _ in measured], [c.mean for _, c in measured],
+                yerr=[c.std for _, c in measured], fmt="o", capsize=2, label=loss,
+            )  # fmt: skip
+            front = pareto([(row.label_bytes, c.mean) for row, c in measured])
+            ax.plot(*zip(*front, strict=True), "--", color=line[0].get_color(), alpha=0.6)
+            for row, c in measured:
+                ax.annotate(row.label, (row.label_bytes, c.mean), fontsize=6,
+                            textcoords="offset points", xytext=(3, 3))  # fmt: skip
+        floor = table[0].cells.get((FLOOR_LOSS, opt))
+        if floor is not None:
+            ax.axhline(floor.mean, color="gray", linestyle=":", label=f"{FLOOR_LOSS} (hard labels)")
+        ax.set_xscale("log")
+        ax.set_xlabel("label bytes (log)")
+        ax.set_title(opt)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test top-1")
+    fig.suptitle("Fashion-MNIST IPC 10: accuracy against stored label bytes (dashed: Pareto front)")
+    return save_figure(fig, out / "label_budget.png")
+
+
+def render(records: list[dict], plots: list[str], link: str) -> str:
+    """The study's markdown: provenance, table, floor, verdict and plot."""
+    if not records:
+        return "No runs yet: `python bench/label_budget.py` fills this section.\n"
+    table = rows(records)
+    versions = sorted({r["code_version"] for r in records})
+    epochs = sorted({r["job"]["epochs"] for r in records})
+    parts = [
+        f"{len(records)} runs; code version{'s' if len(versions) > 1 else ''} "
+        f"{', '.join(f'`{v}`' for v in versions)}; students train {'/'.join(map(str, epochs))} "
+        f"epochs (fewer stored epochs wrap around); ConvNet-3, top-1 as mean ± sample std "
+        f"(seeds). Reference: `{table[0].codec}` with E = {table[0].stored_epochs}, every other "
+        f"row transcoded from it. Reproduce: `python bench/label_budget.py`; each run's command "
+        f"is in `{link}label_budget.jsonl`.",
+        markdown_table(table),
+    ]
+    floors = {opt: c for (loss, opt), c in table[0].cells.items() if loss == FLOOR_LOSS}
+    if floors:
+        parts.append(
+            f"Floor, `{FLOOR_LOSS}` on hard labels only: "
+            + "; ".join(f"{opt} {c.text()}" for opt, c in sorted(floors.items())) + "."
+        )
+    parts.append(default_codec(table))
+    parts += [f"![{name}]({link}{name})" for name in plots]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(results: Path, out: Path, readme: Path | None = None) -> Path:
+    """Write ``label_budget.md`` and the plot into ``out``; update ``readme`` if given."""
+    records = load(results)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot(rows(records), out)] if records else []
+    page = out / "label_budget.md"
+    page.write_text("# Label budget\n\n" + render(records, plots, link=""))
+    if readme is not None:
+        link = os.path.relpath(out.resolve(), readme.parent.resolve()) + "/"
+        replace_section(readme, BEGIN, END, render(records, plots, link=link))
+    return page
+
+
+def main() -> None:
+    bench = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=bench / "results" / "label_budget.jsonl")
+    parser.add_argument("--out", type=Path, default=bench / "results")
+    parser.add_argument("--readme", type=Path, default=None)
+    args = parser.parse_args()
+    print(write_report(args.results, args.out, args.readme))
+
+
+if __name__ == "__main__":
+    main()

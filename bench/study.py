@@ -1,0 +1,250 @@
+"""What every training study in ``bench/`` shares: a server, a pool of runs, a results file.
+
+A study is a list of jobs (frozen dataclasses with a ``key``), each one ``softserve train``
+command. Finished runs are appended to a JSON-lines results file with their command and
+code version, and skipped on the next run; the file is the source of every table. The
+report side reads that file back into cells of seeds (``Cell``) and rewrites a marked
+section of the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+
+
+def code_version() -> str:
+    """The commit the study runs, with ``-dirty`` when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``softserve serve`` over a study's store, for the length of the study."""
+
+    def __init__(self, store: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "softserve", "serve", "--store", str(store),
+                 "--port", str(self.port), "--log-level", "warning"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"softserve serve exited; see {self.log}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"softserve serve did not become ready; see {self.log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def __enter__(self) -> Server:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def done_keys(results: Path, job_type: type) -> set[tuple]:
+    """Keys of the runs already in the results file."""
+    return {job_type(**record["job"]).key for record in load(results)}
+
+
+def run_job(command: list[str], threads: int) -> tuple[dict, float]:
+    """Run one ``softserve train`` command; its JSON result line and the seconds it took."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NO_COLOR": "1"}
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "softserve", *command[1:]], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), time.time() - started
+
+
+@dataclass
+class Runner:
+    """Runs jobs in a pool and appends each finished run's record to the results file."""
+
+    results: Path
+    command: Callable[[Any], list[str]]
+    workers: int
+    threads: int
+    desc: str
+    #: Extra fields of a job's record (what the job's key alone does not say).
+    annotate: Callable[[Any], dict] = lambda job: {}
+
+    def record(self, job: Any, version: str) -> dict:
+        import torch
+
+        command = self.command(job)
+        started = time.time()
+        result, seconds = run_job(command, self.threads)
+        return {
+            "job": asdict(job),
+            "result": result,
+            **self.annotate(job),
+            "command": command,
+            "code_version": version,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "seconds": round(seconds, 1),
+            "host": {"cpus": os.cpu_count(), "threads": self.threads, "torch": torch.__version__},
+        }
+
+    def run(self, jobs: Sequence[Any]) -> list[str]:
+        """Run ``jobs`` not yet in the results file; returns the failures."""
+        from tqdm.auto import tqdm
+
+        done = done_keys(self.results, type(jobs[0])) if jobs else set()
+        todo = [job for job in jobs if job.key not in done]
+        print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {self.results}")
+        version = code_version()
+        lock = threading.Lock()
+        failures = []
+        with ThreadPoolExecutor(self.workers) as pool:
+            futures = {pool.submit(self.record, job, version): job for job in todo}
+            bar = tqdm(total=len(todo), unit="run", desc=self.desc, dynamic_ncols=True)
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    record = future.result()
+                except Exception as exc:  # a failed run is reported, the others go on
+                    failures.append(str(exc))
+                    tqdm.write(f"FAILED {job}: {exc}")
+                else:
+                    with lock, open(self.results, "a") as out:
+                        out.write(json.dumps(record) + "\n")
+                    bar.set_postfix_str(
+                        f"{job.loss}/{job.optimizer} {record['result']['top1']:.3f}"
+                    )
+                bar.update()
+            bar.close()
+        if failures:
+            print(f"{len(failures)} runs failed; rerun to retry them", file=sys.stderr)
+        return failures
+
+
+def small_eval_set(workdir: Path, count: int) -> Path:
+    """The first ``count`` test images as a tensor file: a quick evaluation for smoke runs."""
+    import torch
+
+    from softserve.worker import fashion_mnist
+
+    path = workdir / f"test-{count}.pt"
+    if not path.exists():
+        images, labels = fashion_mnist.load_split(fashion_mnist.find_data(), "test")
+        data = {"data": torch.from_numpy(images[:count]), "label": torch.from_numpy(labels[:count])}
+        torch.save(data, path)
+    return path
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The seeds' top-1 of one table cell."""
+
+    values: tuple[float, ...]
+    seeds: tuple[int, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def text(self) -> str:
+        return f"{self.mean:.3f} ± {self.std:.3f} ({len(self.values)})"
+
+
+def cells_by(records: list[dict], key: Callable[[dict], tuple]) -> dict[tuple, Cell]:
+    """Top-1 grouped by ``key(job)``, seeds sorted; one record per seed (the last)."""
+    by_seed: dict[tuple, dict[int, float]] = {}
+    for r in records:
+        by_seed.setdefault(key(r["job"]), {})[r["job"]["seed"]] = r["result"]["top1"]
+    return {
+        k: Cell(tuple(seeds[s] for s in sorted(seeds)), tuple(sorted(seeds)))
+        for k, seeds in sorted(by_seed.items())
+    }
+
+
+def load(results: Path) -> list[dict]:
+    """Every record of a results file, in file order."""
+    lines = results.read_text().splitlines() if results.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def replace_section(readme: Path, begin: str, end: str, body: str) -> None:
+    """Replace the text between the ``begin`` and ``end`` markers of ``readme``."""
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} section to update")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{body}{end}{tail}")
+
+
+def save_figure(fig: Any, path: Path) -> str:
+    """Save a matplotlib figure reproducibly (no software stamp); returns its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path.name
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,118 @@
+"""The label-budget study: its report from known records, and a smoke run on real data."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from softserve.worker import fashion_mnist
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import label_budget_report  # noqa: E402
+
+HAVE_DATA = (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
+SIZES = {("fp32", 300): 3_000_000, ("fp16", 300): 1_500_000, ("topk:1", 300): 200_000,
+         ("fp32", 30): 300_000}  # fmt: skip
+
+
+def record(codec: str, epochs: int, loss: str, optimizer: str, seed: int, top1: float) -> dict:
+    job = {"codec": codec, "stored_epochs": epochs, "loss": loss, "optimizer": optimizer,
+           "seed": seed, "epochs": 300, "model": "convnet"}  # fmt: skip
+    labels = {"label_bytes": SIZES[(codec, epochs)],
+              "bytes_per_view": SIZES[(codec, epochs)] / (epochs * 100)}  # fmt: skip
+    return {"job": job, "result": {"top1": top1}, "labels": labels, "command": ["softserve"],
+            "code_version": "abc"}  # fmt: skip
+
+
+def records_for(top1: dict[tuple, list[float]]) -> list[dict]:
+    return [record(*key, seed, v) for key, values in top1.items() for seed, v in enumerate(values)]
+
+
+def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> None:
+    """Means ± stds per cell, sizes, the one-std test against fp32 and the chosen codec."""
+    top1 = {
+        ("fp32", 300, "gift", "adamw"): [0.80, 0.82], ("fp32", 300, "kl", "adamw"): [0.84, 0.86],
+        ("fp32", 300, "ce", "adamw"): [0.70, 0.72],
+        ("fp16", 300, "gift", "adamw"): [0.81, 0.81], ("fp16", 300, "kl", "adamw"): [0.85, 0.85],
+        # topk:1 keeps GIFT but loses KL by more than fp32's std (0.014): not the default
+        ("topk:1", 300, "gift", "adamw"): [0.80, 0.81],
+        ("topk:1", 300, "kl", "adamw"): [0.80, 0.81],
+        ("fp32", 30, "gift", "adamw"): [0.80, 0.81], ("fp32", 30, "kl", "adamw"): [0.85, 0.86],
+    }  # fmt: skip
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{label_budget_report.BEGIN}\nold\n{label_budget_report.END}\nz\n")
+    page = label_budget_report.write_report(results, tmp_path / "out", readme=readme).read_text()
+
+    std = statistics.stdev([0.80, 0.82])
+    assert (f"| `fp32` | 300 | 3.000 MB | 100.0 | 0.810 ± {std:.3f} (2) | 0.850 ± {std:.3f} (2) "
+            "| (reference) |") in page  # fmt: skip
+    for row in (
+        "| `fp16` | 300 | 1.500 MB | 50.0 | 0.810 ± 0.000 (2) | 0.850 ± 0.000 (2) | yes |",
+        "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.805 ± 0.007 (2) | 0.805 ± 0.007 (2) | no |",
+        "| `fp32` | 30 | 0.300 MB | 100.0 | 0.805 ± 0.007 (2) | 0.855 ± 0.007 (2) | yes |",
+    ):
+        assert row in page
+    assert "Floor, `ce` on hard labels only: adamw 0.710 ± 0.014 (2)." in page
+    # fp32 E=30 is smaller and passes, but the default is a codec: full epochs only
+    assert "**Default codec:** `fp16`, 50.0 bytes per view" in page
+    assert "(outside it: `topk:1`)" in page
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("z\n") and "old" not in text
+    assert "![label_budget.png](out/label_budget.png)" in text
+    assert (tmp_path / "out" / "label_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = label_budget_report.write_report(results, tmp_path / "out2").read_text()
+    assert again == page
+
+
+def test_default_codec_waits_for_seeds(tmp_path: Path) -> None:
+    """One seed on the reference gives no std: the verdict says it is not decided."""
+    top1 = {("fp32", 300, "gift", "adamw"): [0.8], ("fp16", 300, "gift", "adamw"): [0.8]}
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "**Default codec:** not decided yet" in page
+    assert "| `fp16` | 300 | 1.500 MB | 50.0 | 0.800 ± 0.000 (1) | – |" in page
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    points = [(10, 0.5), (20, 0.4), (30, 0.7), (40, 0.7), (5, 0.2), (30, 0.6)]
+    assert label_budget_report.pareto(points) == [(5, 0.2), (10, 0.5), (30, 0.7)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DATA, reason="needs Debian's dataset-fashion-mnist")
+def test_label_budget_smoke_transcodes_serves_and_resumes(tmp_path: Path) -> None:
+    """fp32@2 relabelled, topk:1@2 and fp32@1 transcoded, each trained through a server."""
+    results, out = tmp_path / "results.jsonl", tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "label_budget.py"), "--smoke", "--workdir", tmp_path / "w",
+           "--results", results, "--out", out]  # fmt: skip
+    done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {(r["job"]["codec"], r["job"]["stored_epochs"]) for r in records} == {
+        ("fp32", 2), ("topk:1", 2), ("fp32", 1)}  # fmt: skip
+    by_variant = {(r["job"]["codec"], r["job"]["stored_epochs"]): r for r in records}
+    for (codec, epochs), r in by_variant.items():
+        name = f"budget-{codec.replace(':', '')}-e{epochs}"
+        assert r["command"][r["command"].index("--labelset") + 1] == name
+        assert r["result"]["codec"] == codec and r["result"]["epochs"] == 2
+        assert r["labels"]["bytes_per_view"] == pytest.approx(
+            r["labels"]["label_bytes"] / (epochs * 100), abs=0.01)  # fmt: skip
+    sizes = {key: r["labels"]["label_bytes"] for key, r in by_variant.items()}
+    assert sizes[("topk:1", 2)] < sizes[("fp32", 2)] and sizes[("fp32", 1)] < sizes[("fp32", 2)]
+    page = (out / "label_budget.md").read_text()
+    assert "| `topk:1` | 2 |" in page
+
+    rerun = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "3 runs planned, 3 already in" in rerun.stdout
+    assert results.read_text().count("\n") == len(records)
