@@ -265,6 +265,49 @@ def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/
 
 
 @app.command()
+def report(
+    path: Annotated[
+        Path | None, typer.Argument(help="Label set directory STORE/NAME (or use --url).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder [default: report-NAME].")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Server URL, to report on a served set.")] = None,
+    labelset: Annotated[str | None, typer.Option(help="Label set name on --url.")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="SOFTSERVE_TOKEN", help="Bearer token (or SOFTSERVE_TOKEN)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the classes and samples shown.")] = 0,
+    progress: ProgressOption = True,
+) -> None:
+    """Write a report on a label set: report.html (self-contained, figures inline),
+    report.json (every number behind the figures) and figures/*.png.
+
+    It shows views the teacher saw with its top-3 classes, agreement with the hard labels
+    per class and epoch, entropy per class, how far GIFT's refinement moves labels, the
+    hardest samples, storage per codec, and for top-k sets the mass kept. Output is
+    deterministic: the same set and seed give the same bytes.
+    """
+    if (path is None) == (url is None) or (url is not None and labelset is None):
+        raise InputError("give a label set directory STORE/NAME, or --url URL --labelset NAME")
+    from tqdm import tqdm
+
+    from softserve.report import RemoteSource, StoreSource, compute_report
+    from softserve.report.page import write_report
+
+    source = StoreSource(path) if path is not None else RemoteSource(url, labelset, token)
+    try:
+        info = source.info
+        with tqdm(total=info.epochs, desc="epochs", unit="epoch", disable=not progress) as bar:
+            data = compute_report(source, progress=lambda _: bar.update())
+    finally:
+        source.close()
+    page = write_report(data, out or Path(f"report-{info.name}"))
+    stdout.print(f"report written: {page}")
+
+
+@app.command()
 def serve(
     store: Annotated[Path | None, typer.Option(help="Store folder of label sets.")] = None,
     host: Annotated[str | None, typer.Option(help="Interface [default: 127.0.0.1].")] = None,
