@@ -516,7 +516,10 @@ def demo_run(
     stdout.print(
         "\nTrain a student against it, from another shell:\n\n"
         f"  .venv/bin/softserve train --url http://127.0.0.1:{port} --labelset {label_set.name} "
-        "--model convnet --loss gift --optimizer adamw --epochs 300 --eval fashion-mnist\n",
+        "--model convnet --loss gift --optimizer adamw --epochs 300 --eval fashion-mnist\n\n"
+        "See what the teacher said, in a browser (from this machine):\n\n"
+        f"  http://127.0.0.1:{port}/ui?set={label_set.name}\n\n"
+        f"or as a report: .venv/bin/softserve report {label_set}\n",
         soft_wrap=True,
     )
     run(ServiceSettings(store=store, host="127.0.0.1", port=port))
