@@ -293,14 +293,14 @@ def report(
         raise InputError("give a label set directory STORE/NAME, or --url URL --labelset NAME")
     from tqdm import tqdm
 
-    from softserve.report import RemoteSource, StoreSource, compute_report
+    from softserve.report import RemoteSource, ReportOptions, StoreSource, compute_report
     from softserve.report.page import write_report
 
     source = StoreSource(path) if path is not None else RemoteSource(url, labelset, token)
     try:
         info = source.info
         with tqdm(total=info.epochs, desc="epochs", unit="epoch", disable=not progress) as bar:
-            data = compute_report(source, progress=lambda _: bar.update())
+            data = compute_report(source, ReportOptions(seed=seed), lambda _: bar.update())
     finally:
         source.close()
     page = write_report(data, out or Path(f"report-{info.name}"))

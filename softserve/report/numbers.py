@@ -90,7 +90,7 @@ def _bin(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
 
 
 def grid_cells(
-    hard: np.ndarray, num_classes: int, epochs: int, opts: ReportOptions
+    hard: np.ndarray, epochs: int, opts: ReportOptions
 ) -> tuple[list[int], list[int], list[int]]:
     """The view grid's classes, one sample of each, and its epochs: seeded, sorted."""
     rng = np.random.default_rng(opts.seed)
@@ -144,9 +144,7 @@ class _Accumulator:
         self.top_votes = np.zeros(n * k, np.int64)
         self.kept_counts = np.zeros(b, np.int64)
         self.kept_sum = np.zeros(k)
-        self.classes, self.samples, self.grid_epochs = grid_cells(
-            self.hard, k, info.epochs, opts
-        )
+        self.classes, self.samples, self.grid_epochs = grid_cells(self.hard, info.epochs, opts)
         self.cells: list[dict] = []
         self.cell_params: list[np.ndarray] = []
 
