@@ -41,7 +41,7 @@ from softserve.service.batches import (
 from softserve.service.catalog import Catalog, LabelSet
 from softserve.service.errors import ApiError, install_error_handlers
 from softserve.service.settings import ServiceSettings
-from softserve.service.ui import UI_PAGE
+from softserve.service.ui import UI_PAGE, UI_POLICY
 from softserve.service.views import view_png
 
 log = logging.getLogger("softserve.service")
@@ -281,7 +281,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.get("/ui", include_in_schema=False, response_class=HTMLResponse)
     async def ui() -> HTMLResponse:
-        return HTMLResponse(UI_PAGE)
+        return HTMLResponse(UI_PAGE, headers={"Content-Security-Policy": UI_POLICY})
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -9,3 +9,9 @@ from pathlib import Path
 
 #: The page as served; it is the same for every request and every server.
 UI_PAGE = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
+#: What the page may load: its own inline script and style, this server's API, and the view
+#: images it fetched itself (blob URLs); nothing from anywhere else.
+UI_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' blob:; base-uri 'none'; form-action 'none'"
+)
