@@ -5,10 +5,11 @@ codec topk:10) is written by the real writer: teacher-like logits (normal noise 
 on the hard label for most views), refined with GIFT, views drawn by ``sample_views``. The
 baseline is one pass that reads and decodes every stored epoch (what any consumer of the
 set pays); the report is that pass plus its statistics, then its figures and page. The
-ratio is the claim; seconds depend on the machine.
+ratio is the claim; seconds depend on the machine. Decoding is memory-bound work on ~1M
+values per epoch: one torch thread (the default here) beats two on a shared 2-core machine.
 
     python bench/report_bench.py [--samples 10000] [--epochs 300] [--classes 100]
-        [--codec topk:10] [--out bench/results]
+        [--codec topk:10] [--threads 1] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--codec", default="topk:10")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (decoding)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="report-bench-") as tmp:
         root = Path(tmp) / "set"
         write_synthetic_set(root, args.samples, args.classes, args.epochs, args.codec)
@@ -106,7 +108,7 @@ def main() -> None:
         source.close()
     result = {
         "samples": args.samples, "epochs": args.epochs, "classes": args.classes,
-        "codec": args.codec, "read_seconds": round(read, 2),
+        "codec": args.codec, "torch_threads": args.threads, "read_seconds": round(read, 2),
         "numbers_seconds": round(numbers, 2), "figures_and_page_seconds": round(page, 2),
         "report_seconds": round(numbers + page, 2),
         "report_over_read": round((numbers + page) / read, 2),

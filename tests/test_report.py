@@ -85,7 +85,7 @@ def test_numbers_match_an_independent_computation(tiny_report) -> None:
     assert counts.sum() == truth["entropy_counts"].sum() == numbers["views"] == 50 * 4
     assert np.abs(counts - truth["entropy_counts"]).sum() <= 2
     np.testing.assert_allclose(
-        numbers["refinement_cosine"]["mean_per_class"], truth["cosine_mean"], rtol=1e-6
+        numbers["refinement_cosine"]["mean_per_class"], truth["cosine_mean"], rtol=1e-5
     )
     lo, hi = numbers["refinement_cosine"]["edges"][0], numbers["refinement_cosine"]["edges"][-1]
     assert lo == pytest.approx(math.sqrt(1 - 0.1**2)) and hi == 1.0
@@ -93,7 +93,7 @@ def test_numbers_match_an_independent_computation(tiny_report) -> None:
     assert [h["sample"] for h in numbers["hardest"]] == hardest.tolist()
     np.testing.assert_allclose(
         [h["mean_hard_prob"] for h in numbers["hardest"]], truth["mean_p_hard"][hardest],
-        rtol=1e-9,
+        rtol=1e-5,
     )  # fmt: skip
     storage = numbers["storage"]
     assert storage["label_bytes"] == truth["shard_bytes"]
@@ -124,7 +124,7 @@ def test_figures_show_the_numbers(tiny_report) -> None:
         t = rows["logits"][row].astype(np.float64)
         p = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
         widths = sorted((bar.get_width() for bar in axes[f"top3-{i}"].patches), reverse=True)
-        np.testing.assert_allclose(widths, np.sort(p)[::-1][:3], rtol=1e-9)
+        np.testing.assert_allclose(widths, np.sort(p)[::-1][:3], rtol=1e-5)
         hard_bars = [b for b in axes[f"top3-{i}"].patches if b.get_facecolor()[0] > 0.7]
         assert truth["hard"][cell["sample"]] == cell["class"]
         assert [b.get_width() for b in hard_bars] == pytest.approx([p[cell["class"]]])
@@ -145,7 +145,7 @@ def test_topk_mass_is_the_teacher_mass_on_the_stored_classes(tmp_path: Path) -> 
             p = np.exp(t) / np.exp(t).sum(1, keepdims=True)
             masses.append(np.take_along_axis(p, kept.astype(np.int64), 1).sum(1))
     mass = numbers["topk_mass"]
-    assert mass["mean"] == pytest.approx(np.concatenate(masses).mean(), rel=1e-9)
+    assert mass["mean"] == pytest.approx(np.concatenate(masses).mean(), rel=1e-5)
     assert sum(mass["counts"]) == 24
     assert 1 / 3 < mass["mean"] < 1  # one of three classes, the teacher's top one
 

@@ -1,7 +1,7 @@
 """The numbers of a label-set report, in one pass over the stored epochs.
 
 Every statistic is over views (epoch, sample), from the teacher's distribution
-p = softmax(t) of its logits t, computed in float64:
+p = softmax(t) of its logits t (float32 per view, float64 sums):
 
 - agreement: argmax t equals the hard label, per class and per stored epoch;
 - entropy of p (nats), a histogram per class on [0, ln K];
@@ -56,7 +56,7 @@ class ReportData:
 class ViewStats:
     """Per-view statistics of one epoch's rows."""
 
-    probs: np.ndarray  # float64 (N, K)
+    probs: np.ndarray  # float32 (N, K)
     top: np.ndarray  # int64 (N,): the teacher's class
     entropy: np.ndarray  # float64 (N,)
     p_hard: np.ndarray  # float64 (N,)
@@ -64,18 +64,25 @@ class ViewStats:
 
 
 def view_stats(logits: np.ndarray, refined: np.ndarray, hard: np.ndarray) -> ViewStats:
-    """Softmax, top class, entropy, hard-label probability and refinement cosine per row."""
-    t = logits.astype(np.float64)
+    """Softmax, top class, entropy, hard-label probability and refinement cosine per row.
+
+    Float32 with row dot products by einsum: a quarter of float64's time, which a
+    10,000 × 300 set feels (the sums over views are float64).
+    """
+    t = np.asarray(logits, dtype=np.float32)
+    r = np.asarray(refined, dtype=np.float32)
     z = t - t.max(axis=1, keepdims=True)
     e = np.exp(z)
     total = e.sum(axis=1, keepdims=True)
     probs = e / total
-    log_p = z - np.log(total)
-    entropy = -(probs * log_p).sum(axis=1)
-    r = refined.astype(np.float64)
-    cosine = (t * r).sum(axis=1) / (np.linalg.norm(t, axis=1) * np.linalg.norm(r, axis=1))
-    rows = np.arange(len(hard))
-    return ViewStats(probs, t.argmax(axis=1), entropy, probs[rows, hard], cosine)
+    entropy = -np.einsum("ij,ij->i", probs, z - np.log(total))
+    dots = np.einsum("ij,ij->i", t, r)
+    cosine = dots / np.sqrt(np.einsum("ij,ij->i", t, t) * np.einsum("ij,ij->i", r, r))
+    p_hard = probs[np.arange(len(hard)), hard]
+    return ViewStats(
+        probs, t.argmax(axis=1), entropy.astype(np.float64), p_hard.astype(np.float64),
+        cosine.astype(np.float64),
+    )  # fmt: skip
 
 
 def cosine_range(beta: float) -> tuple[float, float]:
