@@ -42,8 +42,12 @@ def views_figure(data: ReportData) -> Figure:
     grid = data.numbers["grid"]
     names = data.numbers["label_set"]["class_names"]
     rows, cols = len(grid["classes"]), len(grid["epochs"])
-    fig = Figure(figsize=(2.1 * cols + 0.4, 2.5 * rows + 0.4), dpi=DPI)
-    spec = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 1.2] * rows, hspace=0.5)
+    height = 2.9 * rows + 0.6
+    fig = Figure(figsize=(2.1 * cols + 0.6, height), dpi=DPI)
+    spec = fig.add_gridspec(
+        2 * rows, cols, height_ratios=[3, 1.2] * rows, hspace=0.75, wspace=0.6,
+        top=1 - 0.75 / height, bottom=0.25 / height, left=0.12, right=0.97,
+    )  # fmt: skip
     for i, cell in enumerate(grid["cells"]):
         r, c = grid["classes"].index(cell["class"]), grid["epochs"].index(cell["epoch"])
         ax = fig.add_subplot(spec[2 * r, c], label=f"view-{i}")
@@ -63,7 +67,10 @@ def views_figure(data: ReportData) -> Figure:
         if cell["class"] not in classes:
             bars.text(0.98, 0.05, f"hard {cell['hard_prob']:.2f}", color=HARD_COLOR,
                       fontsize=6, ha="right", transform=bars.transAxes)  # fmt: skip
-    fig.suptitle("Views the teacher saw, with its top-3 classes (hard label in red)", fontsize=10)
+    fig.suptitle(
+        "Views the teacher saw, with its top-3 classes (hard label in red)", fontsize=10,
+        y=1 - 0.2 / height,
+    )
     return fig
 
 
