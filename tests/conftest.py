@@ -227,7 +227,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
+def browser_page(browser):
     """A fresh browser page (its own context: no shared token or storage)."""
     context = browser.new_context(viewport={"width": 1000, "height": 760})
     yield context.new_page()

@@ -71,7 +71,10 @@ def _view_loaded(page, sample: int | None = None) -> None:
 
 
 @pytest.mark.slow
-def test_ui_lists_sets_and_browses_views_by_keyboard(server: Server, store: Path, page) -> None:
+def test_ui_lists_sets_and_browses_views_by_keyboard(
+    server: Server, store: Path, browser_page
+) -> None:
+    page = browser_page
     page.goto(server.url + "/ui")
     page.wait_for_selector("#set-rows tr")
     assert page.locator("#set-rows a").all_inner_texts() == ["tiny", "tiny-int8"]
@@ -106,7 +109,8 @@ def test_ui_lists_sets_and_browses_views_by_keyboard(server: Server, store: Path
 
 
 @pytest.mark.slow
-def test_ui_names_an_unknown_set(server: Server, page) -> None:
+def test_ui_names_an_unknown_set(server: Server, browser_page) -> None:
+    page = browser_page
     page.goto(server.url + "/ui?set=nope")
     message = page.locator("#message")
     message.wait_for()
@@ -119,7 +123,8 @@ def test_ui_names_an_unknown_set(server: Server, page) -> None:
 
 
 @pytest.mark.slow
-def test_ui_needs_a_valid_token(store: Path, tmp_path: Path, page) -> None:
+def test_ui_needs_a_valid_token(store: Path, tmp_path: Path, browser_page) -> None:
+    page = browser_page
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN + "\n")
     server = Server(store, "--token-file", tokens).start()
