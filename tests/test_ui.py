@@ -40,6 +40,9 @@ def test_view_png_is_the_stored_view(server: Server, store: Path) -> None:
     np.testing.assert_array_equal(shown, expected)
     wrapped = httpx.get(f"{server.url}/v1/labelsets/tiny/views/5/7.png")  # 4 stored: 5 is 1
     assert wrapped.content == response.content
+    spec = httpx.get(server.url + "/openapi.json").json()
+    route = spec["paths"]["/v1/labelsets/{name}/views/{epoch}/{sample}.png"]["get"]
+    assert "image/png" in route["responses"]["200"]["content"]
 
 
 @pytest.mark.parametrize(
