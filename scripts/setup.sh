@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a development environment from a fresh clone: .venv with the pinned PyTorch and
 # softserve installed editable with its dev tools, plus Debian's Fashion-MNIST package
-# (the demo's real data) when this machine can install it.
+# (the demo's real data) and Chromium (the browser test) when this machine can install them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,18 @@ if [ ! -e "$FASHION_MNIST/train-images-idx3-ubyte.gz" ]; then
   else
     echo "setup: Fashion-MNIST not found; run 'sudo apt-get install dataset-fashion-mnist'" \
          "or pass --data DIR to 'softserve demo prepare'" >&2
+  fi
+fi
+
+# Chromium, which the browser test of /ui drives through Playwright (no browser download)
+if ! command -v chromium >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's chromium (browser test of /ui)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium not found; the browser test of /ui is skipped until" \
+         "'sudo apt-get install chromium'" >&2
   fi
 fi
 

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import softserve
@@ -41,6 +41,8 @@ from softserve.service.batches import (
 from softserve.service.catalog import Catalog, LabelSet
 from softserve.service.errors import ApiError, install_error_handlers
 from softserve.service.settings import ServiceSettings
+from softserve.service.ui import UI_PAGE, UI_POLICY
+from softserve.service.views import view_png
 
 log = logging.getLogger("softserve.service")
 
@@ -260,6 +262,26 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             stream_frames(request, start, epochs), media_type=STREAM_MEDIA_TYPE,
             headers=_batch_headers(request),
         )  # fmt: skip
+
+    @app.get(
+        "/v1/labelsets/{name}/views/{epoch}/{sample}.png",
+        dependencies=v1,
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}, "description": "the view"}, **_SET_ERRORS},
+    )
+    async def get_view(
+        entry: Annotated[LabelSet, Depends(label_set)],
+        epoch: Annotated[int, Path(ge=0, description="Epoch; wraps modulo the stored epochs")],
+        sample: Annotated[int, Path(ge=0, description="Sample id")],
+    ) -> Response:
+        """The view a sample was seen through in an epoch, as the teacher saw it (crop, resize
+        and flip by the stored parameters, before normalization), as a PNG."""
+        body = await run_in_threadpool(view_png, entry, epoch, sample)
+        return Response(body, media_type="image/png", headers={"X-Softserve-Digest": entry.digest})
+
+    @app.get("/ui", include_in_schema=False, response_class=HTMLResponse)
+    async def ui() -> HTMLResponse:
+        return HTMLResponse(UI_PAGE, headers={"Content-Security-Policy": UI_POLICY})
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

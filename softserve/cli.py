@@ -265,6 +265,49 @@ def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/
 
 
 @app.command()
+def report(
+    path: Annotated[
+        Path | None, typer.Argument(help="Label set directory STORE/NAME (or use --url).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder [default: report-NAME].")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Server URL, to report on a served set.")] = None,
+    labelset: Annotated[str | None, typer.Option(help="Label set name on --url.")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="SOFTSERVE_TOKEN", help="Bearer token (or SOFTSERVE_TOKEN)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the classes and samples shown.")] = 0,
+    progress: ProgressOption = True,
+) -> None:
+    """Write a report on a label set: report.html (self-contained, figures inline),
+    report.json (every number behind the figures) and figures/*.png.
+
+    It shows views the teacher saw with its top-3 classes, agreement with the hard labels
+    per class and epoch, entropy per class, how far GIFT's refinement moves labels, the
+    hardest samples, storage per codec, and for top-k sets the mass kept. Output is
+    deterministic: the same set and seed give the same bytes.
+    """
+    if (path is None) == (url is None) or (url is not None and labelset is None):
+        raise InputError("give a label set directory STORE/NAME, or --url URL --labelset NAME")
+    from tqdm import tqdm
+
+    from softserve.report import RemoteSource, ReportOptions, StoreSource, compute_report
+    from softserve.report.page import write_report
+
+    source = StoreSource(path) if path is not None else RemoteSource(url, labelset, token)
+    try:
+        info = source.info
+        with tqdm(total=info.epochs, desc="epochs", unit="epoch", disable=not progress) as bar:
+            data = compute_report(source, ReportOptions(seed=seed), lambda _: bar.update())
+    finally:
+        source.close()
+    page = write_report(data, out or Path(f"report-{info.name}"))
+    stdout.print(f"report written: {page}")
+
+
+@app.command()
 def serve(
     store: Annotated[Path | None, typer.Option(help="Store folder of label sets.")] = None,
     host: Annotated[str | None, typer.Option(help="Interface [default: 127.0.0.1].")] = None,
@@ -473,7 +516,10 @@ def demo_run(
     stdout.print(
         "\nTrain a student against it, from another shell:\n\n"
         f"  .venv/bin/softserve train --url http://127.0.0.1:{port} --labelset {label_set.name} "
-        "--model convnet --loss gift --optimizer adamw --epochs 300 --eval fashion-mnist\n",
+        "--model convnet --loss gift --optimizer adamw --epochs 300 --eval fashion-mnist\n\n"
+        "See what the teacher said, in a browser (from this machine):\n\n"
+        f"  http://127.0.0.1:{port}/ui?set={label_set.name}\n\n"
+        f"or as a report: .venv/bin/softserve report {label_set}\n",
         soft_wrap=True,
     )
     run(ServiceSettings(store=store, host="127.0.0.1", port=port))

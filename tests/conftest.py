@@ -200,3 +200,35 @@ def server(store: Path):
     srv = Server(store).start()
     yield srv
     srv.stop()
+
+
+#: Where browser tests leave their screenshots (git-ignored; CI keeps them as artifacts).
+ARTIFACTS = TESTS_DIR / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (browser downloads are not
+    reachable: Playwright is pointed at the system browser). Skipped only where Chromium is
+    missing and this user could not have installed it; as root (CI) a missing one fails."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    if executable is None:
+        if os.geteuid() == 0:
+            pytest.fail("chromium is missing; scripts/setup.sh installs it (apt-get)")
+        pytest.skip("chromium is not installed and this user cannot install it (not root)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def browser_page(browser):
+    """A fresh browser page (its own context: no shared token or storage)."""
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    yield context.new_page()
+    context.close()

@@ -86,3 +86,16 @@ def test_storage_table_runs(tmp_path: Path) -> None:
         sizes = [per_view[(c, epochs)] for c in ("fp32", "fp16", "int8", "topk:10", "topk:1")]
         assert sizes == sorted(sizes, reverse=True)
     assert "| `topk:10` |" in (tmp_path / "storage_table.md").read_text()
+
+
+def test_report_bench_runs_on_a_set_by_the_real_writer(tmp_path: Path) -> None:
+    """A tiny synthetic top-k set: the report sees every view and the top-k mass."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "report_bench.py"), "--samples", "40", "--epochs", "3",
+         "--classes", "12", "--codec", "topk:3", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "report_bench.json").read_text())
+    assert (record["samples"], record["epochs"], record["codec"]) == (40, 3, "topk:3")
+    assert record["report_seconds"] > 0 and record["report_over_read"] > 0

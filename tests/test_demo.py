@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Server, cli_env, free_port, run_cli, softserve_cmd
+from PIL import Image
 from test_errors import assert_one_line_error
 
 from softserve.client import apply_views
@@ -103,11 +105,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         lines = []
-        while not any("softserve train --url" in line for line in lines):
+        ui = f"http://127.0.0.1:{port}/ui?set=fashion-mnist-ipc10"
+        while not any(ui in line for line in lines):
             line = demo.stdout.readline()
             assert line, "".join(lines)
             lines.append(line)
-        assert f"--url http://127.0.0.1:{port} --labelset fashion-mnist-ipc10" in lines[-1]
+        train = f"--url http://127.0.0.1:{port} --labelset fashion-mnist-ipc10"
+        assert any(train in line for line in lines)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -116,6 +120,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             except httpx.TransportError:
                 time.sleep(0.2)
         assert [x["name"] for x in listed] == ["fashion-mnist-ipc10"]
+        assert "<title>softserve</title>" in httpx.get(ui).text
+        view = httpx.get(f"http://127.0.0.1:{port}/v1/labelsets/fashion-mnist-ipc10/views/0/0.png")
+        assert Image.open(io.BytesIO(view.content)).size == (28, 28)
     finally:
         demo.terminate()
         demo.wait(timeout=30)

@@ -1,0 +1,55 @@
+"""One view of one sample as a PNG: what the teacher saw, for people looking at a label set.
+
+The view is built by :func:`softserve.client.views.apply_views` from the stored crop and
+flip, the same function training uses. It needs torch, which is imported here, on the first
+request for a view, never when the server starts.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from softserve.errors import StoreError
+from softserve.service.catalog import LabelSet
+from softserve.service.errors import ApiError
+
+
+def _params_of(entry: LabelSet, stored_epoch: int, sample: int) -> np.ndarray:
+    """The view parameters sample ``sample`` was seen through in a stored epoch."""
+    n = entry.manifest.config.num_samples
+    try:
+        with entry.lock:
+            order = entry.reader.read(stored_epoch, 0, n, ["order"])["order"]
+            position = int(np.flatnonzero(order == sample)[0])
+            return entry.reader.read(stored_epoch, position, position + 1, ["params"])["params"]
+    except StoreError as exc:
+        entry.withdraw(str(exc))
+        raise
+
+
+def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
+    """PNG of sample ``sample``'s view in epoch ``epoch`` (wrapping modulo the stored
+    epochs), at the label set's output size, 8-bit grey or RGB."""
+    import torch
+
+    from softserve.client.views import apply_views
+
+    config = entry.manifest.config
+    if not 0 <= sample < config.num_samples:
+        raise ApiError(
+            404, "unknown_sample", f"sample {sample} is outside 0..{config.num_samples - 1}"
+        )
+    params = _params_of(entry, epoch % config.epochs, sample)
+    image = entry.base_images(np.array([sample]))
+    view = apply_views(
+        torch.from_numpy(image), torch.from_numpy(params.astype(np.int64)),
+        config.views.output_size,
+    )[0]  # fmt: skip
+    pixels = view.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
