@@ -248,7 +248,7 @@ def decoded(src: Sources, tensors: Tensors) -> Tensors:
     codec, classes = get_codec(src.remote.detail.codec), src.remote.num_classes
     names = codec.part_names("soft", classes)
     out = {k: v for k, v in tensors.items() if k not in names.values()}
-    out["soft"] = codec.decode_tensors({s: tensors[n] for s, n in names.items()}, classes)
+    out["soft"] = codec.decode({s: tensors[n] for s, n in names.items()}, classes)
     return out
 
 

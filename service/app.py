@@ -111,7 +111,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     ) -> LabelSet:
         found = catalog.get(name)
         if found is None:
-            raise ApiError(404, "unknown_label_set", f"no label set named {name!r}")
+            raise ApiError(
+                404, "unknown_label_set", f"no label set named {name!r}; {catalog.available()}"
+            )
         if found.failure is not None:
             raise ApiError(
                 503, "withdrawn",

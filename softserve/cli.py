@@ -36,6 +36,26 @@ demo_app = typer.Typer(
 )
 app.add_typer(demo_app, name="demo")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from softserve import __version__
+
+        print(f"softserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version, exit."
+        ),
+    ] = False,
+) -> None:
+    pass
+
 err = Console(stderr=True)
 stdout = Console()
 
