@@ -108,8 +108,12 @@ SizeOption = Annotated[
 ]
 MinScaleOption = Annotated[float, typer.Option(help="Smallest crop area fraction.")]
 MaxScaleOption = Annotated[float, typer.Option(help="Largest crop area fraction.")]
-MinRatioOption = Annotated[float, typer.Option(help="Smallest crop aspect ratio.")]
-MaxRatioOption = Annotated[float, typer.Option(help="Largest crop aspect ratio.")]
+MinRatioOption = Annotated[
+    float, typer.Option(help="Smallest crop aspect ratio [default: 3/4].", show_default=False)
+]
+MaxRatioOption = Annotated[
+    float, typer.Option(help="Largest crop aspect ratio [default: 4/3].", show_default=False)
+]
 FlipOption = Annotated[bool, typer.Option(help="Random horizontal flips.")]
 AlphaOption = Annotated[float, typer.Option(help="GIFT label smoothing α.")]
 BetaOption = Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")]
@@ -286,7 +290,9 @@ def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/
 
 @app.command()
 def serve(
-    store: Annotated[Path | None, typer.Option(help="Store folder of label sets.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Store folder of label sets [default: store].")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Interface [default: 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port [default: 8000].")] = None,
     workers: Annotated[int | None, typer.Option(help="Server processes [default: 1].")] = None,
@@ -296,12 +302,16 @@ def serve(
     image_cache_mb: Annotated[
         int | None, typer.Option(help="Base images kept in memory per process [default: 1024].")
     ] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Largest batch_size allowed.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Largest batch_size allowed [default: 8192].")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning, error [default: info].")
+    ] = None,
 ) -> None:
     """Serve the complete label sets of a store over HTTP (FastAPI + uvicorn).
 
-    Every option can also be set as SOFTSERVE_<OPTION> (e.g. SOFTSERVE_STORE); flags win.
+    Every option can also be set as `SOFTSERVE_<OPTION>` (e.g. `SOFTSERVE_STORE`); flags win.
     New label sets are picked up without a restart. API docs at /docs, metrics at /metrics.
     """
     from pydantic import ValidationError
