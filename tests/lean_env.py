@@ -1,20 +1,23 @@
-"""Python as if only some of softserve's extras were installed, for subprocess tests.
+"""Real venvs holding only some of softserve's extras, for subprocess tests.
 
-The installed requirements of softserve (its metadata, as pip reads it) are followed from
-the chosen extras to every distribution they need; a module of any other installed
-distribution fails to import, as it would in a venv that holds only those. Used as
-``python -c`` code: :func:`lean_python` gives the command.
+softserve's requirements (its installed metadata, as pip reads them) are followed from the
+chosen extras to every distribution they need, and a fresh venv gets exactly those
+distributions: each one's top-level files are linked from this environment's
+site-packages. What ``pip install 'softserve[EXTRAS]'`` would leave out cannot be imported
+there, as in a training job's or a server image's environment.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import json
 import re
-import sys
+import sysconfig
+import venv
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
+SITE = Path(sysconfig.get_paths()["purelib"])
 #: Packages a venv holds whatever was installed into it.
 _ALWAYS = {"pip", "setuptools", "wheel", "softserve"}
 
@@ -23,8 +26,14 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _installed() -> dict[str, metadata.Distribution]:
+    """This environment's distributions, by normalized name."""
+    return {_normal(d.metadata["Name"]): d for d in metadata.distributions(path=[str(SITE)])}
+
+
 def closure(extras: frozenset[str] | set[str]) -> set[str]:
     """Distributions ``pip install 'softserve[EXTRAS]'`` would install (normalized names)."""
+    installed = _installed()
     wanted: list[tuple[str, frozenset[str]]] = [("softserve", frozenset(extras))]
     seen: set[str] = set()
     while wanted:
@@ -33,7 +42,7 @@ def closure(extras: frozenset[str] | set[str]) -> set[str]:
         if key in seen:
             continue
         seen.add(key)
-        for line in metadata.requires(name) or ():
+        for line in installed[_normal(name)].requires or ():
             req = Requirement(line)
             envs = [{"extra": e} for e in asked] or [{"extra": ""}]
             if req.marker is None or any(req.marker.evaluate(env) for env in envs):
@@ -41,36 +50,16 @@ def closure(extras: frozenset[str] | set[str]) -> set[str]:
     return {key.partition("[")[0] for key in seen} | _ALWAYS
 
 
-def blocked_modules(extras: frozenset[str] | set[str]) -> list[str]:
-    """Top-level modules of the installed distributions outside the extras' closure."""
-    keep = closure(extras)
-    return sorted(
-        module
-        for module, dists in metadata.packages_distributions().items()
-        if module not in sys.stdlib_module_names and not {_normal(d) for d in dists} & keep
-    )
-
-
-_PRELUDE = """
-import importlib.abc, sys
-class _Absent(importlib.abc.MetaPathFinder):
-    blocked = set({blocked})
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in self.blocked:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        return None
-sys.meta_path.insert(0, _Absent())
-"""
-
-
-def lean_python(
-    code: str, extras: set[str] | frozenset[str] = frozenset(), also_block: tuple[str, ...] = ()
-) -> list[str]:
-    """A command running ``code`` with only softserve's base and ``extras`` importable (and
-    not even the modules ``also_block`` names); arguments after it are ``sys.argv[1:]``."""
-    blocked = [*blocked_modules(extras), *also_block]
-    return [sys.executable, "-c", _PRELUDE.format(blocked=json.dumps(blocked)) + code]
-
-
-#: Code that runs the ``softserve`` command, as its entry point does.
-CLI = "from softserve.entry import main; main()"
+def lean_venv(root: Path, extras: set[str], without: tuple[str, ...] = ()) -> Path:
+    """A venv at ``root`` with softserve and ``extras``' requirements only (less the
+    distributions named in ``without``); returns its python."""
+    venv.create(root, with_pip=False, symlinks=True)
+    site = root / SITE.relative_to(Path(sysconfig.get_paths()["data"]))
+    keep = closure(extras) - {_normal(name) for name in without}
+    for name, dist in _installed().items():
+        if name not in keep:
+            continue
+        for top in {f.parts[0] for f in dist.files or () if f.parts[0] != ".."}:
+            if not (site / top).exists():
+                (site / top).symlink_to(SITE / top)
+    return root / "bin" / "python"

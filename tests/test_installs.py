@@ -1,8 +1,8 @@
 """Installs by role: the client works with the base install alone, the server runs with its
 extra and no torch, and a command whose packages are missing names the extra to install.
 
-Each runs in a subprocess where every module outside the chosen extras' requirements (from
-softserve's installed metadata) fails to import, as in a venv holding only those.
+Each runs in a real venv that holds only the chosen extras' requirements (from softserve's
+installed metadata, linked from this environment: :mod:`lean_env`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import Server, cli_env
-from lean_env import CLI, blocked_modules, closure, lean_python
+from lean_env import closure, lean_venv
 
 BATCH = "/v1/labelsets/{}/epochs/1/batches/0?batch_size=8&include=indices,hard,soft,logits"
 
 
-def run_lean(command: list[str], *args: object) -> subprocess.CompletedProcess[str]:
+def run_lean(python: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` from a folder outside the source tree."""
     return subprocess.run(
-        [*command, *map(str, args)], env=cli_env(), capture_output=True, text=True, timeout=120
-    )
+        [str(python), *map(str, args)], env=cli_env(), capture_output=True, text=True,
+        timeout=120, cwd=python.parent,
+    )  # fmt: skip
 
 
 def test_roles_install_what_they_need() -> None:
@@ -39,10 +41,13 @@ def test_roles_install_what_they_need() -> None:
     assert closure({"all"}) == closure({"server"}) | closure({"worker"})
 
 
-def test_client_runs_on_the_base_install(server: Server) -> None:
-    """`import softserve.client` and a real epoch from a real server, with h5py, fastapi,
-    uvicorn, typer, rich and prometheus-client absent."""
-    assert {"h5py", "fastapi", "uvicorn", "typer", "rich"} <= set(blocked_modules(set()))
+def test_client_runs_on_the_base_install(server: Server, tmp_path: Path) -> None:
+    """`import softserve.client` and a real epoch from a real server, in a venv without
+    h5py, fastapi, uvicorn, typer, rich and prometheus-client."""
+    python = lean_venv(tmp_path / "venv", set())
+    absent = "import h5py, fastapi, uvicorn, typer, rich, prometheus_client"
+    for module in absent.removeprefix("import ").split(", "):
+        assert "ModuleNotFoundError" in run_lean(python, "-c", f"import {module}").stderr
     code = (
         "import sys, torch\n"
         "import softserve.client as client\n"
@@ -51,15 +56,17 @@ def test_client_runs_on_the_base_install(server: Server) -> None:
         "loss = client.get_loss('gift')(torch.randn(4, 3), batches[0])\n"
         "print(len(batches), batches[0].soft.shape[1], bool(torch.isfinite(loss)))\n"
     )
-    done = run_lean(lean_python(code), server.url)
+    done = run_lean(python, "-c", code, server.url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["5", "3", "True"]
 
 
-def test_server_runs_without_torch(server: Server, store: Path) -> None:
-    """The server's extra alone, with torch unimportable: it serves decoded labels and
-    recovered logits (NumPy decoding), byte for byte what the full install serves."""
-    lean = Server(store, command=lean_python(CLI, {"server"}, also_block=("torch",)))
+def test_server_runs_without_torch(server: Server, store: Path, tmp_path: Path) -> None:
+    """The server's extra without torch (as the server image installs it): it serves decoded
+    labels and recovered logits (NumPy decoding), byte for byte what the full install does."""
+    python = lean_venv(tmp_path / "venv", {"server"}, without=("torch",))
+    assert "ModuleNotFoundError" in run_lean(python, "-c", "import torch").stderr
+    lean = Server(store, command=[str(python), "-m", "softserve"])
     lean.start()
     try:
         for name in ("tiny", "tiny-int8"):
@@ -92,8 +99,10 @@ def test_a_running_server_has_not_loaded_torch(server: Server) -> None:
         ),
     ],
 )
-def test_a_missing_extra_is_named(extras: set[str], args: list[str], fragments: tuple) -> None:
-    done = run_lean(lean_python(CLI, extras), *args)
+def test_a_missing_extra_is_named(
+    extras: set[str], args: list[str], fragments: tuple, tmp_path: Path
+) -> None:
+    done = run_lean(lean_venv(tmp_path / "venv", extras), "-m", "softserve", *args)
     assert done.returncode == 1, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
