@@ -36,6 +36,10 @@ on receipt, so every path delivers the same tensors:
      views), written once, read back with ``torch.load(weights_only=True)``; the files sit
      in the page cache, as the server's HDF5 shards do.
 
+Server memory: the RSS of one server process over an empty store (goal <= 150 MiB; the
+server imports no torch) and over the benchmark's label set after the paths ran, beside a
+process that imported torch alone, which every server process carried before.
+
 Goals, both for c (the loader's stream): stream/in-process >= 0.5 (a naive server lands
 near 0.1 per batch), stream/files >= 1.0 (remote against local files). Client and server
 CPU milliseconds per batch are reported beside each path (server: its process's
@@ -189,6 +193,31 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+def rss_mib(pid: int) -> float | None:
+    """Resident set size of a process in MiB (Linux /proc), None where unreadable."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kib = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
+    return kib[0] / 1024 if kib else None
+
+
+def server_memory(work: Path) -> dict[str, float | None]:
+    """RSS of one server process (one uvicorn worker) over an empty store, after it answered
+    a listing; and, for reference, of a Python process that has imported torch and nothing
+    else, which is what every server process carried while the server imported torch."""
+    store = work / "empty-store"
+    store.mkdir()
+    with running_server(store, work / "empty-server.log") as (url, pid):
+        httpx.get(url + "/v1/labelsets", timeout=10).raise_for_status()
+        empty = rss_mib(pid)
+    code = "import os, torch; print(open(f'/proc/{os.getpid()}/status').read())"
+    status = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    torch_kib = [int(line.split()[1]) for line in status.stdout.splitlines() if "VmRSS:" in line]
+    return {"empty_store": empty, "torch_alone": torch_kib[0] / 1024 if torch_kib else None}
+
+
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of a process (Linux /proc), None where unreadable."""
     try:
@@ -248,7 +277,7 @@ def decoded(src: Sources, tensors: Tensors) -> Tensors:
     codec, classes = get_codec(src.remote.detail.codec), src.remote.num_classes
     names = codec.part_names("soft", classes)
     out = {k: v for k, v in tensors.items() if k not in names.values()}
-    out["soft"] = codec.decode_tensors({s: tensors[n] for s, n in names.items()}, classes)
+    out["soft"] = codec.decode({s: tensors[n] for s, n in names.items()}, classes)
     return out
 
 
@@ -676,6 +705,7 @@ def format_report(
 ) -> str:
     """The whole human-readable report."""
     per_epoch = args.samples // args.batch_size
+    rss = info["server_rss_mib"]
     lines = [
         f"== softserve serve benchmark: N={args.samples} 3x32x32 K={args.classes} "
         f"epochs={args.epochs} codec={args.codec} teacher={TEACHER}",
@@ -692,6 +722,10 @@ def format_report(
         "  (CPU ms/batch: client = this process, all threads; server = the server process)",
         "",
         *format_diagnostics(info["diagnostics"], paths),
+        "",
+        "  server memory, RSS MiB of one worker process: "
+        + ", ".join(f"{k.replace('_', ' ')} {_opt(v, '.0f')}" for k, v in rss.items())
+        + " (torch alone: a process that imported torch and nothing else, for reference)",
     ]
     for width, student in students.items():
         lines += [
@@ -826,10 +860,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         info.update(checked="yes", payload_bytes=payload_bytes(src),
                     file_bytes=src.files[0].stat().st_size)  # fmt: skip
         paths = measure_paths(src, args, pid)
+        info["server_rss_mib"] = {"serving": rss_mib(pid), **server_memory(work)}
         info["diagnostics"] = diagnostics(src, args.diag_calls)
         widths = [] if args.no_student else args.student_widths
         students = {w: measure_student(remote, args, w) for w in widths}
     rows = goals(paths, students)
+    rss = info["server_rss_mib"]["empty_store"]
+    if rss is not None:
+        rows.append(Goal("server RSS MiB per worker, empty store", rss, rss, "<= 150", rss <= 150))
     print(format_report(args, info, paths, students, rows), flush=True)
     return {
         "info": info,

@@ -31,6 +31,19 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 
+# docker-compose.yml is validated by Debian's docker-compose (`config` needs no engine)
+if ! command -v docker-compose >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's docker-compose"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      docker-compose >/dev/null
+  else
+    echo "setup: docker-compose not found; the compose file checks are skipped" \
+         "('sudo apt-get install docker-compose')" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv

@@ -113,7 +113,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     ) -> LabelSet:
         found = catalog.get(name)
         if found is None:
-            raise ApiError(404, "unknown_label_set", f"no label set named {name!r}")
+            raise ApiError(
+                404, "unknown_label_set", f"no label set named {name!r}; {catalog.available()}"
+            )
         if found.failure is not None:
             raise ApiError(
                 503, "withdrawn",
@@ -267,7 +269,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         "/v1/labelsets/{name}/views/{epoch}/{sample}.png",
         dependencies=v1,
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}, "description": "the view"}, **_SET_ERRORS},
+        responses={
+            200: {"content": {"image/png": {}}, "description": "the view"},
+            **_errors(409, 501, 503),
+        },
     )
     async def get_view(
         entry: Annotated[LabelSet, Depends(label_set)],

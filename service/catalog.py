@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from softserve.errors import SoftserveError
-from softserve.storage.layout import MANIFEST_FILE
+from softserve.storage.layout import label_set_folders
 from softserve.storage.manifest import Manifest, load_manifest
 from softserve.storage.reader import LabelSetReader
 
@@ -87,14 +87,12 @@ class Catalog:
             return False
         seen = set()
         try:
-            roots = sorted(p for p in self.store.iterdir() if p.is_dir())
+            roots = list(label_set_folders(self.store))
         except OSError as exc:
             log.warning("cannot list store %s: %s", self.store, exc)
             return False
         for root in roots:
             try:
-                if not (root / MANIFEST_FILE).exists():
-                    continue
                 seen.add(root.name)
                 current = self._sets.get(root.name)
                 _, digest = load_manifest(root)
@@ -133,6 +131,14 @@ class Catalog:
     def names(self) -> list[str]:
         """Label sets being served: open, and not withdrawn."""
         return sorted(name for name, entry in self._sets.items() if entry.failure is None)
+
+    def available(self, limit: int = 20) -> str:
+        """The served label sets' names, for a message: the first ``limit`` of them."""
+        names = self.names()
+        if not names:
+            return f"the store {self.store} has no label sets"
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return f"available: {', '.join(names[:limit])}{more}"
 
     def unhealthy(self) -> dict[str, str]:
         """Label sets not served, and why: withdrawn after a failed read, or skipped."""

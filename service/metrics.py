@@ -1,4 +1,5 @@
-"""Prometheus metrics (requests, bytes, batch latency, errors) and the structured access log.
+"""Prometheus metrics (requests, bytes, batch latency, errors) and the structured access log
+(JSON lines: :mod:`softserve.service.logs`).
 
 Both come from one pure ASGI middleware that watches ``send``: it costs nothing per chunk
 of a streamed response (Starlette's ``BaseHTTPMiddleware`` copies every chunk through an
@@ -8,7 +9,6 @@ extra task) and counts the bytes of streams too. With several server processes, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -77,19 +77,17 @@ class ObserveMiddleware:
                 ERRORS.labels(route).inc()
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
-                access_log.info(
-                    json.dumps(
-                        {
-                            "method": scope["method"],
-                            "path": scope["path"],
-                            "query": scope.get("query_string", b"").decode("latin-1"),
-                            "status": status,
-                            "ms": round((time.perf_counter() - started) * 1000, 2),
-                            "bytes": sent,
-                            "client": client[0] if client else None,
-                            "pid": os.getpid(),
-                        }
-                    )
+                access_log.info(  # a dict: the access log's formatter writes it as JSON
+                    {
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "query": scope.get("query_string", b"").decode("latin-1"),
+                        "status": status,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                        "bytes": sent,
+                        "client": client[0] if client else None,
+                        "pid": os.getpid(),
+                    }
                 )
 
 

@@ -1,8 +1,9 @@
 """One view of one sample as a PNG: what the teacher saw, for people looking at a label set.
 
 The view is built by :func:`softserve.client.views.apply_views` from the stored crop and
-flip, the same function training uses. It needs torch, which is imported here, on the first
-request for a view, never when the server starts.
+flip, the same function training uses. It needs torch and Pillow, imported on the first
+request for a view, never when the server starts; a server installed without torch (the
+server image) answers 501 ``views_unavailable`` and serves everything else.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
 
 from softserve.errors import StoreError
 from softserve.service.catalog import LabelSet
@@ -33,9 +33,17 @@ def _params_of(entry: LabelSet, stored_epoch: int, sample: int) -> np.ndarray:
 def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
     """PNG of sample ``sample``'s view in epoch ``epoch`` (wrapping modulo the stored
     epochs), at the label set's output size, 8-bit grey or RGB."""
-    import torch
+    try:
+        import torch
+        from PIL import Image
 
-    from softserve.client.views import apply_views
+        from softserve.client.views import apply_views
+    except ModuleNotFoundError as exc:
+        raise ApiError(
+            501, "views_unavailable",
+            f"rendering views needs {exc.name}, which this server was installed without: "
+            "pip install 'softserve[worker]' beside 'softserve[server]'",
+        ) from exc  # fmt: skip
 
     config = entry.manifest.config
     if not 0 <= sample < config.num_samples:

@@ -1,5 +1,5 @@
 """``python -m softserve`` runs the CLI (as torchrun's ``-m softserve`` does)."""
 
-from softserve.cli import main
+from softserve.entry import main
 
 main()

@@ -36,6 +36,26 @@ demo_app = typer.Typer(
 )
 app.add_typer(demo_app, name="demo")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from softserve import __version__
+
+        print(f"softserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version, exit."
+        ),
+    ] = False,
+) -> None:
+    pass
+
 err = Console(stderr=True)
 stdout = Console()
 
@@ -88,8 +108,12 @@ SizeOption = Annotated[
 ]
 MinScaleOption = Annotated[float, typer.Option(help="Smallest crop area fraction.")]
 MaxScaleOption = Annotated[float, typer.Option(help="Largest crop area fraction.")]
-MinRatioOption = Annotated[float, typer.Option(help="Smallest crop aspect ratio.")]
-MaxRatioOption = Annotated[float, typer.Option(help="Largest crop aspect ratio.")]
+MinRatioOption = Annotated[
+    float, typer.Option(help="Smallest crop aspect ratio [default: 3/4].", show_default=False)
+]
+MaxRatioOption = Annotated[
+    float, typer.Option(help="Largest crop aspect ratio [default: 4/3].", show_default=False)
+]
 FlipOption = Annotated[bool, typer.Option(help="Random horizontal flips.")]
 AlphaOption = Annotated[float, typer.Option(help="GIFT label smoothing α.")]
 BetaOption = Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")]
@@ -309,7 +333,9 @@ def report(
 
 @app.command()
 def serve(
-    store: Annotated[Path | None, typer.Option(help="Store folder of label sets.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Store folder of label sets [default: store].")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Interface [default: 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port [default: 8000].")] = None,
     workers: Annotated[int | None, typer.Option(help="Server processes [default: 1].")] = None,
@@ -319,12 +345,16 @@ def serve(
     image_cache_mb: Annotated[
         int | None, typer.Option(help="Base images kept in memory per process [default: 1024].")
     ] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Largest batch_size allowed.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Largest batch_size allowed [default: 8192].")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning, error [default: info].")
+    ] = None,
 ) -> None:
     """Serve the complete label sets of a store over HTTP (FastAPI + uvicorn).
 
-    Every option can also be set as SOFTSERVE_<OPTION> (e.g. SOFTSERVE_STORE); flags win.
+    Every option can also be set as `SOFTSERVE_<OPTION>` (e.g. `SOFTSERVE_STORE`); flags win.
     New label sets are picked up without a restart. API docs at /docs, metrics at /metrics.
     """
     from pydantic import ValidationError

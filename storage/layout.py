@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 DATASET_FILE = "dataset.h5"
@@ -15,6 +17,16 @@ TMP_SUFFIX = ".tmp"
 def shard_file(index: int) -> str:
     """File name of label shard ``index``."""
     return f"labels-{index:05d}.h5"
+
+
+def label_set_folders(store: Path) -> Iterator[Path]:
+    """The label sets of a store, by name: its folders that hold a manifest (complete or
+    not: whether one can be served is the reader's call). OSError if the store cannot be
+    listed; an unreadable folder is skipped."""
+    for path in sorted(store.iterdir()):
+        with contextlib.suppress(OSError):
+            if (path / MANIFEST_FILE).is_file():
+                yield path
 
 
 def tmp_path(path: Path) -> Path:

@@ -160,13 +160,25 @@ def load_manifest(root: Path) -> tuple[Manifest, str]:
     path = root / MANIFEST_FILE
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise StoreError(
-            f"{root} holds no complete label set (no {MANIFEST_FILE}); "
-            "finish it by rerunning the same 'softserve relabel' command"
-        ) from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreError(_not_a_label_set(root)) from None
     manifest = _parse(raw, path, Manifest, "manifest")
     return manifest, hashlib.sha256(raw).hexdigest()  # type: ignore[return-value]
+
+
+def _not_a_label_set(root: Path) -> str:
+    """Why ``root`` has no manifest: no such path, a file, a relabel still running, or a
+    folder that is something else."""
+    if not root.exists():
+        return f"{root}: no such file or folder"
+    if not root.is_dir():
+        return f"{root} is a file, not a label set (a folder STORE/NAME)"
+    if (root / PLAN_FILE).exists():
+        return (
+            f"{root} holds no complete label set (no {MANIFEST_FILE}); "
+            "finish it by rerunning the same 'softserve relabel' command"
+        )
+    return f"{root} is not a label set: a folder with no {MANIFEST_FILE} and no relabel plan"
 
 
 def read_manifest(root: Path) -> Manifest:

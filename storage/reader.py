@@ -13,10 +13,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from softserve.client.codecs import get_codec, part_name, to_float16
-from softserve.client.losses import recover_logits
+from softserve.client.refinement import recover_logits
 from softserve.errors import StoreError, brief
 from softserve.storage.layout import DATASET_FILE
 from softserve.storage.manifest import load_manifest
@@ -179,10 +178,8 @@ class LabelSetReader:
         self._check_order(order, name)
         norm = have[NORM] if NORM in have else self._read(name, NORM, index)
         refinement = self.config.refinement
-        logits = recover_logits(
-            torch.from_numpy(refined), torch.from_numpy(self.hard_labels()[order]),
-            torch.from_numpy(norm), refinement.alpha, refinement.beta,
-        ).numpy()  # fmt: skip
+        hard = self.hard_labels()[order]
+        logits = recover_logits(refined, hard, norm, refinement.alpha, refinement.beta)
         return to_float16(logits) if np.dtype(dtype) == np.float16 else logits
 
     def close(self) -> None:

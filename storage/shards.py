@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from softserve.client.codecs import Codec, part_name
-from softserve.client.views import NUM_PARAMS
+from softserve.client.payload import NUM_PARAMS
 from softserve.errors import StoreError, brief
 
 ORDER_DTYPE = np.dtype(np.int32)

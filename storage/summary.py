@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from softserve.client.codecs import get_codec
-from softserve.errors import StoreError
 from softserve.storage.layout import MANIFEST_FILE, shard_file
 from softserve.storage.manifest import LabelSetConfig, read_manifest, read_plan
 
@@ -51,10 +50,8 @@ def _config_rows(config: LabelSetConfig) -> list[tuple[str, str]]:
 
 def describe(root: Path) -> list[tuple[str, str]]:
     """Rows (key, value) describing the label set at ``root``."""
-    if not (root / MANIFEST_FILE).exists():
-        plan = read_plan(root)
-        if plan is None:
-            raise StoreError(f"{root} is not a label set (no {MANIFEST_FILE})")
+    plan = read_plan(root) if root.is_dir() and not (root / MANIFEST_FILE).exists() else None
+    if plan is not None:
         ranges = plan.shard_ranges()
         done = sum((root / shard_file(i)).exists() for i in range(len(ranges)))
         return [

@@ -130,9 +130,12 @@ class Server:
     """``softserve serve`` in a subprocess on loopback: started for real, talked to over HTTP."""
 
     def __init__(
-        self, store: Path, *args: object, port: int | None = None, env: dict | None = None
-    ):
+        self, store: Path, *args: object, port: int | None = None, env: dict | None = None,
+        command: list[str] | None = None,
+    ):  # fmt: skip
+        """``command`` runs the CLI (default ``python -m softserve``), e.g. in a lean env."""
         self.store = store
+        self.command = command or softserve_cmd()
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [str(a) for a in args]
@@ -144,7 +147,8 @@ class Server:
         """Start, and wait until ``probe`` answers 200 (``/healthz``: up, maybe not ready)."""
         log = open(self.log, "ab")  # noqa: SIM115 - the subprocess owns it
         self.proc = subprocess.Popen(
-            softserve_cmd("serve", "--store", self.store, "--port", self.port, *self.args),
+            [*self.command, "serve", "--store", str(self.store), "--port", str(self.port),
+             *self.args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 60

@@ -40,6 +40,9 @@ def test_serve_bench_paths_agree(tmp_path: Path) -> None:
     assert {(p["batches"], p["samples"]) for p in paths.values()} == {(18, 18 * 64)}
     goals = {g["name"]: g for g in record["goals"]}
     assert goals["stream / in-process"]["value"] > 0
+    rss = record["info"]["server_rss_mib"]  # read from /proc: a process's real size
+    assert 20 < rss["empty_store"] < rss["torch_alone"] + 100
+    assert goals["server RSS MiB per worker, empty store"]["target"] == "<= 150"
     assert goals["stream / in-process server's reads"]["target"] == "info"
     assert goals["student step remote / in-memory w16"]["target"] == "<= 1.05"
     assert goals["student step remote / in-memory w8"]["target"] == "info"

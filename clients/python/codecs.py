@@ -3,9 +3,10 @@
 Each codec names the parts it stores (HDF5 datasets ``<field>`` plus ``<field>_<part>``),
 its bytes per label row, and its worst-case error, which ``bench/relabel_bench.py``
 measures on real labels and on the GIFT and KL losses. Encoding is NumPy (the worker and
-transcode); decoding is one torch function, so that a training job can receive labels in
-their stored form and decode them on its own device, and the server decodes the same way.
-This module is part of the client package: it needs no h5py.
+transcode); decoding is one formula per codec, written against
+:mod:`softserve.client.arrays`: a training job receives labels in their stored form and
+decodes them with torch on its own device, and the server decodes them with NumPy, without
+torch. This module is part of the client package: it needs no h5py, and no torch.
 
 ==========  ==========================  ===================================================
 codec       bytes per label             error
@@ -31,8 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from softserve.client.arrays import Array, ops_for
 from softserve.errors import InputError
 
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -77,14 +78,10 @@ class Codec:
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
-        """The labels as float32 (…, num_classes), on the parts' device."""
+    def decode(self, parts: Mapping[str, Array], num_classes: int) -> Array:
+        """The labels as float32 (…, num_classes): a NumPy array from NumPy parts, a tensor
+        on the parts' device from tensors."""
         raise NotImplementedError
-
-    def decode(self, parts: Mapping[str, np.ndarray], num_classes: int) -> np.ndarray:
-        """The labels as a float32 NumPy array (…, num_classes)."""
-        tensors = {k: _as_tensor(v) for k, v in parts.items()}
-        return self.decode_tensors(tensors, num_classes).numpy()
 
     def decode_as(
         self, parts: Mapping[str, np.ndarray], num_classes: int, dtype: np.dtype | type
@@ -96,13 +93,6 @@ class Codec:
         if np.dtype(dtype) != np.float16:
             raise ValueError(f"labels decode to float32 or float16, not {dtype}")
         return to_float16(self.decode(parts, num_classes))
-
-
-def _as_tensor(x: np.ndarray) -> torch.Tensor:
-    """A tensor over ``x``'s memory (a copy only when torch cannot share it)."""
-    if not x.flags.writeable or any(stride < 0 for stride in x.strides):
-        x = np.array(x)
-    return torch.from_numpy(x)
 
 
 def to_float16(x: np.ndarray) -> np.ndarray:
@@ -123,9 +113,8 @@ class _FloatCodec(Codec):
             return {"": to_float16(x)}
         return {"": np.asarray(x, dtype=self._dtype)}
 
-    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
-        # torch casts half to float with SIMD; numpy an element at a time (~8x slower)
-        return parts[""].float()
+    def decode(self, parts: Mapping[str, Array], num_classes: int) -> Array:
+        return ops_for(parts[""]).float32(parts[""])
 
     def decode_as(
         self, parts: Mapping[str, np.ndarray], num_classes: int, dtype: np.dtype | type
@@ -160,9 +149,11 @@ class Int8Codec(Codec):
             "offset": lo.astype(np.float32),
         }
 
-    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
-        q = parts[""].float() + 128.0
-        return parts["offset"].float()[..., None] + parts["scale"].float()[..., None] * q
+    def decode(self, parts: Mapping[str, Array], num_classes: int) -> Array:
+        ops = ops_for(parts[""])
+        q = ops.float32(parts[""]) + 128.0
+        offset, scale = ops.float32(parts["offset"]), ops.float32(parts["scale"])
+        return offset[..., None] + scale[..., None] * q
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -226,10 +217,10 @@ class TopKCodec(Codec):
             "tail": to_float16(rest / (num_classes - self.k)),
         }
 
-    def decode_tensors(self, parts: Mapping[str, torch.Tensor], num_classes: int) -> torch.Tensor:
-        tail = parts["tail"].float()
-        out = tail[..., None].expand(*tail.shape, num_classes).clone()
-        return out.scatter_(-1, parts["index"].long(), parts[""].float())
+    def decode(self, parts: Mapping[str, Array], num_classes: int) -> Array:
+        ops = ops_for(parts[""])
+        out = ops.repeat_last(ops.float32(parts["tail"]), num_classes)
+        return ops.scatter_last(out, parts["index"], ops.float32(parts[""]))
 
 
 CODECS: dict[str, Codec] = {

@@ -31,8 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_ALPHA = 0.1
-DEFAULT_BETA = 0.1
+from softserve.client.refinement import DEFAULT_ALPHA, DEFAULT_BETA, flat_labels, refine_labels
+
+# the refinement's public names, re-exported: the losses are where users look for them
+from softserve.client.refinement import beta_from_gamma as beta_from_gamma
+from softserve.client.refinement import recover_logits as recover_logits
+from softserve.client.refinement import smooth_labels as smooth_labels
+
 DEFAULT_KL_TEMPERATURE = 20.0
 DEFAULT_CE_WEIGHT = 0.1
 
@@ -52,61 +57,6 @@ class Targets:
     soft: torch.Tensor
     hard: torch.Tensor
     logits: torch.Tensor | None = None
-
-
-def beta_from_gamma(gamma: float) -> float:
-    """β of the additive form that gives the direction of the paper's convex γ·ŝ + (1-γ)·t̂."""
-    if not 0 <= gamma < 1:
-        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
-    return gamma / (1 - gamma)
-
-
-def _flat_labels(hard: torch.Tensor) -> torch.Tensor:
-    if hard.ndim == 2 and hard.shape[1] == 1:
-        hard = hard[:, 0]
-    if hard.ndim != 1:
-        raise ValueError(f"hard labels must be (B,) or (B, 1), got {tuple(hard.shape)}")
-    return hard.long()
-
-
-def smooth_labels(
-    hard: torch.Tensor, num_classes: int, alpha: float = DEFAULT_ALPHA
-) -> torch.Tensor:
-    """Label smoothing as GIFT defines it: 1-α on the label, α/(C-1) on every other class."""
-    if num_classes < 2:
-        raise ValueError("label smoothing needs at least two classes")
-    y = _flat_labels(hard)
-    s = torch.full((y.shape[0], num_classes), alpha / (num_classes - 1), device=y.device)
-    return s.scatter_(1, y[:, None], 1.0 - alpha)
-
-
-def refine_labels(
-    teacher_logits: torch.Tensor,
-    hard_labels: torch.Tensor,
-    alpha: float = DEFAULT_ALPHA,
-    beta: float = DEFAULT_BETA,
-) -> torch.Tensor:
-    """GIFT's refined soft label r = t/‖t‖ + β·s/‖s‖, in float32."""
-    t = teacher_logits.float()
-    s = smooth_labels(hard_labels, t.shape[1], alpha).to(t.device)
-    return F.normalize(t, dim=1) + beta * F.normalize(s, dim=1)
-
-
-def recover_logits(
-    refined: torch.Tensor,
-    hard_labels: torch.Tensor,
-    norm: torch.Tensor,
-    alpha: float = DEFAULT_ALPHA,
-    beta: float = DEFAULT_BETA,
-) -> torch.Tensor:
-    """The teacher's logits from GIFT's refined label and their norm: t = ‖t‖·(r − β·s/‖s‖).
-
-    The inverse of :func:`refine_labels`, given ‖t‖: why a label set stores one label field
-    per view (the refined one) and one norm per row, yet serves exact logits.
-    """
-    r = refined.float()
-    s = smooth_labels(hard_labels, r.shape[-1], alpha).to(r.device)
-    return norm.float().to(r.device)[:, None] * (r - beta * F.normalize(s, dim=1))
 
 
 def cosine_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -139,7 +89,7 @@ def _softce(student: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 
 def _ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
-    return F.cross_entropy(student.float(), _flat_labels(batch.hard))
+    return F.cross_entropy(student.float(), flat_labels(batch.hard))
 
 
 def _gift(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:

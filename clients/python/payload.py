@@ -40,6 +40,9 @@ import numpy as np
 
 from softserve.errors import SoftserveError
 
+#: Columns of a ``params`` row: crop box in base pixels, then the flip bit.
+PARAM_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
+NUM_PARAMS = len(PARAM_FIELDS)
 TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
 LabelDtype = Literal["float32", "float16"]

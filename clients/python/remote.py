@@ -368,7 +368,7 @@ class RemoteLabelSet:
         codec = get_codec(self.detail.codec)
         names = codec.part_names("soft", self.num_classes)
         parts = {s: t[name].to(device, non_blocking=non_blocking) for s, name in names.items()}
-        soft = codec.decode_tensors(parts, self.num_classes)
+        soft = codec.decode(parts, self.num_classes)
         hard = t["hard"].to(device, non_blocking=non_blocking)
         logits = None
         if "norm" in t:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-#: Columns of a parameter row: crop box in base pixels, then the flip bit.
-PARAM_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
-NUM_PARAMS = len(PARAM_FIELDS)
+# a parameter row's columns: defined with the wire format, which the server shares (no torch)
+from softserve.client.payload import NUM_PARAMS as NUM_PARAMS
+from softserve.client.payload import PARAM_FIELDS as PARAM_FIELDS
 
 _ORDER_STREAM = 0
 _VIEW_STREAM = 1

@@ -76,7 +76,7 @@ def decode_rows(
     """An epoch's rows from the codec's stored parts (by suffix) and the logits' norms."""
     codec: Codec = get_codec(info.codec)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in parts.items()}
-    refined = codec.decode_tensors(tensors, info.num_classes)
+    refined = codec.decode(tensors, info.num_classes)
     order = np.asarray(order, dtype=np.int64)
     logits = recover_logits(
         refined, torch.from_numpy(hard[order]), torch.from_numpy(np.asarray(norm)),

@@ -1,0 +1,80 @@
+"""CLI and server start-up polish: version, help texts, one-line errors, timestamped logs."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import socket
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from conftest import Server, free_port, run_cli
+from test_errors import assert_one_line_error
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"softserve {importlib.metadata.version('softserve')}"
+
+
+def test_help_texts_keep_what_they_say() -> None:
+    """Markdown help keeps `<OPTION>` and shows ratios as written, not as 1.3333333333333333."""
+    serve = run_cli("serve", "--help")
+    assert serve.returncode == 0, serve.stderr
+    assert "SOFTSERVE_<OPTION>" in serve.stdout
+    relabel = run_cli("relabel", "--help")
+    assert "[default: 4/3]" in relabel.stdout and "1.333" not in relabel.stdout
+
+
+def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = run_cli("serve", "--store", tmp_path, "--port", port, timeout=60)
+    assert_one_line_error(done, f"port {port} on 127.0.0.1 is in use", "--port")
+
+
+def test_inspect_tells_no_such_path_from_not_a_label_set(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for json_flag in ([], ["--json"]):
+        for path, fragment in [
+            ("nowhere", "no such file or folder"),
+            ("folder", "is not a label set"),
+            ("file.txt", "is a file"),
+        ]:
+            assert_one_line_error(run_cli("inspect", tmp_path / path, *json_flag), fragment)
+
+
+def test_unknown_label_set_names_the_available_ones(server: Server) -> None:
+    response = httpx.get(f"{server.url}/v1/labelsets/tinny")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"].endswith("available: tiny, tiny-int8")
+
+
+def test_logs_have_iso_timestamps_and_the_access_log_is_json(tmp_path: Path) -> None:
+    """Every text line starts with an ISO 8601 time, every access line is a JSON object with
+    one; an empty store is warned about at start and named in a 404."""
+    (tmp_path / "store").mkdir()
+    srv = Server(tmp_path / "store", port=free_port()).start()
+    try:
+        missing = httpx.get(f"{srv.url}/v1/labelsets/x").json()["error"]["message"]
+        assert "has no label sets" in missing
+        httpx.get(f"{srv.url}/healthz")
+    finally:
+        srv.stop()
+    lines = [line for line in srv.log.read_text().splitlines() if line.strip()]
+    access = [json.loads(line) for line in lines if line.startswith("{")]
+    text = [line for line in lines if not line.startswith("{")]
+    assert {a["path"] for a in access} >= {"/v1/labelsets/x", "/healthz"}
+    for entry in access:
+        assert ISO.match(entry["time"]), entry
+        datetime.fromisoformat(entry["time"].replace("Z", "+00:00"))
+    assert text and all(ISO.match(line) for line in text), text
+    assert any("WARNING" in line and "holds no label sets" in line for line in text), text
