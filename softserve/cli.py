@@ -308,7 +308,12 @@ def train(
     url: Annotated[
         list[str] | None, typer.Option(help="Server URL; repeat for failover. Served runs.")
     ] = None,
-    labelset: Annotated[str | None, typer.Option(help="Label set name on the server.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Local store to read the label set from (no server).")
+    ] = None,
+    labelset: Annotated[
+        str | None, typer.Option(help="Label set name on the server or in --store.")
+    ] = None,
     teacher: Annotated[
         str | None, typer.Option(help="Online runs: this teacher labels fresh views each step.")
     ] = None,
@@ -359,7 +364,8 @@ def train(
 ) -> None:
     """Train a student and report top-1 on a real test split; prints one JSON result line.
 
-    Served: --url URL --labelset NAME trains on a label set's precomputed labels.
+    Served: --url URL --labelset NAME trains on a label set's precomputed labels; with
+    --store STORE instead of --url it reads STORE/NAME directly, with no server.
     Online: --teacher SPEC --weights W --images SRC runs the teacher on fresh views every
     step instead (view options as for relabel): what precomputing labels is measured against.
 
@@ -383,7 +389,7 @@ def train(
             alpha=alpha, beta=beta, allow_pickle=allow_pickle,
         )  # fmt: skip
     opts = TrainOptions(
-        urls=url or (), labelset=labelset, online=online, model=model, loss=loss,
+        urls=url or (), store=store, labelset=labelset, online=online, model=model, loss=loss,
         optimizer=optimizer, epochs=epochs, lr=lr, weight_decay=weight_decay,
         batch_size=batch_size, eval=eval, device=device, token=token,
         retry_seconds=retry_seconds, seed=seed, progress=progress,
