@@ -99,6 +99,12 @@ AllowPickleOption = Annotated[
         help="Let a .pt2 teacher unpickle objects: that runs code from the file; trusted only."
     ),
 ]
+RandomTeacherOption = Annotated[
+    bool,
+    typer.Option(
+        help="Accept a torchvision teacher without --weights: random labels, for tests only."
+    ),
+]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 
@@ -143,6 +149,7 @@ def relabel(
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
     allow_pickle: AllowPickleOption = False,
+    random_teacher: RandomTeacherOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Label a synthetic image set with a teacher: E epochs of views, logits and GIFT labels.
@@ -175,6 +182,7 @@ def relabel(
         beta=beta,
         shard_epochs=shard_epochs,
         allow_pickle=allow_pickle,
+        random_teacher=random_teacher,
         progress=progress,
     )
     try:
@@ -333,6 +341,7 @@ def train(
     alpha: AlphaOption = 0.1,
     beta: BetaOption = 0.1,
     allow_pickle: AllowPickleOption = False,
+    random_teacher: RandomTeacherOption = False,
     model: Annotated[str, typer.Option(help="Student: convnet or resnet18.")] = "convnet",
     loss: Annotated[
         str,
@@ -386,7 +395,7 @@ def train(
             teacher=teacher, images=images, weights=weights, num_classes=num_classes,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
             policy=_policy(min_scale, max_scale, min_ratio, max_ratio, flip),
-            alpha=alpha, beta=beta, allow_pickle=allow_pickle,
+            alpha=alpha, beta=beta, allow_pickle=allow_pickle, random_teacher=random_teacher,
         )  # fmt: skip
     opts = TrainOptions(
         urls=url or (), store=store, labelset=labelset, online=online, model=model, loss=loss,

@@ -279,7 +279,7 @@ def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
     size = online.size or (h, w)
     teacher = load_teacher(
         online.teacher, online.weights, online.num_classes or data.num_classes,
-        online.allow_pickle,
+        online.allow_pickle, online.random_teacher,
     )  # fmt: skip
     model = teacher.model.to(device)
     batch_size = opts.batch_size or official_batch_size(n)
@@ -387,12 +387,12 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
         loss_fn = get_loss(opts.loss)
     except ValueError as exc:
         raise InputError(f"--loss: {exc}") from None
-    test = load_eval_set(opts.eval)
-    torch.manual_seed(opts.seed)
     client_context = (
         Client(list(opts.urls), token=opts.token, retry_seconds=opts.retry_seconds)
         if opts.urls else nullcontext()
     )  # fmt: skip
+    test = load_eval_set(opts.eval)
+    torch.manual_seed(opts.seed)
     with client_context as client:
         if opts.online is not None:
             feed = online_feed(opts, device)
