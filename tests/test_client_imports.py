@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 FORBIDDEN = ("h5py", "fastapi", "uvicorn", "softserve.service", "softserve.storage")
 
@@ -23,3 +27,34 @@ def test_client_import_is_light() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_wheel_ships_type_hints_and_the_public_api(tmp_path: Path) -> None:
+    """A built wheel carries py.typed (PEP 561); ``__all__`` names exactly what is public."""
+    root = Path(__file__).parent.parent
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    for folder in ("softserve", "storage", "worker", "service", "clients"):
+        shutil.copytree(root / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__py*"))
+    code = (
+        "import sys; from setuptools import build_meta as b; "
+        "print(b.build_wheel(sys.argv[1]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "dist")], cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"softserve/py.typed", "softserve/client/py.typed"} <= names
+
+    import softserve.client as client
+
+    exported = {n for n, v in vars(client).items() if not n.startswith("_")}
+    assert {n for n in exported if not inspect.ismodule(getattr(client, n))} == set(
+        client.__all__
+    )
+    assert {"open_local", "LocalLabelSet", "LabelSet", "RemoteLabelSet", "Loader"} <= set(
+        client.__all__
+    )
