@@ -15,6 +15,7 @@ size (:func:`official_batch_size`). Adam and SGD are there for the cross-optimiz
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -156,6 +157,23 @@ def _named(names: Sequence[str]) -> bool:
     return list(names) != [str(i) for i in range(len(names))]
 
 
+def _unnumbered(index: int, name: str) -> str:
+    """A class name without its index prefix ("03-dress" -> "dress"), which ImageFolder sets
+    use to keep their classes in order when sorted."""
+    return re.sub(rf"^0*{index}[-_. ]", "", name) if index else re.sub(r"^0+[-_. ]", "", name)
+
+
+def first_other_class(test: Sequence[str], train: Sequence[str]) -> int | None:
+    """The first class whose names differ (index prefixes aside), or None when they agree or
+    the training set's classes are unnamed."""
+    if not _named(train):
+        return None
+    for i, (a, b) in enumerate(zip(test, train, strict=True)):
+        if _unnumbered(i, a) != _unnumbered(i, b):
+            return i
+    return None
+
+
 def load_eval_set(spec: str) -> EvalSet:
     """``fashion-mnist`` (Debian's test split) or an image set path."""
     if spec == "fashion-mnist":
@@ -189,9 +207,8 @@ def check_eval_set(test: EvalSet, feed: Feed) -> None:
             f"--eval has {len(test.class_names)} classes, the training set {feed.num_classes}: "
             "a test set of another task scores nothing real"
         )
-    if _named(feed.class_names) and test.class_names != feed.class_names:
-        pairs = zip(test.class_names, feed.class_names, strict=True)
-        at = next(i for i, (a, b) in enumerate(pairs) if a != b)
+    at = first_other_class(test.class_names, feed.class_names)
+    if at is not None:
         raise InputError(
             f"--eval class {at} is {test.class_names[at]!r}, the training set's is "
             f"{feed.class_names[at]!r}: the test set's classes are other classes or in another "

@@ -16,6 +16,7 @@ from softserve.train import (
     TrainOptions,
     build_optimizer,
     build_schedule,
+    first_other_class,
     official_batch_size,
 )
 from softserve.worker.sources import TeacherInputs
@@ -210,3 +211,16 @@ def test_eval_set_with_other_class_names_is_refused(
         "--device", "cpu", "--no-progress",
     )  # fmt: skip
     assert_one_line_error(done, *fragments)
+
+
+def test_class_names_compare_without_index_prefixes() -> None:
+    """The demo's folders are "00-t-shirt", ...: the same classes as Fashion-MNIST's names."""
+    from softserve.worker.fashion_mnist import CLASS_NAMES
+
+    numbered = [f"{i:02d}-{name}" for i, name in enumerate(CLASS_NAMES)]
+    assert first_other_class(CLASS_NAMES, numbered) is None
+    assert first_other_class(numbered, CLASS_NAMES) is None
+    assert first_other_class(["ant", "bee"], ["0-ant", "1_bee"]) is None
+    assert first_other_class(["ant", "bee"], ["0-ant", "0-bee"]) == 1
+    assert first_other_class(["ant", "bee"], ["bee", "ant"]) == 0
+    assert first_other_class(["ant", "bee"], ["0", "1"]) is None  # unnamed training classes

@@ -104,3 +104,14 @@ def test_ranks_times_workers_partition_the_epoch(store: Path) -> None:
         assert keys(batches) == [(0, i) for i in range(5)]
         seen += [i for b in batches for i in b.indices.tolist()]
     assert sorted(seen) == list(range(50))
+
+
+def test_batch_moves_every_tensor(direct: list[Batch]) -> None:
+    """``batch.to(device)`` after the DataLoader moves every tensor and keeps the rest."""
+    batch = direct[3]
+    moved = batch.to("meta")
+    assert (moved.epoch, moved.index, moved.logits) == (batch.epoch, batch.index, None)
+    for name in ("indices", "images", "params", "hard", "soft"):
+        assert getattr(moved, name).device.type == "meta"
+        assert getattr(moved, name).shape == getattr(batch, name).shape
+    assert batch.images.device.type == "cpu"
