@@ -164,9 +164,9 @@ def test_torchvision_teacher(make_options, capsys) -> None:
         relabel(opts)
     assert not opts.out.exists()
     relabel(replace(opts, random_teacher=True))
-    err = capsys.readouterr().err
-    assert "teacher torchvision:resnet18 = ResNet, RANDOM weights" in err
-    assert "device cpu; dtype float32" in err
+    out = capsys.readouterr().out
+    assert "teacher torchvision:resnet18 = ResNet, RANDOM weights" in out
+    assert "device cpu; dtype float32" in out
     manifest = read_manifest(opts.out)
     assert manifest.config.teacher.spec == "torchvision:resnet18"
     assert manifest.config.teacher.weights_sha256 is None
@@ -177,7 +177,7 @@ def test_relabel_says_what_it_resolved(make_options, tmp_path: Path, capsys) -> 
     weights = tmp_path / "tiny.pt"
     torch.save(teachers.tiny_rgb().state_dict(), weights)
     relabel(make_options(weights=weights, epochs=1, shard_epochs=1))
-    line = capsys.readouterr().err.strip().splitlines()[0]
+    line = capsys.readouterr().out.strip().splitlines()[0]
     assert line.startswith("relabel: teacher teachers:tiny_rgb = ")
     assert f"weights {weights} (sha256 {sha256_file(weights)[:12]})" in line
     assert line.endswith("device cpu; dtype float32")

@@ -14,7 +14,6 @@ import errno
 import functools
 import queue
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -427,7 +426,7 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
     teacher = load_teacher(
         opts.teacher, opts.weights, opts.num_classes, opts.allow_pickle, opts.random_teacher
     )
-    tqdm.write(describe_run(teacher, device, opts.precision), sys.stderr)
+    tqdm.write(describe_run(teacher, device, opts.precision))
     config = build_config(opts, data, teacher)
     out = opts.out
     with distributed(device) as ranks:
