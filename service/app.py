@@ -30,19 +30,13 @@ from softserve.client.sampling import Sharding
 from softserve.client.schema import ErrorResponse, LabelSetDetail, LabelSetSummary
 from softserve.service import metrics
 from softserve.service.auth import authorized, load_tokens
-from softserve.service.batches import (
-    BatchRequest,
-    batch_payload,
-    detail,
-    image_payload,
-    stream_frames,
-    summary,
-)
+from softserve.service.batches import BatchRequest, batch_payload, image_payload, stream_frames
 from softserve.service.catalog import Catalog, LabelSet
 from softserve.service.errors import ApiError, install_error_handlers
 from softserve.service.settings import ServiceSettings
 from softserve.service.ui import UI_PAGE, UI_POLICY
 from softserve.service.views import view_png
+from softserve.storage.open_set import detail, summary
 
 log = logging.getLogger("softserve.service")
 

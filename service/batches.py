@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from softserve.client.codecs import part_name
 from softserve.client.payload import (
     END_FRAME,
     LabelDtype,
@@ -22,21 +21,12 @@ from softserve.client.payload import (
     frame_parts,
 )
 from softserve.client.sampling import Sharding
-from softserve.client.schema import (
-    LabelSetDetail,
-    LabelSetSummary,
-    RefinementParams,
-    ViewPolicyInfo,
-)
 from softserve.errors import SoftserveError, StoreError
 from softserve.service import metrics
 from softserve.service.catalog import LabelSet
 
 log = logging.getLogger("softserve.service")
 
-_LABEL_FIELDS = {"soft": "refined", "logits": "logits"}
-#: With label_encoding=stored: soft as the codec's parts, logits as their norms.
-_STORED_FIELDS = {"soft": "refined", "logits": "norm"}
 _BATCHES_PER_READ = 8
 
 
@@ -61,113 +51,23 @@ class BatchRequest:
 
     def stored(self, epoch: int) -> int:
         """Epochs past the stored ones wrap around: epoch e serves stored epoch e mod E."""
-        return epoch % self.entry.manifest.config.epochs
-
-
-def summary(entry: LabelSet) -> LabelSetSummary:
-    config = entry.manifest.config
-    return LabelSetSummary(
-        name=entry.name,
-        num_samples=config.num_samples,
-        num_classes=config.num_classes,
-        epochs=config.epochs,
-        image_shape=config.image_shape,
-        output_size=config.views.output_size,
-        codec=config.codec,
-        teacher=config.teacher.spec,
-        created=entry.manifest.created,
-        digest=entry.digest,
-    )
-
-
-def detail(entry: LabelSet) -> LabelSetDetail:
-    manifest = entry.manifest
-    config = manifest.config
-    views = config.views
-    return LabelSetDetail(
-        **summary(entry).model_dump(),
-        class_names=config.class_names,
-        mean=config.mean,
-        std=config.std,
-        views=ViewPolicyInfo(
-            scale=views.scale, ratio=views.ratio, flip=views.flip, interpolation=views.interpolation
-        ),
-        refinement=RefinementParams(**config.refinement.model_dump()),
-        seed=config.seed,
-        precision=config.precision,
-        teacher_weights_sha256=config.teacher.weights_sha256,
-        dataset_sha256=config.dataset_sha256,
-        label_bytes=manifest.label_bytes(),
-        shards=len(manifest.shards),
-        format_version=manifest.format_version,
-    )
+        return self.entry.stored_epoch(epoch)
 
 
 def read_batches(
     request: BatchRequest, batches: Iterable[tuple[int, int]]
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The requested tensors (see softserve.client.payload) of (epoch, index) batches.
-
-    Batches that follow each other in one stored epoch (world size 1) are read together, one
-    read per dataset: a read of a few rows costs about as much as a read of many.
-    """
+    """The requested tensors (see softserve.client.payload) of (epoch, index) batches; a
+    failed read withdraws the label set."""
     entry = request.entry
-    fields = ["order"]
-    if "params" in request.include:
-        fields.append("params")
-    labels = _STORED_FIELDS if request.stored_labels else _LABEL_FIELDS
-    fields += [stored for name, stored in labels.items() if name in request.include]
-    spans = [(request.stored(epoch), *request.sharding.positions(i)) for epoch, i in batches]
-    for run in _contiguous_runs(spans):
-        stored, first, last = run[0][0], run[0][1], run[-1][2]
-        try:
-            with entry.lock:
-                rows = entry.reader.read(
-                    stored, first, last, fields, request.label_dtype, request.stored_labels
-                )
-        except StoreError as exc:
-            entry.withdraw(str(exc))
-            raise
-        for _, start, stop in run:
-            batch = {k: v[start - first : stop - first] for k, v in rows.items()}
-            yield _tensors(request, batch)
-
-
-def _contiguous_runs(spans: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
-    """(stored epoch, start, stop) spans grouped into runs that read as one slice."""
-    run: list[tuple[int, int, int]] = []
-    for span in spans:
-        if run and (span[0] != run[-1][0] or span[1] != run[-1][2]):
-            yield run
-            run = []
-        run.append(span)
-    if run:
-        yield run
-
-
-def _tensors(request: BatchRequest, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A batch's payload tensors, in the requested order, from its stored rows."""
-    entry = request.entry
-    ids = rows["order"].astype(np.int64)
-    out: dict[str, np.ndarray] = {}
-    for name in request.include:
-        if name == "indices":
-            out[name] = ids
-        elif name == "images":
-            out[name] = entry.base_images(ids)
-        elif name == "hard":
-            out[name] = entry.hard[ids]
-        elif name == "params":
-            out[name] = rows["params"]
-        elif request.stored_labels and name == "soft":
-            codec, classes = entry.reader.codec, entry.manifest.config.num_classes
-            for suffix, key in codec.part_names("refined", classes).items():
-                out[part_name("soft", suffix)] = rows[key]
-        elif request.stored_labels:
-            out["norm"] = rows["norm"]
-        else:
-            out[name] = rows[_LABEL_FIELDS[name]]
-    return out
+    try:
+        yield from entry.read_batches(
+            request.sharding, batches, request.include, request.label_dtype,
+            request.stored_labels,
+        )  # fmt: skip
+    except StoreError as exc:
+        entry.withdraw(str(exc))
+        raise
 
 
 def _parts(
@@ -223,12 +123,7 @@ def stream_groups(
     """The (epoch, index) batches of a stream from batch ``start`` through ``epochs`` epochs,
     in the groups it reads at a time (across epoch boundaries: a trip to the thread pool and
     a write cost more than reading a small batch)."""
-    per_epoch = len(request.sharding)
-    batches = (
-        (epoch, index)
-        for epoch in range(request.epoch, request.epoch + epochs)
-        for index in range(start if epoch == request.epoch else 0, per_epoch)
-    )
+    batches = request.sharding.schedule(request.epoch, start, epochs)
     while group := list(itertools.islice(batches, _BATCHES_PER_READ)):
         yield group
 

@@ -16,31 +16,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from softserve.errors import SoftserveError
 from softserve.storage.layout import label_set_folders
-from softserve.storage.manifest import Manifest, load_manifest
-from softserve.storage.reader import LabelSetReader
+from softserve.storage.manifest import load_manifest
+from softserve.storage.open_set import OpenLabelSet
 
 log = logging.getLogger("softserve.catalog")
 
 
 @dataclass
-class LabelSet:
-    """An open label set: its reader, hard labels, and base images when they fit the cache."""
+class LabelSet(OpenLabelSet):
+    """An open label set as served: withdrawn when a read finds it damaged."""
 
-    name: str
-    root: Path
-    manifest: Manifest
-    digest: str
-    reader: LabelSetReader
-    hard: np.ndarray
-    images: np.ndarray | None
-    lock: threading.Lock = field(default_factory=threading.Lock)
     failure: str | None = None
 
     def withdraw(self, reason: str) -> None:
@@ -49,18 +39,6 @@ class LabelSet:
         if self.failure is None:
             log.error("withdrawing label set %s: %s", self.name, reason)
             self.failure = reason
-
-    def base_images(self, ids: np.ndarray) -> np.ndarray:
-        """Base images of sample ids, in the given order."""
-        if self.images is not None:
-            return self.images[ids]
-        order = np.argsort(ids, kind="stable")
-        unique, inverse = np.unique(ids[order], return_inverse=True)
-        with self.lock:
-            rows = self.reader.images_at(unique)
-        out = np.empty((len(ids), *rows.shape[1:]), dtype=rows.dtype)
-        out[order] = rows[inverse]
-        return out
 
 
 class Catalog:
@@ -113,20 +91,7 @@ class Catalog:
         return True
 
     def _open(self, root: Path) -> LabelSet:
-        reader = LabelSetReader(root, locking=self.locking)
-        manifest = reader.manifest
-        config = manifest.config
-        image_bytes = config.num_samples * int(np.prod(config.image_shape))
-        images = reader.images() if image_bytes <= self.image_cache_bytes else None
-        return LabelSet(
-            name=root.name,
-            root=root,
-            manifest=manifest,
-            digest=reader.digest,
-            reader=reader,
-            hard=reader.hard_labels(),
-            images=images,
-        )
+        return LabelSet.open(root, image_cache_bytes=self.image_cache_bytes, locking=self.locking)
 
     def names(self) -> list[str]:
         """Label sets being served: open, and not withdrawn."""

@@ -123,6 +123,12 @@ AllowPickleOption = Annotated[
         help="Let a .pt2 teacher unpickle objects: that runs code from the file; trusted only."
     ),
 ]
+RandomTeacherOption = Annotated[
+    bool,
+    typer.Option(
+        help="Accept a torchvision teacher without --weights: random labels, for tests only."
+    ),
+]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 
@@ -167,6 +173,7 @@ def relabel(
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
     allow_pickle: AllowPickleOption = False,
+    random_teacher: RandomTeacherOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Label a synthetic image set with a teacher: E epochs of views, logits and GIFT labels.
@@ -199,6 +206,7 @@ def relabel(
         beta=beta,
         shard_epochs=shard_epochs,
         allow_pickle=allow_pickle,
+        random_teacher=random_teacher,
         progress=progress,
     )
     try:
@@ -381,7 +389,12 @@ def train(
     url: Annotated[
         list[str] | None, typer.Option(help="Server URL; repeat for failover. Served runs.")
     ] = None,
-    labelset: Annotated[str | None, typer.Option(help="Label set name on the server.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Local store to read the label set from (no server).")
+    ] = None,
+    labelset: Annotated[
+        str | None, typer.Option(help="Label set name on the server or in --store.")
+    ] = None,
     teacher: Annotated[
         str | None, typer.Option(help="Online runs: this teacher labels fresh views each step.")
     ] = None,
@@ -401,6 +414,7 @@ def train(
     alpha: AlphaOption = 0.1,
     beta: BetaOption = 0.1,
     allow_pickle: AllowPickleOption = False,
+    random_teacher: RandomTeacherOption = False,
     model: Annotated[str, typer.Option(help="Student: convnet or resnet18.")] = "convnet",
     loss: Annotated[
         str,
@@ -432,7 +446,8 @@ def train(
 ) -> None:
     """Train a student and report top-1 on a real test split; prints one JSON result line.
 
-    Served: --url URL --labelset NAME trains on a label set's precomputed labels.
+    Served: --url URL --labelset NAME trains on a label set's precomputed labels; with
+    --store STORE instead of --url it reads STORE/NAME directly, with no server.
     Online: --teacher SPEC --weights W --images SRC runs the teacher on fresh views every
     step instead (view options as for relabel): what precomputing labels is measured against.
 
@@ -453,10 +468,10 @@ def train(
             teacher=teacher, images=images, weights=weights, num_classes=num_classes,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
             policy=_policy(min_scale, max_scale, min_ratio, max_ratio, flip),
-            alpha=alpha, beta=beta, allow_pickle=allow_pickle,
+            alpha=alpha, beta=beta, allow_pickle=allow_pickle, random_teacher=random_teacher,
         )  # fmt: skip
     opts = TrainOptions(
-        urls=url or (), labelset=labelset, online=online, model=model, loss=loss,
+        urls=url or (), store=store, labelset=labelset, online=online, model=model, loss=loss,
         optimizer=optimizer, epochs=epochs, lr=lr, weight_decay=weight_decay,
         batch_size=batch_size, eval=eval, device=device, token=token,
         retry_seconds=retry_seconds, seed=seed, progress=progress,

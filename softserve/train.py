@@ -3,7 +3,8 @@
 A student learns from batches with a bundled loss and is scored top-1 on a real test split.
 Two feeds give the same student, schedule, losses and evaluation:
 
-- **served**: a label set, through a softserve server (precomputed labels);
+- **served**: a label set's precomputed labels, through a softserve server or read from a
+  local store (``--store``, no server);
 - **online**: a teacher run on the fly on fresh views every step, as RDED and GIFT's own
   evaluator do (no label set, no server): the reference for what precomputation costs.
 
@@ -14,6 +15,7 @@ size (:func:`official_batch_size`). Adam and SGD are there for the cross-optimiz
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -30,9 +32,11 @@ from softserve.client import (
     NEEDS_LOGITS,
     Batch,
     Client,
+    LabelSet,
     apply_views,
     epoch_order,
     get_loss,
+    open_local,
     refine_labels,
     sample_views,
 )
@@ -71,9 +75,11 @@ def lr_milestones(epochs: int, batches_per_epoch: int) -> list[int]:
 
 @dataclass
 class TrainOptions:
-    """One student run. Exactly one feed: ``urls`` + ``labelset`` (served) or ``online``."""
+    """One student run. Exactly one feed: ``urls`` or ``store``, + ``labelset`` (served), or
+    ``online``."""
 
     urls: Sequence[str] = ()
+    store: Path | None = None
     labelset: str | None = None
     online: TeacherInputs | None = None
     model: str = "convnet"
@@ -100,6 +106,7 @@ class Feed:
     batches_per_epoch: int
     num_samples: int
     num_classes: int
+    class_names: list[str]
     channels: int
     output_size: tuple[int, int]
     mean: tuple[float, ...]
@@ -136,16 +143,77 @@ def build_schedule(
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=LR_GAMMA)
 
 
-def load_eval_set(spec: str) -> tuple[np.ndarray, np.ndarray]:
-    """Test images (uint8 N×C×H×W) and labels: ``fashion-mnist`` or an image set path."""
+@dataclass
+class EvalSet:
+    """A real test split: uint8 N×C×H×W images, labels, and class names when it has them."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str] | None
+
+
+def _named(names: Sequence[str]) -> bool:
+    """Whether class names say something (a tensor file without names gets "0", "1", ...)."""
+    return list(names) != [str(i) for i in range(len(names))]
+
+
+def _unnumbered(index: int, name: str) -> str:
+    """A class name without its index prefix ("03-dress" -> "dress"), which ImageFolder sets
+    use to keep their classes in order when sorted."""
+    return re.sub(rf"^0*{index}[-_. ]", "", name) if index else re.sub(r"^0+[-_. ]", "", name)
+
+
+def first_other_class(test: Sequence[str], train: Sequence[str]) -> int | None:
+    """The first class whose names differ (index prefixes aside), or None when they agree or
+    the training set's classes are unnamed."""
+    if not _named(train):
+        return None
+    for i, (a, b) in enumerate(zip(test, train, strict=True)):
+        if _unnumbered(i, a) != _unnumbered(i, b):
+            return i
+    return None
+
+
+def load_eval_set(spec: str) -> EvalSet:
+    """``fashion-mnist`` (Debian's test split) or an image set path."""
     if spec == "fashion-mnist":
         from softserve.worker import fashion_mnist
 
-        return fashion_mnist.load_split(fashion_mnist.find_data(), "test")
+        images, labels = fashion_mnist.load_split(fashion_mnist.find_data(), "test")
+        return EvalSet(images, labels, fashion_mnist.CLASS_NAMES)
     from softserve.worker.sources import load_image_set
 
     data = load_image_set(Path(spec))
-    return data.images, data.labels
+    names = data.class_names if _named(data.class_names) else None
+    return EvalSet(data.images, data.labels, names)
+
+
+def check_eval_set(test: EvalSet, feed: Feed) -> None:
+    """Refuse a test set of another task: other channels, classes, or class names would
+    score an accuracy that means nothing."""
+    if test.images.shape[1] != feed.channels:
+        raise InputError(
+            f"--eval images have {test.images.shape[1]} channels, the training set {feed.channels}"
+        )
+    if len(test.labels) and int(test.labels.max()) >= feed.num_classes:
+        raise InputError(
+            f"--eval labels go up to class {int(test.labels.max())}, the training set has "
+            f"{feed.num_classes} classes: a test set of another task scores nothing real"
+        )
+    if test.class_names is None:
+        return
+    if len(test.class_names) != feed.num_classes:
+        raise InputError(
+            f"--eval has {len(test.class_names)} classes, the training set {feed.num_classes}: "
+            "a test set of another task scores nothing real"
+        )
+    at = first_other_class(test.class_names, feed.class_names)
+    if at is not None:
+        raise InputError(
+            f"--eval class {at} is {test.class_names[at]!r}, the training set's is "
+            f"{feed.class_names[at]!r}: the test set's classes are other classes or in another "
+            "order"
+        )
 
 
 @torch.inference_mode()
@@ -228,7 +296,7 @@ def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
     size = online.size or (h, w)
     teacher = load_teacher(
         online.teacher, online.weights, online.num_classes or data.num_classes,
-        online.allow_pickle,
+        online.allow_pickle, online.random_teacher,
     )  # fmt: skip
     model = teacher.model.to(device)
     batch_size = opts.batch_size or official_batch_size(n)
@@ -238,16 +306,24 @@ def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
     )  # fmt: skip
     return Feed(
         batches=batches, batches_per_epoch=len(batches), num_samples=n,
-        num_classes=data.num_classes, channels=c, output_size=size, mean=mean, std=std,
+        num_classes=data.num_classes, class_names=data.class_names, channels=c,
+        output_size=size, mean=mean, std=std,
         batch_size=batch_size,
         describe={"feed": "online", "teacher": online.teacher, "images": str(online.images)},
     )  # fmt: skip
 
 
-def served_feed(opts: TrainOptions, client: Client, device: torch.device) -> Feed:
-    """The served feed: the label set's loader, one stream for every epoch."""
+def open_labelset(opts: TrainOptions, client: Client | None) -> LabelSet:
+    """The run's label set: on the server, or read from the local store."""
     assert opts.labelset is not None
-    labelset = client.labelset(opts.labelset)
+    if client is not None:
+        return client.labelset(opts.labelset)
+    assert opts.store is not None
+    return open_local(opts.store / opts.labelset)
+
+
+def served_feed(opts: TrainOptions, labelset: LabelSet, device: torch.device) -> Feed:
+    """The served feed: the label set's loader, one stream (or read) for every epoch."""
     batch_size = opts.batch_size or official_batch_size(labelset.num_samples)
     try:
         loader = labelset.loader(
@@ -259,21 +335,30 @@ def served_feed(opts: TrainOptions, client: Client, device: torch.device) -> Fee
     return Feed(
         batches=loader, batches_per_epoch=loader.batches_per_epoch,
         num_samples=labelset.num_samples, num_classes=labelset.num_classes,
-        channels=labelset.image_shape[0], output_size=tuple(labelset.output_size),
+        class_names=labelset.class_names, channels=labelset.image_shape[0],
+        output_size=tuple(labelset.output_size),
         mean=tuple(labelset.mean), std=tuple(labelset.std), batch_size=batch_size,
-        describe={"feed": "served", "labelset": opts.labelset, "codec": labelset.detail.codec},
+        describe={
+            "feed": "served" if opts.urls else "local", "labelset": opts.labelset,
+            "codec": labelset.detail.codec,
+        },
     )  # fmt: skip
 
 
 def _check(opts: TrainOptions) -> None:
-    served = bool(opts.urls) or opts.labelset is not None
+    served = bool(opts.urls) or opts.store is not None or opts.labelset is not None
     if served == (opts.online is not None):
         raise InputError(
-            "train from a label set (--url and --labelset) or from a teacher "
+            "train from a label set (--url or --store, and --labelset) or from a teacher "
             "(--teacher and --images), not both and not neither"
         )
-    if served and not (opts.urls and opts.labelset):
-        raise InputError("a served run needs both --url and --labelset")
+    if served and bool(opts.urls) == (opts.store is not None):
+        raise InputError(
+            "a label set comes from a server (--url) or a local store (--store), not both "
+            "and not neither"
+        )
+    if served and not opts.labelset:
+        raise InputError("a run on a label set needs --labelset NAME")
     if opts.epochs < 1 or (opts.batch_size is not None and opts.batch_size < 1):
         raise InputError("--epochs and --batch-size must be positive")
 
@@ -319,28 +404,22 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
         loss_fn = get_loss(opts.loss)
     except ValueError as exc:
         raise InputError(f"--loss: {exc}") from None
-    test_images, test_labels = load_eval_set(opts.eval)
-    torch.manual_seed(opts.seed)
     client_context = (
         Client(list(opts.urls), token=opts.token, retry_seconds=opts.retry_seconds)
         if opts.urls else nullcontext()
     )  # fmt: skip
+    test = load_eval_set(opts.eval)
+    torch.manual_seed(opts.seed)
     with client_context as client:
-        feed = served_feed(opts, client, device) if client else online_feed(opts, device)
-        if test_images.shape[1] != feed.channels:
-            raise InputError(
-                f"--eval images have {test_images.shape[1]} channels, the training set "
-                f"{feed.channels}"
-            )
-        if len(test_labels) and int(test_labels.max()) >= feed.num_classes:
-            raise InputError(
-                f"--eval labels go up to class {int(test_labels.max())}, the training set has "
-                f"{feed.num_classes} classes: a test set of another task scores nothing real"
-            )
+        if opts.online is not None:
+            feed = online_feed(opts, device)
+        else:
+            feed = served_feed(opts, open_labelset(opts, client), device)
+        check_eval_set(test, feed)
         model = build_student(opts.model, feed.channels, feed.num_classes, feed.output_size)
         model = model.to(device)
         steps, samples, seconds = fit(model, feed, loss_fn, opts, device)
-        top1 = evaluate(model, test_images, test_labels, feed, device)
+        top1 = evaluate(model, test.images, test.labels, feed, device)
     return {
         **feed.describe,
         "model": opts.model,

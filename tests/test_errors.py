@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import random_set, relabel_args, run_cli, shard_digests, write_folder
 
+from softserve.client import Client, ClientError
 from softserve.storage import verify_label_set
 from softserve.worker.relabel import relabel
 
@@ -138,3 +139,13 @@ def test_full_disk_mid_write(make_options, small_disk: Path, tmp_path: Path) -> 
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(written)} reused" in resumed.stdout
     assert shard_digests(moved) == shard_digests(reference.out)
+
+
+@pytest.mark.parametrize("url", ["store", "127.0.0.1:8000", "ftp://host/x", "http://"])
+def test_a_url_without_scheme_or_host_is_refused_at_once(url: str) -> None:
+    """A path or a bare host:port is a mistake to report, not a server to retry for a minute."""
+    with pytest.raises(ClientError, match="not a server URL") as info:
+        Client(url)
+    assert info.value.code == "bad_url" and "open_local" in str(info.value)
+    done = run_cli("train", "--url", url, "--labelset", "x", "--epochs", 1, timeout=60)
+    assert_one_line_error(done, "not a server URL", "--store")

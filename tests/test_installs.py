@@ -7,7 +7,11 @@ installed metadata, linked from this environment: :mod:`lean_env`).
 
 from __future__ import annotations
 
+import ast
+import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -110,3 +114,33 @@ def test_a_missing_extra_is_named(
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def test_wheel_ships_type_hints_and_the_public_api(tmp_path: Path) -> None:
+    """A built wheel carries py.typed (PEP 561); ``__all__`` is every lazily loaded name, each
+    resolves, and the imports type checkers read name exactly the same set."""
+    root = Path(__file__).parent.parent
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    for folder in ("softserve", "storage", "worker", "service", "clients"):
+        shutil.copytree(root / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__py*"))
+    code = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "dist")], cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"softserve/py.typed", "softserve/client/py.typed"} <= names
+
+    import softserve.client as client
+
+    assert set(client.__all__) == set(client._EXPORTS)
+    resolved = {name: getattr(client, name) for name in client.__all__}  # each one loads
+    assert resolved["open_local"].__module__ == "softserve.client.local"
+    tree = ast.parse((root / "clients" / "python" / "__init__.py").read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If))  # the TYPE_CHECKING block
+    static = {a.asname or a.name for n in guarded.body for a in n.names}
+    assert static == set(client.__all__)
+    assert {"open_local", "LocalLabelSet", "LabelSet", "RemoteLabelSet", "Loader"} <= static

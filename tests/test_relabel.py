@@ -157,13 +157,30 @@ def test_weights_are_loaded_and_recorded(make_options, tmp_path: Path, wrap: str
 
 
 def test_torchvision_teacher(make_options, capsys) -> None:
-    """Works without weights, but says loudly that such a teacher is random."""
+    """Without weights it is refused (random labels), unless --random-teacher says so; the
+    run then says loudly what it resolved."""
     opts = make_options(teacher="torchvision:resnet18", num_classes=3, epochs=1, shard_epochs=1)
-    relabel(opts)
-    assert "randomly initialised" in capsys.readouterr().err
+    with pytest.raises(InputError, match="without --weights.*--random-teacher"):
+        relabel(opts)
+    assert not opts.out.exists()
+    relabel(replace(opts, random_teacher=True))
+    out = capsys.readouterr().out
+    assert "teacher torchvision:resnet18 = ResNet, RANDOM weights" in out
+    assert "device cpu; dtype float32" in out
     manifest = read_manifest(opts.out)
     assert manifest.config.teacher.spec == "torchvision:resnet18"
     assert manifest.config.teacher.weights_sha256 is None
+
+
+def test_relabel_says_what_it_resolved(make_options, tmp_path: Path, capsys) -> None:
+    """Teacher class and weights (path and sha256), device and dtype, even without progress."""
+    weights = tmp_path / "tiny.pt"
+    torch.save(teachers.tiny_rgb().state_dict(), weights)
+    relabel(make_options(weights=weights, epochs=1, shard_epochs=1))
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line.startswith("relabel: teacher teachers:tiny_rgb = ")
+    assert f"weights {weights} (sha256 {sha256_file(weights)[:12]})" in line
+    assert line.endswith("device cpu; dtype float32")
 
 
 def test_exported_teacher(make_options, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from softserve.train import (
     TrainOptions,
     build_optimizer,
     build_schedule,
+    first_other_class,
     official_batch_size,
 )
 from softserve.worker.sources import TeacherInputs
@@ -169,7 +170,8 @@ def test_eval_set_of_another_task_is_refused(server: Server, tmp_path: Path) -> 
 
 def test_train_needs_exactly_one_feed(tmp_path: Path, eval_set: Path) -> None:
     base = ["train", "--epochs", 1, "--eval", eval_set, "--no-progress"]
-    assert_one_line_error(run_cli(*base), "--url and --labelset", "--teacher and --images")
+    done = run_cli(*base)
+    assert_one_line_error(done, "--url or --store, and --labelset", "--teacher and --images")
     both = [
         "--url",
         "http://127.0.0.1:1",
@@ -184,3 +186,41 @@ def test_train_needs_exactly_one_feed(tmp_path: Path, eval_set: Path) -> None:
     assert_one_line_error(
         run_cli(*base, "--teacher", "teachers:tiny_rgb"), "--teacher and --images"
     )
+
+
+@pytest.mark.parametrize(
+    ("names", "fragments"),
+    [
+        (["ant", "cat", "bee"], ("--eval class 1 is 'cat'", "'bee'", "another order")),
+        (["ant", "bee"], ("--eval has 2 classes", "training set 3")),
+    ],
+)
+def test_eval_set_with_other_class_names_is_refused(
+    store: Path, tmp_path: Path, names: list[str], fragments: tuple[str, ...]
+) -> None:
+    """Same class count but other names (or order), or fewer named classes: refused."""
+    images, labels = random_set(n=9, seed=3)
+    labels = labels % len(names)
+    path = tmp_path / "named.pt"
+    torch.save(
+        {"data": torch.from_numpy(images), "label": torch.from_numpy(labels), "class_names": names},
+        path,
+    )
+    done = run_cli(
+        "train", "--store", store, "--labelset", "tiny", "--epochs", 1, "--eval", path,
+        "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert_one_line_error(done, *fragments)
+
+
+def test_class_names_compare_without_index_prefixes() -> None:
+    """The demo's folders are "00-t-shirt", ...: the same classes as Fashion-MNIST's names."""
+    from softserve.worker.fashion_mnist import CLASS_NAMES
+
+    numbered = [f"{i:02d}-{name}" for i, name in enumerate(CLASS_NAMES)]
+    assert first_other_class(CLASS_NAMES, numbered) is None
+    assert first_other_class(numbered, CLASS_NAMES) is None
+    assert first_other_class(["ant", "bee"], ["0-ant", "1_bee"]) is None
+    assert first_other_class(["ant", "bee"], ["0-ant", "0-bee"]) == 1
+    assert first_other_class(["ant", "bee"], ["bee", "ant"]) == 0
+    assert first_other_class(["ant", "bee"], ["0", "1"]) is None  # unnamed training classes

@@ -14,7 +14,6 @@ import errno
 import functools
 import queue
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +51,14 @@ from softserve.storage.writer import (
     shard_info,
     write_dataset,
 )
-from softserve.worker.runtime import Ranks, autocast, check_precision, distributed, resolve_device
+from softserve.worker.runtime import (
+    PRECISIONS,
+    Ranks,
+    autocast,
+    check_precision,
+    distributed,
+    resolve_device,
+)
 from softserve.worker.sources import (
     ImageSet,
     TeacherInputs,
@@ -114,6 +120,26 @@ def _validate(opts: RelabelOptions) -> None:
         if not ok:
             raise InputError(message)
     get_codec(opts.codec)
+
+
+def describe_run(teacher: Teacher, device: torch.device, precision: str) -> str:
+    """What relabel resolved: the teacher (class, weights), the device and the dtype."""
+    if teacher.weights is not None:
+        weights = f"weights {teacher.weights} (sha256 {str(teacher.weights_sha256)[:12]})"
+    elif teacher.weights_sha256 is not None:
+        weights = f"exported file sha256 {teacher.weights_sha256[:12]}"
+    elif teacher.spec.startswith("torchvision:"):
+        weights = "RANDOM weights (--random-teacher): its labels teach nothing"
+    else:
+        weights = "weights as the factory builds them"
+    where = str(device)
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    dtype = "float32" if PRECISIONS[precision] is None else f"{precision} autocast"
+    return (
+        f"relabel: teacher {teacher.spec} = {type(teacher.model).__name__}, {weights}; "
+        f"device {where}; dtype {dtype}"
+    )
 
 
 def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> LabelSetConfig:
@@ -397,15 +423,10 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
     device = resolve_device(opts.device)
     check_precision(device, opts.precision)
     data = load_image_set(opts.images, opts.num_classes)
-    teacher = load_teacher(opts.teacher, opts.weights, opts.num_classes, opts.allow_pickle)
-    if opts.progress:
-        tqdm.write(f"relabel: teacher {opts.teacher} on {device} ({opts.precision})", sys.stderr)
-    if opts.teacher.startswith("torchvision:") and opts.weights is None:
-        tqdm.write(
-            f"warning: {opts.teacher} without --weights is randomly initialised (softserve "
-            "never downloads weights): its labels teach nothing; pass --weights",
-            sys.stderr,
-        )
+    teacher = load_teacher(
+        opts.teacher, opts.weights, opts.num_classes, opts.allow_pickle, opts.random_teacher
+    )
+    tqdm.write(describe_run(teacher, device, opts.precision))
     config = build_config(opts, data, teacher)
     out = opts.out
     with distributed(device) as ranks:

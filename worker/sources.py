@@ -33,6 +33,7 @@ class TeacherInputs:
     alpha: float = DEFAULT_ALPHA
     beta: float = DEFAULT_BETA
     allow_pickle: bool = False
+    random_teacher: bool = False
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

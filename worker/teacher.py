@@ -30,9 +30,13 @@ class Teacher:
 
 def load_teacher(
     spec: str, weights: Path | None = None, num_classes: int | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, random_teacher: bool = False,
 ) -> Teacher:  # fmt: skip
     """Build the teacher named by ``spec`` and load ``weights`` into it (on the CPU).
+
+    A torchvision architecture without ``weights`` is refused unless ``random_teacher``:
+    softserve never downloads weights, so it would label with random ones, which is never
+    what a user means outside tests and benchmarks.
 
     A ``.pt2`` file is data unless ``allow_pickle``: torch.export.load unpickles some
     payloads with ``weights_only=False``, which runs code from the file; here every unpickle
@@ -45,6 +49,12 @@ def load_teacher(
             digest = sha256_file(Path(spec))
     elif spec.startswith("torchvision:"):
         model = _load_torchvision(spec.removeprefix("torchvision:"), num_classes)
+        if weights is None and not random_teacher:
+            raise InputError(
+                f"{spec} without --weights would label with random weights (softserve never "
+                "downloads weights); pass --weights FILE, or --random-teacher if a random "
+                "teacher is really what you want (tests, benchmarks)"
+            )
     elif ":" in spec:
         model = _load_factory(spec, num_classes)
     else:

@@ -1,7 +1,8 @@
 """softserve's client library: what a training job imports.
 
 ``Client(url).labelset(name).loader(batch_size)`` yields batches of views and labels from a
-server; the bundled losses take ``(student_logits, batch)``.
+server, ``open_local("store/name").loader(batch_size)`` the same batches straight from a
+store on this machine; the bundled losses take ``(student_logits, batch)``.
 
 Views (:func:`apply_views`) and the GIFT refinement are defined here and imported by the
 worker too, so the student sees exactly the pixels the teacher labelled. The client never
@@ -14,7 +15,7 @@ format, codecs, sampling, schema) and must not import torch by importing the pac
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 #: Every public name, by the module that defines it.
 _EXPORTS = {
@@ -34,7 +35,10 @@ _EXPORTS = {
     "refine_labels": "refinement",
     "smooth_labels": "refinement",
     "PayloadError": "payload",
-    "Batch": "remote",
+    "Batch": "labelset",
+    "LabelSet": "labelset",
+    "LocalLabelSet": "local",
+    "open_local": "local",
     "Client": "remote",
     "ClientError": "remote",
     "RemoteLabelSet": "remote",
@@ -48,6 +52,34 @@ _EXPORTS = {
     "epoch_order": "views",
     "sample_views": "views",
 }
+
+if TYPE_CHECKING:  # what type checkers read; a test checks it matches _EXPORTS
+    from softserve.client.labelset import Batch, LabelSet
+    from softserve.client.loader import Loader
+    from softserve.client.local import LocalLabelSet, open_local
+    from softserve.client.losses import (
+        ALL_LOSS_NAMES,
+        LOSS_NAMES,
+        NEEDS_LOGITS,
+        GIFTLoss,
+        KLLoss,
+        Targets,
+        WithCE,
+        cosine_loss,
+        get_loss,
+        gift_loss,
+    )
+    from softserve.client.payload import NUM_PARAMS, PARAM_FIELDS, PayloadError
+    from softserve.client.refinement import (
+        beta_from_gamma,
+        recover_logits,
+        refine_labels,
+        smooth_labels,
+    )
+    from softserve.client.remote import Client, ClientError, RemoteLabelSet
+    from softserve.client.sampling import Sharding
+    from softserve.client.schema import LabelSetDetail, LabelSetSummary
+    from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
 
 __all__ = sorted(_EXPORTS)
 

@@ -8,6 +8,14 @@ a CPU, building them in the background only takes cores from the training step.
 ``state_dict()`` names the next batch to yield; a loader restored from it continues with
 exactly that batch, so no sample is lost or repeated across a restart of the job or of
 the server.
+
+In a ``torch.utils.data.DataLoader`` with ``num_workers`` n (``batch_size=None``: the
+loader's items are batches already), worker w takes batches w, w + n, w + 2n, ... of the
+rank's sequence, so the DataLoader, which takes one item from each worker in turn, yields
+the rank's batches exactly once and in the order a loader iterated directly would. The
+loader pickles (``spawn``) and reopens its connection or files in each worker. Each worker's
+``state_dict()`` is its own next batch; torchdata's ``StatefulDataLoader`` keeps one per
+worker and resumes exactly (with the same ``num_workers``).
 """
 
 from __future__ import annotations
@@ -19,25 +27,26 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 if TYPE_CHECKING:
-    from softserve.client.remote import Batch, RemoteLabelSet
+    from softserve.client.labelset import Batch, LabelSet
 
 _DONE = object()
 
 
 class Loader(IterableDataset):
-    """Batches of epochs ``[epoch, epochs)`` of a remote label set, for one rank.
+    """Batches of epochs ``[epoch, epochs)`` of a label set (remote or local), for one rank.
 
     Iterate it directly (it yields ready :class:`Batch` objects, views applied on
-    ``device``); wrapping it in a DataLoader adds nothing. ``epochs`` defaults to the
-    stored epochs; later epochs wrap around on the server.
+    ``device``), or through a DataLoader with workers to build views in other processes
+    (then ``device="cpu"``, and ``batch.to("cuda")`` in the loop). ``epochs`` defaults to
+    the stored epochs; later epochs wrap around.
     """
 
     def __init__(
         self,
-        labelset: RemoteLabelSet,
+        labelset: LabelSet,
         batch_size: int,
         *,
         epochs: int | None = None,
@@ -59,13 +68,15 @@ class Loader(IterableDataset):
         self.prefetch = prefetch
         self.epoch = 0
         self.batch = 0
+        #: (worker id, workers) when epoch/batch is one DataLoader worker's own next batch
+        self.worker: tuple[int, int] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
         return len(self.sharding)
 
     def __len__(self) -> int:
-        """Batches left to yield."""
+        """Batches left to yield (by all DataLoader workers together)."""
         remaining_epochs = max(0, self.epochs - self.epoch)
         return remaining_epochs * self.batches_per_epoch - (self.batch if remaining_epochs else 0)
 
@@ -79,6 +90,7 @@ class Loader(IterableDataset):
             "batch_size": self.sharding.batch_size,
             "rank": self.sharding.rank,
             "world_size": self.sharding.world_size,
+            "worker": self.worker,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -91,11 +103,38 @@ class Loader(IterableDataset):
                     f"state dict is for {key}={state.get(key)!r}, this loader has {mine[key]!r}"
                 )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        worker = state.get("worker")
+        self.worker = None if worker is None else (int(worker[0]), int(worker[1]))
+
+    def _split(self) -> int:
+        """Step between this iterator's batches: the DataLoader's workers (1 outside one).
+
+        A fresh loader in worker w moves to its first batch, w batches on; a loader restored
+        from that worker's state dict is there already.
+        """
+        info = get_worker_info()
+        mine = None if info is None or info.num_workers == 1 else (info.id, info.num_workers)
+        if self.worker is None and mine is not None:
+            self._move(mine[0])
+        elif self.worker != mine:
+            raise ValueError(
+                f"this loader's state is DataLoader worker {self.worker}'s (id, workers), "
+                f"it runs as {mine or 'no worker'}: resume with the same num_workers, "
+                "through torchdata's StatefulDataLoader"
+            )
+        self.worker = mine
+        return 1 if mine is None else mine[1]
+
+    def _move(self, batches: int) -> None:
+        """Advance the position by ``batches`` batches."""
+        per_epoch = self.batches_per_epoch
+        self.epoch, self.batch = divmod(self.epoch * per_epoch + self.batch + batches, per_epoch)
 
     def _produce(
-        self, out: queue.Queue, credits: threading.Semaphore, stop: threading.Event
+        self, out: queue.Queue, credits: threading.Semaphore, stop: threading.Event, step: int
     ) -> None:
-        """Background: receive batches from the current position on, until told to stop.
+        """Background: receive batches from the current position on, every ``step``-th,
+        until told to stop.
 
         Each batch is received against a credit, which the consumer hands back once it has
         built the views of a batch it took: the Python work of receiving the next batch
@@ -108,7 +147,7 @@ class Loader(IterableDataset):
                 return
             raw_batches = self.labelset.raw_batches(
                 self.epoch, self.sharding, self.batch, self.logits, with_images,
-                epochs=self.epochs - self.epoch,
+                epochs=self.epochs - self.epoch, step=step,
             )  # fmt: skip
             with contextlib.closing(raw_batches):
                 while True:
@@ -125,11 +164,12 @@ class Loader(IterableDataset):
             out.put(exc)
 
     def __iter__(self) -> Iterator[Batch]:
+        step = self._split()
         out: queue.Queue = queue.Queue()
         credits = threading.Semaphore(self.prefetch)
         stop = threading.Event()
         worker = threading.Thread(
-            target=self._produce, args=(out, credits, stop), name="softserve-prefetch",
+            target=self._produce, args=(out, credits, stop, step), name="softserve-prefetch",
             daemon=True,
         )  # fmt: skip
         worker.start()
@@ -139,9 +179,8 @@ class Loader(IterableDataset):
                     raise item
                 batch = self.labelset.to_batch(item, self.device)
                 credits.release()
-                self.epoch, self.batch = batch.epoch, batch.index + 1
-                if self.batch >= self.batches_per_epoch:
-                    self.epoch, self.batch = batch.epoch + 1, 0
+                self.epoch, self.batch = batch.epoch, batch.index
+                self._move(step)
                 yield batch
         finally:
             stop.set()  # the worker sees it within 0.1 s of waiting for a credit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,12 +25,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from softserve.client.codecs import get_codec
-from softserve.client.losses import recover_logits
+from softserve.client.labelset import LabelSet, RawBatch
 from softserve.client.payload import PayloadError, decode, read_frames
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
-from softserve.client.views import apply_views
 from softserve.errors import SoftserveError
 
 log = logging.getLogger("softserve.client")
@@ -72,6 +71,25 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (httpx.TransportError, _ServerError))
 
 
+def _check_url(url: str) -> None:
+    """A server URL must say http(s)://host: anything else is a mistake to report now, not a
+    connection to retry for a minute."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        parsed, problem = None, str(exc)
+    if parsed is not None and parsed.scheme in ("http", "https") and parsed.host:
+        return
+    if parsed is not None:
+        problem = "it needs http:// or https:// and a host"
+    raise ClientError(
+        f"{url!r} is not a server URL ({problem}), e.g. http://127.0.0.1:8000; for a label "
+        "set on this machine use softserve.client.open_local(STORE/NAME) "
+        "(softserve train --store STORE)",
+        code="bad_url",
+    )
+
+
 def _raise_for_status(response: httpx.Response) -> None:
     """ClientError for a 4xx or a store error (retrying cannot help), _ServerError for
     other 5xx (it might)."""
@@ -102,12 +120,29 @@ class Client:
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
             raise ValueError("give at least one server URL")
+        for each in self.urls:
+            _check_url(each)
+        self.token = token
+        self.timeout = timeout
         self.retry_seconds = retry_seconds
         self.retries = retries
         self.max_wait = max_wait
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(timeout=timeout, headers=headers)
         self._current = 0
+        self._connection: tuple[int, httpx.Client] | None = None
+
+    @property
+    def _http(self) -> httpx.Client:
+        """This process's HTTP connection pool: a process forked from this one (a DataLoader
+        worker) opens its own rather than share sockets with its parent."""
+        if self._connection is None or self._connection[0] != os.getpid():
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            http = httpx.Client(timeout=self.timeout, headers=headers)
+            self._connection = (os.getpid(), http)
+        return self._connection[1]
+
+    def __getstate__(self) -> dict[str, object]:
+        """Settings only: the unpickled client (in a spawned worker) connects afresh."""
+        return {**self.__dict__, "_connection": None}
 
     @property
     def url(self) -> str:
@@ -177,7 +212,9 @@ class Client:
         return RemoteLabelSet(self, detail, image_cache_mb)
 
     def close(self) -> None:
-        self._http.close()
+        if self._connection is not None and self._connection[0] == os.getpid():
+            self._connection[1].close()
+        self._connection = None
 
     def __enter__(self) -> Client:
         return self
@@ -186,69 +223,24 @@ class Client:
         self.close()
 
 
-@dataclass
-class Batch:
-    """One batch: the student's inputs (views as the teacher saw them) and its targets."""
-
-    epoch: int
-    index: int
-    indices: torch.Tensor
-    images: torch.Tensor
-    params: torch.Tensor
-    hard: torch.Tensor
-    soft: torch.Tensor
-    logits: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
-
-
-@dataclass
-class RawBatch:
-    """A batch as received: CPU tensors, views not yet applied, labels in the wire's dtype
-    (float16 for a label set stored with the fp16 codec)."""
-
-    epoch: int
-    index: int
-    tensors: dict[str, torch.Tensor]
-
-
-def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return (
-            dist.get_rank() if rank is None else rank,
-            dist.get_world_size() if world_size is None else world_size,
-        )
-    return rank or 0, world_size or 1
-
-
-class RemoteLabelSet:
+class RemoteLabelSet(LabelSet):
     """A label set on a server: metadata, and batches as views plus labels.
 
     It is pinned to the version first seen (``digest``): every request names it, and a
     server that holds another build of the set (rebuilt, or a failover target with other
     labels) answers 409, raised as a :class:`ClientError`, never served silently.
+    Pickling keeps the connection settings and drops the base-image cache (a DataLoader
+    worker started by ``spawn`` fetches its own).
     """
 
     def __init__(self, client: Client, detail: LabelSetDetail, image_cache_mb: int = 2048) -> None:
+        super().__init__(detail)
         self.client = client
-        self.detail = detail
         self.image_cache_bytes = image_cache_mb << 20
         self._images: torch.Tensor | None = None
 
-    name = property(lambda self: self.detail.name)
-    num_samples = property(lambda self: self.detail.num_samples)
-    num_classes = property(lambda self: self.detail.num_classes)
-    epochs = property(lambda self: self.detail.epochs)
-    image_shape = property(lambda self: self.detail.image_shape)
-    output_size = property(lambda self: self.detail.output_size)
-    mean = property(lambda self: self.detail.mean)
-    std = property(lambda self: self.detail.std)
-    class_names = property(lambda self: self.detail.class_names)
-    digest = property(lambda self: self.detail.digest)
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_images": None}
 
     def __repr__(self) -> str:
         d = self.detail
@@ -260,21 +252,6 @@ class RemoteLabelSet:
     @property
     def _path(self) -> str:
         return f"/v1/labelsets/{self.detail.name}"
-
-    def sharding(
-        self, batch_size: int, rank: int | None = None, world_size: int | None = None,
-        drop_last: bool = True,
-    ) -> Sharding:  # fmt: skip
-        """How an epoch is cut into batches for this rank; ValueError when some rank would
-        get no batch at all (the server refuses those requests too)."""
-        rank, world_size = _resolve_ranks(rank, world_size)
-        sharding = Sharding(self.num_samples, batch_size, rank, world_size, drop_last)
-        if world_size > self.num_samples or len(sharding) == 0:
-            raise ValueError(
-                f"batch_size {batch_size} on {world_size} rank(s) leaves no batch of the "
-                f"{self.num_samples} samples of {self.name!r} for every rank; lower batch_size"
-            )
-        return sharding
 
     def base_images(self) -> torch.Tensor | None:
         """All base images (uint8 N×C×H×W), fetched once; None when over the cache budget."""
@@ -295,13 +272,11 @@ class RemoteLabelSet:
 
     def raw_batches(
         self, epoch: int, sharding: Sharding, start: int = 0, logits: bool = False,
-        with_images: bool = False, epochs: int = 1,
+        with_images: bool = False, epochs: int = 1, step: int = 1,
     ) -> Iterator[RawBatch]:  # fmt: skip
-        """Batches from ``start`` of ``epoch`` on, through ``epochs`` epochs, as received.
-
-        One stream carries them all; after a failure the stream is reopened at the first
-        batch not yet yielded.
-        """
+        """Batches as received. With ``step`` 1 one stream carries them all, reopened after a
+        failure at the first batch not yet yielded; every ``step``-th batch comes by its own
+        request (a DataLoader worker's share)."""
         include = ["indices", "params", "hard", "soft"]
         if logits:
             include.append("logits")
@@ -316,6 +291,11 @@ class RemoteLabelSet:
             "label_encoding": "stored",
             "digest": self.digest,
         }
+        if step > 1:
+            for e, index in sharding.schedule(epoch, start, epochs, step):
+                response = self.client.get(f"{self._path}/epochs/{e}/batches/{index}", params)
+                yield RawBatch(e, index, self._received(response.content))
+            return
         per_epoch, end = len(sharding), epoch + epochs
         index = start
         patience = Patience()
@@ -325,13 +305,15 @@ class RemoteLabelSet:
             with attempt, self.client.stream(path, query) as response:
                 chunks = response.iter_bytes()
                 for payload in read_frames(chunks):
-                    tensors = self._checked(payload)
+                    received = self._received(payload)
                     patience.progress()
-                    received = {k: torch.from_numpy(v) for k, v in tensors.items()}
                     yield RawBatch(epoch, index, received)
                     epoch, index = (epoch + 1, 0) if index + 1 == per_epoch else (epoch, index + 1)
                 for _ in chunks:  # read to the end, so that the connection is reused
                     pass
+
+    def _received(self, payload: bytes | bytearray) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in self._checked(payload).items()}
 
     def _checked(self, payload: bytes | bytearray) -> dict[str, np.ndarray]:
         """A payload's tensors, after checking it comes from the pinned version."""
@@ -344,61 +326,3 @@ class RemoteLabelSet:
                 code="digest_mismatch",
             )
         return tensors
-
-    def to_batch(self, raw: RawBatch, device: torch.device | str) -> Batch:
-        """Apply the views on ``device``: the student sees what the teacher saw."""
-        t = raw.tensors
-        device = torch.device(device)
-        images = t.get("images")
-        if images is None:
-            cache = self.base_images()
-            assert cache is not None, "batches without images need the base-image cache"
-            images = cache.index_select(0, t["indices"])
-        non_blocking = device.type == "cuda"
-        views = apply_views(
-            images.to(device, non_blocking=non_blocking),
-            t["params"].to(device, non_blocking=non_blocking),
-            self.output_size,
-            mean=self.mean,
-            std=self.std,
-        )
-
-        # labels arrive as stored (a top-k row is a few dozen bytes) and are decoded after
-        # the copy, on the job's device
-        codec = get_codec(self.detail.codec)
-        names = codec.part_names("soft", self.num_classes)
-        parts = {s: t[name].to(device, non_blocking=non_blocking) for s, name in names.items()}
-        soft = codec.decode(parts, self.num_classes)
-        hard = t["hard"].to(device, non_blocking=non_blocking)
-        logits = None
-        if "norm" in t:
-            norm = t["norm"].to(device, non_blocking=non_blocking)
-            refinement = self.detail.refinement
-            logits = recover_logits(soft, hard, norm, refinement.alpha, refinement.beta)
-        return Batch(
-            epoch=raw.epoch,
-            index=raw.index,
-            indices=t["indices"],
-            images=views,
-            params=t["params"],
-            hard=hard,
-            soft=soft,
-            logits=logits,
-        )
-
-    def batches(
-        self, epoch: int, batch_size: int, rank: int | None = None,
-        world_size: int | None = None, device: torch.device | str = "cpu", start: int = 0,
-        logits: bool = False, drop_last: bool = True,
-    ) -> Iterator[Batch]:  # fmt: skip
-        """Batches of one epoch for this rank, with views applied on ``device``."""
-        sharding = self.sharding(batch_size, rank, world_size, drop_last)
-        with_images = self.base_images() is None
-        for raw in self.raw_batches(epoch, sharding, start, logits, with_images):
-            yield self.to_batch(raw, device)
-
-    def loader(self, batch_size: int, epochs: int | None = None, **kwargs: object):
-        """A prefetching, resumable loader over epochs; see :class:`softserve.client.Loader`."""
-        from softserve.client.loader import Loader
-
-        return Loader(self, batch_size, epochs=epochs, **kwargs)  # type: ignore[arg-type]

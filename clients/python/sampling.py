@@ -10,6 +10,7 @@ rank waits on a batch that never comes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -51,3 +52,17 @@ class Sharding:
         rest = self.num_samples - base
         w, r = self.world_size, self.rank
         return base + (r * rest) // w, base + ((r + 1) * rest) // w
+
+    def schedule(
+        self, epoch: int, start: int = 0, epochs: int = 1, step: int = 1
+    ) -> Iterator[tuple[int, int]]:
+        """(epoch, index) of batches ``start``, ``start + step``, ... counted on from batch
+        ``start`` of ``epoch`` through the end of epoch ``epoch + epochs - 1``: one rank's
+        batches in order (``step`` 1), or every ``step``-th of them, as one DataLoader worker of
+        ``step`` takes them."""
+        if step < 1:
+            raise ValueError(f"step must be at least 1, got {step}")
+        per_epoch = len(self)
+        end = (epoch + epochs) * per_epoch
+        for position in range(epoch * per_epoch + start, end, step):
+            yield divmod(position, per_epoch)

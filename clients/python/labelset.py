@@ -1,0 +1,225 @@
+"""A label set as a training job sees it, wherever its batches come from.
+
+:class:`LabelSet` is everything a job uses (metadata, :meth:`~LabelSet.batches`,
+:meth:`~LabelSet.loader`) over one small source protocol: ``base_images()`` and
+``raw_batches()``. A server (:class:`softserve.client.RemoteLabelSet`) and a local store
+(:class:`softserve.client.LocalLabelSet`) implement only those two, so views, label decoding,
+batch planning and the loader are one implementation, and a batch is the same tensors
+either way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from softserve.client.codecs import get_codec
+from softserve.client.loader import Loader
+from softserve.client.losses import recover_logits
+from softserve.client.sampling import Sharding
+from softserve.client.schema import LabelSetDetail
+from softserve.client.views import apply_views
+
+
+@dataclass
+class Batch:
+    """One batch: the student's inputs (views as the teacher saw them) and its targets."""
+
+    epoch: int
+    index: int
+    indices: torch.Tensor
+    images: torch.Tensor
+    params: torch.Tensor
+    hard: torch.Tensor
+    soft: torch.Tensor
+    logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        tensors = {
+            f.name: fn(value)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **tensors)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch with every tensor on ``device`` (from DataLoader workers to the GPU)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """The batch in pinned memory: what ``DataLoader(pin_memory=True)`` calls."""
+        return self._map(torch.Tensor.pin_memory)
+
+
+@dataclass
+class RawBatch:
+    """A batch as its source gives it: CPU tensors, views not yet applied, labels in their
+    stored form (the codec's parts, and the logits' norm when asked)."""
+
+    epoch: int
+    index: int
+    tensors: dict[str, torch.Tensor]
+
+
+def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return (
+            dist.get_rank() if rank is None else rank,
+            dist.get_world_size() if world_size is None else world_size,
+        )
+    return rank or 0, world_size or 1
+
+
+class LabelSet(ABC):
+    """A label set: metadata, and batches as views plus labels.
+
+    It is pinned to one version of the set (``digest``): a source that meets another build
+    raises rather than mix two versions into one run.
+    """
+
+    def __init__(self, detail: LabelSetDetail) -> None:
+        self.detail = detail
+
+    @property
+    def name(self) -> str:
+        return self.detail.name
+
+    @property
+    def num_samples(self) -> int:
+        return self.detail.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self.detail.num_classes
+
+    @property
+    def epochs(self) -> int:
+        """Stored epochs; later epochs wrap around."""
+        return self.detail.epochs
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Base images' (C, H, W)."""
+        return self.detail.image_shape
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """Views' (H, W)."""
+        return self.detail.output_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.detail.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.detail.std
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.detail.class_names
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the set's manifest: the version every batch comes from."""
+        return self.detail.digest
+
+    @abstractmethod
+    def base_images(self) -> torch.Tensor | None:
+        """All base images (uint8 N×C×H×W), read once; None when over the cache budget (then
+        every batch carries its images)."""
+
+    @abstractmethod
+    def raw_batches(
+        self, epoch: int, sharding: Sharding, start: int = 0, logits: bool = False,
+        with_images: bool = False, epochs: int = 1, step: int = 1,
+    ) -> Iterator[RawBatch]:  # fmt: skip
+        """Batches from batch ``start`` of ``epoch`` on, through ``epochs`` epochs, every
+        ``step``-th (see :meth:`Sharding.schedule`), as the source gives them."""
+
+    def sharding(
+        self, batch_size: int, rank: int | None = None, world_size: int | None = None,
+        drop_last: bool = True,
+    ) -> Sharding:  # fmt: skip
+        """How an epoch is cut into batches for this rank; ValueError when some rank would
+        get no batch at all (the server refuses those requests too)."""
+        rank, world_size = _resolve_ranks(rank, world_size)
+        sharding = Sharding(self.num_samples, batch_size, rank, world_size, drop_last)
+        if world_size > self.num_samples or len(sharding) == 0:
+            raise ValueError(
+                f"batch_size {batch_size} on {world_size} rank(s) leaves no batch of the "
+                f"{self.num_samples} samples of {self.name!r} for every rank; lower batch_size"
+            )
+        return sharding
+
+    def to_batch(self, raw: RawBatch, device: torch.device | str) -> Batch:
+        """Apply the views on ``device``: the student sees what the teacher saw."""
+        t = raw.tensors
+        device = torch.device(device)
+        images = t.get("images")
+        if images is None:
+            cache = self.base_images()
+            assert cache is not None, "batches without images need the base-image cache"
+            images = cache.index_select(0, t["indices"])
+        non_blocking = device.type == "cuda"
+        views = apply_views(
+            images.to(device, non_blocking=non_blocking),
+            t["params"].to(device, non_blocking=non_blocking),
+            self.output_size,
+            mean=self.mean,
+            std=self.std,
+        )
+
+        # labels arrive as stored (a top-k row is a few dozen bytes) and are decoded after
+        # the copy, on the job's device
+        codec = get_codec(self.detail.codec)
+        names = codec.part_names("soft", self.num_classes)
+        parts = {s: t[name].to(device, non_blocking=non_blocking) for s, name in names.items()}
+        soft = codec.decode(parts, self.num_classes)
+        hard = t["hard"].to(device, non_blocking=non_blocking)
+        logits = None
+        if "norm" in t:
+            norm = t["norm"].to(device, non_blocking=non_blocking)
+            refinement = self.detail.refinement
+            logits = recover_logits(soft, hard, norm, refinement.alpha, refinement.beta)
+        return Batch(
+            epoch=raw.epoch,
+            index=raw.index,
+            indices=t["indices"],
+            images=views,
+            params=t["params"],
+            hard=hard,
+            soft=soft,
+            logits=logits,
+        )
+
+    def batches(
+        self, epoch: int, batch_size: int, rank: int | None = None,
+        world_size: int | None = None, device: torch.device | str = "cpu", start: int = 0,
+        logits: bool = False, drop_last: bool = True,
+    ) -> Iterator[Batch]:  # fmt: skip
+        """Batches of one epoch for this rank, with views applied on ``device``."""
+        sharding = self.sharding(batch_size, rank, world_size, drop_last)
+        with_images = self.base_images() is None
+        for raw in self.raw_batches(epoch, sharding, start, logits, with_images):
+            yield self.to_batch(raw, device)
+
+    def loader(
+        self, batch_size: int, epochs: int | None = None, *, rank: int | None = None,
+        world_size: int | None = None, device: torch.device | str = "cpu",
+        logits: bool = False, drop_last: bool = True, prefetch: int = 8,
+    ) -> Loader:  # fmt: skip
+        """A prefetching, resumable loader over epochs; see :class:`softserve.client.Loader`."""
+        return Loader(
+            self, batch_size, epochs=epochs, rank=rank, world_size=world_size, device=device,
+            logits=logits, drop_last=drop_last, prefetch=prefetch,
+        )  # fmt: skip
