@@ -35,12 +35,16 @@ from softserve.service.batches import (
     batch_payload,
     detail,
     image_payload,
+    max_batch_size,
+    sample_bytes,
     stream_frames,
     summary,
 )
 from softserve.service.catalog import Catalog, LabelSet
 from softserve.service.errors import ApiError, install_error_handlers
+from softserve.service.limits import Limits, ReleasingResponse, ReleasingStreamingResponse
 from softserve.service.settings import ServiceSettings
+from softserve.service.shutdown import watch_signals
 
 log = logging.getLogger("softserve.service")
 
@@ -68,6 +72,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         image_cache_bytes=settings.image_cache_mb << 20,
         locking=settings.hdf5_locking,
     )
+    limits = Limits(settings.max_streams, settings.inflight_mb << 20, settings.retry_after_seconds)
+    stopping = asyncio.Event()
+    batch_bytes = settings.batch_mb << 20
 
     async def rescan() -> None:
         while True:
@@ -80,6 +87,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(catalog.refresh)
+        watch_signals(stopping)
         rescans = asyncio.create_task(rescan())
         yield
         rescans.cancel()
@@ -168,6 +176,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 "bad_include",
                 f"include takes tensors among {', '.join(TENSORS)}; got {include!r}",
             )
+        per_sample = sample_bytes(entry, wanted, label_dtype)
+        if batch_size * per_sample > batch_bytes:
+            raise ApiError(
+                400, "batch_too_large",
+                f"batch_size {batch_size} of {', '.join(wanted)} is {batch_size * per_sample:,} "
+                f"bytes, over this server's {settings.batch_mb} MB per batch: at most "
+                f"{max(1, batch_bytes // per_sample)} with these tensors",
+            )  # fmt: skip
         n = entry.manifest.config.num_samples
         sharding = Sharding(n, batch_size, rank, world_size, drop_last)
         if world_size > n or len(sharding) == 0:
@@ -194,7 +210,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )  # fmt: skip
     async def get_label_set(entry: Annotated[LabelSet, Depends(label_set)]) -> LabelSetDetail:
         """Everything a training job needs: shapes, normalization, views, refinement."""
-        return detail(entry)
+        return detail(entry, max_batch_size(entry, batch_bytes, settings.max_batch_size))
 
     @app.get(
         "/v1/labelsets/{name}/images",
@@ -232,9 +248,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 404, "bad_batch_index", f"batch {index} is past the last batch "
                 f"{len(request.sharding) - 1} of this epoch at this batch size and world size"
             )  # fmt: skip
-        with metrics.BATCH_SECONDS.labels("batch").time():
-            body = await run_in_threadpool(batch_payload, request, index)
-        return Response(body, media_type=MEDIA_TYPE, headers=_batch_headers(request))
+        reserved = limits.try_reserve(request.batch_bytes)
+        try:
+            with metrics.BATCH_SECONDS.labels("batch").time():
+                body = await run_in_threadpool(batch_payload, request, index)
+        except BaseException:
+            await limits.release(reserved)
+            raise
+        return ReleasingResponse(
+            body, media_type=MEDIA_TYPE, headers=_batch_headers(request),
+            release=lambda: limits.release(reserved),
+        )  # fmt: skip
 
     @app.get(
         "/v1/labelsets/{name}/epochs/{epoch}/stream",
@@ -253,12 +277,22 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         ] = 1,
     ) -> StreamingResponse:
         """Batches ``start``.. of an epoch (and of the following ``epochs - 1`` epochs) as
-        length-prefixed safetensors frames, then an end frame."""
+        length-prefixed safetensors frames, then an end frame (or a going-away frame when
+        the server shuts down: resume at the next batch). Beyond the server's open-stream
+        limit: 503 busy, with Retry-After."""
         if start > len(request.sharding):
             raise ApiError(404, "bad_batch_index", f"start {start} is past the epoch's batches")
-        return StreamingResponse(
-            stream_frames(request, start, epochs), media_type=STREAM_MEDIA_TYPE,
-            headers=_batch_headers(request),
+        if stopping.is_set():
+            raise ApiError(503, "shutting_down", "server is shutting down; retry elsewhere",
+                           headers={"Retry-After": str(settings.retry_after_seconds)})  # fmt: skip
+        limits.open_stream()
+        frames = stream_frames(
+            request, start, epochs, group_bytes=settings.stream_read_mb << 20, limits=limits,
+            stopping=stopping,
+        )  # fmt: skip
+        return ReleasingStreamingResponse(
+            frames, media_type=STREAM_MEDIA_TYPE, headers=_batch_headers(request),
+            release=limits.close_stream,
         )  # fmt: skip
 
     @app.get("/healthz", include_in_schema=False)

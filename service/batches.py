@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -14,12 +16,14 @@ from starlette.concurrency import run_in_threadpool
 from softserve.client.codecs import part_name
 from softserve.client.payload import (
     END_FRAME,
+    TENSORS,
     LabelDtype,
     LabelEncoding,
     encode,
     encode_parts,
     error_frame,
     frame_parts,
+    going_away_frame,
 )
 from softserve.client.sampling import Sharding
 from softserve.client.schema import (
@@ -31,13 +35,33 @@ from softserve.client.schema import (
 from softserve.errors import SoftserveError, StoreError
 from softserve.service import metrics
 from softserve.service.catalog import LabelSet
+from softserve.service.limits import Limits
 
 log = logging.getLogger("softserve.service")
 
 _LABEL_FIELDS = {"soft": "refined", "logits": "logits"}
 #: With label_encoding=stored: soft as the codec's parts, logits as their norms.
 _STORED_FIELDS = {"soft": "refined", "logits": "norm"}
-_BATCHES_PER_READ = 8
+#: Bytes per sample of the small tensors: indices and hard (int64), params (5 × int16).
+_INDEX_BYTES = {"indices": 8, "hard": 8, "params": 10}
+
+
+def sample_bytes(
+    entry: LabelSet, include: Iterable[str], label_dtype: LabelDtype = "float32"
+) -> int:
+    """An upper bound on the bytes one sample adds to a batch with these tensors (labels
+    counted as decoded floats: stored codecs take at most that)."""
+    config = entry.manifest.config
+    label = (2 if label_dtype == "float16" else 4) * config.num_classes
+    sizes = {**_INDEX_BYTES, "images": math.prod(config.image_shape), "soft": label,
+             "logits": label}  # fmt: skip
+    return sum(sizes[name] for name in include)
+
+
+def max_batch_size(entry: LabelSet, batch_bytes: int, cap: int) -> int:
+    """The largest batch_size served with every tensor included: ``batch_bytes`` over the
+    bytes of a sample, at most ``cap`` (and at least 1)."""
+    return max(1, min(cap, batch_bytes // sample_bytes(entry, TENSORS)))
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,11 @@ class BatchRequest:
     include: tuple[str, ...]
     label_dtype: LabelDtype = "float32"
     label_encoding: LabelEncoding = "decoded"
+
+    @property
+    def batch_bytes(self) -> int:
+        """An upper bound on the bytes of one batch of this request."""
+        return self.sharding.batch_size * sample_bytes(self.entry, self.include, self.label_dtype)
 
     @property
     def stored_labels(self) -> bool:
@@ -80,12 +109,13 @@ def summary(entry: LabelSet) -> LabelSetSummary:
     )
 
 
-def detail(entry: LabelSet) -> LabelSetDetail:
+def detail(entry: LabelSet, largest_batch: int) -> LabelSetDetail:
     manifest = entry.manifest
     config = manifest.config
     views = config.views
     return LabelSetDetail(
         **summary(entry).model_dump(),
+        max_batch_size=largest_batch,
         class_names=config.class_names,
         mean=config.mean,
         std=config.std,
@@ -218,29 +248,48 @@ def _frames(request: BatchRequest, batches: list[tuple[int, int]]) -> tuple[byte
 
 
 def stream_groups(
-    request: BatchRequest, start: int, epochs: int
+    request: BatchRequest, start: int, epochs: int, group_bytes: int
 ) -> Iterator[list[tuple[int, int]]]:
     """The (epoch, index) batches of a stream from batch ``start`` through ``epochs`` epochs,
-    in the groups it reads at a time (across epoch boundaries: a trip to the thread pool and
-    a write cost more than reading a small batch)."""
+    in the groups it reads at a time: as many batches as fit ``group_bytes`` (at least one),
+    across epoch boundaries (a trip to the thread pool and a write cost more than reading a
+    small batch, and a group of large batches would take memory for nothing)."""
     per_epoch = len(request.sharding)
     batches = (
         (epoch, index)
         for epoch in range(request.epoch, request.epoch + epochs)
         for index in range(start if epoch == request.epoch else 0, per_epoch)
     )
-    while group := list(itertools.islice(batches, _BATCHES_PER_READ)):
+    per_group = max(1, group_bytes // request.batch_bytes)
+    while group := list(itertools.islice(batches, per_group)):
         yield group
 
 
-async def stream_frames(request: BatchRequest, start: int, epochs: int) -> AsyncIterator[bytes]:
-    """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame; each group of
-    :func:`stream_groups` is one trip to the thread pool. A read failure ends the stream
-    with an error frame."""
-    for group in stream_groups(request, start, epochs):
-        frames, error = await run_in_threadpool(_frames, request, group)
-        if frames:
-            yield frames
+async def stream_frames(
+    request: BatchRequest, start: int, epochs: int, *, group_bytes: int, limits: Limits,
+    stopping: asyncio.Event,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame.
+
+    Each group of :func:`stream_groups` is one trip to the thread pool, its bytes reserved
+    in ``limits`` until they are handed to the connection. A read failure ends the stream
+    with an error frame; a shutdown (``stopping``) with a going-away frame.
+    """
+    for group in stream_groups(request, start, epochs, group_bytes):
+        reserved = None if stopping.is_set() else await limits.reserve(
+            len(group) * request.batch_bytes, stopping)  # fmt: skip
+        if reserved is None:
+            epoch, index = group[0]
+            log.info("stream of %s ends at epoch %d, batch %d: server shutting down",
+                     request.entry.name, epoch, index)  # fmt: skip
+            yield going_away_frame(f"server shutting down; resume at epoch {epoch} batch {index}")
+            return
+        try:
+            frames, error = await run_in_threadpool(_frames, request, group)
+            if frames:
+                yield frames
+        finally:
+            await limits.release(reserved)
         if error is not None:
             yield error_frame(error)
             return
