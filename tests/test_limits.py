@@ -12,6 +12,10 @@ import pytest
 from conftest import Server, build_label_set, rss_bytes
 
 from softserve.client import Client
+from softserve.client.payload import TENSORS
+from softserve.client.sampling import Sharding
+from softserve.service.batches import BatchRequest, stream_groups
+from softserve.service.catalog import Catalog
 
 SET = "/v1/labelsets/imagenet"
 N = 16
@@ -158,3 +162,23 @@ def test_client_waits_for_a_free_stream(imagenet_store: Path) -> None:
         assert _busy_count(srv) >= 1
     finally:
         srv.stop()
+
+
+def test_stream_groups_are_sized_by_bytes(store: Path) -> None:
+    """A stream reads as many batches a trip as fit its byte budget, at least one, and
+    every batch of the stream exactly once."""
+    catalog = Catalog(store, image_cache_bytes=1 << 20, locking=None)
+    catalog.refresh()
+    entry = catalog.get("tiny")
+    assert entry is not None
+    try:
+        request = BatchRequest(entry, 0, Sharding(50, 5), TENSORS)
+        every = [(e, i) for e in range(3) for i in range(10)][2:]
+        for per_group in (1, 3, 7, 40):
+            groups = list(stream_groups(request, 2, 3, per_group * request.batch_bytes))
+            assert [b for g in groups for b in g] == every
+            assert max(len(g) for g in groups) == min(per_group, len(every))
+        tiny_budget = list(stream_groups(request, 2, 3, 1))
+        assert [len(g) for g in tiny_budget] == [1] * len(every)
+    finally:
+        catalog.close()
