@@ -42,6 +42,8 @@ log = logging.getLogger("softserve.service")
 _LABEL_FIELDS = {"soft": "refined", "logits": "logits"}
 #: With label_encoding=stored: soft as the codec's parts, logits as their norms.
 _STORED_FIELDS = {"soft": "refined", "logits": "norm"}
+#: Most batches a stream reads per trip to the thread pool (serve_bench: enough to amortize it).
+_MAX_BATCHES_PER_READ = 8
 #: Bytes per sample of the small tensors: indices and hard (int64), params (5 × int16).
 _INDEX_BYTES = {"indices": 8, "hard": 8, "params": 10}
 
@@ -251,16 +253,17 @@ def stream_groups(
     request: BatchRequest, start: int, epochs: int, group_bytes: int
 ) -> Iterator[list[tuple[int, int]]]:
     """The (epoch, index) batches of a stream from batch ``start`` through ``epochs`` epochs,
-    in the groups it reads at a time: as many batches as fit ``group_bytes`` (at least one),
-    across epoch boundaries (a trip to the thread pool and a write cost more than reading a
-    small batch, and a group of large batches would take memory for nothing)."""
+    in the groups it reads at a time: as many batches as fit ``group_bytes``, at least one
+    and at most ``_MAX_BATCHES_PER_READ``, across epoch boundaries (a trip to the thread
+    pool and a write cost more than reading a small batch; a group of large batches would
+    take memory for nothing, and a group of thousands of tiny ones delays the first)."""
     per_epoch = len(request.sharding)
     batches = (
         (epoch, index)
         for epoch in range(request.epoch, request.epoch + epochs)
         for index in range(start if epoch == request.epoch else 0, per_epoch)
     )
-    per_group = max(1, group_bytes // request.batch_bytes)
+    per_group = max(1, min(_MAX_BATCHES_PER_READ, group_bytes // request.batch_bytes))
     while group := list(itertools.islice(batches, per_group)):
         yield group
 
