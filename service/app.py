@@ -9,8 +9,9 @@ trip to the thread pool for each of them.
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -194,6 +195,21 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             )  # fmt: skip
         return BatchRequest(entry, epoch, sharding, wanted, label_dtype, label_encoding)
 
+    async def bounded_payload(
+        size: int, read: Callable[[], bytes], headers: dict[str, str]
+    ) -> Response:
+        """A safetensors response read in the thread pool, its ``size`` bytes counted in
+        flight until it is sent (503 busy when the process has no room for them)."""
+        reserved = limits.try_reserve(size)
+        try:
+            body = await run_in_threadpool(read)
+        except BaseException:
+            await limits.release(reserved)
+            raise
+        return ReleasingResponse(
+            body, media_type=MEDIA_TYPE, headers=headers, release=lambda: limits.release(reserved)
+        )
+
     v1 = [Depends(require_token)]
 
     @app.get(
@@ -229,8 +245,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         stop = n if stop is None else stop
         if not start < stop <= n:
             raise ApiError(400, "bad_range", f"need 0 <= start < stop <= {n}")
-        body = await run_in_threadpool(image_payload, entry, start, stop)
-        return Response(body, media_type=MEDIA_TYPE, headers={"X-Softserve-Digest": entry.digest})
+        per_image = sample_bytes(entry, ("images", "hard"))
+        if (stop - start) * per_image > batch_bytes:
+            raise ApiError(
+                400, "range_too_large",
+                f"{stop - start} images are over this server's {settings.batch_mb} MB per "
+                f"response: at most {max(1, batch_bytes // per_image)} a request",
+            )  # fmt: skip
+        return await bounded_payload(
+            (stop - start) * per_image, partial(image_payload, entry, start, stop),
+            {"X-Softserve-Digest": entry.digest},
+        )  # fmt: skip
 
     @app.get(
         "/v1/labelsets/{name}/epochs/{epoch}/batches/{index}",
@@ -248,17 +273,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 404, "bad_batch_index", f"batch {index} is past the last batch "
                 f"{len(request.sharding) - 1} of this epoch at this batch size and world size"
             )  # fmt: skip
-        reserved = limits.try_reserve(request.batch_bytes)
-        try:
-            with metrics.BATCH_SECONDS.labels("batch").time():
-                body = await run_in_threadpool(batch_payload, request, index)
-        except BaseException:
-            await limits.release(reserved)
-            raise
-        return ReleasingResponse(
-            body, media_type=MEDIA_TYPE, headers=_batch_headers(request),
-            release=lambda: limits.release(reserved),
-        )  # fmt: skip
+        with metrics.BATCH_SECONDS.labels("batch").time():
+            return await bounded_payload(
+                request.batch_bytes, partial(batch_payload, request, index),
+                _batch_headers(request),
+            )  # fmt: skip
 
     @app.get(
         "/v1/labelsets/{name}/epochs/{epoch}/stream",

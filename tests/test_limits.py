@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import Server, build_label_set, rss_bytes
 
@@ -16,6 +17,7 @@ from softserve.client.payload import TENSORS
 from softserve.client.sampling import Sharding
 from softserve.service.batches import BatchRequest, stream_groups
 from softserve.service.catalog import Catalog
+from softserve.storage import LabelSetReader
 
 SET = "/v1/labelsets/imagenet"
 N = 16
@@ -182,3 +184,22 @@ def test_stream_groups_are_sized_by_bytes(store: Path) -> None:
         assert [len(g) for g in tiny_budget] == [1] * len(every)
     finally:
         catalog.close()
+
+
+def test_image_ranges_follow_the_byte_budget(imagenet_store: Path) -> None:
+    """At 1 MB per response an image range of the whole set is refused with the count that
+    fits, and the client fetches its image cache in chunks that fit."""
+    srv = Server(imagenet_store, env={"SOFTSERVE_BATCH_MB": "1"}).start()
+    try:
+        refused = httpx.get(srv.url + SET + "/images", params={"start": 0, "stop": N})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "range_too_large"
+        with Client(srv.url) as client, LabelSetReader(imagenet_store / "imagenet") as reader:
+            remote = client.labelset("imagenet")
+            assert remote.detail.max_batch_size is not None
+            assert remote.detail.max_batch_size < N
+            images = remote.base_images()
+            assert images is not None
+            np.testing.assert_array_equal(images.numpy(), reader.images())
+    finally:
+        srv.stop()

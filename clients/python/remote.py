@@ -329,6 +329,8 @@ class RemoteLabelSet:
         if per_image * self.num_samples > self.image_cache_bytes:
             return None
         step = max(1, _IMAGE_CHUNK_BYTES // per_image)
+        if self.detail.max_batch_size is not None:  # the server's limit per response
+            step = min(step, self.detail.max_batch_size)
         parts = []
         for start in range(0, self.num_samples, step):
             stop = min(start + step, self.num_samples)
