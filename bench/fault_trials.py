@@ -315,8 +315,10 @@ TRIALS: dict[str, Callable[[Bench, random.Random, int], tuple[str, str]]] = {
 }
 
 
-def run_trials(bench: Bench) -> list[Trial]:
-    trials = []
+def run_trials(bench: Bench, started: float) -> list[Trial]:
+    """Every round's trials; the summary is rewritten after each round, so a run stopped
+    early still reports the trials it finished."""
+    trials: list[Trial] = []
     (bench.work / "staged").mkdir()
     for index in range(bench.args.rounds):
         for kind in bench.args.kinds:
@@ -330,7 +332,13 @@ def run_trials(bench: Bench) -> list[Trial]:
             trials.append(trial)
             if bench.args.verbose or outcome in ("wrong_labels", "unexpected"):
                 print(f"{kind:>15} {outcome:>12}  {detail}", flush=True)
+        write_summary(summarize(trials, bench.args, time.perf_counter() - started), bench.args)
     return trials
+
+
+def write_summary(summary: dict, args: argparse.Namespace) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def summarize(trials: list[Trial], args: argparse.Namespace, seconds: float) -> dict:
@@ -384,18 +392,20 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = parse_args(argv)
+    # stopped early (SIGTERM): stop the server and remove the work folder on the way out;
+    # the summary of the rounds finished so far is already written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.verbose:  # the client's retry warnings are what the trials provoke
         logging.getLogger("softserve.client").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="softserve-faults-", dir=args.work) as tmp:
         started = time.perf_counter()
         bench = setup(args, Path(tmp))
         try:
-            trials = run_trials(bench)
+            trials = run_trials(bench, started)
         finally:
             bench.server.stop()
         summary = summarize(trials, args, time.perf_counter() - started)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(summary, args)
     print(json.dumps({k: summary[k] for k in ("trials", "failures", "wrong_labels", "right",
                                               "clear_error", "by_kind")}, indent=2))  # fmt: skip
     return 0
