@@ -345,8 +345,8 @@ def summarize(trials: list[Trial], args: argparse.Namespace, seconds: float) -> 
     by_kind = {}
     for kind in args.kinds:
         mine = [t for t in trials if t.kind == kind]
-        seconds = sum(t.seconds for t in mine) / max(1, len(mine))
-        by_kind[kind] = {**Counter(t.outcome for t in mine), "mean_seconds": round(seconds, 2)}
+        mean = sum(t.seconds for t in mine) / max(1, len(mine))
+        by_kind[kind] = {**Counter(t.outcome for t in mine), "mean_seconds": round(mean, 2)}
     counts = Counter(t.outcome for t in trials)
     failures = [t for t in trials if t.outcome in ("wrong_labels", "unexpected")]
     usage = os.times()
