@@ -98,6 +98,7 @@ from softserve.client.payload import decode
 from softserve.models import convnet
 from softserve.service.batches import BatchRequest, batch_payload, read_batches, stream_groups
 from softserve.service.catalog import Catalog
+from softserve.service.settings import ServiceSettings
 from softserve.storage import LabelSetReader
 from softserve.worker.relabel import RelabelOptions, relabel
 
@@ -283,7 +284,8 @@ def decoded(src: Sources, tensors: Tensors) -> Tensors:
 
 def in_process_grouped(src: Sources) -> Iterator[Tensors]:
     """a'. The server's reads, in this process: read_batches over the stream's groups."""
-    for group in stream_groups(src.request, 0, src.run_epochs):
+    group_bytes = ServiceSettings().stream_read_mb << 20  # the server's default
+    for group in stream_groups(src.request, 0, src.run_epochs, group_bytes):
         for tensors in read_batches(src.request, group):
             yield decoded(src, {k: torch.from_numpy(v) for k, v in tensors.items()})
 

@@ -9,8 +9,9 @@ trip to the thread pool for each of them.
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -30,10 +31,19 @@ from softserve.client.sampling import Sharding
 from softserve.client.schema import ErrorResponse, LabelSetDetail, LabelSetSummary
 from softserve.service import metrics
 from softserve.service.auth import authorized, load_tokens
-from softserve.service.batches import BatchRequest, batch_payload, image_payload, stream_frames
+from softserve.service.batches import (
+    BatchRequest,
+    batch_payload,
+    image_payload,
+    max_batch_size,
+    sample_bytes,
+    stream_frames,
+)
 from softserve.service.catalog import Catalog, LabelSet
 from softserve.service.errors import ApiError, install_error_handlers
+from softserve.service.limits import Limits, ReleasingResponse, ReleasingStreamingResponse
 from softserve.service.settings import ServiceSettings
+from softserve.service.shutdown import watch_signals
 from softserve.service.ui import UI_PAGE, UI_POLICY
 from softserve.service.views import view_png
 from softserve.storage.open_set import detail, summary
@@ -64,6 +74,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         image_cache_bytes=settings.image_cache_mb << 20,
         locking=settings.hdf5_locking,
     )
+    limits = Limits(settings.max_streams, settings.inflight_mb << 20, settings.retry_after_seconds)
+    stopping = asyncio.Event()
+    batch_bytes = settings.batch_mb << 20
 
     async def rescan() -> None:
         while True:
@@ -76,6 +89,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(catalog.refresh)
+        watch_signals(stopping)
         rescans = asyncio.create_task(rescan())
         yield
         rescans.cancel()
@@ -166,6 +180,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 "bad_include",
                 f"include takes tensors among {', '.join(TENSORS)}; got {include!r}",
             )
+        per_sample = sample_bytes(entry, wanted, label_dtype)
+        if batch_size * per_sample > batch_bytes:
+            raise ApiError(
+                400, "batch_too_large",
+                f"batch_size {batch_size} of {', '.join(wanted)} is {batch_size * per_sample:,} "
+                f"bytes, over this server's {settings.batch_mb} MB per batch: at most "
+                f"{max(1, batch_bytes // per_sample)} with these tensors",
+            )  # fmt: skip
         n = entry.manifest.config.num_samples
         sharding = Sharding(n, batch_size, rank, world_size, drop_last)
         if world_size > n or len(sharding) == 0:
@@ -175,6 +197,21 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 "samples for every rank; lower batch_size (or world_size)",
             )  # fmt: skip
         return BatchRequest(entry, epoch, sharding, wanted, label_dtype, label_encoding)
+
+    async def bounded_payload(
+        size: int, read: Callable[[], bytes], headers: dict[str, str]
+    ) -> Response:
+        """A safetensors response read in the thread pool, its ``size`` bytes counted in
+        flight until it is sent (503 busy when the process has no room for them)."""
+        reserved = limits.try_reserve(size)
+        try:
+            body = await run_in_threadpool(read)
+        except BaseException:
+            await limits.release(reserved)
+            raise
+        return ReleasingResponse(
+            body, media_type=MEDIA_TYPE, headers=headers, release=lambda: limits.release(reserved)
+        )
 
     v1 = [Depends(require_token)]
 
@@ -192,7 +229,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )  # fmt: skip
     async def get_label_set(entry: Annotated[LabelSet, Depends(label_set)]) -> LabelSetDetail:
         """Everything a training job needs: shapes, normalization, views, refinement."""
-        return detail(entry)
+        return detail(entry, max_batch_size(entry, batch_bytes, settings.max_batch_size))
 
     @app.get(
         "/v1/labelsets/{name}/images",
@@ -211,8 +248,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         stop = n if stop is None else stop
         if not start < stop <= n:
             raise ApiError(400, "bad_range", f"need 0 <= start < stop <= {n}")
-        body = await run_in_threadpool(image_payload, entry, start, stop)
-        return Response(body, media_type=MEDIA_TYPE, headers={"X-Softserve-Digest": entry.digest})
+        per_image = sample_bytes(entry, ("images", "hard"))
+        if (stop - start) * per_image > batch_bytes:
+            raise ApiError(
+                400, "range_too_large",
+                f"{stop - start} images are over this server's {settings.batch_mb} MB per "
+                f"response: at most {max(1, batch_bytes // per_image)} a request",
+            )  # fmt: skip
+        return await bounded_payload(
+            (stop - start) * per_image, partial(image_payload, entry, start, stop),
+            {"X-Softserve-Digest": entry.digest},
+        )  # fmt: skip
 
     @app.get(
         "/v1/labelsets/{name}/epochs/{epoch}/batches/{index}",
@@ -231,8 +277,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 f"{len(request.sharding) - 1} of this epoch at this batch size and world size"
             )  # fmt: skip
         with metrics.BATCH_SECONDS.labels("batch").time():
-            body = await run_in_threadpool(batch_payload, request, index)
-        return Response(body, media_type=MEDIA_TYPE, headers=_batch_headers(request))
+            return await bounded_payload(
+                request.batch_bytes, partial(batch_payload, request, index),
+                _batch_headers(request),
+            )  # fmt: skip
 
     @app.get(
         "/v1/labelsets/{name}/epochs/{epoch}/stream",
@@ -251,12 +299,22 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         ] = 1,
     ) -> StreamingResponse:
         """Batches ``start``.. of an epoch (and of the following ``epochs - 1`` epochs) as
-        length-prefixed safetensors frames, then an end frame."""
+        length-prefixed safetensors frames, then an end frame (or a going-away frame when
+        the server shuts down: resume at the next batch). Beyond the server's open-stream
+        limit: 503 busy, with Retry-After."""
         if start > len(request.sharding):
             raise ApiError(404, "bad_batch_index", f"start {start} is past the epoch's batches")
-        return StreamingResponse(
-            stream_frames(request, start, epochs), media_type=STREAM_MEDIA_TYPE,
-            headers=_batch_headers(request),
+        if stopping.is_set():
+            raise ApiError(503, "shutting_down", "server is shutting down; retry elsewhere",
+                           headers={"Retry-After": str(settings.retry_after_seconds)})  # fmt: skip
+        limits.open_stream()
+        frames = stream_frames(
+            request, start, epochs, group_bytes=settings.stream_read_mb << 20, limits=limits,
+            stopping=stopping,
+        )  # fmt: skip
+        return ReleasingStreamingResponse(
+            frames, media_type=STREAM_MEDIA_TYPE, headers=_batch_headers(request),
+            release=limits.close_stream,
         )  # fmt: skip
 
     @app.get(

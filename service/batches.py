@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -13,21 +15,45 @@ from starlette.concurrency import run_in_threadpool
 
 from softserve.client.payload import (
     END_FRAME,
+    TENSORS,
     LabelDtype,
     LabelEncoding,
     encode,
     encode_parts,
     error_frame,
     frame_parts,
+    going_away_frame,
 )
 from softserve.client.sampling import Sharding
 from softserve.errors import SoftserveError, StoreError
 from softserve.service import metrics
 from softserve.service.catalog import LabelSet
+from softserve.service.limits import Limits
 
 log = logging.getLogger("softserve.service")
 
-_BATCHES_PER_READ = 8
+#: Most batches a stream reads per trip to the thread pool (serve_bench: enough to amortize it).
+_MAX_BATCHES_PER_READ = 8
+#: Bytes per sample of the small tensors: indices and hard (int64), params (5 × int16).
+_INDEX_BYTES = {"indices": 8, "hard": 8, "params": 10}
+
+
+def sample_bytes(
+    entry: LabelSet, include: Iterable[str], label_dtype: LabelDtype = "float32"
+) -> int:
+    """An upper bound on the bytes one sample adds to a batch with these tensors (labels
+    counted as decoded floats: stored codecs take at most that)."""
+    config = entry.manifest.config
+    label = (2 if label_dtype == "float16" else 4) * config.num_classes
+    sizes = {**_INDEX_BYTES, "images": math.prod(config.image_shape), "soft": label,
+             "logits": label}  # fmt: skip
+    return sum(sizes[name] for name in include)
+
+
+def max_batch_size(entry: LabelSet, batch_bytes: int, cap: int) -> int:
+    """The largest batch_size served with every tensor included: ``batch_bytes`` over the
+    bytes of a sample, at most ``cap`` (and at least 1)."""
+    return max(1, min(cap, batch_bytes // sample_bytes(entry, TENSORS)))
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,11 @@ class BatchRequest:
     include: tuple[str, ...]
     label_dtype: LabelDtype = "float32"
     label_encoding: LabelEncoding = "decoded"
+
+    @property
+    def batch_bytes(self) -> int:
+        """An upper bound on the bytes of one batch of this request."""
+        return self.sharding.batch_size * sample_bytes(self.entry, self.include, self.label_dtype)
 
     @property
     def stored_labels(self) -> bool:
@@ -118,24 +149,44 @@ def _frames(request: BatchRequest, batches: list[tuple[int, int]]) -> tuple[byte
 
 
 def stream_groups(
-    request: BatchRequest, start: int, epochs: int
+    request: BatchRequest, start: int, epochs: int, group_bytes: int
 ) -> Iterator[list[tuple[int, int]]]:
     """The (epoch, index) batches of a stream from batch ``start`` through ``epochs`` epochs,
-    in the groups it reads at a time (across epoch boundaries: a trip to the thread pool and
-    a write cost more than reading a small batch)."""
+    in the groups it reads at a time: as many batches as fit ``group_bytes``, at least one
+    and at most ``_MAX_BATCHES_PER_READ``, across epoch boundaries (a trip to the thread
+    pool and a write cost more than reading a small batch; a group of large batches would
+    take memory for nothing, and a group of thousands of tiny ones delays the first)."""
     batches = request.sharding.schedule(request.epoch, start, epochs)
-    while group := list(itertools.islice(batches, _BATCHES_PER_READ)):
+    per_group = max(1, min(_MAX_BATCHES_PER_READ, group_bytes // request.batch_bytes))
+    while group := list(itertools.islice(batches, per_group)):
         yield group
 
 
-async def stream_frames(request: BatchRequest, start: int, epochs: int) -> AsyncIterator[bytes]:
-    """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame; each group of
-    :func:`stream_groups` is one trip to the thread pool. A read failure ends the stream
-    with an error frame."""
-    for group in stream_groups(request, start, epochs):
-        frames, error = await run_in_threadpool(_frames, request, group)
-        if frames:
-            yield frames
+async def stream_frames(
+    request: BatchRequest, start: int, epochs: int, *, group_bytes: int, limits: Limits,
+    stopping: asyncio.Event,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    """Frames of batches ``start``.. of ``epochs`` epochs, then the end frame.
+
+    Each group of :func:`stream_groups` is one trip to the thread pool, its bytes reserved
+    in ``limits`` until they are handed to the connection. A read failure ends the stream
+    with an error frame; a shutdown (``stopping``) with a going-away frame.
+    """
+    for group in stream_groups(request, start, epochs, group_bytes):
+        reserved = None if stopping.is_set() else await limits.reserve(
+            len(group) * request.batch_bytes, stopping)  # fmt: skip
+        if reserved is None:
+            epoch, index = group[0]
+            log.info("stream of %s ends at epoch %d, batch %d: server shutting down",
+                     request.entry.name, epoch, index)  # fmt: skip
+            yield going_away_frame(f"server shutting down; resume at epoch {epoch} batch {index}")
+            return
+        try:
+            frames, error = await run_in_threadpool(_frames, request, group)
+            if frames:
+                yield frames
+        finally:
+            await limits.release(reserved)
         if error is not None:
             yield error_frame(error)
             return

@@ -26,6 +26,23 @@ class ServiceSettings(BaseSettings):
         1024, ge=0, description="Per-process budget for base images kept in memory."
     )
     max_batch_size: int = Field(8192, ge=1, description="Largest batch_size a request may ask.")
+    batch_mb: int = Field(
+        256, ge=1, description="Largest batch in MB: a label set's max_batch_size follows from it."
+    )
+    stream_read_mb: int = Field(
+        8, ge=1, description="Bytes of batches a stream reads per trip to the disk, in MB."
+    )
+    inflight_mb: int = Field(
+        512, ge=1,
+        description="Per process: MB of batches read but not yet sent; streams beyond it wait, "
+        "single batches get 503 busy.",
+    )  # fmt: skip
+    max_streams: int = Field(
+        64, ge=1, description="Per process: open streams; more get 503 busy with Retry-After."
+    )
+    retry_after_seconds: int = Field(
+        1, ge=1, description="Retry-After of a 503 busy answer, in seconds."
+    )
     rescan_seconds: float = Field(
         2.0, gt=0, description="How often the store is rescanned for new label sets."
     )

@@ -165,13 +165,15 @@ def summary(entry: OpenLabelSet) -> LabelSetSummary:
     )
 
 
-def detail(entry: OpenLabelSet) -> LabelSetDetail:
-    """Everything a training job needs to use the set."""
+def detail(entry: OpenLabelSet, max_batch_size: int | None = None) -> LabelSetDetail:
+    """Everything a training job needs to use the set; ``max_batch_size``: the largest batch
+    a server answers (None: no limit, as for a local set)."""
     manifest = entry.manifest
     config = manifest.config
     views = config.views
     return LabelSetDetail(
         **summary(entry).model_dump(),
+        max_batch_size=max_batch_size,
         class_names=config.class_names,
         mean=config.mean,
         std=config.std,

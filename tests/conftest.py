@@ -126,6 +126,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` (VmRSS of /proc/PID/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 class Server:
     """``softserve serve`` in a subprocess on loopback: started for real, talked to over HTTP."""
 

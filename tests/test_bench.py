@@ -102,3 +102,31 @@ def test_report_bench_runs_on_a_set_by_the_real_writer(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "report_bench.json").read_text())
     assert (record["samples"], record["epochs"], record["codec"]) == (40, 3, "topk:3")
     assert record["report_seconds"] > 0 and record["report_over_read"] > 0
+
+
+def test_fault_trials_deliver_right_labels_or_clear_errors(tmp_path: Path) -> None:
+    """One trial of each fault at a tiny size: no wrong label, no unexplained failure."""
+    record = run_bench(
+        "fault_trials.py", "--rounds", 1, "--samples", 32, "--epochs", 2, "--stream-epochs", 12,
+        out=tmp_path / "faults.json",
+    )  # fmt: skip
+    assert record["trials"] == 5
+    assert set(record["by_kind"]) == {"flip_byte", "kill_worker", "kill_server",
+                                      "sigterm_server", "replace_set"}  # fmt: skip
+    assert record["failures"] == record["wrong_labels"] == 0, record["failed"]
+    assert record["right"] + record["clear_error"] == 5
+
+
+def test_load_test_runs_without_errors(tmp_path: Path) -> None:
+    """A few seconds of 4 clients against 2 server processes: every client streamed, none
+    failed, and the report has its fields (timings are reported, never asserted)."""
+    record = run_bench(
+        "load_test.py", "--clients", 4, "--seconds", 3, "--samples", 200, "--classes", 10,
+        "--batch-size", 32, "--codec", "fp16", out=tmp_path / "load.json",
+    )  # fmt: skip
+    assert record["errors"] == 0, record["error_messages"]
+    assert record["batches"] > 0 and record["samples"] == 32 * record["batches"]
+    assert set(record["latency_ms"]) == {"p50", "p99"}
+    assert set(record["first_batch_ms"]) == {"p50", "max"}
+    assert set(record["server_rss_mb"]) == {"before", "after", "peak"}
+    assert record["server_rss_mb"]["before"] > 0

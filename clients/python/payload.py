@@ -25,7 +25,9 @@ The Python client asks for this; a plain safetensors reader gets floats by defau
 
 and metadata ``epoch``, ``stored_epoch`` and ``batch``. A stream is a sequence of frames,
 each an 8-byte little-endian length and that many payload bytes, ended by a zero-length
-frame; a frame whose metadata has ``error`` reports a failure mid-stream.
+frame; a frame whose metadata has ``error`` reports a failure mid-stream, and one whose
+metadata has ``going_away`` says the server is shutting down: the client resumes at the
+next batch, on this server once restarted or on another.
 """
 
 from __future__ import annotations
@@ -112,6 +114,15 @@ def error_frame(message: str) -> bytes:
     return frame(encode({}, {"error": message}))
 
 
+def going_away_frame(message: str) -> bytes:
+    """A frame that ends a stream cleanly because the server is shutting down."""
+    return frame(encode({}, {"going_away": message}))
+
+
+class GoingAway(PayloadError):
+    """The server ended the stream because it is shutting down: resume, here or elsewhere."""
+
+
 def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of one payload.
 
@@ -132,6 +143,8 @@ def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str,
     metadata = header.pop("__metadata__", None) or {}
     if "error" in metadata:
         raise PayloadError(f"server error: {metadata['error']}", from_server=True)
+    if "going_away" in metadata:
+        raise GoingAway(f"server going away: {metadata['going_away']}")
     tensors = {}
     for name, info in header.items():
         try:

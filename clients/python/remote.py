@@ -1,9 +1,11 @@
 """The HTTP client: label-set metadata, base images, and batches streamed from a server.
 
 Requests are retried with exponential backoff and jitter on connection errors and 5xx
-(tenacity), rotating through the server URLs on each failure. A stream cut mid-epoch is
-resumed at the first batch not yet received, so a server restart loses and repeats
-nothing.
+(tenacity), rotating through the server URLs on each failure; a 503 busy is retried after
+its Retry-After. A store error (a damaged or withdrawn set) is retried only on another URL,
+which must serve the same version (the digest travels with every request). A stream cut
+mid-epoch, or ended by a server shutting down, is resumed at the first batch not yet
+received, so a server restart loses and repeats nothing.
 """
 
 from __future__ import annotations
@@ -42,14 +44,16 @@ class Patience:
 
     failures: int = 0
     since: float = 0.0
+    store_failures: int = 0
 
-    def failed(self) -> None:
+    def failed(self, exc: BaseException | None) -> None:
         if self.failures == 0:
             self.since = time.monotonic()
         self.failures += 1
+        self.store_failures += _store_failure(exc)
 
     def progress(self) -> None:
-        self.failures = 0
+        self.failures = self.store_failures = 0
 
 
 class ClientError(SoftserveError):
@@ -62,7 +66,22 @@ class ClientError(SoftserveError):
 
 
 class _ServerError(Exception):
-    """A 5xx answer: worth a retry, on this server or another."""
+    """A 5xx answer: worth a retry, on this server or another (after ``retry_after``
+    seconds, when the server said so)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+_STORE_CODES = ("store_error", "withdrawn")
+
+
+def _store_failure(exc: BaseException | None) -> bool:
+    """A server's report that its copy of the set cannot be read: another URL may serve it."""
+    if isinstance(exc, PayloadError):
+        return exc.from_server
+    return isinstance(exc, ClientError) and exc.code in _STORE_CODES
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -90,6 +109,13 @@ def _check_url(url: str) -> None:
     )
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
 def _raise_for_status(response: httpx.Response) -> None:
     """ClientError for a 4xx or a store error (retrying cannot help), _ServerError for
     other 5xx (it might)."""
@@ -100,8 +126,11 @@ def _raise_for_status(response: httpx.Response) -> None:
         message, code = body["message"], body["code"]
     except (ValueError, KeyError, TypeError):
         message, code = response.text[:200], None
-    if response.status_code >= 500 and code not in ("store_error", "withdrawn"):
-        raise _ServerError(f"{response.status_code} from {response.request.url}: {message}")
+    if response.status_code >= 500 and code not in _STORE_CODES:
+        raise _ServerError(
+            f"{response.status_code} from {response.request.url}: {message}",
+            _retry_after(response),
+        )
     raise ClientError(f"{response.status_code} {message}", response.status_code, code)
 
 
@@ -157,8 +186,24 @@ class Client:
     def retrying(self, patience: Patience | None = None) -> Retrying:
         """Retry policy: connection errors and 5xx are retried, rotating through the URLs,
         for ``retry_seconds`` after the first failure since the last progress (and at most
-        ``retries`` times, when set). ``patience`` carries that across a stream's batches."""
+        ``retries`` times, when set), waiting what a Retry-After asks; store errors are
+        retried on each other URL once. ``patience`` carries that across a stream's
+        batches."""
         patience = patience or Patience()
+        backoff = wait_random_exponential(multiplier=0.05, max=self.max_wait)
+
+        def retryable(exc: BaseException) -> bool:
+            if _store_failure(exc):
+                return patience.store_failures < len(self.urls) - 1
+            return _retryable(exc)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            asked = getattr(exc, "retry_after", None)
+            if asked is None:
+                return backoff(state)
+            left = patience.since + self.retry_seconds - time.monotonic()
+            return max(0.0, min(asked, left))
 
         def stop(state: RetryCallState) -> bool:
             if self.retries is not None and patience.failures > self.retries:
@@ -173,10 +218,10 @@ class Client:
             ) from exc
 
         return Retrying(
-            retry=retry_if_exception(_retryable),
-            wait=wait_random_exponential(multiplier=0.05, max=self.max_wait),
+            retry=retry_if_exception(retryable),
+            wait=wait,
             stop=stop,
-            after=lambda state: patience.failed(),
+            after=lambda state: patience.failed(state.outcome.exception()),
             before_sleep=self._failover,
             retry_error_callback=give_up,
         )
@@ -261,6 +306,8 @@ class RemoteLabelSet(LabelSet):
         if per_image * self.num_samples > self.image_cache_bytes:
             return None
         step = max(1, _IMAGE_CHUNK_BYTES // per_image)
+        if self.detail.max_batch_size is not None:  # the server's limit per response
+            step = min(step, self.detail.max_batch_size)
         parts = []
         for start in range(0, self.num_samples, step):
             stop = min(start + step, self.num_samples)

@@ -52,6 +52,10 @@ class LabelSetDetail(LabelSetSummary):
     teacher_weights_sha256: str | None
     dataset_sha256: str
     label_bytes: int
+    #: The largest batch_size this server serves with every tensor included (its byte
+    #: budget per batch over a sample's bytes); fewer tensors allow more. None: an older
+    #: server that does not say.
+    max_batch_size: int | None = None
     shards: int
     format_version: int
 

@@ -1,0 +1,418 @@
+"""Fault trials: inject faults while label sets are built and served, and check that a
+training job gets exactly the right labels or a clear error, never anything else.
+
+Setup (untimed): a random 32×32 RGB image set is relabelled twice in forked processes (seed
+0: the reference, seed 1: a rebuild under the same name), one server is started on
+loopback, and the reference is read once through the client (every tensor of every batch,
+images included: this is what each trial must deliver).
+
+Each round runs one trial of each kind, each with its own seed:
+
+* ``flip_byte``: a copy of the reference set gets one byte of a random ``.h5`` file XORed
+  with a random non-zero value, before the server opens it or after; the client reads
+  every stored epoch.
+* ``kill_worker``: ``relabel`` in a forked process is sent SIGKILL or SIGTERM at a random
+  moment of its run, then run again to completion; its shards must equal the reference's
+  byte for byte (what a client would then be served), or the rerun must fail clearly.
+* ``kill_server`` / ``sigterm_server``: the server is sent SIGKILL / SIGTERM at a random
+  batch of a long stream and restarted on the same port; the client rides it out.
+* ``replace_set``: at a random batch of a long stream, the set's folder is replaced by the
+  rebuild (another version); the stream must go on with the old version to its end, or
+  the client must refuse the new one (digest mismatch).
+
+A trial's outcome: ``right`` (every batch equal to the reference's, none missing),
+``clear_error`` (the batches before it right, then a ``SoftserveError``: ``ClientError``,
+``PayloadError``, ``StoreError``), ``wrong_labels`` (any batch that differs: the failure
+this exists to catch) or ``unexpected`` (another exception, missing batches, a timeout).
+Failures are the last two. The JSON summary counts them per kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from serve_bench import TEACHER, make_image_set  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
+
+from softserve.client import Client  # noqa: E402
+from softserve.errors import SoftserveError  # noqa: E402
+from softserve.storage.layout import sha256_file  # noqa: E402
+from softserve.worker.relabel import RelabelOptions, relabel  # noqa: E402
+
+KINDS = ("flip_byte", "kill_worker", "kill_server", "sigterm_server", "replace_set")
+REF, SWAP = "ref", "swap"
+Batches = list[dict[str, np.ndarray]]
+
+
+@dataclass
+class Trial:
+    kind: str
+    seed: int
+    outcome: str
+    detail: str
+    seconds: float
+
+
+@dataclass
+class Bench:
+    """What the trials share: the work folder, the built sets, the server, the reference."""
+
+    args: argparse.Namespace
+    work: Path
+    images: Path
+    ref_root: Path
+    alt_root: Path
+    relabel_seconds: float
+    server: ServerProcess
+    stored: Batches  # every stored epoch once
+    long: Batches  # a long stream: ``--stream-epochs`` epochs, wrapping
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def relabel_options(args: argparse.Namespace, images: Path, out: Path, seed: int) -> RelabelOptions:
+    return RelabelOptions(
+        images=images, teacher=TEACHER, out=out, num_classes=args.classes, epochs=args.epochs,
+        shard_epochs=1, seed=seed, batch_size=64, device="cpu", codec="fp16", progress=False,
+    )  # fmt: skip
+
+
+def _relabel_child(opts: RelabelOptions) -> None:
+    """A forked relabel: one thread (no pool shared with the parent), exit 3 on a clear
+    error, 1 on anything else."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        relabel(opts)
+    except SoftserveError as exc:
+        print(f"relabel failed clearly: {exc}", file=sys.stderr)
+        os._exit(3)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def start_relabel(opts: RelabelOptions) -> multiprocessing.Process:
+    proc = multiprocessing.get_context("fork").Process(target=_relabel_child, args=(opts,))
+    proc.start()
+    return proc
+
+
+def run_relabel(opts: RelabelOptions) -> int:
+    proc = start_relabel(opts)
+    proc.join(timeout=300)
+    return proc.exitcode if proc.exitcode is not None else -1
+
+
+def read_all(url: str, name: str, epochs: int, args: argparse.Namespace,
+             on_batch: Callable[[int], None] | None = None) -> Batches:  # fmt: skip
+    """Every tensor of ``epochs`` epochs of ``name`` through the client, images included;
+    ``on_batch(i)`` runs after batch i is received."""
+    got: Batches = []
+    with Client(url, retry_seconds=args.retry_seconds, max_wait=args.max_wait) as client:
+        remote = client.labelset(name, image_cache_mb=0)
+        sharding = remote.sharding(args.batch_size)
+        for raw in remote.raw_batches(0, sharding, with_images=True, epochs=epochs):
+            got.append({k: v.numpy().copy() for k, v in raw.tensors.items()})
+            if on_batch is not None:
+                on_batch(len(got) - 1)
+    return got
+
+
+def wait_listed(server: ServerProcess, name: str, present: bool = True) -> None:
+    """Until the server's rescan lists ``name`` (or no longer does)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = {s["name"] for s in httpx.get(server.url + "/v1/labelsets").json()}
+        if (name in names) == present:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"label set {name} never {'appeared' if present else 'went'}")
+
+
+def setup(args: argparse.Namespace, work: Path) -> Bench:
+    images = work / "images.pt"
+    make_image_set(images, args.samples, args.classes, seed=0)
+    ref_root, alt_root = work / "sets" / REF, work / "sets" / "alt"
+    started = time.perf_counter()
+    if run_relabel(relabel_options(args, images, ref_root, seed=0)) != 0:
+        raise RuntimeError("building the reference label set failed")
+    relabel_seconds = time.perf_counter() - started
+    if run_relabel(relabel_options(args, images, alt_root, seed=1)) != 0:
+        raise RuntimeError("building the rebuilt label set failed")
+    store = work / "store"
+    shutil.copytree(ref_root, store / REF)
+    shutil.copytree(ref_root, store / SWAP)
+    env = {"SOFTSERVE_RESCAN_SECONDS": "0.1", "SOFTSERVE_STREAM_READ_MB": "1"}
+    server = ServerProcess(store, work / "server.log", env=env).start()
+    stored = read_all(server.url, REF, args.epochs, args)
+    long = read_all(server.url, REF, args.stream_epochs, args)
+    return Bench(args, work, images, ref_root, alt_root, relabel_seconds, server, stored, long)
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def judge(got: Batches, reference: Batches, error: BaseException | None) -> tuple[str, str]:
+    """A trial's outcome and a line saying why."""
+    for i, batch in enumerate(got):
+        if i >= len(reference):
+            return "unexpected", f"{len(got)} batches, more than the {len(reference)} expected"
+        want = reference[i]
+        if batch.keys() != want.keys() or any(
+            not np.array_equal(batch[k], want[k]) for k in want
+        ):
+            return "wrong_labels", f"batch {i} differs from the reference"
+    if error is None:
+        if len(got) != len(reference):
+            return "unexpected", f"{len(got)} of {len(reference)} batches, and no error"
+        return "right", f"{len(got)} batches"
+    if isinstance(error, SoftserveError):
+        return "clear_error", f"after {len(got)} batches: {type(error).__name__}: {error}"
+    return "unexpected", f"after {len(got)} batches: {type(error).__name__}: {error}"
+
+
+def guarded_read(bench: Bench, name: str, epochs: int, reference: Batches,
+                 on_batch: Callable[[int], None] | None = None) -> tuple[str, str]:  # fmt: skip
+    got: Batches = []
+
+    def record(i: int) -> None:
+        if on_batch is not None:
+            on_batch(i)
+
+    error: BaseException | None = None
+    try:
+        got = read_all(bench.server.url, name, epochs, bench.args, record)
+    except Exception as exc:  # judged: a clear error, or not
+        error = exc
+    return judge(got, reference, error)
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def flip_byte(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    name = f"flip{index}"
+    staged = bench.work / "staged" / name
+    shutil.copytree(bench.ref_root, staged)
+    files = sorted(staged.glob("*.h5"))
+    target = rng.choice(files)
+    offset = rng.randrange(target.stat().st_size)
+    after_open = rng.random() < 0.5
+    store_path = bench.server.store / name
+    if after_open:
+        staged.rename(store_path)
+        wait_listed(bench.server, name)
+    with open(store_path / target.name if after_open else target, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ rng.randrange(1, 256)]))
+    if not after_open:
+        staged.rename(store_path)
+        time.sleep(0.3)  # a rescan or two: the set is opened, or skipped as broken
+    where = f"{target.name}@{offset} {'after' if after_open else 'before'} open"
+    outcome, detail = guarded_read(bench, name, bench.args.epochs, bench.stored)
+    shutil.rmtree(store_path)
+    return outcome, f"{where}: {detail}"
+
+
+def kill_worker(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    out = bench.work / "worker" / f"w{index}"
+    opts = relabel_options(bench.args, bench.images, out, seed=0)
+    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+    delay = rng.uniform(0, bench.relabel_seconds * 1.2)
+    proc = start_relabel(opts)
+    proc.join(timeout=delay)
+    if proc.is_alive():
+        os.kill(proc.pid, sig)
+    proc.join(timeout=120)
+    where = f"{sig.name} after {delay:.2f} s"
+    code = run_relabel(opts)
+    if code == 3:
+        return "clear_error", f"{where}: the resumed relabel failed clearly"
+    if code != 0:
+        return "unexpected", f"{where}: the resumed relabel exited with {code}"
+    ours = {p.name: sha256_file(p) for p in sorted(out.glob("labels-*.h5"))}
+    theirs = {p.name: sha256_file(p) for p in sorted(bench.ref_root.glob("labels-*.h5"))}
+    shutil.rmtree(out)
+    if ours != theirs:
+        return "wrong_labels", f"{where}: resumed shards differ from the reference"
+    return "right", f"{where}: {len(ours)} shards equal the reference"
+
+
+def _signal_server(sig: signal.Signals) -> Callable[[Bench, random.Random, int], tuple[str, str]]:
+    def trial(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+        at = rng.randrange(1, len(bench.long) - 1)
+        restarts = []
+
+        def on_batch(i: int) -> None:
+            if i == at:
+                restarts.append(bench.server.restart_after(sig))
+
+        outcome, detail = guarded_read(bench, REF, bench.args.stream_epochs, bench.long,
+                                       on_batch)  # fmt: skip
+        for thread in restarts:
+            thread.join()
+        return outcome, f"{sig.name} at batch {at}: {detail}"
+
+    return trial
+
+
+def replace_set(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    at = rng.randrange(1, len(bench.long) - 1)
+    store = bench.server.store
+    old = bench.work / "replaced" / f"r{index}"
+    old.parent.mkdir(exist_ok=True)
+
+    def on_batch(i: int) -> None:
+        if i == at:
+            staged = bench.work / "staged" / f"alt{index}"
+            shutil.copytree(bench.alt_root, staged)
+            (store / SWAP).rename(old)
+            staged.rename(store / SWAP)
+
+    outcome, detail = guarded_read(bench, SWAP, bench.args.stream_epochs, bench.long, on_batch)
+    if (store / SWAP).exists() and old.exists():  # put the reference back for the next trial
+        shutil.rmtree(store / SWAP)
+        wait_listed(bench.server, SWAP, present=False)
+    if not (store / SWAP).exists():
+        shutil.copytree(bench.ref_root, store / SWAP)
+        wait_listed(bench.server, SWAP)
+    shutil.rmtree(old, ignore_errors=True)
+    return outcome, f"replaced at batch {at}: {detail}"
+
+
+TRIALS: dict[str, Callable[[Bench, random.Random, int], tuple[str, str]]] = {
+    "flip_byte": flip_byte,
+    "kill_worker": kill_worker,
+    "kill_server": _signal_server(signal.SIGKILL),
+    "sigterm_server": _signal_server(signal.SIGTERM),
+    "replace_set": replace_set,
+}
+
+
+def run_trials(bench: Bench, started: float) -> list[Trial]:
+    """Every round's trials; the summary is rewritten after each round, so a run stopped
+    early still reports the trials it finished."""
+    trials: list[Trial] = []
+    (bench.work / "staged").mkdir()
+    for index in range(bench.args.rounds):
+        for kind in bench.args.kinds:
+            seed = bench.args.seed * 1_000_003 + index * len(KINDS) + KINDS.index(kind)
+            begun = time.perf_counter()
+            try:
+                outcome, detail = TRIALS[kind](bench, random.Random(seed), index)
+            except Exception as exc:  # the harness itself failed: counted, not hidden
+                outcome, detail = "unexpected", f"trial raised {type(exc).__name__}: {exc}"
+            trial = Trial(kind, seed, outcome, detail, time.perf_counter() - begun)
+            trials.append(trial)
+            if bench.args.verbose or outcome in ("wrong_labels", "unexpected"):
+                print(f"{kind:>15} {outcome:>12}  {detail}", flush=True)
+        write_summary(summarize(trials, bench.args, time.perf_counter() - started), bench.args)
+    return trials
+
+
+def write_summary(summary: dict, args: argparse.Namespace) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def summarize(trials: list[Trial], args: argparse.Namespace, seconds: float) -> dict:
+    by_kind = {}
+    for kind in args.kinds:
+        mine = [t for t in trials if t.kind == kind]
+        mean = sum(t.seconds for t in mine) / max(1, len(mine))
+        by_kind[kind] = {**Counter(t.outcome for t in mine), "mean_seconds": round(mean, 2)}
+    counts = Counter(t.outcome for t in trials)
+    failures = [t for t in trials if t.outcome in ("wrong_labels", "unexpected")]
+    usage = os.times()
+    return {
+        "trials": len(trials),
+        "failures": len(failures),
+        "wrong_labels": counts["wrong_labels"],
+        "right": counts["right"],
+        "clear_error": counts["clear_error"],
+        "by_kind": by_kind,
+        "failed": [asdict(t) for t in failures],
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(usage.user + usage.system + usage.children_user
+                             + usage.children_system, 1),  # fmt: skip
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "work")},
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=40, help="trials of each kind")
+    parser.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS),
+                        help=f"comma-separated among {', '.join(KINDS)}")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=4, help="stored epochs")
+    parser.add_argument("--stream-epochs", type=int, default=24,
+                        help="epochs of the long streams that servers are killed in")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--retry-seconds", type=float, default=60.0)
+    parser.add_argument("--max-wait", type=float, default=1.0,
+                        help="the client's backoff cap (its default is 10 s: here the trials "
+                        "spend their time on faults, not on waiting out a restart)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
+    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "fault_trials.json")
+    parser.add_argument("--verbose", action="store_true", help="a line per trial")
+    args = parser.parse_args(argv)
+    unknown = set(args.kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}; choose among {', '.join(KINDS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    args = parse_args(argv)
+    # stopped early (SIGTERM): stop the server and remove the work folder on the way out;
+    # the summary of the rounds finished so far is already written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if not args.verbose:  # the client's retry warnings are what the trials provoke
+        logging.getLogger("softserve.client").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="softserve-faults-", dir=args.work) as tmp:
+        started = time.perf_counter()
+        bench = setup(args, Path(tmp))
+        try:
+            trials = run_trials(bench, started)
+        finally:
+            bench.server.stop()
+        summary = summarize(trials, args, time.perf_counter() - started)
+    write_summary(summary, args)
+    print(json.dumps({k: summary[k] for k in ("trials", "failures", "wrong_labels", "right",
+                                              "clear_error", "by_kind")}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
