@@ -22,7 +22,6 @@ next run. Seed-major: a partial run covers every cell once first.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import label_budget_report  # noqa: E402
-from study import Runner, Server, small_eval_set  # noqa: E402
+from study import Runner, Server, add_common_arguments, small_eval_set  # noqa: E402
 
 from softserve.storage.manifest import read_manifest  # noqa: E402
 from softserve.worker.demo import DemoOptions, prepare_demo  # noqa: E402
@@ -149,21 +148,12 @@ class Context:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("study"), help="teacher, sets, store")
-    parser.add_argument("--results", type=Path, default=BENCH / "results" / "label_budget.jsonl")
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="tables and plots")
-    parser.add_argument("--readme", type=Path, default=None, help="README to update in place")
+    add_common_arguments(parser, "label_budget.jsonl")
     parser.add_argument("--variants", default=VARIANTS, help="CODEC@STORED_EPOCHS, reference first")
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=300, help="reference and training epochs")
     parser.add_argument("--losses", default=",".join(LOSSES))
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--no-floor", action="store_true", help=f"no {FLOOR_LOSS} on the reference")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--eval-limit", type=int, default=None, help="first N test images only")
-    parser.add_argument("--report-only", action="store_true", help="tables and plots only")
     parser.add_argument(
         "--smoke", action="store_true",
         help="CI: tiny teacher, 2 epochs, fp32@2, topk:1@2 and fp32@1, GIFT, AdamW, seed 0",

@@ -10,14 +10,13 @@ Writes ``label_budget.md`` and ``label_budget.png`` into the output folder and, 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study import Cell, cells_by, load, pyplot, replace_section, save_figure  # noqa: E402
+from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
 
 BEGIN, END = "<!-- label-budget:begin -->", "<!-- label-budget:end -->"
 LOSSES = ("gift", "kl")
@@ -192,12 +191,10 @@ def write_report(results: Path, out: Path, readme: Path | None = None) -> Path:
     records = load(results)
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot(rows(records), out)] if records else []
-    page = out / "label_budget.md"
-    page.write_text("# Label budget\n\n" + render(records, plots, link=""))
-    if readme is not None:
-        link = os.path.relpath(out.resolve(), readme.parent.resolve()) + "/"
-        replace_section(readme, BEGIN, END, render(records, plots, link=link))
-    return page
+    return write_pages(
+        out, "label_budget", "Label budget", lambda link: render(records, plots, link), readme,
+        (BEGIN, END),
+    )  # fmt: skip
 
 
 def main() -> None:

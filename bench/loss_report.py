@@ -10,14 +10,13 @@ replaces the README's section between ``<!-- loss-study:begin -->`` and
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study import Cell, cells_by, load, pyplot, replace_section, save_figure  # noqa: E402
+from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
 
 PAPER_ORDER = ("gift", "cosine", "kl", "softce", "softce_ce", "mse", "mse_ce", "ce")
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
@@ -242,12 +241,10 @@ def write_report(results: Path, out: Path, readme: Path | None = None, main_ipc:
     records = load(results)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(cells(records), main_ipc, out) if records else []
-    page = out / "loss_study.md"
-    page.write_text("# Loss study\n\n" + render(records, main_ipc, plots, link=""))
-    if readme is not None:
-        link = os.path.relpath(out.resolve(), readme.parent.resolve()) + "/"
-        replace_section(readme, BEGIN, END, render(records, main_ipc, plots, link=link))
-    return page
+    return write_pages(
+        out, "loss_study", "Loss study", lambda link: render(records, main_ipc, plots, link),
+        readme, (BEGIN, END),
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ Jobs are ordered seed-major, so a partial run already covers every cell once.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import loss_report  # noqa: E402
-from study import Runner, Server, small_eval_set  # noqa: E402
+from study import Runner, Server, add_common_arguments, small_eval_set  # noqa: E402
 
 from softserve.client import LOSS_NAMES  # noqa: E402
 from softserve.worker import fashion_mnist  # noqa: E402
@@ -113,23 +112,14 @@ class Context:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("study"), help="teacher, sets, store")
-    parser.add_argument("--results", type=Path, default=BENCH / "results" / "loss_study.jsonl")
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="tables and plots")
-    parser.add_argument("--readme", type=Path, default=None, help="README to update in place")
+    add_common_arguments(parser, "loss_study.jsonl")
     parser.add_argument("--ipcs", default="1,10,50")
     parser.add_argument("--main-ipc", type=int, default=10)
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=300, help="label and training epochs")
     parser.add_argument("--losses", default=",".join(LOSS_NAMES), help="losses at the main IPC")
     parser.add_argument("--core-losses", default=",".join(CORE_LOSSES), help="at other IPCs")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--no-online", action="store_true", help="skip the online-teacher arm")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--eval-limit", type=int, default=None, help="first N test images only")
-    parser.add_argument("--report-only", action="store_true", help="tables and plots only")
     parser.add_argument(
         "--smoke", action="store_true",
         help="CI: tiny teacher, 2 epochs, gift and kl, AdamW and SGD, seed 0, 500 test images",

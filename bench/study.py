@@ -9,6 +9,7 @@ section of the README.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -89,6 +90,20 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, results: str) -> None:
+    """The options every study takes: where things go, the seeds, how runs are spread."""
+    parser.add_argument("--workdir", type=Path, default=Path("study"), help="teacher, sets, store")
+    parser.add_argument("--results", type=Path, default=BENCH / "results" / results)
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="tables and plots")
+    parser.add_argument("--readme", type=Path, default=None, help="README to update in place")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--eval-limit", type=int, default=None, help="first N test images only")
+    parser.add_argument("--report-only", action="store_true", help="tables and plots only")
 
 
 def done_keys(results: Path, job_type: type) -> set[tuple]:
@@ -228,6 +243,20 @@ def replace_section(readme: Path, begin: str, end: str, body: str) -> None:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{begin}\n{body}{end}{tail}")
+
+
+def write_pages(
+    out: Path, stem: str, title: str, render: Callable[[str], str], readme: Path | None,
+    markers: tuple[str, str],
+) -> Path:  # fmt: skip
+    """Write ``out/STEM.md`` from ``render(link)`` (link: the prefix of files in ``out``) and,
+    given ``readme``, its section between ``markers``; returns the page."""
+    page = out / f"{stem}.md"
+    page.write_text(f"# {title}\n\n" + render(""))
+    if readme is not None:
+        link = os.path.relpath(out.resolve(), readme.parent.resolve()) + "/"
+        replace_section(readme, *markers, render(link))
+    return page
 
 
 def save_figure(fig: Any, path: Path) -> str:
