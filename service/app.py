@@ -22,6 +22,7 @@ import softserve
 from softserve.client.payload import (
     DEFAULT_INCLUDE,
     MEDIA_TYPE,
+    MIX_TENSORS,
     STREAM_MEDIA_TYPE,
     TENSORS,
     LabelDtype,
@@ -180,6 +181,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 "bad_include",
                 f"include takes tensors among {', '.join(TENSORS)}; got {include!r}",
             )
+        mixing = sorted(set(wanted) & set(MIX_TENSORS))
+        if mixing and entry.manifest.config.mix is None:
+            raise ApiError(
+                400, "bad_include",
+                f"{', '.join(mixing)}: label set {entry.name!r} was relabelled without --mix",
+            )  # fmt: skip
         per_sample = sample_bytes(entry, wanted, label_dtype)
         if batch_size * per_sample > batch_bytes:
             raise ApiError(

@@ -11,6 +11,12 @@ params     int16    (B,5)       views: top, left, height, width, flip
 hard       int64    (B,)        hard labels
 soft       float32  (B,K)       GIFT-refined labels, decoded from the stored codec
 logits     float32  (B,K)       raw teacher logits on the same views (when asked)
+mix        float32  (B,6)       mixed sets only: partner id, λ, CutMix box top, left,
+                                height, width (:mod:`softserve.client.mixing`)
+partner_   int16    (B,5)       mixed sets only: the partner's view in this epoch
+params
+partner_   uint8    (B,C,H,W)   mixed sets only: the partner's base image
+images
 =========  =======  ==========  =====================================================
 
 ``soft`` and ``logits`` come as float16 when a request asks ``label_dtype=float16``: half
@@ -45,7 +51,12 @@ from softserve.errors import SoftserveError
 #: Columns of a ``params`` row: crop box in base pixels, then the flip bit.
 PARAM_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
 NUM_PARAMS = len(PARAM_FIELDS)
-TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
+#: Columns of a ``mix`` row: partner sample id, λ, then the CutMix box in output pixels.
+MIX_FIELDS: tuple[str, ...] = ("partner", "lam", "top", "left", "height", "width")
+NUM_MIX = len(MIX_FIELDS)
+#: The tensors only a set relabelled with ``--mix`` serves.
+MIX_TENSORS: tuple[str, ...] = ("mix", "partner_params", "partner_images")
+TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits", *MIX_TENSORS)
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
 LabelDtype = Literal["float32", "float16"]
 LabelEncoding = Literal["decoded", "stored"]
