@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import teachers
 import torch
-from conftest import Server, relabel_args, run_cli
+from conftest import Server, random_set, relabel_args, run_cli, write_folder
 
 from softserve.client import (
     Client,
@@ -21,7 +22,8 @@ from softserve.client import (
     sample_mix,
 )
 from softserve.storage import LabelSetReader, verify_label_set
-from softserve.worker.relabel import relabel
+from softserve.worker.relabel import RelabelOptions, relabel
+from softserve.worker.transcode import TranscodeOptions, transcode
 
 
 @pytest.mark.parametrize("kind", ["cutmix", "mixup"])
@@ -77,10 +79,6 @@ def test_apply_mix_pastes_and_blends() -> None:
 @pytest.fixture(scope="module", params=["cutmix", "mixup"])
 def mixed_set(request, tmp_path_factory) -> tuple[Path, list[torch.Tensor]]:
     """A set relabelled with --mix by a teacher that records its inputs: (path, inputs)."""
-    from conftest import random_set, write_folder
-
-    from softserve.worker.relabel import RelabelOptions
-
     root = tmp_path_factory.mktemp(f"mix-{request.param}")
     teachers.RECORDED.clear()
     opts = RelabelOptions(
@@ -136,6 +134,34 @@ def test_mixed_set_verifies_and_inspects(mixed_set) -> None:
     result = run_cli("inspect", path)
     assert result.returncode == 0, result.stderr
     assert f"{kind}, probability 0.8" in result.stdout
+
+
+def test_transcode_keeps_the_mix(mixed_set, tmp_path: Path) -> None:
+    path, _ = mixed_set
+    out = tmp_path / "store" / "fp16"
+    transcode(TranscodeOptions(path, out, codec="fp16", progress=False))
+    assert verify_label_set(out) == []
+    with LabelSetReader(path) as source, LabelSetReader(out) as copy:
+        assert copy.config.mix == source.config.mix
+        for epoch in range(2):
+            fields = ["order", "params", "mix", "partner_params"]
+            a, b = source.read(epoch, 0, 12, fields), copy.read(epoch, 0, 12, fields)
+            assert all(np.array_equal(a[f], b[f]) for f in fields)
+
+
+def test_train_runs_on_a_mixed_set(mixed_set, tmp_path: Path) -> None:
+    """``softserve train --store`` takes the mixed inputs through the same LabelSet path."""
+    path, _ = mixed_set
+    images, labels = random_set(n=9, seed=3)
+    eval_set = tmp_path / "test.pt"
+    torch.save({"data": torch.from_numpy(images), "label": torch.from_numpy(labels)}, eval_set)
+    done = run_cli(
+        "train", "--store", path.parent, "--labelset", path.name, "--epochs", 2,
+        "--batch-size", 4, "--eval", eval_set, "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 2 * 3 and 0.0 <= result["top1"] <= 1.0
 
 
 def test_mix_prob_zero_is_no_mixing(make_options, tmp_path: Path) -> None:
