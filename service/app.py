@@ -152,7 +152,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         world_size: Annotated[int, Query(ge=1)] = 1,
         drop_last: bool = True,
         include: Annotated[
-            str, Query(description=f"Comma-separated tensors among {', '.join(TENSORS)}")
+            str,
+            Query(
+                description=f"Comma-separated tensors among {', '.join(TENSORS)}; of a set "
+                f"relabelled with --mix also {', '.join(MIX_TENSORS)}"
+            ),
         ] = ",".join(DEFAULT_INCLUDE),
         label_dtype: Annotated[
             LabelDtype,
@@ -174,12 +178,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if rank >= world_size:
             raise ApiError(400, "bad_rank", f"rank {rank} must be below world_size {world_size}")
         wanted = tuple(t for t in include.split(",") if t)
-        unknown = sorted(set(wanted) - set(TENSORS))
+        unknown = sorted(set(wanted) - set(TENSORS) - set(MIX_TENSORS))
         if unknown or not wanted:
             raise ApiError(
                 400,
                 "bad_include",
-                f"include takes tensors among {', '.join(TENSORS)}; got {include!r}",
+                f"include takes tensors among {', '.join((*TENSORS, *MIX_TENSORS))}; "
+                f"got {include!r}",
             )
         mixing = sorted(set(wanted) & set(MIX_TENSORS))
         if mixing and entry.manifest.config.mix is None:

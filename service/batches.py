@@ -55,7 +55,7 @@ def sample_bytes(
 def max_batch_size(entry: LabelSet, batch_bytes: int, cap: int) -> int:
     """The largest batch_size served with every tensor included: ``batch_bytes`` over the
     bytes of a sample, at most ``cap`` (and at least 1)."""
-    served = TENSORS if entry.manifest.config.mix else set(TENSORS) - set(MIX_TENSORS)
+    served = (*TENSORS, *MIX_TENSORS) if entry.manifest.config.mix else TENSORS
     return max(1, min(cap, batch_bytes // sample_bytes(entry, served)))
 
 

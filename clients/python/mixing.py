@@ -30,6 +30,8 @@ from softserve.client.views import _rng, apply_views
 MixKind = Literal["cutmix", "mixup"]
 MIX_KINDS: tuple[str, ...] = ("cutmix", "mixup")
 _MIX_STREAM = 2
+#: Partner ids travel in float32 mix rows: exact up to 2**24.
+_MAX_SAMPLES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ def sample_mix(
     Every draw is made for every sample whatever ``prob`` is, so the partners and λs of the
     mixed samples do not depend on which others are mixed.
     """
+    if num_samples > _MAX_SAMPLES:
+        raise ValueError(f"mixing takes sets of up to {_MAX_SAMPLES} samples, got {num_samples}")
     rng = _rng(seed, epoch, _MIX_STREAM)
     n = num_samples
     partner = rng.integers(0, n, size=n)

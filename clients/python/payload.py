@@ -52,9 +52,9 @@ NUM_PARAMS = len(PARAM_FIELDS)
 #: Columns of a ``mix`` row: partner sample id, λ, then the CutMix box in output pixels.
 MIX_FIELDS: tuple[str, ...] = ("partner", "lam", "top", "left", "height", "width")
 NUM_MIX = len(MIX_FIELDS)
-#: The tensors only a set relabelled with ``--mix`` serves.
+TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
+#: The tensors only a set relabelled with ``--mix`` serves, beside :data:`TENSORS`.
 MIX_TENSORS: tuple[str, ...] = ("mix", "partner_params", "partner_images")
-TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits", *MIX_TENSORS)
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
 LabelDtype = Literal["float32", "float16"]
 LabelEncoding = Literal["decoded", "stored"]
