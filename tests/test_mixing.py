@@ -127,6 +127,15 @@ def test_client_input_is_the_teacher_input_bit_for_bit(mixed_set, cache: bool) -
         assert (rows[:, 1] < 1).any() and (rows[:, 0] != torch.arange(n)[None]).any()
 
 
+def test_loader_yields_the_mixed_inputs(mixed_set) -> None:
+    path, _ = mixed_set
+    with open_local(path) as labels:
+        expected = [b.images for e in range(2) for b in labels.batches(e, 5)]
+        got = [b.images for b in labels.loader(5, epochs=2)]
+    assert len(got) == len(expected) == 4
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
+
+
 def test_mixed_set_verifies_and_inspects(mixed_set) -> None:
     path, _ = mixed_set
     assert verify_label_set(path) == []
