@@ -153,7 +153,9 @@ def _mix(kind: str | None, prob: float, alpha: float) -> MixPolicy | None:
     try:
         return MixPolicy(kind=kind, prob=prob, alpha=alpha)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise InputError(f"--mix: {exc}") from None
+        raise InputError(
+            f"{exc}; pass --mix cutmix|mixup, --mix-prob in [0, 1] and --mix-alpha > 0"
+        ) from None
 
 
 @app.command()
