@@ -68,8 +68,9 @@ class LabelSetConfig(_Model):
     std: tuple[float, ...]
     teacher: TeacherInfo
     views: ViewInfo
-    #: None: views only (every set relabelled without --mix, and all older sets)
-    mix: MixInfo | None = None
+    #: None: views only (every set relabelled without --mix, and all older sets); left out
+    #: of the file then, so a softserve that predates mixing still reads unmixed sets
+    mix: MixInfo | None = Field(None, exclude_if=lambda mix: mix is None)
     refinement: RefinementInfo
     epochs: int = Field(gt=0)
     seed: int

@@ -192,8 +192,11 @@ def test_mix_prob_zero_is_no_mixing(make_options, tmp_path: Path) -> None:
 
 
 def test_unmixed_set_has_no_mix_rows(make_options) -> None:
+    """No mix rows to read, and no ``mix`` key in its manifest: softserve versions that
+    predate mixing (their manifest model forbids unknown keys) still read it."""
     opts = make_options(epochs=2, shard_epochs=1)
     relabel(opts)
+    assert "mix" not in json.loads((opts.out / "manifest.json").read_text())["config"]
     with LabelSetReader(opts.out) as reader, pytest.raises(ValueError, match="without --mix"):
         reader.read(0, 0, 4, ["order", "mix"])
 
