@@ -22,6 +22,7 @@ import softserve
 from softserve.client.payload import (
     DEFAULT_INCLUDE,
     MEDIA_TYPE,
+    MIX_TENSORS,
     STREAM_MEDIA_TYPE,
     TENSORS,
     LabelDtype,
@@ -151,7 +152,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         world_size: Annotated[int, Query(ge=1)] = 1,
         drop_last: bool = True,
         include: Annotated[
-            str, Query(description=f"Comma-separated tensors among {', '.join(TENSORS)}")
+            str,
+            Query(
+                description=f"Comma-separated tensors among {', '.join(TENSORS)}; of a set "
+                f"relabelled with --mix also {', '.join(MIX_TENSORS)}"
+            ),
         ] = ",".join(DEFAULT_INCLUDE),
         label_dtype: Annotated[
             LabelDtype,
@@ -173,13 +178,20 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if rank >= world_size:
             raise ApiError(400, "bad_rank", f"rank {rank} must be below world_size {world_size}")
         wanted = tuple(t for t in include.split(",") if t)
-        unknown = sorted(set(wanted) - set(TENSORS))
+        unknown = sorted(set(wanted) - set(TENSORS) - set(MIX_TENSORS))
         if unknown or not wanted:
             raise ApiError(
                 400,
                 "bad_include",
-                f"include takes tensors among {', '.join(TENSORS)}; got {include!r}",
+                f"include takes tensors among {', '.join((*TENSORS, *MIX_TENSORS))}; "
+                f"got {include!r}",
             )
+        mixing = sorted(set(wanted) & set(MIX_TENSORS))
+        if mixing and entry.manifest.config.mix is None:
+            raise ApiError(
+                400, "bad_include",
+                f"{', '.join(mixing)}: label set {entry.name!r} was relabelled without --mix",
+            )  # fmt: skip
         per_sample = sample_bytes(entry, wanted, label_dtype)
         if batch_size * per_sample > batch_bytes:
             raise ApiError(

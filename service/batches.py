@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from softserve.client.payload import (
     END_FRAME,
+    MIX_TENSORS,
     TENSORS,
     LabelDtype,
     LabelEncoding,
@@ -35,7 +36,7 @@ log = logging.getLogger("softserve.service")
 #: Most batches a stream reads per trip to the thread pool (serve_bench: enough to amortize it).
 _MAX_BATCHES_PER_READ = 8
 #: Bytes per sample of the small tensors: indices and hard (int64), params (5 × int16).
-_INDEX_BYTES = {"indices": 8, "hard": 8, "params": 10}
+_INDEX_BYTES = {"indices": 8, "hard": 8, "params": 10, "partner_params": 10, "mix": 24}
 
 
 def sample_bytes(
@@ -45,7 +46,8 @@ def sample_bytes(
     counted as decoded floats: stored codecs take at most that)."""
     config = entry.manifest.config
     label = (2 if label_dtype == "float16" else 4) * config.num_classes
-    sizes = {**_INDEX_BYTES, "images": math.prod(config.image_shape), "soft": label,
+    image = math.prod(config.image_shape)
+    sizes = {**_INDEX_BYTES, "images": image, "partner_images": image, "soft": label,
              "logits": label}  # fmt: skip
     return sum(sizes[name] for name in include)
 
@@ -53,7 +55,8 @@ def sample_bytes(
 def max_batch_size(entry: LabelSet, batch_bytes: int, cap: int) -> int:
     """The largest batch_size served with every tensor included: ``batch_bytes`` over the
     bytes of a sample, at most ``cap`` (and at least 1)."""
-    return max(1, min(cap, batch_bytes // sample_bytes(entry, TENSORS)))
+    served = (*TENSORS, *MIX_TENSORS) if entry.manifest.config.mix else TENSORS
+    return max(1, min(cap, batch_bytes // sample_bytes(entry, served)))
 
 
 @dataclass(frozen=True)

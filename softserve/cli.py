@@ -15,6 +15,7 @@ from rich.table import Table
 from softserve.errors import InputError, SoftserveError
 
 if TYPE_CHECKING:
+    from softserve.client.mixing import MixPolicy
     from softserve.client.views import ViewPolicy
     from softserve.worker.demo import DemoOptions
 
@@ -144,6 +145,19 @@ def _policy(
         raise InputError(str(exc)) from None
 
 
+def _mix(kind: str | None, prob: float, alpha: float) -> MixPolicy | None:
+    from softserve.client.mixing import MixPolicy
+
+    if kind is None:
+        return None
+    try:
+        return MixPolicy(kind=kind, prob=prob, alpha=alpha)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise InputError(
+            f"{exc}; pass --mix cutmix|mixup, --mix-prob in [0, 1] and --mix-alpha > 0"
+        ) from None
+
+
 @app.command()
 def relabel(
     images: ImagesOption,
@@ -172,6 +186,19 @@ def relabel(
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            help="cutmix or mixup: mix each (epoch, sample) with a partner drawn from the whole "
+            "set, seen through its own view; the teacher labels the mixed image [default: none]."
+        ),
+    ] = None,
+    mix_prob: Annotated[
+        float, typer.Option(help="Probability that a sample is mixed (with --mix).")
+    ] = 1.0,
+    mix_alpha: Annotated[
+        float, typer.Option(help="λ ~ Beta(α, α) of the mix (with --mix); α > 0.")
+    ] = 1.0,
     allow_pickle: AllowPickleOption = False,
     random_teacher: RandomTeacherOption = False,
     progress: ProgressOption = True,
@@ -186,6 +213,7 @@ def relabel(
     from softserve.worker.relabel import relabel as run_relabel
 
     policy = _policy(min_scale, max_scale, min_ratio, max_ratio, flip)
+    mixing = _mix(mix, mix_prob, mix_alpha)
     opts = RelabelOptions(
         images=images,
         teacher=teacher,
@@ -205,6 +233,7 @@ def relabel(
         alpha=alpha,
         beta=beta,
         shard_epochs=shard_epochs,
+        mix=mixing,
         allow_pickle=allow_pickle,
         random_teacher=random_teacher,
         progress=progress,

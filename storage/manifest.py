@@ -39,6 +39,14 @@ class ViewInfo(_Model):
     interpolation: Literal["bilinear"] = "bilinear"
 
 
+class MixInfo(_Model):
+    """CutMix or Mixup per (epoch, sample): kind, probability, and λ's Beta(α, α)."""
+
+    kind: Literal["cutmix", "mixup"]
+    prob: float = Field(ge=0.0, le=1.0)
+    alpha: float = Field(gt=0.0)
+
+
 class RefinementInfo(_Model):
     """GIFT refinement parameters of the stored ``refined`` labels (and of recovering the
     teacher's logits from them)."""
@@ -60,6 +68,9 @@ class LabelSetConfig(_Model):
     std: tuple[float, ...]
     teacher: TeacherInfo
     views: ViewInfo
+    #: None: views only (every set relabelled without --mix, and all older sets); left out
+    #: of the file then, so a softserve that predates mixing still reads unmixed sets
+    mix: MixInfo | None = Field(None, exclude_if=lambda mix: mix is None)
     refinement: RefinementInfo
     epochs: int = Field(gt=0)
     seed: int

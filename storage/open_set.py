@@ -21,6 +21,7 @@ from softserve.client.sampling import Sharding
 from softserve.client.schema import (
     LabelSetDetail,
     LabelSetSummary,
+    MixPolicyInfo,
     RefinementParams,
     ViewPolicyInfo,
 )
@@ -96,6 +97,10 @@ class OpenLabelSet:
         fields = ["order"]
         if "params" in include:
             fields.append("params")
+        if {"mix", "partner_images"} & set(include):
+            fields.append("mix")
+        if "partner_params" in include:
+            fields.append("partner_params")
         labels = STORED_FIELDS if stored_labels else LABEL_FIELDS
         fields += [stored for name, stored in labels.items() if name in include]
         spans = [(self.stored_epoch(epoch), *sharding.positions(i)) for epoch, i in batches]
@@ -120,8 +125,10 @@ class OpenLabelSet:
                 out[name] = self.base_images(ids)
             elif name == "hard":
                 out[name] = self.hard[ids]
-            elif name == "params":
-                out[name] = rows["params"]
+            elif name in ("params", "mix", "partner_params"):
+                out[name] = rows[name]
+            elif name == "partner_images":
+                out[name] = self.base_images(rows["mix"][:, 0].astype(np.int64))
             elif stored_labels and name == "soft":
                 codec, classes = self.reader.codec, self.manifest.config.num_classes
                 for suffix, key in codec.part_names("refined", classes).items():
@@ -180,6 +187,7 @@ def detail(entry: OpenLabelSet, max_batch_size: int | None = None) -> LabelSetDe
         views=ViewPolicyInfo(
             scale=views.scale, ratio=views.ratio, flip=views.flip, interpolation=views.interpolation
         ),
+        mix=None if config.mix is None else MixPolicyInfo(**config.mix.model_dump()),
         refinement=RefinementParams(**config.refinement.model_dump()),
         seed=config.seed,
         precision=config.precision,

@@ -19,11 +19,11 @@ from softserve.client.refinement import recover_logits
 from softserve.errors import StoreError, brief
 from softserve.storage.layout import DATASET_FILE
 from softserve.storage.manifest import load_manifest
-from softserve.storage.shards import CODEC_FIELDS, NORM
+from softserve.storage.shards import CODEC_FIELDS, MIX_DATASETS, NORM
 
 #: What :meth:`LabelSetReader.read` returns: sample ids, views, refined labels, teacher
-#: logits, and the logits' norms.
-ROW_FIELDS = ("order", "params", "refined", "logits", NORM)
+#: logits, the logits' norms, and (mixed sets only) the mix rows and partners' views.
+ROW_FIELDS = ("order", "params", "refined", "logits", NORM, *MIX_DATASETS)
 
 
 class LabelSetReader:
@@ -110,7 +110,7 @@ class LabelSetReader:
         return shard.file, epoch - shard.epoch_start
 
     def read(
-        self, epoch: int, start: int, stop: int, fields: Iterable[str] = ROW_FIELDS,
+        self, epoch: int, start: int, stop: int, fields: Iterable[str] | None = None,
         label_dtype: np.dtype | type = np.float32, stored_labels: bool = False,
     ) -> dict[str, np.ndarray]:  # fmt: skip
         """Rows [start, stop) of an epoch's order: any of :data:`ROW_FIELDS`, with labels
@@ -118,11 +118,17 @@ class LabelSetReader:
 
         With ``stored_labels``, ``refined`` comes in its codec's parts as stored (keys
         ``refined`` and ``refined_<part>``, see :func:`part_name`), for the job to decode.
+        By default every field the set has (the mix rows only when it is mixed).
         """
+        if fields is None:
+            mixed = self.config.mix is not None
+            fields = [f for f in ROW_FIELDS if mixed or f not in MIX_DATASETS]
         fields = list(fields)
         unknown = set(fields) - set(ROW_FIELDS)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; choose from {ROW_FIELDS}")
+        if self.config.mix is None and set(fields) & set(MIX_DATASETS):
+            raise ValueError(f"{self.root.name} was relabelled without --mix: it has no mix rows")
         if stored_labels:
             if "logits" in fields:
                 raise ValueError("logits are not stored; read the norm and recover them")
@@ -134,7 +140,7 @@ class LabelSetReader:
             return rest
         name, local = self.shard_of(epoch)
         index = (local, slice(start, stop))
-        stored = {"order", "params", *CODEC_FIELDS[self.version]}
+        stored = {"order", "params", *CODEC_FIELDS[self.version], *MIX_DATASETS}
         if self.version >= 2:
             stored.add(NORM)
         out: dict[str, np.ndarray] = {}
@@ -145,6 +151,8 @@ class LabelSetReader:
                 out[field] = self._read(name, field, index)
         if "order" in out:
             self._check_order(out["order"], name)
+        if "mix" in out:
+            self._check_order(out["mix"][:, 0], name)
         if "logits" in fields and "logits" not in out:
             out["logits"] = self._recover_logits(name, index, label_dtype, out)
         if NORM in fields and NORM not in out:  # format 1: the norm of the stored logits

@@ -6,7 +6,10 @@ logits are exact: t = ‖t‖·(r − β·s/‖s‖) (:func:`softserve.client.re
 Format 1 stored r and t both, each in the codec; its sets still open and serve.
 
 Every shard also holds ``order`` (int32 (E_s, N)) and ``params`` (int16 (E_s, N, 5)): row j
-of epoch e is sample order[e, j], seen through the view params[e, j].
+of epoch e is sample order[e, j], seen through the view params[e, j]. A set relabelled with
+``--mix`` also holds, in the same order, ``mix`` (float32 (E_s, N, 6), the mix rows of
+:mod:`softserve.client.mixing`) and ``partner_params`` (int16 (E_s, N, 5), each partner's
+view in that epoch); the format version is the same, and sets without them read as before.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import h5py
 import numpy as np
 
 from softserve.client.codecs import Codec, part_name
-from softserve.client.payload import NUM_PARAMS
+from softserve.client.payload import NUM_MIX, NUM_PARAMS
 from softserve.errors import StoreError, brief
 
 ORDER_DTYPE = np.dtype(np.int32)
 PARAMS_DTYPE = np.dtype(np.int16)
 NORM_DTYPE = np.dtype(np.float32)
+MIX_DTYPE = np.dtype(np.float32)
 NORM = "norm"
+#: Datasets of a mixed set only, beside the view params.
+MIX_DATASETS: tuple[str, ...] = ("mix", "partner_params")
 #: Label fields stored in the codec, by format version.
 CODEC_FIELDS: dict[int, tuple[str, ...]] = {1: ("refined", "logits"), 2: ("refined",)}
 
@@ -31,11 +37,15 @@ Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 def shard_layout(
-    version: int, epochs: int, num_samples: int, num_classes: int, codec: Codec
-) -> Layout:
+    version: int, epochs: int, num_samples: int, num_classes: int, codec: Codec,
+    mixed: bool = False,
+) -> Layout:  # fmt: skip
     """Every dataset of a shard of ``epochs`` epochs: name -> (shape, dtype)."""
     shape = (epochs, num_samples)
     layout: Layout = {"order": (shape, ORDER_DTYPE), "params": ((*shape, NUM_PARAMS), PARAMS_DTYPE)}
+    if mixed:
+        layout["mix"] = ((*shape, NUM_MIX), MIX_DTYPE)
+        layout["partner_params"] = ((*shape, NUM_PARAMS), PARAMS_DTYPE)
     for field in CODEC_FIELDS[version]:
         for part in codec.parts(num_classes):
             row = part.row_shape(num_classes)
@@ -45,9 +55,9 @@ def shard_layout(
     return layout
 
 
-def bytes_per_row(version: int, num_classes: int, codec: Codec) -> int:
-    """Stored bytes of one (epoch, sample): order, view, and the label fields."""
-    layout = shard_layout(version, 1, 1, num_classes, codec)
+def bytes_per_row(version: int, num_classes: int, codec: Codec, mixed: bool = False) -> int:
+    """Stored bytes of one (epoch, sample): order, view, mix if any, and the label fields."""
+    layout = shard_layout(version, 1, 1, num_classes, codec, mixed)
     return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout.values())
 
 

@@ -34,6 +34,11 @@ def _config_rows(config: LabelSetConfig) -> list[tuple[str, str]]:
             f"({config.views.ratio[0]:.3g}, {config.views.ratio[1]:.3g}), "
             f"flip {'on' if config.views.flip else 'off'}, {config.views.interpolation}",
         ),
+        (
+            "mix",
+            "none" if config.mix is None else f"{config.mix.kind}, probability "
+            f"{config.mix.prob}, λ ~ Beta({config.mix.alpha}, {config.mix.alpha}), per sample",
+        ),
         ("normalization", f"mean {config.mean}, std {config.std}"),
         ("teacher", teacher.spec + (f" + {teacher.weights}" if teacher.weights else "")),
         ("weights sha256", teacher.weights_sha256 or "-"),

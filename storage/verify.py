@@ -82,7 +82,7 @@ def verify_label_set(root: Path, progress: Callable[[str], None] | None = None) 
             progress(shard.file)
         layout = shard_layout(
             manifest.format_version, shard.epoch_stop - shard.epoch_start, config.num_samples,
-            config.num_classes, get_codec(config.codec),
+            config.num_classes, get_codec(config.codec), config.mix is not None,
         )  # fmt: skip
         found = list(_check_file(root, shard, layout))
         problems.extend(found or _check_orders(root, shard, config.num_samples))

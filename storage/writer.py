@@ -48,9 +48,9 @@ def _persist(f: h5py.File, path: Path) -> None:
     commit(tmp, path)
 
 
-def bytes_per_epoch(num_samples: int, num_classes: int, codec: Codec) -> int:
-    """Stored bytes of one epoch of a shard written today (order, views, labels, norms)."""
-    return num_samples * bytes_per_row(FORMAT_VERSION, num_classes, codec)
+def bytes_per_epoch(num_samples: int, num_classes: int, codec: Codec, mixed: bool = False) -> int:
+    """Stored bytes of one epoch of a shard written today (order, views, mixes, labels, norms)."""
+    return num_samples * bytes_per_row(FORMAT_VERSION, num_classes, codec, mixed)
 
 
 def chunk_rows_for(num_samples: int, row_bytes: int) -> int:
@@ -116,6 +116,7 @@ class ShardWriter:
         num_classes: int,
         codec: Codec,
         chunk_rows: int,
+        mixed: bool = False,
     ) -> None:
         self.path = path
         self.epoch_start = epoch_start
@@ -125,15 +126,21 @@ class ShardWriter:
         self.chunk_rows = chunk_rows
         codec.check(num_classes)
         layout = shard_layout(
-            FORMAT_VERSION, epoch_stop - epoch_start, num_samples, num_classes, codec
+            FORMAT_VERSION, epoch_stop - epoch_start, num_samples, num_classes, codec, mixed
         )
         self._arrays = {name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()}
 
-    def write_epoch_plan(self, epoch: int, order: np.ndarray, params: np.ndarray) -> None:
-        """Store an epoch's order and its views, both in order: row j is sample order[j]."""
+    def write_epoch_plan(
+        self, epoch: int, order: np.ndarray, params: np.ndarray,
+        mix: dict[str, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        """Store an epoch's order, its views and (mixed sets) its ``mix`` and
+        ``partner_params``, all in order: row j is sample order[j]."""
         local = epoch - self.epoch_start
         self._arrays["order"][local] = order
         self._arrays["params"][local] = params
+        for name, rows in (mix or {}).items():
+            self._arrays[name][local] = rows
 
     def write_labels(self, position: int, refined: np.ndarray, norm: np.ndarray) -> None:
         """Store label rows from flat ``position`` (local epoch · N + row) on: GIFT's refined

@@ -27,13 +27,15 @@ from tqdm.auto import tqdm
 import softserve
 from softserve.client.codecs import get_codec
 from softserve.client.losses import refine_labels
-from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
+from softserve.client.mixing import MixPolicy, mixed_views, sample_mix
+from softserve.client.views import ViewPolicy, epoch_order, sample_views
 from softserve.errors import InputError, StoreError, brief
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import (
     FORMAT_VERSION,
     LabelSetConfig,
     Manifest,
+    MixInfo,
     ProducerInfo,
     RefinementInfo,
     TeacherInfo,
@@ -86,6 +88,8 @@ class RelabelOptions(TeacherInputs):
     precision: str = "fp32"
     codec: str = "fp16"
     shard_epochs: int | None = None
+    #: CutMix or Mixup per (epoch, sample) on top of the views; None: views only
+    mix: MixPolicy | None = None
     progress: bool = True
 
 
@@ -164,21 +168,25 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
             flip=opts.policy.flip,
             output_size=size,
         ),
+        mix=None if opts.mix is None else MixInfo(**vars(opts.mix)),
         refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),
         seed=opts.seed,
         precision=opts.precision,  # type: ignore[arg-type]
-        **storage_fields(n, data.num_classes, opts.codec, opts.epochs, opts.shard_epochs),
+        **storage_fields(
+            n, data.num_classes, opts.codec, opts.epochs, opts.shard_epochs, opts.mix is not None
+        ),
     )
 
 
 def storage_fields(
-    num_samples: int, num_classes: int, codec_name: str, epochs: int, shard_epochs: int | None
-) -> dict[str, object]:
+    num_samples: int, num_classes: int, codec_name: str, epochs: int, shard_epochs: int | None,
+    mixed: bool = False,
+) -> dict[str, object]:  # fmt: skip
     """The config fields that fix how labels are stored: codec, epochs, shard and chunk sizes
     (the shard size by default from the bytes an epoch takes)."""
     codec = get_codec(codec_name)
     codec.check(num_classes)
-    epoch_bytes = bytes_per_epoch(num_samples, num_classes, codec)
+    epoch_bytes = bytes_per_epoch(num_samples, num_classes, codec, mixed)
     return {
         "epochs": epochs,
         "codec": codec_name,
@@ -303,18 +311,27 @@ class _Labeler:
         # fixed shapes help CUDA kernels and exported teachers with a static batch
         self.pad = device.type == "cuda" or teacher.spec.endswith(".pt2")
 
-    def logits(self, ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Teacher logits (float32) on the views ``params`` of samples ``ids``."""
+    def _base(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.images[ids.to(self.images.device)].to(self.device, non_blocking=True)
+
+    def logits(self, ids: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher logits (float32) on the inputs of samples ``ids``: their views ``params``,
+        mixed (mixed sets) by ``mix`` with their partners' views ``partner_params``."""
         count = ids.shape[0]
         if self.pad and count < self.batch_size:
             pad = self.batch_size - count
             ids = torch.cat([ids, ids[:1].expand(pad)])
-            params = torch.cat([params, params[:1].expand(pad, -1)])
-        base = self.images[ids.to(self.images.device)].to(self.device, non_blocking=True)
-        views = apply_views(
-            base,
-            params.to(self.device, non_blocking=True),
+            plan = {k: torch.cat([v, v[:1].expand(pad, -1)]) for k, v in plan.items()}
+        plan = {k: v.to(self.device, non_blocking=True) for k, v in plan.items()}
+        mix = self.config.mix
+        views = mixed_views(
+            None if mix is None else mix.kind,
+            self._base(ids),
+            plan["params"],
             self.size,
+            partner_images=None if mix is None else self._base(plan["mix"][:, 0].long()),
+            partner_params=plan.get("partner_params"),
+            mix=plan.get("mix"),
             mean=self.config.mean,
             std=self.config.std,
         )
@@ -334,8 +351,12 @@ class _Labeler:
         ids = torch.zeros(rows, dtype=torch.long)
         h, w = self.config.image_shape[1:]
         params = torch.tensor([[0, 0, h, w, 0]], dtype=torch.int32).expand(rows, -1)
+        plan = {"params": params}
+        if self.config.mix is not None:  # each sample mixed with itself, λ = 1
+            plan["partner_params"] = params
+            plan["mix"] = torch.tensor([[0, 1, 0, 0, 0, 0]], dtype=torch.float32).expand(rows, -1)
         try:
-            out = self.logits(ids, params)
+            out = self.logits(ids, plan)
         except InputError:
             raise
         except Exception as exc:  # any failure of user code on our input
@@ -351,42 +372,55 @@ class _Labeler:
                 "with one logit per class"
             )
 
-    def label(self, ids: torch.Tensor, params: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What a shard stores of each view: GIFT's refined label and the logits' norm."""
-        logits = self.logits(ids, params)
+    def label(self, ids: torch.Tensor, plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a shard stores of each input: GIFT's refined label and the logits' norm."""
+        logits = self.logits(ids, plan)
         refined = refine_labels(logits, self.hard[ids.to(self.device)], self.alpha, self.beta)
         return {"refined": refined, "norm": torch.linalg.vector_norm(logits, dim=1)}
 
 
-def _shard_plan(config: LabelSetConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Orders (E_s, N) and their view params in order (E_s, N, 5) for a range of epochs."""
+def _shard_plan(
+    config: LabelSetConfig, start: int, stop: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Orders (E_s, N) for a range of epochs, and in that order their view ``params``
+    (E_s, N, 5) and, for mixed sets, ``mix`` (E_s, N, 6) and ``partner_params`` (E_s, N, 5)."""
     n, (_, h, w) = config.num_samples, config.image_shape
     policy = ViewPolicy(scale=config.views.scale, ratio=config.views.ratio, flip=config.views.flip)
-    orders, params = [], []
+    orders, plans = [], []
     for epoch in range(start, stop):
         order = epoch_order(config.seed, epoch, n)
         orders.append(order)
-        params.append(sample_views(policy, config.seed, epoch, n, h, w)[order])
-    return np.stack(orders), np.stack(params)
+        views = sample_views(policy, config.seed, epoch, n, h, w)
+        plan = {"params": views[order]}
+        if config.mix is not None:
+            mix = sample_mix(MixPolicy(**config.mix.model_dump()), config.seed, epoch, n,
+                             *config.views.output_size)  # fmt: skip
+            plan["mix"] = mix[order]
+            plan["partner_params"] = views[mix[order, 0].astype(np.int64)]
+        plans.append(plan)
+    return np.stack(orders), {k: np.stack([p[k] for p in plans]) for k in plans[0]}
 
 
 def _write_shard(
     labeler: _Labeler, writer: _Writer, config: LabelSetConfig, shard: ShardWriter, bar: tqdm
 ) -> None:
     start, stop = shard.epoch_start, shard.epoch_stop
-    orders, params = _shard_plan(config, start, stop)
+    orders, plan = _shard_plan(config, start, stop)
+    mix = {k: v for k, v in plan.items() if k != "params"}
 
     def store_plan() -> None:
         for epoch in range(start, stop):
-            shard.write_epoch_plan(epoch, orders[epoch - start], params[epoch - start])
+            local = epoch - start
+            rows = {k: v[local] for k, v in mix.items()}
+            shard.write_epoch_plan(epoch, orders[local], plan["params"][local], rows)
 
     writer.put(shard, store_plan)
     ids_all = torch.from_numpy(orders.reshape(-1).astype(np.int64))
-    params_all = torch.from_numpy(params.reshape(-1, params.shape[-1]))
+    flat = {k: torch.from_numpy(v.reshape(-1, v.shape[-1])) for k, v in plan.items()}
     batch = labeler.batch_size
     for position in range(0, ids_all.shape[0], batch):
         ids = ids_all[position : position + batch]
-        labels = labeler.label(ids, params_all[position : position + batch])
+        labels = labeler.label(ids, {k: v[position : position + batch] for k, v in flat.items()})
         hosts = {k: _to_host(v) for k, v in labels.items()}
         events = [e for _, e in hosts.values() if e is not None]
         rows = {k: t for k, (t, _) in hosts.items()}
@@ -499,7 +533,7 @@ def _claim(out: Path, config: LabelSetConfig, data: ImageSet, ranks: Ranks) -> N
 
 def _warn_if_low_space(out: Path, config: LabelSetConfig, pending: int, ranks: Ranks) -> None:
     codec = get_codec(config.codec)
-    epoch = bytes_per_epoch(config.num_samples, config.num_classes, codec)
+    epoch = bytes_per_epoch(config.num_samples, config.num_classes, codec, config.mix is not None)
     need = pending * config.shard_epochs * epoch
     free = shutil.disk_usage(out).free
     if ranks.is_main and need > free:
@@ -541,6 +575,7 @@ def _run_shards(
                 config.num_classes,
                 get_codec(config.codec),
                 config.chunk_rows,
+                config.mix is not None,
             )
             _write_shard(labeler, writer, config, shard, bar)
         writer.finish()

@@ -20,7 +20,7 @@ from softserve.errors import InputError
 from softserve.storage.layout import DATASET_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import Manifest, write_model
 from softserve.storage.reader import LabelSetReader
-from softserve.storage.shards import NORM
+from softserve.storage.shards import MIX_DATASETS, NORM
 from softserve.storage.writer import ShardWriter
 from softserve.worker.relabel import check_format, check_out_dir, finalize, storage_fields
 
@@ -49,7 +49,7 @@ def transcode(opts: TranscodeOptions) -> Manifest:
             )
         fields = storage_fields(
             config.num_samples, config.num_classes, opts.codec or config.codec, epochs,
-            opts.shard_epochs,
+            opts.shard_epochs, config.mix is not None,
         )  # fmt: skip
         target = config.model_copy(update=fields)
         existing = check_out_dir(opts.out, target)
@@ -66,6 +66,8 @@ def transcode(opts: TranscodeOptions) -> Manifest:
             copy.replace(opts.out / DATASET_FILE)
         codec = get_codec(target.codec)
         n = config.num_samples
+        mixed = config.mix is not None
+        mix_fields = MIX_DATASETS if mixed else ()
         pending = [i for i in range(len(ranges)) if i not in done]
         bar = tqdm(
             total=sum(ranges[i][1] - ranges[i][0] for i in pending) * n, unit="label",
@@ -77,11 +79,12 @@ def transcode(opts: TranscodeOptions) -> Manifest:
             (opts.out / (shard_file(index) + TMP_SUFFIX)).unlink(missing_ok=True)
             shard = ShardWriter(
                 opts.out / shard_file(index), start, stop, n, config.num_classes, codec,
-                target.chunk_rows,
+                target.chunk_rows, mixed,
             )  # fmt: skip
             for epoch in range(start, stop):
-                rows = reader.read(epoch, 0, n, ("order", "params", "refined", NORM))
-                shard.write_epoch_plan(epoch, rows["order"], rows["params"])
+                rows = reader.read(epoch, 0, n, ("order", "params", "refined", NORM, *mix_fields))
+                mix = {k: rows[k] for k in mix_fields}
+                shard.write_epoch_plan(epoch, rows["order"], rows["params"], mix)
                 shard.write_labels((epoch - start) * n, rows["refined"], rows[NORM])
                 bar.update(n)
             shard.commit()

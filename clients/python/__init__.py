@@ -47,6 +47,10 @@ _EXPORTS = {
     "LabelSetSummary": "schema",
     "NUM_PARAMS": "payload",
     "PARAM_FIELDS": "payload",
+    "MixPolicy": "mixing",
+    "apply_mix": "mixing",
+    "mixed_views": "mixing",
+    "sample_mix": "mixing",
     "ViewPolicy": "views",
     "apply_views": "views",
     "epoch_order": "views",
@@ -69,6 +73,7 @@ if TYPE_CHECKING:  # what type checkers read; a test checks it matches _EXPORTS
         get_loss,
         gift_loss,
     )
+    from softserve.client.mixing import MixPolicy, apply_mix, mixed_views, sample_mix
     from softserve.client.payload import NUM_PARAMS, PARAM_FIELDS, PayloadError
     from softserve.client.refinement import (
         beta_from_gamma,

@@ -19,9 +19,9 @@ import torch
 from softserve.client.codecs import get_codec
 from softserve.client.loader import Loader
 from softserve.client.losses import recover_logits
+from softserve.client.mixing import mixed_views
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail
-from softserve.client.views import apply_views
 
 
 @dataclass
@@ -36,6 +36,10 @@ class Batch:
     hard: torch.Tensor
     soft: torch.Tensor
     logits: torch.Tensor | None = None
+    #: mixed sets: each sample's mix row (partner id, λ, CutMix box; see
+    #: softserve.client.mixing) and its partner's view params; ``images`` are mixed already
+    mix: torch.Tensor | None = None
+    partner_params: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -161,20 +165,50 @@ class LabelSet(ABC):
             )
         return sharding
 
+    def include(self, logits: bool, with_images: bool) -> list[str]:
+        """The tensors a raw batch needs (see softserve.client.payload): images unless the
+        base images are cached, and the mix rows of a mixed set."""
+        include = ["indices", "params", "hard", "soft"]
+        if logits:
+            include.append("logits")
+        if with_images:
+            include.append("images")
+        if self.detail.mix is not None:
+            include += ["mix", "partner_params"]
+            if with_images:
+                include.append("partner_images")
+        return include
+
+    def _carried(self, t: dict[str, torch.Tensor], key: str, ids: torch.Tensor) -> torch.Tensor:
+        """Base images the batch carries under ``key``, else those of ``ids`` in the cache."""
+        if key in t:
+            return t[key]
+        cache = self.base_images()
+        assert cache is not None, "batches without images need the base-image cache"
+        return cache.index_select(0, ids)
+
     def to_batch(self, raw: RawBatch, device: torch.device | str) -> Batch:
-        """Apply the views on ``device``: the student sees what the teacher saw."""
+        """Apply the views (and mixes) on ``device``: the student sees what the teacher saw."""
         t = raw.tensors
         device = torch.device(device)
-        images = t.get("images")
-        if images is None:
-            cache = self.base_images()
-            assert cache is not None, "batches without images need the base-image cache"
-            images = cache.index_select(0, t["indices"])
         non_blocking = device.type == "cuda"
-        views = apply_views(
-            images.to(device, non_blocking=non_blocking),
-            t["params"].to(device, non_blocking=non_blocking),
+
+        def put(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device, non_blocking=non_blocking)
+
+        mix = t.get("mix")
+        mixing = self.detail.mix
+        partner = None
+        if mixing is not None and mix is not None:
+            partner = put(self._carried(t, "partner_images", mix[:, 0].to(torch.long)))
+        views = mixed_views(
+            None if mixing is None else mixing.kind,  # type: ignore[arg-type]
+            put(self._carried(t, "images", t["indices"])),
+            put(t["params"]),
             self.output_size,
+            partner_images=partner,
+            partner_params=None if mix is None else put(t["partner_params"]),
+            mix=None if mix is None else put(mix),
             mean=self.mean,
             std=self.std,
         )
@@ -200,6 +234,8 @@ class LabelSet(ABC):
             hard=hard,
             soft=soft,
             logits=logits,
+            mix=mix,
+            partner_params=t.get("partner_params"),
         )
 
     def batches(

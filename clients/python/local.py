@@ -91,11 +91,7 @@ class LocalLabelSet(LabelSet):
         with_images: bool = False, epochs: int = 1, step: int = 1,
     ) -> Iterator[RawBatch]:  # fmt: skip
         """Batches read from the store, in the server's stored-label form."""
-        include = ["indices", "params", "hard", "soft"]
-        if logits:
-            include.append("logits")
-        if with_images:
-            include.append("images")
+        include = self.include(logits, with_images)
         entry = self._entry
         batches = sharding.schedule(epoch, start, epochs, step)
         while group := list(itertools.islice(batches, _BATCHES_PER_READ)):

@@ -2,16 +2,20 @@
 
 A batch payload holds these tensors (any subset, as the request's ``include`` asks):
 
-=========  =======  ==========  =====================================================
-name       dtype    shape       meaning
-=========  =======  ==========  =====================================================
-indices    int64    (B,)        sample ids (rows of the base images), in epoch order
-images     uint8    (B,C,H,W)   base images of those samples (before the view)
-params     int16    (B,5)       views: top, left, height, width, flip
-hard       int64    (B,)        hard labels
-soft       float32  (B,K)       GIFT-refined labels, decoded from the stored codec
-logits     float32  (B,K)       raw teacher logits on the same views (when asked)
-=========  =======  ==========  =====================================================
+==============  =======  ==========  ==================================================
+name            dtype    shape       meaning
+==============  =======  ==========  ==================================================
+indices         int64    (B,)        sample ids (rows of the base images), in epoch order
+images          uint8    (B,C,H,W)   base images of those samples (before the view)
+params          int16    (B,5)       views: top, left, height, width, flip
+hard            int64    (B,)        hard labels
+soft            float32  (B,K)       GIFT-refined labels, decoded from the stored codec
+logits          float32  (B,K)       raw teacher logits on the same views (when asked)
+mix             float32  (B,6)       mixed sets only: partner id, λ, CutMix box top,
+                                     left, height, width (softserve.client.mixing)
+partner_params  int16    (B,5)       mixed sets only: the partner's view in this epoch
+partner_images  uint8    (B,C,H,W)   mixed sets only: the partner's base image
+==============  =======  ==========  ==================================================
 
 ``soft`` and ``logits`` come as float16 when a request asks ``label_dtype=float16``: half
 the bytes, and for a label set stored with the fp16 codec exactly the stored values.
@@ -45,7 +49,12 @@ from softserve.errors import SoftserveError
 #: Columns of a ``params`` row: crop box in base pixels, then the flip bit.
 PARAM_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
 NUM_PARAMS = len(PARAM_FIELDS)
+#: Columns of a ``mix`` row: partner sample id, λ, then the CutMix box in output pixels.
+MIX_FIELDS: tuple[str, ...] = ("partner", "lam", "top", "left", "height", "width")
+NUM_MIX = len(MIX_FIELDS)
 TENSORS: tuple[str, ...] = ("indices", "images", "params", "hard", "soft", "logits")
+#: The tensors only a set relabelled with ``--mix`` serves, beside :data:`TENSORS`.
+MIX_TENSORS: tuple[str, ...] = ("mix", "partner_params", "partner_images")
 DEFAULT_INCLUDE: tuple[str, ...] = ("indices", "images", "params", "hard", "soft")
 LabelDtype = Literal["float32", "float16"]
 LabelEncoding = Literal["decoded", "stored"]

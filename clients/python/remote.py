@@ -324,11 +324,7 @@ class RemoteLabelSet(LabelSet):
         """Batches as received. With ``step`` 1 one stream carries them all, reopened after a
         failure at the first batch not yet yielded; every ``step``-th batch comes by its own
         request (a DataLoader worker's share)."""
-        include = ["indices", "params", "hard", "soft"]
-        if logits:
-            include.append("logits")
-        if with_images:
-            include.append("images")
+        include = self.include(logits, with_images)
         params = {
             "batch_size": sharding.batch_size,
             "rank": sharding.rank,

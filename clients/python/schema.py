@@ -33,6 +33,12 @@ class ViewPolicyInfo(_Schema):
     interpolation: str
 
 
+class MixPolicyInfo(_Schema):
+    kind: str
+    prob: float
+    alpha: float
+
+
 class RefinementParams(_Schema):
     method: str
     alpha: float
@@ -46,6 +52,8 @@ class LabelSetDetail(LabelSetSummary):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     views: ViewPolicyInfo
+    #: CutMix or Mixup per (epoch, sample); None: views only
+    mix: MixPolicyInfo | None = None
     refinement: RefinementParams
     seed: int
     precision: str
