@@ -27,6 +27,8 @@ def _start_and_stop(opts, sig: int, after_shards: int) -> subprocess.CompletedPr
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background jobs start with SIGINT ignored, which the child would inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while len(list(opts.out.glob("labels-*.h5"))) < after_shards:
