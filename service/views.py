@@ -1,7 +1,8 @@
 """One view of one sample as a PNG: what the teacher saw, for people looking at a label set.
 
-The view is built by :func:`softserve.client.views.apply_views` from the stored crop and
-flip, the same function training uses. It needs torch and Pillow, imported on the first
+The view is built by :func:`softserve.client.mixing.mixed_views` from the stored crop and
+flip (and, in a mixed set, the stored mix and the partner's view), the function the worker
+and training use. It needs torch and Pillow, imported on the first
 request for a view, never when the server starts; a server installed without torch (the
 server image) answers 501 ``views_unavailable`` and serves everything else.
 """
@@ -17,14 +18,16 @@ from softserve.service.catalog import LabelSet
 from softserve.service.errors import ApiError
 
 
-def _params_of(entry: LabelSet, stored_epoch: int, sample: int) -> np.ndarray:
-    """The view parameters sample ``sample`` was seen through in a stored epoch."""
-    n = entry.manifest.config.num_samples
+def _row_of(entry: LabelSet, stored_epoch: int, sample: int) -> dict[str, np.ndarray]:
+    """How sample ``sample`` was seen in a stored epoch: its view parameters, and in a mixed
+    set its mix row and its partner's view parameters (one row each)."""
+    config = entry.manifest.config
+    fields = ["params"] if config.mix is None else ["params", "mix", "partner_params"]
     try:
         with entry.lock:
-            order = entry.reader.read(stored_epoch, 0, n, ["order"])["order"]
+            order = entry.reader.read(stored_epoch, 0, config.num_samples, ["order"])["order"]
             position = int(np.flatnonzero(order == sample)[0])
-            return entry.reader.read(stored_epoch, position, position + 1, ["params"])["params"]
+            return entry.reader.read(stored_epoch, position, position + 1, fields)
     except StoreError as exc:
         entry.withdraw(str(exc))
         raise
@@ -37,7 +40,7 @@ def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
         import torch
         from PIL import Image
 
-        from softserve.client.views import apply_views
+        from softserve.client.mixing import mixed_views
     except ModuleNotFoundError as exc:
         raise ApiError(
             501, "views_unavailable",
@@ -50,11 +53,17 @@ def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
         raise ApiError(
             404, "unknown_sample", f"sample {sample} is outside 0..{config.num_samples - 1}"
         )
-    params = _params_of(entry, epoch % config.epochs, sample)
-    image = entry.base_images(np.array([sample]))
-    view = apply_views(
-        torch.from_numpy(image), torch.from_numpy(params.astype(np.int64)),
-        config.views.output_size,
+    row = _row_of(entry, epoch % config.epochs, sample)
+    mix = row.get("mix")
+    view = mixed_views(
+        None if config.mix is None else config.mix.kind,
+        torch.from_numpy(entry.base_images(np.array([sample]))),
+        torch.from_numpy(row["params"].astype(np.int64)), config.views.output_size,
+        partner_images=None if mix is None
+        else torch.from_numpy(entry.base_images(mix[:, 0].astype(np.int64))),
+        partner_params=None if mix is None
+        else torch.from_numpy(row["partner_params"].astype(np.int64)),
+        mix=None if mix is None else torch.from_numpy(mix),
     )[0]  # fmt: skip
     pixels = view.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import teachers
 import torch
 from conftest import Server, random_set, relabel_args, run_cli, write_folder
+from PIL import Image
 from test_errors import assert_one_line_error
 
 from softserve.client import (
@@ -22,6 +24,7 @@ from softserve.client import (
     refine_labels,
     sample_mix,
 )
+from softserve.report import RemoteSource, StoreSource, compute_report
 from softserve.storage import LabelSetReader, verify_label_set
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.transcode import TranscodeOptions, transcode
@@ -243,5 +246,62 @@ def test_server_refuses_mix_tensors_of_an_unmixed_set(make_options) -> None:
         )
         assert response.status_code == 400
         assert "without --mix" in response.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_pictures_show_the_mixed_input(mixed_set) -> None:
+    """The view PNG, and the report's grid from disk and through a server, show what the
+    teacher saw: its recorded input, with the normalization undone."""
+    path, recorded = mixed_set
+    with LabelSetReader(path) as reader:
+        config, n = reader.config, reader.config.num_samples
+        orders = [reader.read(e, 0, n, ["order"])["order"] for e in range(config.epochs)]
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (config.mean, config.std))
+    seen = torch.cat(recorded) * std + mean
+
+    def teacher_view(epoch: int, sample: int) -> torch.Tensor:
+        return seen[epoch * n + int(np.flatnonzero(orders[epoch] == sample)[0])]
+
+    server = Server(path.parent).start()
+    try:
+        for epoch in range(config.epochs):
+            for sample in range(n):
+                url = f"{server.url}/v1/labelsets/{path.name}/views/{epoch}/{sample}.png"
+                png = httpx.get(url)
+                assert png.status_code == 200
+                pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+                shown = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()
+                assert (shown - teacher_view(epoch, sample) * 255).abs().max() < 0.501
+        for source in (StoreSource(path), RemoteSource(server.url, path.name)):
+            data = compute_report(source)
+            source.close()
+            cells = data.numbers["grid"]["cells"]
+            assert any(cell["mix"]["lambda"] < 1 for cell in cells)
+            for cell, image in zip(cells, data.grid_images, strict=True):
+                expected = teacher_view(cell["epoch"], cell["sample"])
+                torch.testing.assert_close(torch.from_numpy(image), expected, atol=1e-5, rtol=0)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_ui_says_what_a_view_was_mixed_with(mixed_set, browser_page) -> None:
+    path, _ = mixed_set
+    with LabelSetReader(path) as reader:
+        kind, n = reader.config.mix.kind, reader.config.num_samples
+        rows = reader.read(1, 0, n, ["order", "mix"])
+    j = int(np.flatnonzero(rows["mix"][:, 1] < 1)[0])
+    sample, partner, lam = int(rows["order"][j]), int(rows["mix"][j, 0]), rows["mix"][j, 1]
+    server = Server(path.parent).start()
+    try:
+        page = browser_page
+        page.goto(f"{server.url}/ui?set={path.name}&epoch=1&sample={sample}")
+        page.wait_for_selector(f"#facts dt:text-is('{kind}')")
+        facts = dict(
+            zip(page.locator("#facts dt").all_inner_texts(),
+                page.locator("#facts dd").all_inner_texts(), strict=True)
+        )  # fmt: skip
+        assert facts[kind] == f"with sample {partner}, λ {lam:.3f}"
     finally:
         server.stop()

@@ -153,7 +153,7 @@ class _Accumulator:
         self.kept_sum = np.zeros(k)
         self.classes, self.samples, self.grid_epochs = grid_cells(self.hard, info.epochs, opts)
         self.cells: list[dict] = []
-        self.cell_params: list[np.ndarray] = []
+        self.cell_rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
 
     def add(self, epoch: int, rows: EpochRows) -> None:
         k, b = self.info.num_classes, self.opts.bins
@@ -192,7 +192,14 @@ class _Accumulator:
                 "top3": [[int(c), float(probs[c])] for c in top3],
                 "hard_prob": float(probs[cls]),
             })  # fmt: skip
-            self.cell_params.append(rows.params[row])
+            if rows.mix is not None:
+                self.cells[-1]["mix"] = {"partner": int(rows.mix[row, 0]),
+                                         "lambda": float(rows.mix[row, 1])}  # fmt: skip
+            self.cell_rows.append((
+                rows.params[row],
+                None if rows.mix is None else rows.mix[row],
+                None if rows.partner_params is None else rows.partner_params[row],
+            ))  # fmt: skip
 
     def numbers(self) -> dict:
         info, opts = self.info, self.opts
@@ -255,7 +262,7 @@ def compute_report(
 ) -> ReportData:  # fmt: skip
     """Read every stored epoch of ``source`` once and compute the report's numbers;
     ``progress`` is called after each epoch."""
-    from softserve.client.views import apply_views
+    from softserve.client.mixing import mixed_views
 
     opts = opts or ReportOptions()
     acc = _Accumulator(source, opts)
@@ -269,10 +276,15 @@ def compute_report(
     if len(ids):
         import torch
 
-        grid = apply_views(
-            torch.from_numpy(source.images(ids)),
-            torch.from_numpy(np.stack(acc.cell_params).astype(np.int64)),
-            source.info.output_size,
-        ).numpy()
+        columns = zip(*acc.cell_rows, strict=True)
+        params, mix, partner = (None if c[0] is None else np.stack(c) for c in columns)
+        as_ids = lambda a: None if a is None else torch.from_numpy(a.astype(np.int64))  # noqa: E731
+        grid = mixed_views(
+            source.info.mix,  # type: ignore[arg-type]
+            torch.from_numpy(source.images(ids)), as_ids(params), source.info.output_size,
+            partner_images=None if mix is None
+            else torch.from_numpy(source.images(mix[:, 0].astype(np.int64))),
+            partner_params=as_ids(partner), mix=None if mix is None else torch.from_numpy(mix),
+        ).numpy()  # fmt: skip
     hardest_ids = np.array([h["sample"] for h in numbers["hardest"]], dtype=np.int64)
     return ReportData(numbers, grid, source.images(hardest_ids))

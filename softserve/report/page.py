@@ -23,8 +23,9 @@ img { max-width: 100%; } .note { color: #555; font-size: 0.9em; }
 
 _SECTIONS = {
     "views": ("Views the teacher saw",
-              "For sampled classes and stored epochs: the view built with apply_views from the "
-              "stored crop and flip, and the teacher's top-3 probabilities (hard label in red)."),
+              "For sampled classes and stored epochs: the view built with mixed_views from the "
+              "stored crop and flip (and a mixed set's stored mix with its partner's view), "
+              "and the teacher's top-3 probabilities (hard label in red)."),
     "agreement": ("Agreement with the hard label",
                   "Share of views whose teacher class (argmax of the logits) is the hard label."),
     "entropy": ("Teacher entropy",

@@ -1,6 +1,7 @@
 """Where a report reads a label set from: a store on disk, or a server through the client.
 
-Both give the same rows: an epoch's sample order, view parameters, GIFT-refined labels,
+Both give the same rows: an epoch's sample order, view parameters (and a mixed set's mix
+rows and partners' view parameters), GIFT-refined labels,
 the teacher's logits (recovered from the refined labels and their norms, as every consumer
 does), and for a top-k set the classes it kept. Labels travel in their stored form and are
 decoded here by the codec's own decoder, so the report sees exactly what training sees.
@@ -38,6 +39,7 @@ class SetInfo:
     format_version: int
     label_bytes: int
     teacher: str
+    mix: str | None  # "cutmix" or "mixup" for a mixed set
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class EpochRows:
     refined: np.ndarray  # float32 (N, K): GIFT's refined labels, as served
     logits: np.ndarray  # float32 (N, K): the teacher's logits
     kept: np.ndarray | None  # (N, k) classes a top-k codec stored; None for other codecs
+    mix: np.ndarray | None = None  # float32 (N, 6) mix rows of a mixed set
+    partner_params: np.ndarray | None = None  # (N, 5) the partners' views
 
 
 class LabelSource(Protocol):
@@ -71,7 +75,8 @@ class LabelSource(Protocol):
 
 def decode_rows(
     info: SetInfo, order: np.ndarray, params: np.ndarray, parts: Mapping[str, np.ndarray],
-    norm: np.ndarray, hard: np.ndarray,
+    norm: np.ndarray, hard: np.ndarray, mix: np.ndarray | None = None,
+    partner_params: np.ndarray | None = None,
 ) -> EpochRows:  # fmt: skip
     """An epoch's rows from the codec's stored parts (by suffix) and the logits' norms."""
     codec: Codec = get_codec(info.codec)
@@ -83,7 +88,9 @@ def decode_rows(
         info.alpha, info.beta,
     )  # fmt: skip
     kept = np.asarray(parts["index"], dtype=np.int64) if isinstance(codec, TopKCodec) else None
-    return EpochRows(order, np.asarray(params), refined.numpy(), logits.numpy(), kept)
+    return EpochRows(
+        order, np.asarray(params), refined.numpy(), logits.numpy(), kept, mix, partner_params
+    )
 
 
 class StoreSource:
@@ -102,7 +109,7 @@ class StoreSource:
             output_size=config.views.output_size, codec=config.codec,
             alpha=config.refinement.alpha, beta=config.refinement.beta,
             format_version=manifest.format_version, label_bytes=manifest.label_bytes(),
-            teacher=config.teacher.spec,
+            teacher=config.teacher.spec, mix=None if config.mix is None else config.mix.kind,
         )  # fmt: skip
 
     def hard_labels(self) -> np.ndarray:
@@ -115,15 +122,17 @@ class StoreSource:
 
     def epoch(self, epoch: int) -> EpochRows:
         n = self.info.num_samples
+        mixed = [] if self.info.mix is None else ["mix", "partner_params"]
         rows = self.reader.read(
-            epoch, 0, n, ["order", "params", "refined", "norm"], stored_labels=True
+            epoch, 0, n, ["order", "params", "refined", "norm", *mixed], stored_labels=True
         )
         prefix = "refined_"
         parts = {k[len(prefix) :] if k.startswith(prefix) else "": v for k, v in rows.items()
                  if k == "refined" or k.startswith(prefix)}  # fmt: skip
         return decode_rows(
-            self.info, rows["order"], rows["params"], parts, rows["norm"], self.hard_labels()
-        )
+            self.info, rows["order"], rows["params"], parts, rows["norm"], self.hard_labels(),
+            rows.get("mix"), rows.get("partner_params"),
+        )  # fmt: skip
 
     def close(self) -> None:
         self.reader.close()
@@ -149,6 +158,7 @@ class RemoteSource:
             image_shape=tuple(d.image_shape), output_size=tuple(d.output_size), codec=d.codec,
             alpha=d.refinement.alpha, beta=d.refinement.beta,
             format_version=d.format_version, label_bytes=d.label_bytes, teacher=d.teacher,
+            mix=None if d.mix is None else d.mix.kind,
         )  # fmt: skip
         self._images, self._hard = self._fetch_images()
 
@@ -181,8 +191,9 @@ class RemoteSource:
         parts = {k[len("soft_") :] if k != "soft" else "": v for k, v in joined.items()
                  if k == "soft" or k.startswith("soft_")}  # fmt: skip
         return decode_rows(
-            self.info, joined["indices"], joined["params"], parts, joined["norm"], self._hard
-        )
+            self.info, joined["indices"], joined["params"], parts, joined["norm"], self._hard,
+            joined.get("mix"), joined.get("partner_params"),
+        )  # fmt: skip
 
     def close(self) -> None:
         self.client.close()
