@@ -18,12 +18,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
 
+from softserve.client.codecs import get_codec  # noqa: E402
+from softserve.storage.manifest import FORMAT_VERSION  # noqa: E402
+from softserve.storage.shards import bytes_per_row  # noqa: E402
+
 PAPER_ORDER = ("gift", "cosine", "kl", "softce", "softce_ce", "mse", "mse_ce", "ce")
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
 BEGIN, END = "<!-- loss-study:begin -->", "<!-- loss-study:end -->"
 #: KL "collapses" under SGD when its top-1 falls at least this far below its AdamW top-1
 #: (absolute top-1; the paper does not define the word, so the threshold is stated).
 COLLAPSE_DROP = 0.2
+#: Fashion-MNIST's class count: a set at IPC i holds 10·i images.
+CLASSES = 10
+#: The losses whose accuracy by IPC the summary states.
+CORE = ("gift", "kl", "ce")
 
 
 def _ordered(values: set[str], order: tuple[str, ...]) -> list[str]:
@@ -143,6 +151,72 @@ def claims(table: dict[tuple, Cell], ipc: int) -> list[str]:
     return found
 
 
+def expectations(records: list[dict], table: dict[tuple, Cell], ipc: int) -> list[str]:
+    """What a user can expect, as found: which loss, accuracy by IPC, what precomputing costs."""
+    served = {(k[2], k[3]): c for k, c in table.items() if k[0] == ipc and k[1] == "served"}
+    optimizers = _ordered({o for _, o in served}, OPTIMIZER_ORDER)
+    losses = _ordered({loss for loss, _ in served}, PAPER_ORDER)
+    complete = [loss for loss in losses if all((loss, o) in served for o in optimizers)]
+    found = []
+    if complete:
+        mean = {loss: statistics.fmean(served[(loss, o)].mean for o in optimizers)
+                for loss in complete}  # fmt: skip
+        worst = {loss: min(served[(loss, o)].mean for o in optimizers) for loss in complete}
+        robust = max(complete, key=lambda loss: worst[loss])
+        best = {o: max(complete, key=lambda loss: served[(loss, o)].mean) for o in optimizers}
+        per_optimizer = ", ".join(
+            f"{o} → `{best[o]}` {served[(best[o], o)].mean:.3f}" for o in optimizers
+        )
+        gift = (f"; GIFT: worst {worst['gift']:.3f}, mean {mean['gift']:.3f}"
+                if "gift" in complete else "")  # fmt: skip
+        found.append(
+            f"**Which loss.** At IPC {ipc}, when the student's optimizer may change, `{robust}`: "
+            f"the best worst case over {', '.join(optimizers)} ({worst[robust]:.3f}, mean "
+            f"{mean[robust]:.3f}){gift}. For one optimizer, its best: {per_optimizer}."
+        )
+    ipcs = sorted({k[0] for k in table if k[1] == "served"})
+    if len(ipcs) > 1:
+        rows = []
+        for loss in CORE:
+            points = [(i, table.get((i, "served", loss, "adamw"))) for i in ipcs]
+            known = [f"{c.mean:.3f} at IPC {i}" for i, c in points if c is not None]
+            if len(known) > 1:
+                rows.append(f"`{loss}` " + ", ".join(known))
+        if rows:
+            found.append("**Accuracy by IPC** (AdamW): " + "; ".join(rows) + ".")
+    online = sorted({(k[2], k[3]) for k in table if k[0] == ipc and k[1] == "online"})
+    deltas = []
+    for loss, opt in online:
+        s = table.get((ipc, "served", loss, opt))
+        o = table[(ipc, "online", loss, opt)]
+        if s is not None:
+            by_seed = dict(zip(o.seeds, o.values, strict=True))
+            deltas += [v - by_seed[k] for k, v in zip(s.seeds, s.values, strict=True)
+                       if k in by_seed]  # fmt: skip
+    if deltas:
+        runs = [r for r in records if r["job"]["ipc"] == ipc
+                and (r["job"]["loss"], r["job"]["optimizer"]) in online]  # fmt: skip
+        seconds = {feed: statistics.median(r["result"]["train_seconds"] for r in runs
+                                           if r["job"]["feed"] == feed)
+                   for feed in ("served", "online")}  # fmt: skip
+        epochs = runs[0]["job"]["epochs"]
+        codec = next(r["result"]["codec"] for r in runs if r["job"]["feed"] == "served")
+        views = CLASSES * ipc * epochs
+        per_view = bytes_per_row(FORMAT_VERSION, CLASSES, get_codec(codec))
+        found.append(
+            f"**What precomputing costs.** Served labels (E = {epochs}) against the online "
+            f"teacher: {statistics.fmean(deltas):+.3f} top-1 on average over {len(deltas)} "
+            f"paired runs (from {min(deltas):+.3f} to {max(deltas):+.3f}; per cell below). "
+            f"The teacher labels the {views:,} views once, at relabel time, instead of in "
+            f"every training run: a served run trained in a median {seconds['served']:.0f} s, "
+            f"an online one in {seconds['online']:.0f} s (same host, whose two cores other "
+            f"work shared). Relabelled in today's format (version {FORMAT_VERSION}), the "
+            f"IPC-{ipc} set stores {per_view} bytes per view ({codec}), "
+            f"{per_view * views / 1e6:.2f} MB of labels."
+        )
+    return found
+
+
 def plot(table: dict[tuple, Cell], ipc: int, out: Path) -> list[str]:
     """PNG plots; returns their file names."""
     plt = pyplot()
@@ -217,9 +291,13 @@ def render(records: list[dict], main_ipc: int, plots: list[str], link: str) -> s
         f"{', '.join(f'`{v}`' for v in versions)}; {'/'.join(map(str, epochs))} epochs; "
         f"ConvNet-3 student, top-1 on {tested}, as mean ± sample std (seeds). Reproduce: "
         f"`python bench/loss_study.py`; every run's exact `softserve train` command is in "
-        f"`{link}loss_study.jsonl`.",
+        f"`{link}loss_study.jsonl`. `python bench/loss_report.py --readme README.md` "
+        f"rewrites this section, its tables and plots from that file alone.",
         f"**IPC {main_ipc}, served labels, loss × optimizer**\n\n{grid_table(table, main_ipc)}",
     ]
+    expect = expectations(records, table, main_ipc)
+    if expect:
+        parts.append("What to expect, as found:\n\n" + "\n".join(f"- {e}" for e in expect))
     found = claims(table, main_ipc)
     if found:
         parts.append("The paper's claims, as found here:\n\n" + "\n".join(f"- {c}" for c in found))

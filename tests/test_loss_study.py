@@ -24,7 +24,8 @@ def record(ipc: int, feed: str, loss: str, optimizer: str, seed: int, top1: floa
     job = {"ipc": ipc, "feed": feed, "loss": loss, "optimizer": optimizer, "seed": seed,
            "epochs": 300, "model": "convnet"}  # fmt: skip
     command = ["softserve", "train", "--loss", loss, "--eval", "fashion-mnist"]
-    return {"job": job, "result": {"top1": top1}, "command": command, "code_version": "abc"}
+    result = {"top1": top1, "codec": "fp16", "train_seconds": 100.0 if feed == "served" else 300.0}
+    return {"job": job, "result": result, "command": command, "code_version": "abc"}
 
 
 def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
@@ -56,6 +57,13 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
     # served - online per seed: -0.03, -0.02
     assert "| `gift` | adamw | 0.810 ± 0.014 (2) | 0.835 ± 0.007 (2) | -0.025 ± 0.007 (2) |" in page
     assert "| `gift` | 0.500 ± 0.000 (1) | 0.810 ± 0.014 (2) |" in page  # by IPC
+    # what to expect: worst case over optimizers, best per optimizer, by IPC, the arms' cost
+    assert "`gift`: the best worst case over adamw, sgd (0.790, mean 0.800)" in page
+    assert "adamw → `kl` 0.850, sgd → `gift` 0.790" in page
+    assert "**Accuracy by IPC** (AdamW): `gift` 0.500 at IPC 1, 0.810 at IPC 10." in page
+    assert "-0.025 top-1 on average over 2 paired runs (from -0.030 to -0.020" in page
+    assert "The teacher labels the 30,000 views once" in page
+    assert "a median 100 s, an online one in 300 s" in page
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert "![loss_study_ipc10.png](out/loss_study_ipc10.png)" in text
