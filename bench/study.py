@@ -28,10 +28,18 @@ BENCH = Path(__file__).resolve().parent
 
 
 def code_version() -> str:
-    """The commit the study runs, with ``-dirty`` when tracked files differ from it."""
+    """The commit the study runs, with ``-dirty`` when tracked files differ from it;
+    ``SOFTSERVE_CODE_VERSION`` where the tree is a copy without git (a GPU host)."""
+    if os.environ.get("SOFTSERVE_CODE_VERSION"):
+        return os.environ["SOFTSERVE_CODE_VERSION"]
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True)
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(BENCH), *args], capture_output=True, text=True
+            )
+        except FileNotFoundError:  # no git on this host
+            return ""
         return done.stdout.strip()
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
