@@ -11,6 +11,8 @@ demo: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/pytest
+	# the CUDA tests, skipped above without a GPU: their fp32 half on the CPU keeps them honest
+	SOFTSERVE_TEST_DEVICE=cpu .venv/bin/pytest -q tests/test_cuda.py
 
 bench: setup
 	.venv/bin/python bench/relabel_bench.py
