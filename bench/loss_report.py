@@ -161,18 +161,24 @@ def expectations(records: list[dict], table: dict[tuple, Cell], ipc: int) -> lis
     if complete:
         mean = {loss: statistics.fmean(served[(loss, o)].mean for o in optimizers)
                 for loss in complete}  # fmt: skip
-        worst = {loss: min(served[(loss, o)].mean for o in optimizers) for loss in complete}
+        weakest = {loss: min((served[(loss, o)] for o in optimizers), key=lambda c: c.mean)
+                   for loss in complete}  # fmt: skip
+        worst = {loss: cell.mean for loss, cell in weakest.items()}
         robust = max(complete, key=lambda loss: worst[loss])
+        tied = [loss for loss in complete if loss != robust and worst[robust] - worst[loss]
+                <= max(weakest[robust].std, weakest[loss].std)]  # fmt: skip
+        ties = (f"; within a seed std of it: {', '.join(f'`{t}` {worst[t]:.3f}' for t in tied)}"
+                if tied else "")  # fmt: skip
         best = {o: max(complete, key=lambda loss: served[(loss, o)].mean) for o in optimizers}
         per_optimizer = ", ".join(
             f"{o} → `{best[o]}` {served[(best[o], o)].mean:.3f}" for o in optimizers
         )
         gift = (f"; GIFT: worst {worst['gift']:.3f}, mean {mean['gift']:.3f}"
-                if "gift" in complete else "")  # fmt: skip
+                if "gift" in complete and robust != "gift" else "")  # fmt: skip
         found.append(
             f"**Which loss.** At IPC {ipc}, when the student's optimizer may change, `{robust}`: "
             f"the best worst case over {', '.join(optimizers)} ({worst[robust]:.3f}, mean "
-            f"{mean[robust]:.3f}){gift}. For one optimizer, its best: {per_optimizer}."
+            f"{mean[robust]:.3f}){ties}{gift}. For one optimizer, its best: {per_optimizer}."
         )
     ipcs = sorted({k[0] for k in table if k[1] == "served"})
     if len(ipcs) > 1:

@@ -103,3 +103,17 @@ def test_loss_study_smoke_runs_through_a_server_and_resumes(tmp_path: Path) -> N
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "12 runs planned, 12 already in" in rerun.stdout
     assert results.read_text().count("\n") == len(records)
+
+
+def test_which_loss_names_the_losses_tied_with_the_best_worst_case() -> None:
+    top1 = {("gift", "adamw"): [0.80, 0.84], ("gift", "sgd"): [0.79, 0.81],
+            ("mse", "adamw"): [0.85, 0.85], ("mse", "sgd"): [0.785, 0.795],
+            ("kl", "adamw"): [0.86, 0.86], ("kl", "sgd"): [0.30, 0.30]}  # fmt: skip
+    records = [
+        record(10, "served", loss, opt, seed, v)
+        for (loss, opt), values in top1.items() for seed, v in enumerate(values)
+    ]  # fmt: skip
+    (which,) = loss_report.expectations(records, loss_report.cells(records), 10)
+    # gift's worst case 0.800 ± 0.014; mse's 0.790 is within it, kl's 0.300 is not
+    assert "`gift`: the best worst case over adamw, sgd (0.800, mean 0.810)" in which
+    assert "within a seed std of it: `mse` 0.790;" in which and "`kl` 0.300" not in which
