@@ -116,4 +116,4 @@ def test_which_loss_names_the_losses_tied_with_the_best_worst_case() -> None:
     (which,) = loss_report.expectations(records, loss_report.cells(records), 10)
     # gift's worst case 0.800 ± 0.014; mse's 0.790 is within it, kl's 0.300 is not
     assert "`gift`: the best worst case over adamw, sgd (0.800, mean 0.810)" in which
-    assert "within a seed std of it: `mse` 0.790;" in which and "`kl` 0.300" not in which
+    assert "within a seed std of it: `mse` 0.790." in which and "`kl` 0.300" not in which
