@@ -25,6 +25,7 @@ from softserve.client import (
     sample_mix,
 )
 from softserve.report import RemoteSource, StoreSource, compute_report
+from softserve.report.figures import build_figures
 from softserve.storage import LabelSetReader, verify_label_set
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.transcode import TranscodeOptions, transcode
@@ -278,9 +279,13 @@ def test_pictures_show_the_mixed_input(mixed_set) -> None:
             source.close()
             cells = data.numbers["grid"]["cells"]
             assert any(cell["mix"]["lambda"] < 1 for cell in cells)
-            for cell, image in zip(cells, data.grid_images, strict=True):
+            titles = [ax.get_title() for ax in build_figures(data)["views"].axes
+                      if ax.get_label().startswith("view-")]  # fmt: skip
+            for cell, image, title in zip(cells, data.grid_images, titles, strict=True):
                 expected = teacher_view(cell["epoch"], cell["sample"])
                 torch.testing.assert_close(torch.from_numpy(image), expected, atol=1e-5, rtol=0)
+                mix = cell["mix"]
+                assert (f"#{mix['partner']} λ {mix['lambda']:.2f}" in title) == (mix["lambda"] < 1)
     finally:
         server.stop()
 

@@ -52,8 +52,11 @@ def views_figure(data: ReportData) -> Figure:
         r, c = grid["classes"].index(cell["class"]), grid["epochs"].index(cell["epoch"])
         ax = fig.add_subplot(spec[2 * r, c], label=f"view-{i}")
         _show(ax, data.grid_images[i])
+        mix = cell.get("mix")  # mixed sets: the partner, and how much of the view is its own
+        mixed = f" · #{mix['partner']} λ {mix['lambda']:.2f}" if mix and mix["lambda"] < 1 else ""
         ax.set_title(
-            f"{_name(names, cell['class'])} #{cell['sample']}\nepoch {cell['epoch']}", fontsize=8
+            f"{_name(names, cell['class'])} #{cell['sample']}\nepoch {cell['epoch']}{mixed}",
+            fontsize=8,
         )
         bars = fig.add_subplot(spec[2 * r + 1, c], label=f"top3-{i}")
         classes = [cls for cls, _ in cell["top3"]]
