@@ -1,8 +1,8 @@
 """One view of one sample as a PNG: what the teacher saw, for people looking at a label set.
 
-The view is built by :func:`softserve.client.mixing.mixed_views` from the stored crop and
-flip (and, in a mixed set, the stored mix and the partner's view), the function the worker
-and training use. It needs torch and Pillow, imported on the first
+The view is built by :func:`softserve.client.mixing.stored_views` from the stored crop and
+flip (and, in a mixed set, the stored mix and the partner's view) with ``mixed_views``, the
+function the worker and training use. It needs torch and Pillow, imported on the first
 request for a view, never when the server starts; a server installed without torch (the
 server image) answers 501 ``views_unavailable`` and serves everything else.
 """
@@ -40,7 +40,7 @@ def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
         import torch
         from PIL import Image
 
-        from softserve.client.mixing import mixed_views
+        from softserve.client.mixing import stored_views
     except ModuleNotFoundError as exc:
         raise ApiError(
             501, "views_unavailable",
@@ -54,16 +54,9 @@ def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
             404, "unknown_sample", f"sample {sample} is outside 0..{config.num_samples - 1}"
         )
     row = _row_of(entry, epoch % config.epochs, sample)
-    mix = row.get("mix")
-    view = mixed_views(
-        None if config.mix is None else config.mix.kind,
-        torch.from_numpy(entry.base_images(np.array([sample]))),
-        torch.from_numpy(row["params"].astype(np.int64)), config.views.output_size,
-        partner_images=None if mix is None
-        else torch.from_numpy(entry.base_images(mix[:, 0].astype(np.int64))),
-        partner_params=None if mix is None
-        else torch.from_numpy(row["partner_params"].astype(np.int64)),
-        mix=None if mix is None else torch.from_numpy(mix),
+    view = stored_views(
+        None if config.mix is None else config.mix.kind, entry.base_images, np.array([sample]),
+        row["params"], config.views.output_size, row.get("mix"), row.get("partner_params"),
     )[0]  # fmt: skip
     pixels = view.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)

@@ -16,7 +16,7 @@ as CutMix's label mixing uses it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -136,3 +136,23 @@ def mixed_views(
         raise ValueError("a mixed set needs partner_images, partner_params and mix")
     partner = apply_views(partner_images, partner_params, size, mean=mean, std=std)
     return apply_mix(kind, views, partner, mix)
+
+
+def stored_views(
+    kind: MixKind | None, images_of: Callable[[np.ndarray], np.ndarray], ids: np.ndarray,
+    params: np.ndarray, size: int | Sequence[int], mix: np.ndarray | None = None,
+    partner_params: np.ndarray | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Stored rows as pictures: samples ``ids`` through their view ``params``, mixed by their
+    stored ``mix`` rows with their partners' views, unnormalized in [0, 1]. ``images_of``
+    gives the base images (uint8) of sample ids."""
+
+    def tensor(a: np.ndarray | None, dtype: type = np.int64) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+
+    partners = None if mix is None else torch.from_numpy(images_of(mix[:, 0].astype(np.int64)))
+    return mixed_views(
+        kind, torch.from_numpy(images_of(np.asarray(ids, dtype=np.int64))), tensor(params),
+        size, partner_images=partners, partner_params=tensor(partner_params),
+        mix=tensor(mix, np.float32),
+    )  # fmt: skip

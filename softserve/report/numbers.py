@@ -262,7 +262,7 @@ def compute_report(
 ) -> ReportData:  # fmt: skip
     """Read every stored epoch of ``source`` once and compute the report's numbers;
     ``progress`` is called after each epoch."""
-    from softserve.client.mixing import mixed_views
+    from softserve.client.mixing import stored_views
 
     opts = opts or ReportOptions()
     acc = _Accumulator(source, opts)
@@ -274,17 +274,11 @@ def compute_report(
     ids = np.array([c["sample"] for c in acc.cells], dtype=np.int64)
     grid = np.zeros((0, *source.info.image_shape[:1], *source.info.output_size), np.float32)
     if len(ids):
-        import torch
-
         columns = zip(*acc.cell_rows, strict=True)
         params, mix, partner = (None if c[0] is None else np.stack(c) for c in columns)
-        as_ids = lambda a: None if a is None else torch.from_numpy(a.astype(np.int64))  # noqa: E731
-        grid = mixed_views(
+        grid = stored_views(
             source.info.mix,  # type: ignore[arg-type]
-            torch.from_numpy(source.images(ids)), as_ids(params), source.info.output_size,
-            partner_images=None if mix is None
-            else torch.from_numpy(source.images(mix[:, 0].astype(np.int64))),
-            partner_params=as_ids(partner), mix=None if mix is None else torch.from_numpy(mix),
-        ).numpy()  # fmt: skip
+            source.images, ids, params, source.info.output_size, mix, partner,
+        ).numpy()
     hardest_ids = np.array([h["sample"] for h in numbers["hardest"]], dtype=np.int64)
     return ReportData(numbers, grid, source.images(hardest_ids))
