@@ -85,8 +85,13 @@ def test_transcode_resumes_and_refuses_bad_requests(fp32_set: Path) -> None:
     assert shard_digests(out) == whole and not (out / "labels-00001.h5.tmp").exists()
     assert transcode(opts).created == read_manifest(out).created  # complete: nothing to do
 
-    with pytest.raises(InputError, match="keep 1 to 6"):
-        transcode(replace(opts, out=fp32_set.parent / "x", epochs=7))
+    for epochs in (7, 0, -1):
+        with pytest.raises(InputError, match="keep 1 to 6"):
+            transcode(replace(opts, out=fp32_set.parent / "x", epochs=epochs))
+    for shard_epochs in (0, -3):
+        with pytest.raises(InputError, match="--shard-epochs must be positive"):
+            transcode(replace(opts, out=fp32_set.parent / "x", shard_epochs=shard_epochs))
+    assert not (fp32_set.parent / "x").exists()  # refused before writing anything
     with pytest.raises(InputError, match="topk:3 keeps all 3"):
         transcode(replace(opts, out=fp32_set.parent / "x", codec="topk:3"))
     with pytest.raises(StoreError, match="differs in: codec"):

@@ -41,17 +41,20 @@ def transcode(opts: TranscodeOptions) -> Manifest:
     """Write (or finish) ``opts.out`` from ``opts.source``; returns its manifest."""
     with LabelSetReader(opts.source) as reader:
         config = reader.config
-        epochs = opts.epochs or config.epochs
+        epochs = config.epochs if opts.epochs is None else opts.epochs
         if not 0 < epochs <= config.epochs:
             raise InputError(
                 f"--epochs {epochs}: the source stores {config.epochs} epochs; keep 1 to "
                 f"{config.epochs} of them"
             )
+        if opts.shard_epochs is not None and opts.shard_epochs <= 0:
+            raise InputError(f"--shard-epochs must be positive, got {opts.shard_epochs}")
         fields = storage_fields(
             config.num_samples, config.num_classes, opts.codec or config.codec, epochs,
             opts.shard_epochs, config.mix is not None,
         )  # fmt: skip
-        target = config.model_copy(update=fields)
+        # validated, unlike model_copy: a bad field fails here, not when the set is opened
+        target = type(config).model_validate({**config.model_dump(), **fields})
         existing = check_out_dir(opts.out, target)
         if existing is not None:
             return existing
