@@ -1,4 +1,5 @@
-"""softserve's HTTP service: streams image/label batches from label-set shards.
+"""softserve's HTTP service: label sets streamed as image/label batches from their shards.
 
-Not built yet: the FastAPI server arrives with the serving issue. Nothing here runs.
+``app.create_app(settings)`` is the FastAPI application, ``server`` runs it under uvicorn
+(``softserve serve``), ``settings`` holds its ``SOFTSERVE_*`` configuration.
 """

@@ -1,6 +1,8 @@
 """Small networks of the dataset-distillation literature, for teachers and students.
 
-Each factory here is usable as a teacher spec, e.g. ``--teacher softserve.models:convnet``.
+Each factory here is usable as a teacher spec, e.g. ``--teacher
+softserve.models:resnet18_small``; the spec passes ``num_classes`` only, so ``convnet`` as a
+spec takes its default 3×32×32 input.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_label_set, run_cli
+from conftest import Server, build_label_set, run_cli
 
-from softserve.report import ReportOptions, StoreSource, compute_report
+from softserve.report import RemoteSource, ReportOptions, StoreSource, compute_report
 from softserve.report.figures import build_figures
 from softserve.report.page import write_report
 from softserve.storage.reader import LabelSetReader
@@ -188,6 +188,22 @@ def test_cli_report_from_a_server_matches_the_one_from_disk(
     assert served.returncode == 0, served.stderr
     assert "report written" in served.stdout
     assert _files(tmp_path / "disk") == _files(tmp_path / "served")
+
+
+def test_report_through_a_server_keeps_to_its_batch_limit(store: Path) -> None:
+    """A server whose max batch size is below the set's size: the report reads in its steps."""
+    server = Server(store, "--max-batch-size", "7").start()
+    try:
+        remote = RemoteSource(server.url, "tiny")
+        served = compute_report(remote).numbers
+        remote.close()
+    finally:
+        server.stop()
+    local = StoreSource(store / "tiny")
+    try:
+        assert served == compute_report(local).numbers
+    finally:
+        local.close()
 
 
 @pytest.mark.parametrize(

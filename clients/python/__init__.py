@@ -5,8 +5,8 @@ server, ``open_local("store/name").loader(batch_size)`` the same batches straigh
 store on this machine; the bundled losses take ``(student_logits, batch)``.
 
 Views (:func:`apply_views`) and the GIFT refinement are defined here and imported by the
-worker too, so the student sees exactly the pixels the teacher labelled. The client never
-imports the server or h5py.
+worker too, so the student sees exactly the pixels the teacher labelled. Importing the
+client never imports the server or h5py; ``open_local`` needs h5py (it reads the store).
 
 Names load on first use: the server shares this package's torch-free modules (the wire
 format, codecs, sampling, schema) and must not import torch by importing the package.

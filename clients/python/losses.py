@@ -92,10 +92,6 @@ def _ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
     return F.cross_entropy(student.float(), flat_labels(batch.hard))
 
 
-def _gift(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
-    return cosine_loss(student, batch.soft)
-
-
 def _cosine(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
     return cosine_loss(student, _need_logits(batch, "cosine"))
 

@@ -141,9 +141,9 @@ class StoreSource:
 class RemoteSource:
     """A label set on a server, read through the Python client (stored-form labels)."""
 
-    #: Rows per batch: an epoch arrives as a few large batches of one stream.
+    #: Rows per batch (an epoch arrives as a few large batches of one stream) and base images
+    #: per request, both capped by the server's ``max_batch_size`` for the set.
     BATCH_ROWS = 4096
-    #: Base images per request.
     IMAGE_ROWS = 8192
 
     def __init__(self, url: str, name: str, token: str | None = None) -> None:
@@ -160,6 +160,8 @@ class RemoteSource:
             format_version=d.format_version, label_bytes=d.label_bytes, teacher=d.teacher,
             mix=None if d.mix is None else d.mix.kind,
         )  # fmt: skip
+        cap = d.max_batch_size or max(self.BATCH_ROWS, self.IMAGE_ROWS)
+        self.batch_rows, self.image_rows = min(self.BATCH_ROWS, cap), min(self.IMAGE_ROWS, cap)
         self._images, self._hard = self._fetch_images()
 
     def _fetch_images(self) -> tuple[np.ndarray, np.ndarray]:
@@ -168,8 +170,8 @@ class RemoteSource:
 
         images, hard = [], []
         n = self.info.num_samples
-        for start in range(0, n, self.IMAGE_ROWS):
-            query = {"start": start, "stop": min(n, start + self.IMAGE_ROWS),
+        for start in range(0, n, self.image_rows):
+            query = {"start": start, "stop": min(n, start + self.image_rows),
                      "digest": self.info.digest}  # fmt: skip
             response = self.client.get(f"/v1/labelsets/{self.info.name}/images", query)
             tensors, _ = decode(response.content)
@@ -185,7 +187,7 @@ class RemoteSource:
 
     def epoch(self, epoch: int) -> EpochRows:
         n = self.info.num_samples
-        sharding = self.remote.sharding(min(n, self.BATCH_ROWS), 0, 1, drop_last=False)
+        sharding = self.remote.sharding(min(n, self.batch_rows), 0, 1, drop_last=False)
         batches = [raw.tensors for raw in self.remote.raw_batches(epoch, sharding, logits=True)]
         joined = {k: np.concatenate([b[k].numpy() for b in batches]) for k in batches[0]}
         parts = {k[len("soft_") :] if k != "soft" else "": v for k, v in joined.items()
