@@ -58,6 +58,10 @@ def test_teacher_class_count_differs(make_options) -> None:
         ("teachers:not_a_module", ("not nn.Module",)),
         ("torchvision:resnet999", ("no classification model",)),
         ("what", ("not understood",)),
+        (":make", ("absolute module.path:callable",)),
+        ("..teachers:tiny_rgb", ("absolute module.path:callable",)),
+        ("teachers:", ("absolute module.path:callable",)),
+        ("teachers:broken", ("teacher factory 'teachers:broken' failed", "no weights here")),
     ],
 )
 def test_bad_teacher_spec(make_options, spec: str, fragments: tuple[str, ...]) -> None:
@@ -85,6 +89,8 @@ def test_bad_options(make_options) -> None:
     assert_one_line_error(done, "CUDA only")
     done = run_cli(*relabel_args(make_options()), "--min-scale", "0")
     assert_one_line_error(done, "crop scale range")
+    done = run_cli(*relabel_args(make_options()), "--size", "0")
+    assert_one_line_error(done, "--size must be positive")
 
 
 def test_out_holds_a_different_label_set(make_options) -> None:
