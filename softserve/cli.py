@@ -1,4 +1,5 @@
-"""The ``softserve`` command: relabel, inspect and verify label sets, and run the demo."""
+"""The ``softserve`` command: relabel, transcode, inspect, verify and report on label sets,
+serve them, train students on them, and run the demo."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 demo_app = typer.Typer(
-    help="The Fashion-MNIST demo: a real teacher, an IPC-10 synthetic set, its label set.",
+    help="The Fashion-MNIST demo: a real teacher, a synthetic set (IPC 10 by default), its "
+    "label set.",
     no_args_is_help=True,
 )
 app.add_typer(demo_app, name="demo")
@@ -317,7 +319,8 @@ def inspect(
 
 @app.command()
 def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/NAME.")]) -> None:
-    """Check each file's size, sha256, shapes and dtypes against the manifest; exit 1 on any."""
+    """Check each file's size, sha256, shapes and dtypes against the manifest, and that each
+    stored epoch's order is a permutation of the samples; exit 1 on any problem."""
     from softserve.storage.verify import verify_label_set
 
     with err.status("verifying") as status:
@@ -331,6 +334,7 @@ def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/
 
 @app.command()
 def report(
+    ctx: typer.Context,
     path: Annotated[
         Path | None, typer.Argument(help="Label set directory STORE/NAME (or use --url).")
     ] = None,
@@ -356,6 +360,13 @@ def report(
     """
     if (path is None) == (url is None) or (url is not None and labelset is None):
         raise InputError("give a label set directory STORE/NAME, or --url URL --labelset NAME")
+    source = ctx.get_parameter_source("token")  # SOFTSERVE_TOKEN may well stay set
+    token_flag = source is not None and source.name == "COMMANDLINE"
+    if url is None and (labelset is not None or token_flag):
+        raise InputError(
+            "--labelset and --token are for a served set (--url URL); a label set directory "
+            "STORE/NAME takes neither"
+        )
     from tqdm import tqdm
 
     from softserve.report import RemoteSource, ReportOptions, StoreSource, compute_report
@@ -556,7 +567,7 @@ def demo_prepare(
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
-    """Train a Fashion-MNIST teacher, pick an IPC-10 synthetic set by confidence, relabel it."""
+    """Train a Fashion-MNIST teacher, pick --ipc images per class by confidence, relabel them."""
     from softserve.worker.demo import DemoOptions
 
     _prepare_demo(

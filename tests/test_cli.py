@@ -99,6 +99,18 @@ def test_an_interrupt_is_one_line_and_exit_130(tmp_path: Path, sig: int) -> None
     assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
 
 
+@pytest.mark.parametrize("flag", [["--labelset", "other"], ["--token", "secret"]])
+def test_report_on_a_directory_refuses_server_options(tmp_path: Path, flag: list[str]) -> None:
+    done = run_cli("report", tmp_path / "set", *flag, "--no-progress")
+    assert_one_line_error(done, "--labelset and --token are for a served set (--url URL)")
+
+
+def test_report_on_a_directory_ignores_softserve_token(tmp_path: Path) -> None:
+    """SOFTSERVE_TOKEN left in the environment is not a --token given by mistake."""
+    done = run_cli("report", tmp_path / "nowhere", "--no-progress", env={"SOFTSERVE_TOKEN": "t"})
+    assert done.returncode == 1 and "nowhere" in done.stderr and "--token" not in done.stderr
+
+
 def test_inspect_tells_no_such_path_from_not_a_label_set(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     (tmp_path / "file.txt").write_text("x")
