@@ -1,10 +1,13 @@
-"""Server settings: flags of ``softserve serve`` or ``SOFTSERVE_*`` environment variables."""
+"""Server settings, read from ``SOFTSERVE_*`` environment variables; ``softserve serve``
+has flags for the common ones (store, host, port, workers, token file, image cache, batch
+size, log level), which win over the environment. The rest are environment-only."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,10 +52,18 @@ class ServiceSettings(BaseSettings):
     hdf5_locking: bool | None = Field(
         None, description="HDF5 file locking; set false on network filesystems."
     )
-    log_level: str = Field("info", description="Log level of the server.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="Log level of the server, in any case."
+    )
     shutdown_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM, how long open streams may run before they are cut."
     )
     docs: bool = Field(
         False, description="Serve Swagger UI at /docs (it loads its scripts from a CDN)."
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        """INFO and Info are info: the level names are case-insensitive, as in logging."""
+        return value.lower() if isinstance(value, str) else value

@@ -1,4 +1,5 @@
-"""The ``softserve`` command: relabel, inspect and verify label sets, and run the demo."""
+"""The ``softserve`` command: relabel, transcode, inspect, verify and report on label sets,
+serve them, train students on them, and run the demo."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from softserve.errors import InputError, SoftserveError
 if TYPE_CHECKING:
     from softserve.client.mixing import MixPolicy
     from softserve.client.views import ViewPolicy
+    from softserve.service.settings import ServiceSettings
     from softserve.worker.demo import DemoOptions
 
 app = typer.Typer(
@@ -32,7 +34,8 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 demo_app = typer.Typer(
-    help="The Fashion-MNIST demo: a real teacher, an IPC-10 synthetic set, its label set.",
+    help="The Fashion-MNIST demo: a real teacher, a synthetic set (IPC 10 by default), its "
+    "label set.",
     no_args_is_help=True,
 )
 app.add_typer(demo_app, name="demo")
@@ -83,9 +86,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM in a command that says what it kept; main() prints it."""
+
+
 def _interrupted(what: str) -> NoReturn:
-    err.print(f"[yellow]interrupted:[/] {what}")
-    raise typer.Exit(130)
+    raise _Interrupted(what)
 
 
 TeacherOption = Annotated[
@@ -313,7 +319,8 @@ def inspect(
 
 @app.command()
 def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/NAME.")]) -> None:
-    """Check each file's size, sha256, shapes and dtypes against the manifest; exit 1 on any."""
+    """Check each file's size, sha256, shapes and dtypes against the manifest, and that each
+    stored epoch's order is a permutation of the samples; exit 1 on any problem."""
     from softserve.storage.verify import verify_label_set
 
     with err.status("verifying") as status:
@@ -327,6 +334,7 @@ def verify(path: Annotated[Path, typer.Argument(help="Label set directory STORE/
 
 @app.command()
 def report(
+    ctx: typer.Context,
     path: Annotated[
         Path | None, typer.Argument(help="Label set directory STORE/NAME (or use --url).")
     ] = None,
@@ -352,6 +360,13 @@ def report(
     """
     if (path is None) == (url is None) or (url is not None and labelset is None):
         raise InputError("give a label set directory STORE/NAME, or --url URL --labelset NAME")
+    source = ctx.get_parameter_source("token")  # SOFTSERVE_TOKEN may well stay set
+    token_flag = source is not None and source.name == "COMMANDLINE"
+    if url is None and (labelset is not None or token_flag):
+        raise InputError(
+            "--labelset and --token are for a served set (--url URL); a label set directory "
+            "STORE/NAME takes neither"
+        )
     from tqdm import tqdm
 
     from softserve.report import RemoteSource, ReportOptions, StoreSource, compute_report
@@ -366,6 +381,23 @@ def report(
         source.close()
     page = write_report(data, out or Path(f"report-{info.name}"))
     stdout.print(f"report written: {page}")
+
+
+def _server_settings(**flags: object) -> ServiceSettings:
+    """Server settings from the flags given (None: not given) over ``SOFTSERVE_*``; a bad
+    value is one line naming the setting, before anything else runs."""
+    from pydantic import ValidationError
+
+    from softserve.service.settings import ServiceSettings
+
+    try:
+        return ServiceSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        raise InputError(
+            f"bad server setting: {name} (SOFTSERVE_{name.upper()}): {first['msg']}"
+        ) from None
 
 
 @app.command()
@@ -386,30 +418,22 @@ def serve(
         int | None, typer.Option(help="Largest batch_size allowed [default: 8192].")
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="debug, info, warning, error [default: info].")
+        str | None,
+        typer.Option(help="critical, error, warning, info, debug or trace [default: info]."),
     ] = None,
 ) -> None:
     """Serve the complete label sets of a store over HTTP (FastAPI + uvicorn).
 
     Every option can also be set as `SOFTSERVE_<OPTION>` (e.g. `SOFTSERVE_STORE`); flags win.
-    New label sets are picked up without a restart. API docs at /docs, metrics at /metrics.
+    New label sets are picked up without a restart. Metrics at /metrics; API docs at /docs
+    only with `SOFTSERVE_DOCS=true` (off by default: Swagger UI loads scripts from a CDN).
     """
-    from pydantic import ValidationError
-
     from softserve.service.server import run
-    from softserve.service.settings import ServiceSettings
 
-    flags = {
-        "store": store, "host": host, "port": port, "workers": workers,
-        "token_file": token_file, "image_cache_mb": image_cache_mb,
-        "max_batch_size": max_batch_size, "log_level": log_level,
-    }  # fmt: skip
-    try:
-        settings = ServiceSettings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as exc:
-        raise InputError(
-            f"bad server setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
-        ) from None
+    settings = _server_settings(
+        store=store, host=host, port=port, workers=workers, token_file=token_file,
+        image_cache_mb=image_cache_mb, max_batch_size=max_batch_size, log_level=log_level,
+    )  # fmt: skip
     run(settings)
 
 
@@ -505,11 +529,7 @@ def train(
         batch_size=batch_size, eval=eval, device=device, token=token,
         retry_seconds=retry_seconds, seed=seed, progress=progress,
     )  # fmt: skip
-    try:
-        result = run_train(opts)
-    except KeyboardInterrupt:
-        _interrupted("training stopped")
-    print(json_lib.dumps(result))
+    print(json_lib.dumps(run_train(opts)))
 
 
 WorkdirOption = Annotated[Path, typer.Option(help="Where the teacher and synthetic set go.")]
@@ -547,7 +567,7 @@ def demo_prepare(
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
-    """Train a Fashion-MNIST teacher, pick an IPC-10 synthetic set by confidence, relabel it."""
+    """Train a Fashion-MNIST teacher, pick --ipc images per class by confidence, relabel them."""
     from softserve.worker.demo import DemoOptions
 
     _prepare_demo(
@@ -577,11 +597,15 @@ def demo_run(
     progress: ProgressOption = True,
     port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
 ) -> None:
-    """Prepare the demo label set (cached after the first run), then serve it on localhost."""
+    """Prepare the demo label set (cached after the first run), then serve it on localhost.
+
+    Server settings not given here come from `SOFTSERVE_<SETTING>`, as for serve; they are
+    checked before the preparation starts.
+    """
     from softserve.service.server import run
-    from softserve.service.settings import ServiceSettings
     from softserve.worker.demo import DemoOptions
 
+    settings = _server_settings(store=store, host="127.0.0.1", port=port)
     opts = DemoOptions(
         workdir=workdir, store=store, data=data, label_epochs=label_epochs, device=device,
         progress=progress,
@@ -596,15 +620,21 @@ def demo_run(
         f"or as a report: .venv/bin/softserve report {label_set}\n",
         soft_wrap=True,
     )
-    run(ServiceSettings(store=store, host="127.0.0.1", port=port))
+    run(settings)
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
+def _stopped(what: str | None = None) -> NoReturn:
+    err.print("[yellow]interrupted[/]" + (f"[yellow]:[/] {escape(what)}" if what else ""))
+    sys.exit(130)
+
+
 def main() -> None:
-    """Entry point: user-fixable problems print one line and exit 1, without a traceback."""
+    """Entry point: user-fixable problems print one line and exit 1, and Ctrl-C or SIGTERM
+    one line and exit 130, without a traceback."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
@@ -612,3 +642,11 @@ def main() -> None:
         message = escape(" ".join(str(exc).split()))
         err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except _Interrupted as exc:
+        _stopped(str(exc))
+    except KeyboardInterrupt:
+        _stopped()
+    except SystemExit as exc:
+        if exc.code == 130:  # typer's silent exit for a KeyboardInterrupt in a command
+            _stopped()
+        raise

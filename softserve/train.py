@@ -42,9 +42,13 @@ from softserve.client import (
 )
 from softserve.errors import InputError
 from softserve.models import convnet, resnet18_small
-from softserve.worker.sources import TeacherInputs
+from softserve.worker.sources import TeacherInputs, check_teacher_inputs
 
-MODELS = ("convnet", "resnet18")
+#: Students by --model name: (channels, classes, view size) -> a fresh model.
+STUDENTS: dict[str, Callable[[int, int, tuple[int, int]], nn.Module]] = {
+    "convnet": lambda channels, classes, size: convnet(classes, channels, image_size=size),
+    "resnet18": lambda channels, classes, size: resnet18_small(classes, channels),
+}
 #: Default learning rate per optimizer: the evaluator's AdamW lr for Adam too; SGD's is ours.
 OPTIMIZERS = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.01}
 #: The evaluator's MultiStepLR: decay by 0.2 at these fractions of the epochs.
@@ -116,17 +120,12 @@ class Feed:
 
 
 def build_student(name: str, channels: int, num_classes: int, size: tuple[int, int]) -> nn.Module:
-    """A fresh student for the feed's channels, view size and classes."""
-    if name == "convnet":
-        return convnet(num_classes, channels, image_size=size)
-    if name == "resnet18":
-        return resnet18_small(num_classes, channels)
-    raise InputError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
+    """A fresh student for the feed's channels, view size and classes (``name`` in STUDENTS)."""
+    return STUDENTS[name](channels, num_classes, size)
 
 
 def build_optimizer(opts: TrainOptions, params) -> torch.optim.Optimizer:
-    if opts.optimizer not in OPTIMIZERS:
-        raise InputError(f"unknown --optimizer {opts.optimizer!r}; use {', '.join(OPTIMIZERS)}")
+    """The run's optimizer (checked options: a name in OPTIMIZERS, lr > 0, weight decay >= 0)."""
     lr = opts.lr if opts.lr is not None else OPTIMIZERS[opts.optimizer]
     if opts.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
@@ -183,7 +182,7 @@ def load_eval_set(spec: str) -> EvalSet:
         return EvalSet(images, labels, fashion_mnist.CLASS_NAMES)
     from softserve.worker.sources import load_image_set
 
-    data = load_image_set(Path(spec))
+    data = load_image_set(Path(spec), option="--eval")
     names = data.class_names if _named(data.class_names) else None
     return EvalSet(data.images, data.labels, names)
 
@@ -286,7 +285,7 @@ class OnlineTeacherBatches:
 def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
     """The online-teacher feed: the teacher loaded onto ``device``, views drawn per epoch."""
     from softserve.worker.sources import default_normalization, load_image_set
-    from softserve.worker.teacher import load_teacher
+    from softserve.worker.teacher import check_teacher_output, load_teacher_of
 
     online = opts.online
     assert online is not None
@@ -294,11 +293,16 @@ def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
     n, c, h, w = data.images.shape
     mean, std = default_normalization(c, online.mean, online.std)
     size = online.size or (h, w)
-    teacher = load_teacher(
-        online.teacher, online.weights, online.num_classes or data.num_classes,
-        online.allow_pickle, online.random_teacher,
-    )  # fmt: skip
-    model = teacher.model.to(device)
+    model = load_teacher_of(online).model.to(device)
+    probe = torch.from_numpy(data.images[:2]).to(device)
+    whole = torch.tensor([[0, 0, h, w, 0]], dtype=torch.int32, device=device)
+
+    @torch.no_grad()
+    def on_whole_images() -> torch.Tensor:
+        views = apply_views(probe, whole.expand(len(probe), -1), size, mean=mean, std=std)
+        return model(views)
+
+    check_teacher_output(online.teacher, on_whole_images, (len(probe), c, *size), data.num_classes)
     batch_size = opts.batch_size or official_batch_size(n)
     batches = OnlineTeacherBatches(
         data.images, data.labels, model, online, mean, std, size, batch_size, opts.epochs,
@@ -361,12 +365,21 @@ def _check(opts: TrainOptions) -> None:
         raise InputError("a run on a label set needs --labelset NAME")
     if opts.epochs < 1 or (opts.batch_size is not None and opts.batch_size < 1):
         raise InputError("--epochs and --batch-size must be positive")
+    for option, value, choices in (("--model", opts.model, STUDENTS),
+                                   ("--optimizer", opts.optimizer, OPTIMIZERS)):  # fmt: skip
+        if value not in choices:
+            raise InputError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
+    if opts.lr is not None and opts.lr <= 0:
+        raise InputError(f"--lr must be positive, got {opts.lr}")
+    if opts.weight_decay < 0:
+        raise InputError(f"--weight-decay must be non-negative, got {opts.weight_decay}")
+    if opts.online is not None:
+        check_teacher_inputs(opts.online)
 
 
 def fit(
-    model: nn.Module, feed: Feed, loss_fn: nn.Module, opts: TrainOptions,
-    device: torch.device,
-) -> tuple[int, int, float]:  # fmt: skip
+    model: nn.Module, feed: Feed, loss_fn: nn.Module, opts: TrainOptions
+) -> tuple[int, int, float]:
     """Train ``model`` on every batch of ``feed``; returns steps, samples and seconds."""
     steps = opts.epochs * feed.batches_per_epoch
     if steps == 0:
@@ -418,7 +431,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
         check_eval_set(test, feed)
         model = build_student(opts.model, feed.channels, feed.num_classes, feed.output_size)
         model = model.to(device)
-        steps, samples, seconds = fit(model, feed, loss_fn, opts, device)
+        steps, samples, seconds = fit(model, feed, loss_fn, opts)
         top1 = evaluate(model, test.images, test.labels, feed, device)
     return {
         **feed.describe,

@@ -93,11 +93,15 @@ def softserve_cmd(*args: object) -> list[str]:
     return [sys.executable, "-m", "softserve", *map(str, args)]
 
 
-def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``softserve ARGS`` in a subprocess and capture its output."""
+def run_cli(
+    *args: object, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``softserve ARGS`` in a subprocess, with ``env`` added to its environment, and
+    capture its output."""
     return subprocess.run(
-        softserve_cmd(*args), env=cli_env(), capture_output=True, text=True, timeout=timeout
-    )
+        softserve_cmd(*args), env={**cli_env(), **(env or {})}, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 def relabel_args(opts: RelabelOptions) -> list[str]:

@@ -66,3 +66,8 @@ def recorder(num_classes: int = 3) -> Recorder:
 
 def not_a_module() -> str:
     return "teacher"
+
+
+def broken() -> TinyNet:
+    """A factory that fails, as one with a bad path or missing file would."""
+    raise RuntimeError("no weights here")

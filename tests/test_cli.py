@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-from conftest import Server, free_port, run_cli
+import pytest
+from conftest import Server, cli_env, free_port, run_cli, softserve_cmd
 from test_errors import assert_one_line_error
+
+from softserve.service.settings import ServiceSettings
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -38,6 +44,71 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         done = run_cli("serve", "--store", tmp_path, "--port", port, timeout=60)
     assert_one_line_error(done, f"port {port} on 127.0.0.1 is in use", "--port")
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"), [(["--log-level", "bogus"], {}), ([], {"SOFTSERVE_LOG_LEVEL": "bogus"})]
+)
+def test_a_bad_log_level_is_one_line(tmp_path: Path, flags: list, env: dict) -> None:
+    done = run_cli("serve", "--store", tmp_path, *flags, env=env, timeout=60)
+    assert_one_line_error(done, "log_level", "SOFTSERVE_LOG_LEVEL", "'debug'")
+
+
+def test_log_levels_are_case_insensitive() -> None:
+    assert ServiceSettings(log_level="DEBUG").log_level == "debug"
+    assert ServiceSettings(log_level="Trace").log_level == "trace"
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "fragment"),
+    [
+        (["--port", "70000"], {}, "port"),
+        ([], {"SOFTSERVE_WORKERS": "0"}, "SOFTSERVE_WORKERS"),
+    ],
+)
+def test_demo_run_checks_server_settings_before_preparing(
+    tmp_path: Path, flags: list, env: dict, fragment: str
+) -> None:
+    """A bad port or SOFTSERVE_* setting fails at once, not after minutes of preparation
+    (here the preparation would fail on the missing data instead)."""
+    done = run_cli(
+        "demo", "run", "--workdir", tmp_path / "demo", "--store", tmp_path / "store",
+        "--data", tmp_path / "no-data", *flags, env=env, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(done, "bad server setting", fragment)
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_is_one_line_and_exit_130(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C or SIGTERM in any command: here inspect, blocked reading a manifest that is a
+    FIFO; opening its write end waits until the command is reading."""
+    (tmp_path / "set").mkdir()
+    fifo = tmp_path / "set" / "manifest.json"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        softserve_cmd("inspect", tmp_path / "set"), env=cli_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    writer = os.open(fifo, os.O_WRONLY)
+    try:
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        os.close(writer)
+    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
+
+
+@pytest.mark.parametrize("flag", [["--labelset", "other"], ["--token", "secret"]])
+def test_report_on_a_directory_refuses_server_options(tmp_path: Path, flag: list[str]) -> None:
+    done = run_cli("report", tmp_path / "set", *flag, "--no-progress")
+    assert_one_line_error(done, "--labelset and --token are for a served set (--url URL)")
+
+
+def test_report_on_a_directory_ignores_softserve_token(tmp_path: Path) -> None:
+    """SOFTSERVE_TOKEN left in the environment is not a --token given by mistake."""
+    done = run_cli("report", tmp_path / "nowhere", "--no-progress", env={"SOFTSERVE_TOKEN": "t"})
+    assert done.returncode == 1 and "nowhere" in done.stderr and "--token" not in done.stderr
 
 
 def test_inspect_tells_no_such_path_from_not_a_label_set(tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ import torch
 from conftest import random_set, relabel_args, run_cli, shard_digests, write_folder
 
 from softserve.client import Client, ClientError
+from softserve.errors import InputError
 from softserve.storage import verify_label_set
 from softserve.worker.relabel import relabel
+from softserve.worker.teacher import load_teacher
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -58,10 +60,22 @@ def test_teacher_class_count_differs(make_options) -> None:
         ("teachers:not_a_module", ("not nn.Module",)),
         ("torchvision:resnet999", ("no classification model",)),
         ("what", ("not understood",)),
+        (":make", ("absolute module.path:callable",)),
+        ("..teachers:tiny_rgb", ("absolute module.path:callable",)),
+        ("teachers:", ("absolute module.path:callable",)),
+        ("teachers:broken", ("teacher factory 'teachers:broken' failed", "no weights here")),
     ],
 )
 def test_bad_teacher_spec(make_options, spec: str, fragments: tuple[str, ...]) -> None:
     assert_one_line_error(run_cli(*relabel_args(make_options(teacher=spec))), *fragments)
+
+
+def test_teacher_module_that_fails_to_import(tmp_path: Path, monkeypatch) -> None:
+    """An exception from the module's own code, not an ImportError, is one InputError too."""
+    (tmp_path / "gpu_only_teacher.py").write_text("raise RuntimeError('needs a GPU')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"importing 'gpu_only_teacher' .* failed .*needs a GPU"):
+        load_teacher("gpu_only_teacher:make")
 
 
 def test_weights_that_do_not_load(make_options, tmp_path: Path) -> None:
@@ -85,6 +99,8 @@ def test_bad_options(make_options) -> None:
     assert_one_line_error(done, "CUDA only")
     done = run_cli(*relabel_args(make_options()), "--min-scale", "0")
     assert_one_line_error(done, "crop scale range")
+    done = run_cli(*relabel_args(make_options()), "--size", "0")
+    assert_one_line_error(done, "--size must be positive")
 
 
 def test_out_holds_a_different_label_set(make_options) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from conftest import Server, free_port, random_set, run_cli, write_folder
 from test_errors import assert_one_line_error
 
+from softserve import cli
 from softserve.client import Sharding, ViewPolicy, apply_views, refine_labels
 from softserve.train import (
     OnlineTeacherBatches,
@@ -224,3 +226,68 @@ def test_class_names_compare_without_index_prefixes() -> None:
     assert first_other_class(["ant", "bee"], ["0-ant", "0-bee"]) == 1
     assert first_other_class(["ant", "bee"], ["bee", "ant"]) == 0
     assert first_other_class(["ant", "bee"], ["0", "1"]) is None  # unnamed training classes
+
+
+def test_train_defaults_are_the_evaluators_adamw() -> None:
+    """Without --optimizer, --lr or --weight-decay: AdamW with lr 1e-3 and weight decay 1e-4,
+    the official GIFT evaluator's optimizer."""
+    opts = TrainOptions(urls=["http://x"], labelset="x")
+    flags = inspect.signature(cli.train).parameters
+    assert [flags[name].default for name in ("optimizer", "lr", "weight_decay")] == [
+        opts.optimizer, opts.lr, opts.weight_decay,
+    ]  # fmt: skip
+    optimizer = build_optimizer(opts, torch.nn.Linear(2, 2).parameters())
+    assert type(optimizer) is torch.optim.AdamW
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (1e-3, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--weight-decay", "-1"], "--weight-decay must be non-negative"),
+        (["--model", "vgg"], "unknown --model 'vgg'; choose one of convnet, resnet18"),
+        (["--optimizer", "lbfgs"], "unknown --optimizer 'lbfgs'; choose one of adamw, adam, sgd"),
+        (["--size", "0"], "--size must be positive"),
+        (["--size", "-4x8"], "--size must be positive"),
+        (["--alpha", "-0.1"], "--alpha and --beta must be non-negative"),
+        (["--beta", "-1"], "--alpha and --beta must be non-negative"),
+    ],
+)
+def test_train_options_are_checked_before_anything_loads(
+    tmp_path: Path, flags: list[str], fragment: str
+) -> None:
+    """Bad options fail first: not after the test set, images or teacher load (none of them
+    exists here), and not as a traceback inside the training loop."""
+    done = run_cli(
+        "train", "--teacher", "nosuchmodule:make", "--images", tmp_path / "no-images",
+        "--eval", tmp_path / "no-eval", "--epochs", 1, "--no-progress", *flags, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(done, fragment)
+
+
+def test_a_missing_eval_set_is_named_as_eval(tmp_path: Path) -> None:
+    done = run_cli(
+        "train", "--store", tmp_path, "--labelset", "x", "--eval", tmp_path / "no-eval",
+        "--epochs", 1, "--no-progress", timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(done, f"--eval {tmp_path / 'no-eval'} does not exist")
+    assert "--images" not in done.stderr
+
+
+def test_online_teacher_gets_num_classes_only_when_given(tmp_path: Path, eval_set: Path) -> None:
+    """As for relabel: a factory without num_classes works when --num-classes is not given,
+    and a teacher whose outputs are not the set's classes is one line, before training."""
+    images, _ = random_set(n=16, seed=6)
+    four = tmp_path / "four.pt"
+    torch.save({"data": torch.from_numpy(images), "label": torch.arange(16) % 4}, four)
+    base = ["train", "--teacher", "teachers:four_classes", "--epochs", 1, "--batch-size", 8,
+            "--eval", eval_set, "--device", "cpu", "--no-progress"]  # fmt: skip
+    done = run_cli(*base, "--images", four)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 2
+    three = write_folder(tmp_path / "three", *random_set(n=6, seed=7))
+    done = run_cli(*base, "--images", three)
+    assert_one_line_error(done, "outputs shape (2, 4)", "3 classes", "--num-classes")

@@ -64,10 +64,11 @@ from softserve.worker.runtime import (
 from softserve.worker.sources import (
     ImageSet,
     TeacherInputs,
+    check_teacher_inputs,
     default_normalization,
     load_image_set,
 )
-from softserve.worker.teacher import Teacher, load_teacher
+from softserve.worker.teacher import Teacher, check_teacher_output, load_teacher_of
 
 _SHARD_MIN_BYTES = 4 << 20
 _SHARD_MAX_BYTES = 256 << 20
@@ -117,12 +118,11 @@ def _validate(opts: RelabelOptions) -> None:
         (opts.epochs > 0, f"--epochs must be positive, got {opts.epochs}"),
         (opts.batch_size > 0, f"--batch-size must be positive, got {opts.batch_size}"),
         (opts.shard_epochs is None or opts.shard_epochs > 0, "--shard-epochs must be positive"),
-        (opts.size is None or min(opts.size) > 0, f"--size must be positive, got {opts.size}"),
-        (opts.alpha >= 0 and opts.beta >= 0, "--alpha and --beta must be non-negative"),
     ]
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+    check_teacher_inputs(opts)
     get_codec(opts.codec)
 
 
@@ -355,22 +355,10 @@ class _Labeler:
         if self.config.mix is not None:  # each sample mixed with itself, λ = 1
             plan["partner_params"] = params
             plan["mix"] = torch.tensor([[0, 1, 0, 0, 0, 0]], dtype=torch.float32).expand(rows, -1)
-        try:
-            out = self.logits(ids, plan)
-        except InputError:
-            raise
-        except Exception as exc:  # any failure of user code on our input
-            raise InputError(
-                f"teacher {self.config.teacher.spec!r} failed on a batch of shape "
-                f"({rows}, {c}, {self.size[0]}, {self.size[1]}) ({brief(exc)}); "
-                "check --teacher, --size and the image channels"
-            ) from None
-        if out.ndim != 2 or out.shape[1] != self.config.num_classes:
-            raise InputError(
-                f"teacher {self.config.teacher.spec!r} outputs shape {tuple(out.shape)} but the "
-                f"images have {self.config.num_classes} classes; use a teacher (or --num-classes) "
-                "with one logit per class"
-            )
+        check_teacher_output(
+            self.config.teacher.spec, lambda: self.logits(ids, plan), (rows, c, *self.size),
+            self.config.num_classes,
+        )  # fmt: skip
 
     def label(self, ids: torch.Tensor, plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What a shard stores of each input: GIFT's refined label and the logits' norm."""
@@ -457,9 +445,7 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
     device = resolve_device(opts.device)
     check_precision(device, opts.precision)
     data = load_image_set(opts.images, opts.num_classes)
-    teacher = load_teacher(
-        opts.teacher, opts.weights, opts.num_classes, opts.allow_pickle, opts.random_teacher
-    )
+    teacher = load_teacher_of(opts)
     tqdm.write(describe_run(teacher, device, opts.precision))
     config = build_config(opts, data, teacher)
     out = opts.out

@@ -36,6 +36,14 @@ class TeacherInputs:
     random_teacher: bool = False
 
 
+def check_teacher_inputs(inputs: TeacherInputs) -> None:
+    """Refuse a view size or GIFT weights that cannot work, before images or teacher load."""
+    if inputs.size is not None and min(inputs.size) <= 0:
+        raise InputError(f"--size must be positive, got {inputs.size}")
+    if inputs.alpha < 0 or inputs.beta < 0:
+        raise InputError("--alpha and --beta must be non-negative")
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _GRAY_MODES = {"1", "L", "I", "I;16", "F"}
 
@@ -67,10 +75,13 @@ class ImageSet:
         return digest.hexdigest()
 
 
-def load_image_set(path: Path, num_classes: int | None = None) -> ImageSet:
-    """Load an ImageFolder tree or a ``{"data", "label"}`` tensor file."""
+def load_image_set(
+    path: Path, num_classes: int | None = None, option: str = "--images"
+) -> ImageSet:
+    """Load an ImageFolder tree or a ``{"data", "label"}`` tensor file; errors name the
+    ``option`` that gave ``path``."""
     if not path.exists():
-        raise InputError(f"--images {path} does not exist; pass an ImageFolder tree or a .pt file")
+        raise InputError(f"{option} {path} does not exist; pass an ImageFolder tree or a .pt file")
     result = _load_image_folder(path) if path.is_dir() else _load_tensor_file(path, num_classes)
     if num_classes is not None and num_classes != result.num_classes and path.is_dir():
         raise InputError(

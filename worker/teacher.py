@@ -7,7 +7,7 @@ import importlib
 import inspect
 import pickle
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from softserve.errors import InputError, brief
 from softserve.storage.layout import sha256_file
+from softserve.worker.sources import TeacherInputs
 
 
 @dataclass
@@ -75,6 +76,36 @@ def load_teacher(
     )
 
 
+def load_teacher_of(inputs: TeacherInputs) -> Teacher:
+    """The teacher of a relabel or an online training run. --num-classes reaches it only
+    when given, so a factory without a num_classes argument works for both."""
+    return load_teacher(
+        inputs.teacher, inputs.weights, inputs.num_classes, inputs.allow_pickle,
+        inputs.random_teacher,
+    )  # fmt: skip
+
+
+def check_teacher_output(
+    spec: str, run: Callable[[], torch.Tensor], shape: tuple[int, ...], num_classes: int
+) -> None:
+    """Run the teacher once on a batch of ``shape`` (``run``) and refuse a failure, or an
+    output that is not one logit per class: one line before any work, not a traceback later."""
+    try:
+        out = run()
+    except InputError:
+        raise
+    except Exception as exc:  # any failure of user code on our input
+        raise InputError(
+            f"teacher {spec!r} failed on a batch of shape {shape} ({brief(exc)}); "
+            "check --teacher, --size and the image channels"
+        ) from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise InputError(
+            f"teacher {spec!r} outputs shape {tuple(out.shape)} but the images have "
+            f"{num_classes} classes; use a teacher (or --num-classes) with one logit per class"
+        )
+
+
 @contextlib.contextmanager
 def _tensors_only() -> Iterator[None]:
     """Make every torch.load restricted to tensors (weights_only=True) for a while."""
@@ -123,6 +154,10 @@ def _load_torchvision(arch: str, num_classes: int | None) -> nn.Module:
 
 def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise InputError(
+            f"teacher spec {spec!r} needs an absolute module.path:callable, e.g. mypkg.nets:make"
+        )
     cwd = str(Path.cwd())
     added = cwd not in sys.path
     if added:  # for the import only: later imports must not pick up the user's files
@@ -133,6 +168,10 @@ def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
         raise InputError(
             f"cannot import {module_name!r} for teacher {spec!r} ({brief(exc)}); "
             "run from its folder or add it to PYTHONPATH"
+        ) from None
+    except Exception as exc:  # the module's own code failed while importing
+        raise InputError(
+            f"importing {module_name!r} for teacher {spec!r} failed ({brief(exc)})"
         ) from None
     finally:
         if added:
@@ -148,7 +187,10 @@ def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
         if "num_classes" not in inspect.signature(target).parameters:
             raise InputError(f"teacher factory {spec!r} takes no num_classes argument")
         kwargs["num_classes"] = num_classes
-    model = target(**kwargs)
+    try:
+        model = target(**kwargs)
+    except Exception as exc:  # the user's factory can raise anything
+        raise InputError(f"teacher factory {spec!r} failed ({brief(exc)})") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"teacher factory {spec!r} returned {type(model).__name__}, not nn.Module")
     return model
