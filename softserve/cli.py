@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from softserve.client.codecs import DEFAULT_CODEC
 from softserve.errors import InputError, SoftserveError
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ def relabel(
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
     codec: Annotated[
         str, typer.Option(help="Label codec: fp32, fp16, int8 or topk:k (k largest).")
-    ] = "fp16",
+    ] = DEFAULT_CODEC,
     alpha: AlphaOption = 0.1,
     beta: BetaOption = 0.1,
     shard_epochs: Annotated[
@@ -562,7 +563,7 @@ def demo_prepare(
         int | None, typer.Option(help="Train the teacher on this many images only (quick runs).")
     ] = None,
     label_epochs: LabelEpochsOption = 300,
-    codec: Annotated[str, typer.Option(help="Label codec.")] = "fp16",
+    codec: Annotated[str, typer.Option(help="Label codec.")] = DEFAULT_CODEC,
     seed: Annotated[int, typer.Option(help="Seed of teacher training, selection and views.")] = 0,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from softserve.client.codecs import DEFAULT_CODEC
 from softserve.client.views import ViewPolicy
 from softserve.models import fashion_mnist_teacher
 from softserve.worker import fashion_mnist
@@ -42,7 +43,7 @@ class DemoOptions:
     teacher_epochs: int = 3
     train_limit: int | None = None
     label_epochs: int = 300
-    codec: str = "fp16"
+    codec: str = DEFAULT_CODEC
     seed: int = 0
     device: str = "auto"
     batch_size: int = 128

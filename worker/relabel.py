@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import softserve
-from softserve.client.codecs import get_codec
+from softserve.client.codecs import DEFAULT_CODEC, get_codec
 from softserve.client.losses import refine_labels
 from softserve.client.mixing import MixPolicy, mixed_views, sample_mix
 from softserve.client.views import ViewPolicy, epoch_order, sample_views
@@ -87,7 +87,7 @@ class RelabelOptions(TeacherInputs):
     batch_size: int = 256
     device: str = "auto"
     precision: str = "fp32"
-    codec: str = "fp16"
+    codec: str = DEFAULT_CODEC
     shard_epochs: int | None = None
     #: CutMix or Mixup per (epoch, sample) on top of the views; None: views only
     mix: MixPolicy | None = None

@@ -230,6 +230,8 @@ CODECS: dict[str, Codec] = {
 }
 #: Codec names to show users: the fixed ones, and the top-k family.
 CODEC_NAMES = (*CODECS, "topk:k")
+#: What ``relabel`` and the demo store unless told otherwise (README, "Label budget").
+DEFAULT_CODEC = "fp16"
 
 
 def get_codec(name: str) -> Codec:
