@@ -202,9 +202,6 @@ def expectations(records: list[dict], table: dict[tuple, Cell], ipc: int) -> lis
     if deltas:
         runs = [r for r in records if r["job"]["ipc"] == ipc
                 and (r["job"]["loss"], r["job"]["optimizer"]) in online]  # fmt: skip
-        seconds = {feed: statistics.median(r["result"]["train_seconds"] for r in runs
-                                           if r["job"]["feed"] == feed)
-                   for feed in ("served", "online")}  # fmt: skip
         epochs = runs[0]["job"]["epochs"]
         codec = next(r["result"]["codec"] for r in runs if r["job"]["feed"] == "served")
         views = CLASSES * ipc * epochs
@@ -214,9 +211,8 @@ def expectations(records: list[dict], table: dict[tuple, Cell], ipc: int) -> lis
             f"teacher: {statistics.fmean(deltas):+.3f} top-1 on average over {len(deltas)} "
             f"paired runs (from {min(deltas):+.3f} to {max(deltas):+.3f}; per cell below). "
             f"The teacher labels the {views:,} views once, at relabel time, instead of in "
-            f"every training run: a served run trained in a median {seconds['served']:.0f} s, "
-            f"an online one in {seconds['online']:.0f} s (same host, whose two cores other "
-            f"work shared). Relabelled in today's format (version {FORMAT_VERSION}), the "
+            f"every training run (the compute each saves: `bench/online_cost.py`). "
+            f"Relabelled in today's format (version {FORMAT_VERSION}), the "
             f"IPC-{ipc} set stores {per_view} bytes per view ({codec}), "
             f"{per_view * views / 1e6:.2f} MB of labels."
         )

@@ -7,6 +7,7 @@ that catch a benchmark broken by a change in the code it measures.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,13 @@ def test_load_test_runs_without_errors(tmp_path: Path) -> None:
     assert set(record["first_batch_ms"]) == {"p50", "max"}
     assert set(record["server_rss_mb"]) == {"before", "after", "peak"}
     assert record["server_rss_mb"]["before"] > 0
+
+
+def test_online_cost_times_both_arms(tmp_path: Path) -> None:
+    record = run_bench("online_cost.py", "--epochs", 2, "--repeats", 2, out=tmp_path / "o.json")
+    assert len(record["results"]) == 2
+    for r in record["results"]:
+        assert len(r["served_s"]) == len(r["online_s"]) == 2 and r["relabel_s"] > 0
+        assert r["online_over_served"] == pytest.approx(
+            statistics.median(r["online_s"]) / statistics.median(r["served_s"]), abs=2e-3
+        )
