@@ -65,18 +65,24 @@ def columns(table: list[Row]) -> list[tuple[str, str]]:
 
 
 def within(row: Row, reference: Row, cols: list[tuple[str, str]]) -> bool | None:
-    """Every GIFT and KL mean within one seed std of the reference's; None: not decidable."""
+    """No GIFT or KL mean more than one seed std below the reference's: no measured cost.
+
+    One-sided: a variant that trains better than the reference costs nothing (under SGD,
+    KL's collapse varies by seeds, and top-k codes change how far it falls). None: not
+    decidable yet, while the reference lacks a std or the row lacks some of its seeds.
+    """
     verdicts = []
     for col in cols:
         ref, cell = reference.cells.get(col), row.cells.get(col)
-        if ref is None or cell is None or len(ref.values) < 2:
+        if ref is None or cell is None or len(ref.values) < 2 or len(cell.values) < len(ref.values):
             return None
-        verdicts.append(abs(cell.mean - ref.mean) <= ref.std)
+        verdicts.append(cell.mean >= ref.mean - ref.std)
     return all(verdicts) if verdicts else None
 
 
 def default_codec(table: list[Row]) -> str:
-    """The smallest full-epoch codec within one std of the reference, as a sentence."""
+    """The smallest full-epoch codec with no measured cost against the reference, as a
+    sentence."""
     reference = table[0]
     cols = columns(table)
     full = [row for row in table if row.stored_epochs == reference.stored_epochs]
@@ -84,16 +90,16 @@ def default_codec(table: list[Row]) -> str:
     if any(v is None for v in verdicts.values()):
         return (
             "**Default codec:** not decided yet: every full-epoch codec needs GIFT and KL "
-            f"under {', '.join(sorted({o for _, o in cols}))} with at least 2 seeds on "
-            f"`{reference.codec}`."
+            f"under {', '.join(sorted({o for _, o in cols}))} with as many seeds as "
+            f"`{reference.codec}`, at least 2."
         )
     passing = [row for row in full if verdicts[row.codec]]
     best = min(passing, key=lambda row: row.label_bytes)
     failing = [row.codec for row in full if not verdicts[row.codec]]
     return (
         f"**Default codec:** `{best.codec}`, {best.bytes_per_view:.1f} bytes per view: the "
-        f"smallest whose GIFT and KL top-1 stay within one seed std of `{reference.codec}`"
-        + (f" (outside it: {', '.join(f'`{c}`' for c in failing)})." if failing else ".")
+        f"smallest with no GIFT or KL top-1 more than one seed std below `{reference.codec}`"
+        + (f" (below it: {', '.join(f'`{c}`' for c in failing)})." if failing else ".")
     )
 
 
@@ -112,7 +118,7 @@ def markdown_table(table: list[Row]) -> str:
     reference = table[0]
     lines = [
         "| codec | stored epochs | label bytes | bytes per view | "
-        + " | ".join(f"`{loss}` {opt}" for loss, opt in cols) + " | within 1 std of ref. |",
+        + " | ".join(f"`{loss}` {opt}" for loss, opt in cols) + " | ≥ ref. − 1 std |",
         "| --- | --- | --- | --- |" + " --- |" * (len(cols) + 1),
     ]  # fmt: skip
     for row in table:

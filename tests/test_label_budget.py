@@ -64,7 +64,7 @@ def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> Non
     assert "Floor, `ce` on hard labels only: adamw 0.710 ± 0.014 (2)." in page
     # fp32 E=30 is smaller and passes, but the default is a codec: full epochs only
     assert "**Default codec:** `fp16`, 50.0 bytes per view" in page
-    assert "(outside it: `topk:1`)" in page
+    assert "(below it: `topk:1`)" in page
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("z\n") and "old" not in text
     assert "![label_budget.png](out/label_budget.png)" in text
@@ -81,6 +81,25 @@ def test_default_codec_waits_for_seeds(tmp_path: Path) -> None:
     page = label_budget_report.write_report(results, tmp_path / "out").read_text()
     assert "**Default codec:** not decided yet" in page
     assert "| `fp16` | 300 | 1.500 MB | 50.0 | 0.800 ± 0.000 (1) | – |" in page
+
+
+def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> None:
+    """Training better than fp32 by more than its std costs nothing, so topk:1 passes; and
+    no verdict while a codec has fewer seeds than the reference."""
+    top1 = {("fp32", 300, "gift", "adamw"): [0.80, 0.82],
+            ("fp16", 300, "gift", "adamw"): [0.81, 0.81],
+            ("topk:1", 300, "gift", "adamw"): [0.90, 0.91]}  # fmt: skip
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "**Default codec:** `topk:1`, 6.7 bytes per view" in page
+    assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.905 ± 0.007 (2) | yes |" in page
+
+    top1[("topk:1", 300, "gift", "adamw")] = [0.90]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "**Default codec:** not decided yet" in page
+    assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.900 ± 0.000 (1) | – |" in page
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:
