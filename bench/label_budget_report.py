@@ -80,22 +80,33 @@ def within(row: Row, reference: Row, cols: list[tuple[str, str]]) -> bool | None
     return all(verdicts) if verdicts else None
 
 
-def default_codec(table: list[Row]) -> str:
-    """The smallest full-epoch codec with no measured cost against the reference, as a
-    sentence."""
+def verdicts(table: list[Row]) -> dict[str, bool | None]:
+    """Each full-epoch codec: no measured cost against the reference (None: undecided)."""
     reference = table[0]
     cols = columns(table)
-    full = [row for row in table if row.stored_epochs == reference.stored_epochs]
-    verdicts = {row.codec: within(row, reference, cols) for row in full}
-    if any(v is None for v in verdicts.values()):
+    return {row.codec: within(row, reference, cols) for row in table
+            if row.stored_epochs == reference.stored_epochs}  # fmt: skip
+
+
+def chosen_codec(table: list[Row]) -> Row | None:
+    """The smallest full-epoch codec with no measured cost; None until every one is decided."""
+    found = verdicts(table)
+    if any(v is None for v in found.values()):
+        return None
+    full = [row for row in table if row.stored_epochs == table[0].stored_epochs]
+    return min((row for row in full if found[row.codec]), key=lambda row: row.label_bytes)
+
+
+def default_codec(table: list[Row]) -> str:
+    """The verdict on the default codec, as a sentence."""
+    reference, best = table[0], chosen_codec(table)
+    if best is None:
+        optimizers = ", ".join(sorted({o for _, o in columns(table)}))
         return (
             "**Default codec:** not decided yet: every full-epoch codec needs GIFT and KL "
-            f"under {', '.join(sorted({o for _, o in cols}))} with as many seeds as "
-            f"`{reference.codec}`, at least 2."
+            f"under {optimizers} with as many seeds as `{reference.codec}`, at least 2."
         )
-    passing = [row for row in full if verdicts[row.codec]]
-    best = min(passing, key=lambda row: row.label_bytes)
-    failing = [row.codec for row in full if not verdicts[row.codec]]
+    failing = [codec for codec, ok in verdicts(table).items() if not ok]
     return (
         f"**Default codec:** `{best.codec}`, {best.bytes_per_view:.1f} bytes per view: the "
         f"smallest with no GIFT or KL top-1 more than one seed std below `{reference.codec}`"

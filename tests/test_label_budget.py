@@ -102,6 +102,17 @@ def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> 
     assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.900 ± 0.000 (1) | – |" in page
 
 
+def test_default_codec_is_the_committed_studys_verdict() -> None:
+    """DEFAULT_CODEC is what bench/results/label_budget.jsonl chose: changing either alone
+    fails here."""
+    from softserve.client.codecs import DEFAULT_CODEC
+
+    records = label_budget_report.load(BENCH / "results" / "label_budget.jsonl")
+    chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
+    assert chosen is not None, "the committed study has not decided a default codec"
+    assert chosen.codec == DEFAULT_CODEC
+
+
 def test_pareto_front_keeps_only_undominated_points() -> None:
     points = [(10, 0.5), (20, 0.4), (30, 0.7), (40, 0.7), (5, 0.2), (30, 0.6)]
     assert label_budget_report.pareto(points) == [(5, 0.2), (10, 0.5), (30, 0.7)]
