@@ -19,10 +19,11 @@ topk:k      2·k + k·idx + 2             the k largest exact to fp16; every oth
 ==========  ==========================  ===================================================
 
 int8 pays off for many classes: at K = 10 its 8 bytes of scale and offset leave it 2 bytes
-smaller than fp16, with ~20× fp16's error; at K = 1000 it is half of fp16. ``topk:k`` stores the k largest entries of a row
-(fp16), their class indices (``idx`` bytes each: the smallest unsigned integer type that
-holds K - 1) and the mean of the other K - k entries (fp16): GIFT's cosine and KL at T = 20
-both depend on the tail, so the tail's mass is kept, not dropped.
+smaller than fp16, with ~20× fp16's error; at K = 1000 it is half of fp16. ``topk:k``
+stores the k largest entries of a row (fp16), their class indices (``idx`` bytes each: the
+smallest unsigned integer type that holds K - 1) and the mean of the other K - k entries
+(fp16): GIFT's cosine and KL at T = 20 both depend on the tail, so the tail's mass is kept,
+not dropped.
 """
 
 from __future__ import annotations
