@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +92,16 @@ def cli_env() -> dict[str, str]:
 
 def softserve_cmd(*args: object) -> list[str]:
     return [sys.executable, "-m", "softserve", *map(str, args)]
+
+
+def start_cli(*args: object) -> subprocess.Popen[str]:
+    """Start ``softserve ARGS`` with its output piped and SIGINT's default action, as a
+    terminal's foreground job gets it: a shell's background jobs (pytest run with ``&`` from
+    a script) start with SIGINT ignored, and the child would inherit that."""
+    return subprocess.Popen(
+        softserve_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def run_cli(

@@ -8,13 +8,12 @@ import os
 import re
 import signal
 import socket
-import subprocess
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, cli_env, free_port, run_cli, softserve_cmd
+from conftest import Server, free_port, run_cli, start_cli
 from test_errors import assert_one_line_error
 
 from softserve.service.settings import ServiceSettings
@@ -86,10 +85,7 @@ def test_an_interrupt_is_one_line_and_exit_130(tmp_path: Path, sig: int) -> None
     (tmp_path / "set").mkdir()
     fifo = tmp_path / "set" / "manifest.json"
     os.mkfifo(fifo)
-    proc = subprocess.Popen(
-        softserve_cmd("inspect", tmp_path / "set"), env=cli_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = start_cli("inspect", tmp_path / "set")
     writer = os.open(fifo, os.O_WRONLY)
     try:
         proc.send_signal(sig)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, relabel_args, run_cli, shard_digests, softserve_cmd
+from conftest import relabel_args, run_cli, shard_digests, start_cli
 
 from softserve.errors import StoreError
 from softserve.storage import LabelSetReader, verify_label_set
@@ -21,15 +21,7 @@ SHARDS = 20
 
 def _start_and_stop(opts, sig: int, after_shards: int) -> subprocess.CompletedProcess[str]:
     """Start a slow relabel, send ``sig`` once ``after_shards`` shards are complete."""
-    proc = subprocess.Popen(
-        softserve_cmd(*relabel_args(opts)),
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a shell's background jobs start with SIGINT ignored, which the child would inherit
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_cli(*relabel_args(opts))
     deadline = time.monotonic() + 120
     while len(list(opts.out.glob("labels-*.h5"))) < after_shards:
         assert proc.poll() is None, proc.communicate()
