@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
 
-from softserve.client.codecs import get_codec  # noqa: E402
+from softserve.client.codecs import DEFAULT_CODEC, get_codec  # noqa: E402
 from softserve.storage.manifest import FORMAT_VERSION  # noqa: E402
 from softserve.storage.shards import bytes_per_row  # noqa: E402
 
@@ -151,6 +151,17 @@ def claims(table: dict[tuple, Cell], ipc: int) -> list[str]:
     return found
 
 
+def default_codec_note(views: int, codec: str) -> str:
+    """The same set's size in today's default codec, when the study served another."""
+    if codec == DEFAULT_CODEC:
+        return ""
+    per_view = bytes_per_row(FORMAT_VERSION, CLASSES, get_codec(DEFAULT_CODEC))
+    return (
+        f"; in today's default codec ({DEFAULT_CODEC}, which trains as fp32 does: label "
+        f"budget below) {per_view} bytes per view, {per_view * views / 1e6:.2f} MB"
+    )
+
+
 def expectations(records: list[dict], table: dict[tuple, Cell], ipc: int) -> list[str]:
     """What a user can expect, as found: which loss, accuracy by IPC, what precomputing costs."""
     served = {(k[2], k[3]): c for k, c in table.items() if k[0] == ipc and k[1] == "served"}
@@ -213,8 +224,8 @@ def expectations(records: list[dict], table: dict[tuple, Cell], ipc: int) -> lis
             f"The teacher labels the {views:,} views once, at relabel time, instead of in "
             f"every training run (the compute each saves: `bench/online_cost.py`). "
             f"Relabelled in today's format (version {FORMAT_VERSION}), the "
-            f"IPC-{ipc} set stores {per_view} bytes per view ({codec}), "
-            f"{per_view * views / 1e6:.2f} MB of labels."
+            f"IPC-{ipc} set stores {per_view} bytes per view ({codec}, as served here), "
+            f"{per_view * views / 1e6:.2f} MB of labels{default_codec_note(views, codec)}."
         )
     return found
 

@@ -63,6 +63,13 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
     assert "**Accuracy by IPC** (AdamW): `gift` 0.500 at IPC 1, 0.810 at IPC 10." in page
     assert "-0.025 top-1 on average over 2 paired runs (from -0.030 to -0.020" in page
     assert "The teacher labels the 30,000 views once" in page
+    served, default = (
+        loss_report.bytes_per_row(loss_report.FORMAT_VERSION, 10, loss_report.get_codec(c))
+        for c in ("fp16", loss_report.DEFAULT_CODEC)
+    )
+    assert f"stores {served} bytes per view (fp16, as served here)" in page
+    assert f"default codec ({loss_report.DEFAULT_CODEC}, " in page
+    assert f"{default} bytes per view, {default * 30_000 / 1e6:.2f} MB." in page
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert "![loss_study_ipc10.png](out/loss_study_ipc10.png)" in text
