@@ -15,7 +15,8 @@ from conftest import Server, build_label_set
 from test_service import damage
 
 from softserve.client import Client, ClientError
-from softserve.client.payload import GoingAway, decode, read_frames
+from softserve.client import remote as client_remote
+from softserve.client.payload import GoingAway, PayloadError, decode, read_frames
 
 BIG = "/v1/labelsets/big"
 
@@ -103,3 +104,23 @@ def test_store_error_fails_over_to_a_replica_of_the_same_version(
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_stream_cut_before_its_end_frame_keeps_every_batch(
+    server: Server, monkeypatch: pytest.MonkeyPatch, epochs: int
+) -> None:
+    """The connection lost after the last batch but before the end frame: every batch has
+    arrived, so the client ends there instead of reopening a stream of no epochs."""
+    with Client(server.url) as client:
+        labels = client.labelset("tiny")
+        sharding = labels.sharding(4)
+        reference = [(r.epoch, r.index) for r in labels.raw_batches(1, sharding, epochs=epochs)]
+
+        def cut_before_the_end(chunks, **kwargs):
+            yield from read_frames(chunks, **kwargs)
+            raise PayloadError("stream ended before its end frame (connection lost?)")
+
+        monkeypatch.setattr(client_remote, "read_frames", cut_before_the_end)
+        got = [(r.epoch, r.index) for r in labels.raw_batches(1, sharding, epochs=epochs)]
+    assert got == reference and len(got) == epochs * len(sharding)

@@ -343,6 +343,8 @@ class RemoteLabelSet(LabelSet):
         index = start
         patience = Patience()
         for attempt in self.client.retrying(patience):
+            if epoch == end:  # cut after the last batch, before the end frame: nothing is lost
+                return
             path = f"{self._path}/epochs/{epoch}/stream"
             query = {**params, "start": index, "epochs": end - epoch}
             with attempt, self.client.stream(path, query) as response:
