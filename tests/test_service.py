@@ -202,6 +202,8 @@ def test_client_labels_match_the_teacher_on_the_client_views(server: Server, nam
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_ranks_split_each_epoch_exactly_once(server: Server, world_size: int, drop_last: bool):
+    """Every sample once, no batch empty; a tail of fewer samples than ranks (50 = 2·24 + 2
+    with 3 ranks of 8) is padded by repeating its first."""
     with Client(server.url) as client:
         remote = client.labelset("tiny")
         per_rank = []
@@ -209,15 +211,35 @@ def test_ranks_split_each_epoch_exactly_once(server: Server, world_size: int, dr
             batches = list(
                 remote.batches(1, 8, rank=rank, world_size=world_size, drop_last=drop_last)
             )
+            assert all(len(b.indices) for b in batches)
             per_rank.append(torch.cat([b.indices for b in batches]).tolist())
             assert len(batches) == len(Sharding(50, 8, rank, world_size, drop_last))
         assert len({len(Sharding(50, 8, r, world_size, drop_last)) for r in range(world_size)}) == 1
     everything = [i for rank in per_rank for i in rank]
-    assert len(everything) == len(set(everything))  # nobody sees a sample twice
     if drop_last:
+        assert len(everything) == len(set(everything))  # nobody sees a sample twice
         assert len(everything) == (50 // (8 * world_size)) * 8 * world_size
     else:
-        assert sorted(everything) == list(range(50))
+        assert sorted(set(everything)) == list(range(50))
+        padded = {1: 0, 2: 0, 3: 1}[world_size]
+        assert len(everything) == 50 + padded
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5, 8])
+@pytest.mark.parametrize("num_samples", [13, 17, 40, 41])
+def test_a_partial_last_batch_leaves_no_rank_empty(num_samples: int, world_size: int) -> None:
+    """drop_last=False: sizes within one of each other, none empty, every position served,
+    and a position twice only where the tail has fewer samples than ranks."""
+    for batch_size in (1, 4, 5):
+        shards = [Sharding(num_samples, batch_size, r, world_size, False)
+                  for r in range(world_size)]  # fmt: skip
+        last = len(shards[0]) - 1
+        sizes = [stop - start for start, stop in (s.positions(last) for s in shards)]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        served = [p for s in shards for b in range(len(s)) for p in range(*s.positions(b))]
+        assert set(served) == set(range(num_samples))
+        tail = num_samples % (batch_size * world_size)
+        assert len(served) == num_samples + (world_size - tail if 0 < tail < world_size else 0)
 
 
 def test_loader_resumes_from_a_state_dict(server: Server) -> None:

@@ -4,8 +4,10 @@
 holds positions [(b·w + r)·B, (b·w + r + 1)·B) of the epoch's order: consecutive ranges, so
 every read is sequential. The last, partial global batch is dropped by default; with
 ``drop_last=False`` its positions are split as evenly as possible over the ranks (sizes
-differ by at most one). Either way every rank gets the same number of batches, so no DDP
-rank waits on a batch that never comes.
+differ by at most one), and when it holds fewer samples than there are ranks, each rank
+gets one and the last ranks repeat its first samples, as DistributedSampler pads: an empty
+batch would make a loss's mean NaN. Either way every rank gets the same number of batches,
+so no DDP rank waits on a batch that never comes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Sharding:
             return start, start + self.batch_size
         rest = self.num_samples - base
         w, r = self.world_size, self.rank
+        if rest < w:
+            return base + r % rest, base + r % rest + 1
         return base + (r * rest) // w, base + ((r + 1) * rest) // w
 
     def schedule(
