@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from softserve.client.codecs import Codec, part_name
+from softserve.errors import InputError
 from softserve.storage.layout import commit, sha256_file, tmp_path
 from softserve.storage.manifest import FORMAT_VERSION, FileInfo, ShardInfo
 from softserve.storage.shards import NORM, bytes_per_row, shard_layout
@@ -145,7 +146,16 @@ class ShardWriter:
     def write_labels(self, position: int, refined: np.ndarray, norm: np.ndarray) -> None:
         """Store label rows from flat ``position`` (local epoch · N + row) on: GIFT's refined
         labels, float32 (rows, K), encoded in the codec, and the norms ‖t‖ of the teacher's
-        logits, (rows,). Rows may span epochs."""
+        logits, (rows,). Rows may span epochs. A row that is not finite is refused: it would
+        be served as a target, checksummed and verified like any other."""
+        bad = ~(np.isfinite(norm) & np.isfinite(refined).all(axis=1))
+        if bad.any():
+            epoch, row = divmod(position + int(np.argmax(bad)), self.num_samples)
+            raise InputError(
+                f"{int(bad.sum())} label rows are not finite (NaN or inf), the first at row "
+                f"{row} of epoch {self.epoch_start + epoch}: the teacher's logits are NaN or "
+                "overflow (a half-precision teacher can overflow: relabel in bf16 or fp32)"
+            )
         parts = {part_name("refined", k): v for k, v in self.codec.encode(refined).items()}
         for name, values in {**parts, NORM: np.asarray(norm, dtype=np.float32)}.items():
             flat = self._arrays[name].reshape(-1, *values.shape[1:])

@@ -58,10 +58,28 @@ class Recorder(TinyNet):
         return super().forward(x)
 
 
-def recorder(num_classes: int = 3) -> Recorder:
-    model = Recorder(3, num_classes)
+def _as_tiny_rgb(cls: type[TinyNet], num_classes: int) -> TinyNet:
+    """A TinyNet subclass with tiny_rgb's weights."""
+    model = cls(3, num_classes)
     model.load_state_dict(tiny_rgb(num_classes).state_dict())
     return model
+
+
+def recorder(num_classes: int = 3) -> TinyNet:
+    return _as_tiny_rgb(Recorder, num_classes)
+
+
+class Overflowing(TinyNet):
+    """tiny_rgb whose logits overflow to inf on the last input of every batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        out[-1, 0] = float("inf")
+        return out
+
+
+def overflowing(num_classes: int = 3) -> TinyNet:
+    return _as_tiny_rgb(Overflowing, num_classes)
 
 
 def not_a_module() -> str:

@@ -11,6 +11,7 @@ import pytest
 import teachers
 import torch
 from conftest import random_set, relabel_args, run_cli, shard_digests
+from test_errors import assert_one_line_error
 
 from softserve.client import apply_views, epoch_order, refine_labels
 from softserve.errors import InputError
@@ -214,6 +215,17 @@ def test_cli_relabel_inspect_verify(make_options) -> None:
     assert json.loads(as_json.stdout)["config"]["codec"] == "int8"
     ok = run_cli("verify", opts.out)
     assert ok.returncode == 0 and "OK" in ok.stdout
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8", "topk:2"])
+def test_non_finite_teacher_logits_are_refused(make_options, codec: str) -> None:
+    """A teacher that overflows (inf) is one clear error, and no shard stores its labels:
+    a NaN target would pass checksums and verify, and be served."""
+    opts = make_options(teacher="teachers:overflowing", codec=codec)
+    done = run_cli(*relabel_args(opts))
+    assert_one_line_error(done, "not finite (NaN or inf)", "row 7 of epoch 0", "bf16 or fp32")
+    assert not list(opts.out.glob("labels-*.h5"))
+    assert not (opts.out / "manifest.json").exists()
 
 
 def test_verify_finds_corruption(make_options) -> None:
