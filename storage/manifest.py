@@ -177,6 +177,10 @@ def load_manifest(root: Path) -> tuple[Manifest, str]:
     return manifest, hashlib.sha256(raw).hexdigest()  # type: ignore[return-value]
 
 
+#: How to finish a folder holding a plan but no manifest: its writer left it part way.
+RESUME_HINT = "rerun the same 'softserve relabel' or 'softserve transcode' command that started it"
+
+
 def _not_a_label_set(root: Path) -> str:
     """Why ``root`` has no manifest: no such path, a file, a relabel still running, or a
     folder that is something else."""
@@ -185,10 +189,7 @@ def _not_a_label_set(root: Path) -> str:
     if not root.is_dir():
         return f"{root} is a file, not a label set (a folder STORE/NAME)"
     if (root / PLAN_FILE).exists():
-        return (
-            f"{root} holds no complete label set (no {MANIFEST_FILE}); "
-            "finish it by rerunning the same 'softserve relabel' command"
-        )
+        return f"{root} holds no complete label set (no {MANIFEST_FILE}); finish it: {RESUME_HINT}"
     return f"{root} is not a label set: a folder with no {MANIFEST_FILE} and no relabel plan"
 
 

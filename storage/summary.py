@@ -6,7 +6,7 @@ from pathlib import Path
 
 from softserve.client.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, shard_file
-from softserve.storage.manifest import LabelSetConfig, read_manifest, read_plan
+from softserve.storage.manifest import RESUME_HINT, LabelSetConfig, read_manifest, read_plan
 
 
 def _mib(size: int) -> str:
@@ -36,8 +36,12 @@ def _config_rows(config: LabelSetConfig) -> list[tuple[str, str]]:
         ),
         (
             "mix",
-            "none" if config.mix is None else f"{config.mix.kind}, probability "
-            f"{config.mix.prob}, λ ~ Beta({config.mix.alpha}, {config.mix.alpha}), per sample",
+            "none"
+            if config.mix is None
+            else (
+                f"{config.mix.kind}, probability {config.mix.prob}, "
+                f"λ ~ Beta({config.mix.alpha}, {config.mix.alpha}), per sample"
+            ),
         ),
         ("normalization", f"mean {config.mean}, std {config.std}"),
         ("teacher", teacher.spec + (f" + {teacher.weights}" if teacher.weights else "")),
@@ -62,8 +66,7 @@ def describe(root: Path) -> list[tuple[str, str]]:
         return [
             (
                 "status",
-                f"INCOMPLETE: {done} of {len(ranges)} shards written; "
-                "rerun the same 'softserve relabel' command to finish",
+                f"INCOMPLETE: {done} of {len(ranges)} shards written; to finish, {RESUME_HINT}",
             ),
             *_config_rows(plan),
         ]

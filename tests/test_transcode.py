@@ -17,6 +17,7 @@ from softserve.errors import InputError, StoreError
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
 from softserve.storage.layout import PLAN_FILE, sha256_file
 from softserve.storage.manifest import write_model
+from softserve.storage.summary import describe
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.transcode import TranscodeOptions, transcode
 
@@ -81,6 +82,9 @@ def test_transcode_resumes_and_refuses_bad_requests(fp32_set: Path) -> None:
     (out / "labels-00001.h5").unlink()
     write_model(out / PLAN_FILE, manifest.config)
     (out / "labels-00001.h5.tmp").write_bytes(b"half a shard")
+    with pytest.raises(StoreError, match="'softserve transcode' command that started it"):
+        read_manifest(out)  # the advice fits a transcode left part way, not only a relabel
+    assert "'softserve transcode'" in dict(describe(out))["status"]
     assert transcode(opts).config == manifest.config
     assert shard_digests(out) == whole and not (out / "labels-00001.h5.tmp").exists()
     assert transcode(opts).created == read_manifest(out).created  # complete: nothing to do

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from softserve.client.codecs import get_codec
 from softserve.errors import InputError
-from softserve.storage.layout import DATASET_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
+from softserve.storage.layout import DATASET_FILE, PLAN_FILE, commit, shard_file, tmp_path
 from softserve.storage.manifest import Manifest, write_model
 from softserve.storage.reader import LabelSetReader
 from softserve.storage.shards import MIX_DATASETS, NORM
@@ -64,9 +64,9 @@ def transcode(opts: TranscodeOptions) -> Manifest:
         opts.out.mkdir(parents=True, exist_ok=True)
         write_model(opts.out / PLAN_FILE, target)
         if not (opts.out / DATASET_FILE).exists():
-            copy = opts.out / (DATASET_FILE + TMP_SUFFIX)
+            copy = tmp_path(opts.out / DATASET_FILE)
             shutil.copyfile(opts.source / DATASET_FILE, copy)
-            copy.replace(opts.out / DATASET_FILE)
+            commit(copy, opts.out / DATASET_FILE)
         codec = get_codec(target.codec)
         n = config.num_samples
         mixed = config.mix is not None
@@ -79,7 +79,7 @@ def transcode(opts: TranscodeOptions) -> Manifest:
         )  # fmt: skip
         for index in pending:
             start, stop = ranges[index]
-            (opts.out / (shard_file(index) + TMP_SUFFIX)).unlink(missing_ok=True)
+            tmp_path(opts.out / shard_file(index)).unlink(missing_ok=True)
             shard = ShardWriter(
                 opts.out / shard_file(index), start, stop, n, config.num_classes, codec,
                 target.chunk_rows, mixed,
