@@ -600,8 +600,8 @@ def demo_run(
 ) -> None:
     """Prepare the demo label set (cached after the first run), then serve it on localhost.
 
-    Server settings not given here come from `SOFTSERVE_<SETTING>`, as for serve; they are
-    checked before the preparation starts.
+    The store and port are the demo's own (on 127.0.0.1); other server settings come from
+    `SOFTSERVE_<SETTING>`, as for serve, checked before the preparation starts.
     """
     from softserve.service.server import run
     from softserve.worker.demo import DemoOptions
