@@ -26,8 +26,13 @@ def _row_of(entry: LabelSet, stored_epoch: int, sample: int) -> dict[str, np.nda
     try:
         with entry.lock:
             order = entry.reader.read(stored_epoch, 0, config.num_samples, ["order"])["order"]
-            position = int(np.flatnonzero(order == sample)[0])
-            return entry.reader.read(stored_epoch, position, position + 1, fields)
+            hits = np.flatnonzero(order == sample)
+            if not len(hits):
+                raise StoreError(
+                    f"{entry.reader.root}: stored epoch {stored_epoch} never shows sample "
+                    f"{sample} (its order is not a permutation); run 'softserve verify'"
+                )
+            return entry.reader.read(stored_epoch, int(hits[0]), int(hits[0]) + 1, fields)
     except StoreError as exc:
         entry.withdraw(str(exc))
         raise

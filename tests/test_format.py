@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import httpx
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -73,7 +74,6 @@ def test_format_1_label_sets_open_verify_and_serve(tmp_path: Path) -> None:
     server = Server(tmp_path / "store").start()
     try:
         path = "/v1/labelsets/old/epochs/1/batches/0"
-        import httpx
 
         detail = httpx.get(server.url + "/v1/labelsets/old").json()
         assert detail["format_version"] == 1
@@ -219,8 +219,6 @@ def test_a_flipped_byte_is_an_error_not_a_label(tmp_path: Path) -> None:
             reader.read(0, 0, 20, ["refined"])
     server = Server(tmp_path / "store").start()
     try:
-        import httpx
-
         response = httpx.get(server.url + "/v1/labelsets/s/epochs/0/batches/0?batch_size=10")
         assert response.status_code == 500 and response.json()["error"]["code"] == "store_error"
     finally:
@@ -247,3 +245,25 @@ def test_sample_ids_outside_the_set_are_refused(tmp_path: Path, bad: int) -> Non
     assert verify_label_set(root) == [
         "labels-00000.h5: order of epoch 1 (in the shard) is not a permutation"
     ]
+
+
+def test_a_view_of_a_sample_missing_from_its_epoch_is_a_store_error(tmp_path: Path) -> None:
+    """An order that repeats a sample and so lacks another (checksums made to match): the
+    view is a JSON store error and the set is withdrawn, not a bare 500."""
+    root = build_label_set(tmp_path / "store" / "s", n=20, epochs=2, shard_epochs=2)
+    with h5py.File(root / "labels-00000.h5", "r+") as f:
+        missing = int(f["order"][1, 3])
+        f["order"][1, 3] = f["order"][1, 4]
+    shards = [shard_info(root / "labels-00000.h5", 0, 2)]
+    write_model(root / "manifest.json", read_manifest(root).model_copy(update={"shards": shards}))
+    server = Server(tmp_path / "store").start()
+    try:
+        response = httpx.get(f"{server.url}/v1/labelsets/s/views/1/{missing}.png", timeout=30)
+        assert response.status_code == 500, response.text
+        error = response.json()["error"]
+        assert error["code"] == "store_error"
+        assert f"never shows sample {missing}" in error["message"]
+        again = httpx.get(f"{server.url}/v1/labelsets/s/epochs/0/batches/0?batch_size=10")
+        assert again.status_code == 503 and again.json()["error"]["code"] == "withdrawn"
+    finally:
+        server.stop()
