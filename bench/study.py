@@ -223,6 +223,9 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     def text(self) -> str:
+        """Mean ± sample std (seeds); one seed has no std to show."""
+        if len(self.values) == 1:
+            return f"{self.mean:.3f} (1)"
         return f"{self.mean:.3f} ± {self.std:.3f} ({len(self.values)})"
 
 

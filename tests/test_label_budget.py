@@ -80,7 +80,7 @@ def test_default_codec_waits_for_seeds(tmp_path: Path) -> None:
     results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
     page = label_budget_report.write_report(results, tmp_path / "out").read_text()
     assert "**Default codec:** not decided yet" in page
-    assert "| `fp16` | 300 | 1.500 MB | 50.0 | 0.800 ± 0.000 (1) | – |" in page
+    assert "| `fp16` | 300 | 1.500 MB | 50.0 | 0.800 (1) | – |" in page
 
 
 def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> 
     results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
     page = label_budget_report.write_report(results, tmp_path / "out").read_text()
     assert "**Default codec:** not decided yet" in page
-    assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.900 ± 0.000 (1) | – |" in page
+    assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.900 (1) | – |" in page
 
 
 def test_default_codec_is_the_committed_studys_verdict() -> None:
