@@ -118,14 +118,15 @@ def claims(table: dict[tuple, Cell], ipc: int) -> list[str]:
             row = {loss: c.mean for (loss, o), c in served.items() if o == opt}
             best = max(sorted(row), key=lambda name: row[name])
             gift = row.get("gift")
-            if gift is None:
+            if gift is None or len(row) < 2:
                 continue
             rank = 1 + sum(v > gift for v in row.values())
             verdicts.append(
                 f"{opt}: {'yes' if best == 'gift' else 'no'}, GIFT {gift:.3f} ranks {rank} of "
                 f"{len(row)}" + ("" if best == "gift" else f" (best: `{best}` {row[best]:.3f})")
             )
-        found.append("**GIFT best?** " + "; ".join(verdicts) + ".")
+        if verdicts:
+            found.append("**GIFT best?** " + "; ".join(verdicts) + ".")
     complete = sorted(loss for loss in losses if all((loss, opt) in served for opt in optimizers))
     if "gift" in complete and len(optimizers) > 1:
         spread = {
@@ -323,6 +324,14 @@ def render(records: list[dict], main_ipc: int, plots: list[str], link: str) -> s
         parts.append(f"**AdamW by IPC**\n\n{by_ipc_table(table, 'adamw')}")
         for ipc in sorted({k[0] for k in table if k[0] != main_ipc}):
             parts.append(f"**IPC {ipc}, loss × optimizer**\n\n{grid_table(table, ipc)}")
+            found = claims(table, ipc)
+            if found:
+                names = _ordered({k[2] for k in table if k[:2] == (ipc, "served")}, PAPER_ORDER)
+                among = ", ".join(f"`{n}`" for n in names)
+                parts.append(
+                    f"The paper's claims at IPC {ipc}, among {among}:\n\n"
+                    + "\n".join(f"- {c}" for c in found)
+                )
     parts += [f"![{name}]({link}{name})" for name in plots]
     return "\n\n".join(parts) + "\n"
 

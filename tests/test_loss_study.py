@@ -41,6 +41,7 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
     ]  # fmt: skip
     records += [record(10, "online", "gift", "adamw", s, v) for s, v in enumerate([0.83, 0.84])]
     records += [record(1, "served", "gift", "adamw", 0, 0.5)]
+    records += [record(1, "served", "kl", opt, 0, v) for opt, v in [("adamw", 0.6), ("sgd", 0.35)]]
     results = tmp_path / "r.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     readme = tmp_path / "README.md"
@@ -60,7 +61,11 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
     # what to expect: worst case over optimizers, best per optimizer, by IPC, the arms' cost
     assert "`gift`: the best worst case over adamw, sgd (0.790, mean 0.800)" in page
     assert "adamw → `kl` 0.850, sgd → `gift` 0.790" in page
-    assert "**Accuracy by IPC** (AdamW): `gift` 0.500 at IPC 1, 0.810 at IPC 10." in page
+    assert "**Accuracy by IPC** (AdamW): `gift` 0.500 at IPC 1, 0.810 at IPC 10; `kl`" in page
+    # the claims at another IPC, among its losses; GIFT's rank only where it has rivals
+    ipc1 = page[page.index("The paper's claims at IPC 1, among `gift`, `kl`:") :]
+    assert "**GIFT best?** adamw: no, GIFT 0.500 ranks 2 of 2 (best: `kl` 0.600)." in ipc1
+    assert "KL reaches 0.350 with SGD against 0.600 with AdamW, -0.250" in ipc1
     assert "-0.025 top-1 on average over 2 paired runs (from -0.030 to -0.020" in page
     assert "The teacher labels the 30,000 views once" in page
     served, default = (
