@@ -151,10 +151,11 @@ class ShardWriter:
         bad = ~(np.isfinite(norm) & np.isfinite(refined).all(axis=1))
         if bad.any():
             epoch, row = divmod(position + int(np.argmax(bad)), self.num_samples)
+            count = "1 label row is" if bad.sum() == 1 else f"{int(bad.sum())} label rows are"
             raise InputError(
-                f"{int(bad.sum())} label rows are not finite (NaN or inf), the first at row "
-                f"{row} of epoch {self.epoch_start + epoch}: the teacher's logits are NaN or "
-                "overflow (a half-precision teacher can overflow: relabel in bf16 or fp32)"
+                f"{count} not finite (NaN or inf), the first at row {row} of epoch "
+                f"{self.epoch_start + epoch}: the teacher's logits are NaN or overflow (a "
+                "half-precision teacher can overflow: relabel in bf16 or fp32)"
             )
         parts = {part_name("refined", k): v for k, v in self.codec.encode(refined).items()}
         for name, values in {**parts, NORM: np.asarray(norm, dtype=np.float32)}.items():
