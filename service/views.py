@@ -32,7 +32,8 @@ def _row_of(entry: LabelSet, stored_epoch: int, sample: int) -> dict[str, np.nda
                     f"{entry.reader.root}: stored epoch {stored_epoch} never shows sample "
                     f"{sample} (its order is not a permutation); run 'softserve verify'"
                 )
-            return entry.reader.read(stored_epoch, int(hits[0]), int(hits[0]) + 1, fields)
+            position = int(hits[0])
+            return entry.reader.read(stored_epoch, position, position + 1, fields)
     except StoreError as exc:
         entry.withdraw(str(exc))
         raise
