@@ -142,11 +142,16 @@ def _frames(request: BatchRequest, batches: list[tuple[int, int]]) -> tuple[byte
         for (epoch, index), tensors in zip(batches, read_batches(request, batches), strict=True):
             parts += frame_parts(_parts(request, epoch, index, tensors))
             done += 1
-    except SoftserveError as exc:
+    except Exception as exc:  # reported in-stream: a cut stream would be retried for a minute
         epoch, index = batches[done]
-        log.error("stream of %s failed at epoch %d, batch %d: %s", request.entry.name, epoch,
-                  index, exc)  # fmt: skip
-        error = str(exc)
+        where = f"stream of {request.entry.name} failed at epoch {epoch}, batch {index}"
+        if isinstance(exc, SoftserveError):
+            log.error("%s: %s", where, exc)
+            error = str(exc)
+        else:  # a bug, not a damaged set: the traceback goes to the log
+            log.exception(where)
+            error = (f"internal error ({type(exc).__name__}) at epoch {epoch} batch {index}; "
+                     "the server's log has the traceback")  # fmt: skip
     metrics.observe_batches("stream", time.perf_counter() - started, done)
     return b"".join(parts), error
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 import safetensors.numpy
 import teachers
 import torch
-from conftest import Server, build_label_set, run_cli
+from conftest import TESTS_DIR, Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError, PayloadError, Sharding, refine_labels
 from softserve.client.codecs import get_codec, part_name
@@ -619,6 +620,30 @@ def test_corrupt_shard_is_a_clear_error_not_a_crash(store: Path, tmp_path: Path)
         assert set(ready["unhealthy"]) == {"tiny", "broken"}
         assert "cannot read" in ready["unhealthy"]["tiny"]
         assert httpx.get(srv.url + "/healthz").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_bug_mid_stream_is_reported_in_stream(store: Path) -> None:
+    """An unexpected exception while a stream is read (a bug, not a damaged set) ends the
+    stream with an error frame the client raises at once, instead of a cut stream it would
+    retry for a minute; the traceback is in the server's log and the set stays served."""
+    buggy = [sys.executable, str(TESTS_DIR / "buggy_server.py")]
+    srv = Server(store, command=buggy).start()
+    try:
+        with Client(srv.url) as client:
+            remote = client.labelset("tiny")
+            batches = remote.raw_batches(0, remote.sharding(10), epochs=2)
+            assert len([next(batches) for _ in range(5)]) == 5  # epoch 0 is fine
+            started = time.monotonic()
+            with pytest.raises(PayloadError, match=r"internal error \(RuntimeError\) at epoch 1"):
+                next(batches)
+            assert time.monotonic() - started < 5
+        assert "RuntimeError: planted bug" in srv.log.read_text()
+        assert httpx.get(srv.url + TINY + "/epochs/0/batches/0?batch_size=10").status_code == 200
+        assert [s["name"] for s in httpx.get(srv.url + "/v1/labelsets").json()] == [
+            "tiny", "tiny-int8"
+        ]  # fmt: skip
     finally:
         srv.stop()
 
