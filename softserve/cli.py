@@ -469,7 +469,13 @@ def train(
     beta: BetaOption = 0.1,
     allow_pickle: AllowPickleOption = False,
     random_teacher: RandomTeacherOption = False,
-    model: Annotated[str, typer.Option(help="Student: convnet or resnet18.")] = "convnet",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Student: convnet (instance norm), convnet_bn (the GIFT evaluator's "
+            "batch-norm ConvNet) or resnet18."
+        ),
+    ] = "convnet",
     loss: Annotated[
         str,
         typer.Option(help="gift, ce, softce, kl, mse, mse_ce, softce_ce, cosine (or kl_t2)."),

@@ -7,15 +7,21 @@ spec takes its default 3×32×32 input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+#: ConvNet's norm layers by name, for ``width`` channels. Instance norm is GroupNorm with one
+#: group per channel (affine), as in DC/DM/MTT; the GIFT evaluator's ConvNet uses batch norm.
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "instance": lambda width: nn.GroupNorm(width, width, affine=True),
+    "batch": lambda width: nn.BatchNorm2d(width),
+}
+
 
 class ConvNet(nn.Module):
-    """The distillation ConvNet: depth × [conv3x3, instance norm, ReLU, avg-pool 2], linear.
-
-    Instance norm is GroupNorm with one group per channel (affine), as in DC/DM/MTT.
-    """
+    """The distillation ConvNet: depth × [conv3x3, norm, ReLU, avg-pool 2], linear."""
 
     def __init__(
         self,
@@ -24,14 +30,17 @@ class ConvNet(nn.Module):
         image_size: int | tuple[int, int] = 32,
         width: int = 128,
         depth: int = 3,
+        norm: str = "instance",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
         layers: list[nn.Module] = []
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         for i in range(depth):
             layers += [
                 nn.Conv2d(channels if i == 0 else width, width, 3, padding=1),
-                nn.GroupNorm(width, width, affine=True),
+                NORMS[norm](width),
                 nn.ReLU(inplace=True),
                 nn.AvgPool2d(2),
             ]
@@ -52,8 +61,21 @@ def convnet(
     width: int = 128,
     depth: int = 3,
 ) -> ConvNet:
-    """ConvNet-3 with 128 channels: the distillation literature's default student."""
+    """ConvNet-3 with 128 channels and instance norm: the distillation literature's default
+    student (DC, DM, MTT; GIFT's evaluator uses it for DATM's sets)."""
     return ConvNet(channels, num_classes, image_size, width, depth)
+
+
+def convnet_bn(
+    num_classes: int = 10,
+    channels: int = 3,
+    image_size: int | tuple[int, int] = 32,
+    width: int = 128,
+    depth: int = 3,
+) -> ConvNet:
+    """ConvNet-3 with batch norm: the GIFT evaluator's default ConvNet (``net_norm="batch"``
+    in LINs-lab/GIFT's ``utils/load_model.py``)."""
+    return ConvNet(channels, num_classes, image_size, width, depth, norm="batch")
 
 
 def fashion_mnist_teacher(num_classes: int = 10) -> ConvNet:

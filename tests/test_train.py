@@ -18,6 +18,7 @@ from softserve.train import (
     TrainOptions,
     build_optimizer,
     build_schedule,
+    build_student,
     first_other_class,
     official_batch_size,
 )
@@ -34,8 +35,9 @@ def eval_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(
     ("model", "loss", "optimizer"),
-    [("convnet", "gift", "adamw"), ("resnet18", "softce_ce", "sgd"), ("convnet", "mse", "adam")],
-)
+    [("convnet", "gift", "adamw"), ("resnet18", "softce_ce", "sgd"), ("convnet", "mse", "adam"),
+     ("convnet_bn", "kl", "adamw")],
+)  # fmt: skip
 def test_train_reports_a_result(server: Server, eval_set: Path, model, loss, optimizer) -> None:
     done = run_cli(
         "train", "--url", server.url, "--labelset", "tiny", "--model", model, "--loss", loss,
@@ -47,6 +49,52 @@ def test_train_reports_a_result(server: Server, eval_set: Path, model, loss, opt
     assert result["steps"] == 2 * len(Sharding(50, 8))
     assert (result["model"], result["loss"], result["optimizer"]) == (model, loss, optimizer)
     assert 0.0 <= result["top1"] <= 1.0 and result["samples_per_second"] > 0
+
+
+def _layers(model: torch.nn.Module, kind: type) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize(
+    ("name", "norm", "other"),
+    [("convnet", torch.nn.GroupNorm, torch.nn.BatchNorm2d),
+     ("convnet_bn", torch.nn.BatchNorm2d, torch.nn.GroupNorm)],
+)  # fmt: skip
+def test_convnet_students_are_the_evaluators_convnet(name: str, norm: type, other: type) -> None:
+    """Depth 3, width 128, conv3x3 + norm + ReLU + avg-pool 2, one linear layer (LINs-lab/
+    GIFT's ``utils/load_model.py``: ``net_norm="batch"`` by default, ``"instance"`` for DATM)."""
+    nn = torch.nn
+    model = build_student(name, 3, 10, (32, 32))
+    convs = _layers(model, nn.Conv2d)
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (3, 128, (3, 3), (1, 1)), (128, 128, (3, 3), (1, 1)), (128, 128, (3, 3), (1, 1))
+    ]  # fmt: skip
+    assert len(_layers(model, nn.AvgPool2d)) == 3 and len(_layers(model, nn.ReLU)) == 3
+    norms = _layers(model, norm)
+    assert len(norms) == 3 and not _layers(model, other)
+    if norm is nn.GroupNorm:  # one group per channel: each channel normalized on its own
+        assert all(g.num_groups == g.num_channels == 128 and g.affine for g in norms)
+    (linear,) = _layers(model, nn.Linear)
+    assert (linear.in_features, linear.out_features) == (128 * 4 * 4, 10)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_student_is_the_evaluators_small_input_resnet() -> None:
+    """torchvision's ResNet-18 with a 3×3 stride-1 stem and no max-pool, every other layer as
+    torchvision builds it (``resnet18_modified`` in LINs-lab/GIFT's ``utils/load_model.py``)."""
+    import torchvision
+
+    model = build_student("resnet18", 3, 10, (32, 32))
+    stem = model.conv1
+    assert (stem.kernel_size, stem.stride, stem.padding) == ((3, 3), (1, 1), (1, 1))
+    assert stem.bias is None
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    reference = torchvision.models.resnet18(weights=None, num_classes=10)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in reference.state_dict().items()}
+    expected["conv1.weight"] = torch.Size([64, 3, 3, 3])
+    assert shapes == expected
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_train_errors(server: Server, eval_set: Path) -> None:
@@ -248,7 +296,7 @@ def test_train_defaults_are_the_evaluators_adamw() -> None:
         (["--lr", "-1"], "--lr must be positive"),
         (["--lr", "0"], "--lr must be positive"),
         (["--weight-decay", "-1"], "--weight-decay must be non-negative"),
-        (["--model", "vgg"], "unknown --model 'vgg'; choose one of convnet, resnet18"),
+        (["--model", "vgg"], "unknown --model 'vgg'; choose one of convnet, convnet_bn, resnet18"),
         (["--optimizer", "lbfgs"], "unknown --optimizer 'lbfgs'; choose one of adamw, adam, sgd"),
         (["--size", "0"], "--size must be positive"),
         (["--size", "-4x8"], "--size must be positive"),
