@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--no-online", action="store_true", help="skip the online-teacher arm")
     parser.add_argument(
+        "--codec", default="fp16",
+        help="the label sets' codec (fp16: the committed study's; only new sets take it)",
+    )  # fmt: skip
+    parser.add_argument(
         "--smoke", action="store_true",
         help="CI: tiny teacher, 2 epochs, gift and kl, AdamW and SGD, seed 0, 500 test images",
     )  # fmt: skip
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_demo(
                 DemoOptions(
                     workdir=args.workdir, store=store, ipc=ipc, label_epochs=args.epochs,
-                    device=args.device, teacher_epochs=1 if args.smoke else 3,
+                    device=args.device, codec=args.codec, teacher_epochs=1 if args.smoke else 3,
                     train_limit=2000 if args.smoke else None,
                 ),
                 log=lambda m: tqdm.write(f"prepare: {m}"),
