@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from softserve.client.codecs import get_codec
 from softserve.errors import InputError, StoreError
@@ -140,6 +140,16 @@ class Manifest(_Model):
     shards: list[ShardInfo]
     producer: ProducerInfo
 
+    @model_validator(mode="after")
+    def _shards_cover_the_epochs(self) -> Manifest:
+        """A reader finds epoch e in shard e // shard_epochs: a manifest whose shards say
+        otherwise would serve one epoch's labels as another's."""
+        found = [shard.epochs for shard in self.shards]
+        expected = self.config.shard_ranges()
+        if found != expected:
+            raise ValueError(f"shards cover epochs {found}, the config says {expected}")
+        return self
+
     def label_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
@@ -149,7 +159,9 @@ def _parse(raw: bytes, path: Path, model: type[_Model], what: str) -> _Model:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
-        first = f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+        where = ".".join(map(str, error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        first = f"{where}: {message}" if where else message
         raise StoreError(
             f"{path} is not a valid {what} ({first}); relabel into a new path"
         ) from None

@@ -24,32 +24,57 @@ from softserve.storage.shards import CODEC_FIELDS, MIX_DATASETS, NORM
 #: What :meth:`LabelSetReader.read` returns: sample ids, views, refined labels, teacher
 #: logits, the logits' norms, and (mixed sets only) the mix rows and partners' views.
 ROW_FIELDS = ("order", "params", "refined", "logits", NORM, *MIX_DATASETS)
+#: Opens of a set that is replaced each time before its files are all open, before giving up.
+_OPEN_ATTEMPTS = 3
 
 
 class LabelSetReader:
     """Read access to the label set at ``root`` (which must have a manifest).
 
     Every file of the set is opened when the reader is made, and checked against the
-    manifest's sizes: a reader reads one version of a set for its whole life, whatever
-    happens to the paths later (a set replaced under the same name is a new reader). The
-    ``digest`` (sha256 of the manifest) names that version.
+    manifest's sizes and epochs: a reader reads one version of a set for its whole life,
+    whatever happens to the paths later (a set replaced under the same name is a new
+    reader). The ``digest`` (sha256 of the manifest) names that version; the manifest is
+    read again once the files are open, so a set replaced meanwhile is opened again rather
+    than served as a mix of two builds under one digest.
     """
 
     def __init__(self, root: str | Path, *, locking: bool | None = None) -> None:
         self.root = Path(root)
-        self.manifest, self.digest = load_manifest(self.root)
-        self.config = self.manifest.config
-        self.codec = get_codec(self.config.codec)
-        self.version = self.manifest.format_version
         self._hard: np.ndarray | None = None
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
         self._files: dict[str, h5py.File] = {}
-        try:
-            for entry in (self.manifest.dataset, *self.manifest.shards):
-                self._files[entry.file] = self._open(entry.file, entry.size, locking)
-        except StoreError:
-            self.close()
-            raise
+        for _ in range(_OPEN_ATTEMPTS):
+            self.manifest, self.digest = load_manifest(self.root)
+            try:
+                self._open_all(locking)
+            except StoreError:
+                self.close()
+                raise
+            if load_manifest(self.root)[1] == self.digest:
+                break
+            self.close()  # replaced while its files were opened: they may be of two builds
+        else:
+            raise StoreError(
+                f"{self.root} was replaced {_OPEN_ATTEMPTS} times while it was being opened"
+            )
+        self.config = self.manifest.config
+        self.codec = get_codec(self.config.codec)
+        self.version = self.manifest.format_version
+
+    def _open_all(self, locking: bool | None) -> None:
+        """Open every file the manifest lists; each shard must hold the epochs it lists."""
+        self._files = {}
+        for entry in (self.manifest.dataset, *self.manifest.shards):
+            self._files[entry.file] = self._open(entry.file, entry.size, locking)
+        for shard in self.manifest.shards:
+            attrs = self._files[shard.file].attrs
+            held = (int(attrs.get("epoch_start", -1)), int(attrs.get("epoch_stop", -1)))
+            if held != shard.epochs:
+                raise StoreError(
+                    f"{shard.file} holds epochs {held}, the manifest says {shard.epochs}; "
+                    f"run 'softserve verify {self.root}'"
+                )
 
     def _open(self, name: str, size: int, locking: bool | None) -> h5py.File:
         path = self.root / name

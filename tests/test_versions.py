@@ -8,10 +8,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, build_label_set
+from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError
 from softserve.client.codecs import part_name
+from softserve.errors import StoreError
 from softserve.storage import LabelSetReader
 
 BATCH = 5
@@ -125,3 +126,75 @@ def test_state_dict_of_another_version_is_refused(tmp_path: Path) -> None:
     finally:
         one.stop()
         two.stop()
+
+
+def _swap_in(current: Path, replacement: Path) -> None:
+    """Replace the set at ``current`` by another build, as a rename-swap does."""
+    current.rename(current.with_name("old"))
+    replacement.rename(current)
+
+
+def test_a_set_replaced_while_it_opens_is_one_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename-swap between the manifest's read and the files' opens (two builds of one
+    config: same file sizes) gives a reader of the new build, digest and rows alike, never
+    the old digest over the new files; a set replaced on every try is a StoreError."""
+    store = tmp_path / "store"
+    build_label_set(store / "s", seed=0)
+    build_label_set(tmp_path / "next" / "s", seed=1)
+    with LabelSetReader(store / "s") as first, LabelSetReader(tmp_path / "next" / "s") as second:
+        builds = {r.digest: r.read(1, 0, 50)["refined"] for r in (first, second)}
+    assert len(builds) == 2
+    opened = LabelSetReader._open
+    swaps = [tmp_path / "next" / "s"]
+
+    def swap_then_open(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if swaps:
+            _swap_in(store / "s", swaps.pop())
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(LabelSetReader, "_open", swap_then_open)
+    with LabelSetReader(store / "s") as reader:
+        np.testing.assert_array_equal(reader.read(1, 0, 50)["refined"], builds[reader.digest])
+        assert reader.digest == second.digest
+
+    def always_swapping(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        old = store / "old"
+        (store / "s").rename(store / "tmp")
+        old.rename(store / "s")
+        (store / "tmp").rename(old)
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(LabelSetReader, "_open", always_swapping)
+    with pytest.raises(StoreError, match="replaced 3 times while it was being opened"):
+        LabelSetReader(store / "s")
+
+
+def test_shards_must_hold_the_epochs_the_manifest_says(tmp_path: Path) -> None:
+    """Two same-sized shards swapped (or a manifest edited to say so) would serve one epoch's
+    labels as another's: the set is refused when opened, and the server skips it."""
+    store = tmp_path / "store"
+    swapped = build_label_set(store / "swapped")  # 4 epochs, 2 shards of 2
+    a, b = swapped / "labels-00000.h5", swapped / "labels-00001.h5"
+    assert a.stat().st_size == b.stat().st_size
+    a.rename(swapped / "x")
+    b.rename(a)
+    (swapped / "x").rename(b)
+    with pytest.raises(StoreError, match=r"labels-00000.h5 holds epochs \(2, 4\), the manifest"):
+        LabelSetReader(swapped)
+    edited = build_label_set(store / "edited")
+    manifest = edited / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"epoch_start": 2', '"epoch_start": 3', 1))
+    with pytest.raises(StoreError, match=r"shards cover epochs \[\(0, 2\), \(3, 4\)\], the config"):
+        LabelSetReader(edited)
+    verified = run_cli("verify", edited)
+    assert verified.returncode != 0 and "(shards cover epochs [(0, 2), (3, 4)]" in verified.stderr
+    build_label_set(store / "good")
+    server = Server(store).start()
+    try:
+        assert [s["name"] for s in httpx.get(server.url + "/v1/labelsets").json()] == ["good"]
+        unhealthy = httpx.get(server.url + "/readyz").json()["unhealthy"]
+        assert set(unhealthy) == {"edited", "swapped"}
+    finally:
+        server.stop()
