@@ -46,7 +46,8 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map API errors, validation errors, HTTP errors and store errors to the JSON shape."""
+    """Map API errors, validation errors, HTTP errors, store errors and bugs to the JSON
+    shape."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -65,3 +66,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def store_error(request: Request, exc: SoftserveError) -> JSONResponse:
         log.error("store error on %s: %s", request.url.path, exc)
         return error_response(500, "store_error", str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: the client gets the JSON shape, the log the traceback (Starlette's
+        server-error middleware logs it once this returns)."""
+        return error_response(
+            500, "internal_error",
+            f"internal error ({type(exc).__name__}); the server's log has the traceback",
+        )  # fmt: skip

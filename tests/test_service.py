@@ -627,7 +627,8 @@ def test_corrupt_shard_is_a_clear_error_not_a_crash(store: Path, tmp_path: Path)
 def test_a_bug_mid_stream_is_reported_in_stream(store: Path) -> None:
     """An unexpected exception while a stream is read (a bug, not a damaged set) ends the
     stream with an error frame the client raises at once, instead of a cut stream it would
-    retry for a minute; the traceback is in the server's log and the set stays served."""
+    retry for a minute; a single batch gets the JSON error shape, not a bare text 500. The
+    traceback is in the server's log, and the set stays served."""
     buggy = [sys.executable, str(TESTS_DIR / "buggy_server.py")]
     srv = Server(store, command=buggy).start()
     try:
@@ -639,7 +640,15 @@ def test_a_bug_mid_stream_is_reported_in_stream(store: Path) -> None:
             with pytest.raises(PayloadError, match=r"internal error \(RuntimeError\) at epoch 1"):
                 next(batches)
             assert time.monotonic() - started < 5
-        assert "RuntimeError: planted bug" in srv.log.read_text()
+        one = httpx.get(srv.url + TINY + "/epochs/1/batches/0?batch_size=10")
+        assert one.status_code == 500 and one.json()["error"] == {
+            "code": "internal_error",
+            "message": "internal error (RuntimeError); the server's log has the traceback",
+        }
+        deadline = time.monotonic() + 10  # logged just after the answer is sent
+        while srv.log.read_text().count("RuntimeError: planted bug") < 2:
+            assert time.monotonic() < deadline, srv.log.read_text()
+            time.sleep(0.1)
         assert httpx.get(srv.url + TINY + "/epochs/0/batches/0?batch_size=10").status_code == 200
         assert [s["name"] for s in httpx.get(srv.url + "/v1/labelsets").json()] == [
             "tiny", "tiny-int8"
