@@ -59,39 +59,48 @@ class Catalog:
             self.ready = self._scan()
 
     def _scan(self) -> bool:
-        """Update the open label sets; False when the store folder is missing."""
+        """Update the open label sets; False when the store folder is missing. The new
+        catalog is built aside and published in one assignment: requests reading it on the
+        event loop, meanwhile, see the old one or the new, never one changing under them."""
         if not self.store.is_dir():
             log.warning("store %s does not exist (yet)", self.store)
             return False
-        seen = set()
         try:
             roots = list(label_set_folders(self.store))
         except OSError as exc:
             log.warning("cannot list store %s: %s", self.store, exc)
             return False
+        sets, skipped = dict(self._sets), dict(self._skipped)
         for root in roots:
             try:
-                seen.add(root.name)
-                current = self._sets.get(root.name)
+                current = sets.get(root.name)
                 _, digest = load_manifest(root)
                 if current is not None and current.digest == digest:
                     continue
-                self._sets[root.name] = self._open(root)
+                sets.pop(root.name, None)  # its cached images no longer count
+                sets[root.name] = self._open(root, self._cache_left(sets))
             except (SoftserveError, OSError) as exc:  # one bad set never blocks the others
-                if self._skipped.get(root.name) != str(exc):
+                if skipped.get(root.name) != str(exc):
                     log.warning("skipping label set %s: %s", root.name, exc)
-                self._skipped[root.name] = str(exc)
-                self._sets.pop(root.name, None)
+                skipped[root.name] = str(exc)
+                sets.pop(root.name, None)
                 continue
-            self._skipped.pop(root.name, None)
+            skipped.pop(root.name, None)
             log.info("serving label set %s (digest %s)", root.name, digest[:12])
-        for name in set(self._sets) - seen:
+        names = {root.name for root in roots}
+        for name in set(sets) - names:
             log.info("label set %s is gone from the store", name)
-            self._sets.pop(name)
+            sets.pop(name)
+        self._sets, self._skipped = sets, {n: e for n, e in skipped.items() if n in names}
         return True
 
-    def _open(self, root: Path) -> LabelSet:
-        return LabelSet.open(root, image_cache_bytes=self.image_cache_bytes, locking=self.locking)
+    def _cache_left(self, sets: dict[str, LabelSet]) -> int:
+        """What the process's image cache budget leaves after the images ``sets`` hold."""
+        held = sum(entry.images.nbytes for entry in sets.values() if entry.images is not None)
+        return self.image_cache_bytes - held
+
+    def _open(self, root: Path, image_cache_bytes: int) -> LabelSet:
+        return LabelSet.open(root, image_cache_bytes=image_cache_bytes, locking=self.locking)
 
     def names(self) -> list[str]:
         """Label sets being served: open, and not withdrawn."""

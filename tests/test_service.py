@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import socket
@@ -399,7 +400,8 @@ def test_not_ready_until_the_store_exists(tmp_path: Path) -> None:
         answer = httpx.get(srv.url + "/readyz")
         assert answer.status_code == 503
         assert answer.json() == {"status": "not ready", "store": str(store)}
-        shutil.copytree(build_label_set(tmp_path / "staging" / "fresh", n=12), store / "fresh")
+        built = build_label_set(tmp_path / "staging" / "fresh", n=12)
+        built.parent.rename(store)  # appears whole: a copy could be scanned half-written
         deadline = time.monotonic() + 20
         while (answer := httpx.get(srv.url + "/readyz")).status_code != 200:
             assert time.monotonic() < deadline, "the background rescan never found the store"
@@ -544,6 +546,68 @@ def test_one_stream_spans_epochs(server: Server) -> None:
         assert got.keys() == want.keys() and len(got["indices"]) == (2 if index == 6 else 8)
         for key in got:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_the_image_cache_is_one_budget_for_all_sets(store: Path, tmp_path: Path) -> None:
+    """SOFTSERVE_IMAGE_CACHE_MB bounds a process's cached images over all its sets (by name,
+    first come): a set that no longer fits reads its images from disk, the same bytes."""
+    tiny, tiny_int8 = 50 * 3 * 12 * 10, 20 * 3 * 12 * 10  # samples × C × H × W, uint8
+    for budget, cached in [(tiny + tiny_int8, {"tiny", "tiny-int8"}), (tiny, {"tiny"}),
+                           (tiny_int8, {"tiny-int8"}), (0, set())]:  # fmt: skip
+        catalog = Catalog(store, image_cache_bytes=budget, locking=None)
+        catalog.refresh()
+        try:
+            entries = {name: catalog.get(name) for name in catalog.names()}
+            assert {n for n, e in entries.items() if e.images is not None} == cached
+            held = sum(e.images.nbytes for e in entries.values() if e.images is not None)
+            assert held <= budget
+            ids = np.array([4, 0, 19])
+            with LabelSetReader(store / "tiny-int8") as reader:
+                want = reader.images()[ids]
+            np.testing.assert_array_equal(entries["tiny-int8"].base_images(ids), want)
+        finally:
+            catalog.close()
+
+
+def test_reading_the_catalog_while_it_rescans(tmp_path: Path) -> None:
+    """Listing sets and health on the event loop while a rescan adds and drops sets in a
+    thread never sees the catalog change under it."""
+    store = tmp_path / "store"
+    build_label_set(store / "a")
+    shutil.copytree(store / "a", tmp_path / "spare")
+    catalog = Catalog(store, image_cache_bytes=0, locking=None)
+    catalog.refresh()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                shutil.copytree(tmp_path / "spare", store / f"b{i}")
+                (store / f"c{i}").mkdir()
+                (store / f"c{i}" / "manifest.json").write_text("{}")  # skipped: invalid
+                catalog.refresh()
+                shutil.rmtree(store / f"b{i}")
+                shutil.rmtree(store / f"c{i}")
+                catalog.refresh()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not errors:
+            assert catalog.names()[0] == "a"
+            assert all(name.startswith("c") for name in catalog.unhealthy())
+    finally:
+        stop.set()
+        worker.join()
+        catalog.close()
+    assert not errors, errors
+    assert catalog.unhealthy() == {}  # a skipped set that is gone is no longer reported
 
 
 def test_consecutive_batches_are_read_together(store: Path) -> None:
