@@ -37,6 +37,11 @@ def tiny_gray(num_classes: int = 3) -> TinyNet:
     return _seeded(1, num_classes)
 
 
+def unseeded_rgb(num_classes: int = 3) -> TinyNet:
+    """tiny_rgb's shape, its weights drawn from the global RNG as most factories draw them."""
+    return TinyNet(3, num_classes)
+
+
 def four_classes() -> TinyNet:
     """A teacher with a fixed class count, for the class-mismatch error."""
     return _seeded(3, 4)
@@ -80,6 +85,17 @@ class Overflowing(TinyNet):
 
 def overflowing(num_classes: int = 3) -> TinyNet:
     return _as_tiny_rgb(Overflowing, num_classes)
+
+
+class BatchMean(TinyNet):
+    """tiny_rgb averaged over the batch: one row of logits for the whole batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).mean(0, keepdim=True)
+
+
+def batch_mean(num_classes: int = 3) -> TinyNet:
+    return _as_tiny_rgb(BatchMean, num_classes)
 
 
 def not_a_module() -> str:

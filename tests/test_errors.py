@@ -52,6 +52,14 @@ def test_teacher_class_count_differs(make_options) -> None:
     assert not opts.out.exists()
 
 
+def test_teacher_reducing_over_the_batch(make_options) -> None:
+    """One row of logits for a whole batch would broadcast into every sample's label."""
+    opts = make_options(teacher="teachers:batch_mean")
+    done = run_cli(*relabel_args(opts))
+    assert_one_line_error(done, "outputs 1 rows for a batch of 2 images", "reduce over the batch")
+    assert not opts.out.exists()
+
+
 @pytest.mark.parametrize(
     ("spec", "fragments"),
     [

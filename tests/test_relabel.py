@@ -18,6 +18,7 @@ from softserve.errors import InputError
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
 from softserve.storage.layout import sha256_file
 from softserve.worker.relabel import relabel
+from softserve.worker.teacher import load_teacher
 
 
 def test_labels_are_the_teacher_on_the_stored_views(make_options) -> None:
@@ -157,7 +158,7 @@ def test_weights_are_loaded_and_recorded(make_options, tmp_path: Path, wrap: str
         torch.testing.assert_close(torch.from_numpy(rows["logits"]), model(views))
 
 
-def test_torchvision_teacher(make_options, capsys) -> None:
+def test_torchvision_teacher(make_options, tmp_path: Path, capsys) -> None:
     """Without weights it is refused (random labels), unless --random-teacher says so; the
     run then says loudly what it resolved."""
     opts = make_options(teacher="torchvision:resnet18", num_classes=3, epochs=1, shard_epochs=1)
@@ -171,6 +172,19 @@ def test_torchvision_teacher(make_options, capsys) -> None:
     manifest = read_manifest(opts.out)
     assert manifest.config.teacher.spec == "torchvision:resnet18"
     assert manifest.config.teacher.weights_sha256 is None
+    # the same random network every time (every rank, every resume), the caller's RNG intact
+    torch.manual_seed(7)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(7)
+    first = load_teacher("torchvision:resnet18", num_classes=3, random_teacher=True)
+    torch.testing.assert_close(torch.rand(3), expected_draw)
+    second = load_teacher("torchvision:resnet18", num_classes=3, random_teacher=True)
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    again = tmp_path / "again"
+    relabel(replace(opts, out=again, random_teacher=True))
+    assert shard_digests(again) == shard_digests(opts.out)
 
 
 def test_relabel_says_what_it_resolved(make_options, tmp_path: Path, capsys) -> None:

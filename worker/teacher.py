@@ -18,6 +18,8 @@ from softserve.errors import InputError, brief
 from softserve.storage.layout import sha256_file
 from softserve.worker.sources import TeacherInputs
 
+#: Seed of a teacher's initial weights, for those no weights file replaces.
+TEACHER_INIT_SEED = 0
 
 @dataclass
 class Teacher:
@@ -49,7 +51,8 @@ def load_teacher(
         if weights is None:
             digest = sha256_file(Path(spec))
     elif spec.startswith("torchvision:"):
-        model = _load_torchvision(spec.removeprefix("torchvision:"), num_classes)
+        with _seeded_init():
+            model = _load_torchvision(spec.removeprefix("torchvision:"), num_classes)
         if weights is None and not random_teacher:
             raise InputError(
                 f"{spec} without --weights would label with random weights (softserve never "
@@ -57,7 +60,8 @@ def load_teacher(
                 "teacher is really what you want (tests, benchmarks)"
             )
     elif ":" in spec:
-        model = _load_factory(spec, num_classes)
+        with _seeded_init():
+            model = _load_factory(spec, num_classes)
     else:
         raise InputError(
             f"teacher spec {spec!r} not understood; use torchvision:ARCH, "
@@ -74,6 +78,15 @@ def load_teacher(
         weights=str(weights) if weights is not None else None,
         weights_sha256=digest,
     )
+
+
+@contextlib.contextmanager
+def _seeded_init() -> Iterator[None]:
+    """Build a model from a fixed seed, leaving the caller's RNG as it was: weights a file
+    does not replace (a random teacher) are then the same on every rank and every resume."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TEACHER_INIT_SEED)
+        yield
 
 
 def load_teacher_of(inputs: TeacherInputs) -> Teacher:
@@ -103,6 +116,11 @@ def check_teacher_output(
         raise InputError(
             f"teacher {spec!r} outputs shape {tuple(out.shape)} but the images have "
             f"{num_classes} classes; use a teacher (or --num-classes) with one logit per class"
+        )
+    if out.shape[0] != shape[0]:
+        raise InputError(
+            f"teacher {spec!r} outputs {out.shape[0]} rows for a batch of {shape[0]} images; "
+            "it must give one row of logits per image (does it reduce over the batch?)"
         )
 
 
