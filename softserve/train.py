@@ -259,7 +259,7 @@ class OnlineTeacherBatches:
         self.logits = logits
 
     def __len__(self) -> int:
-        return len(self.labels) // self.batch_size
+        return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         n, _, h, w = self.images.shape
@@ -332,8 +332,8 @@ def served_feed(opts: TrainOptions, labelset: LabelSet, device: torch.device) ->
     batch_size = opts.batch_size or official_batch_size(labelset.num_samples)
     try:
         loader = labelset.loader(
-            batch_size, epochs=opts.epochs, device=device,
-            logits=opts.loss in NEEDS_LOGITS, prefetch=opts.prefetch,
+            batch_size, epochs=opts.epochs, device=device, logits=opts.loss in NEEDS_LOGITS,
+            drop_last=False, prefetch=opts.prefetch,
         )  # fmt: skip
     except ValueError as exc:
         raise InputError(f"--batch-size: {exc}") from None
@@ -423,13 +423,13 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
         if opts.urls else nullcontext()
     )  # fmt: skip
     test = load_eval_set(opts.eval)
-    torch.manual_seed(opts.seed)
     with client_context as client:
         if opts.online is not None:
             feed = online_feed(opts, device)
         else:
             feed = served_feed(opts, open_labelset(opts, client), device)
         check_eval_set(test, feed)
+        torch.manual_seed(opts.seed)  # here: one seed, one student, whichever feed built
         model = build_student(opts.model, feed.channels, feed.num_classes, feed.output_size)
         model = model.to(device)
         steps, samples, seconds = fit(model, feed, loss_fn, opts)

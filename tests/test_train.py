@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Server, free_port, random_set, run_cli, write_folder
+from conftest import Server, build_label_set, free_port, random_set, run_cli, write_folder
 from test_errors import assert_one_line_error
 
 from softserve import cli
+from softserve import train as train_module
 from softserve.client import Sharding, ViewPolicy, apply_views, refine_labels
 from softserve.train import (
     OnlineTeacherBatches,
@@ -21,6 +22,7 @@ from softserve.train import (
     build_student,
     first_other_class,
     official_batch_size,
+    train,
 )
 from softserve.worker.sources import TeacherInputs
 
@@ -46,7 +48,7 @@ def test_train_reports_a_result(server: Server, eval_set: Path, model, loss, opt
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 2 * len(Sharding(50, 8))
+    assert result["steps"] == 2 * len(Sharding(50, 8, drop_last=False))  # the last, partial too
     assert (result["model"], result["loss"], result["optimizer"]) == (model, loss, optimizer)
     assert 0.0 <= result["top1"] <= 1.0 and result["samples_per_second"] > 0
 
@@ -168,7 +170,34 @@ def test_online_run_trains_without_a_server(tmp_path: Path, eval_set: Path) -> N
         "teachers:tiny_rgb",
         "kl",
     )
-    assert result["steps"] == 2 * (30 // 8) and 0.0 <= result["top1"] <= 1.0
+    assert result["steps"] == 2 * 4 and 0.0 <= result["top1"] <= 1.0  # 8 + 8 + 8 + 6
+
+
+def test_one_seed_one_student_whichever_feed(
+    tmp_path: Path, eval_set: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One --seed starts the served and the online student from the same weights, whatever
+    the teacher's own init draws, so the two arms differ in their labels only. A set smaller
+    than the official batch size (20 < 50) trains on one partial batch an epoch, as the
+    evaluator's DataLoader keeps its last batch."""
+    root = build_label_set(tmp_path / "store" / "s", n=20)
+    starts: list[list[torch.Tensor]] = []
+
+    def recording(*args: object) -> torch.nn.Module:
+        model = build_student(*args)  # type: ignore[arg-type]
+        starts.append([p.detach().clone() for p in model.parameters()])
+        return model
+
+    monkeypatch.setattr(train_module, "build_student", recording)
+    common = {"epochs": 2, "eval": str(eval_set), "device": "cpu", "progress": False, "seed": 5}
+    quiet = lambda _: None  # noqa: E731
+    served = train(TrainOptions(store=root.parent, labelset="s", **common), log=quiet)
+    teacher = TeacherInputs(images=root.parent / "s-images", teacher="teachers:unseeded_rgb")
+    online = train(TrainOptions(online=teacher, **common), log=quiet)
+    for a, b in zip(*starts, strict=True):
+        torch.testing.assert_close(a, b)
+    for result in (served, online):
+        assert (result["batch_size"], result["steps"]) == (50, 2)
 
 
 def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
@@ -187,9 +216,10 @@ def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
         device=torch.device("cpu"), logits=True,
     )  # fmt: skip
     batches = list(feed)
-    assert len(feed) == 3 and [(b.epoch, b.index) for b in batches] == [
-        (e, i) for e in range(2) for i in range(3)
+    assert len(feed) == 4 and [(b.epoch, b.index) for b in batches] == [
+        (e, i) for e in range(2) for i in range(4)
     ]
+    assert [len(b.indices) for b in batches[:4]] == [6, 6, 6, 2]  # the last batch is kept
     for b in batches:
         views = apply_views(
             torch.from_numpy(images)[b.indices], b.params, (8, 8), mean=mean, std=std
@@ -200,7 +230,7 @@ def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
         torch.testing.assert_close(b.soft, refine_labels(b.logits, b.hard))
         assert b.hard.tolist() == labels[b.indices.numpy()].tolist()
     epoch_ids = [torch.cat([b.indices for b in batches if b.epoch == e]) for e in range(2)]
-    assert len(set(epoch_ids[0].tolist())) == 18 and not torch.equal(*epoch_ids)
+    assert sorted(epoch_ids[0].tolist()) == list(range(20)) and not torch.equal(*epoch_ids)
     params = [torch.cat([b.params for b in batches if b.epoch == e]) for e in range(2)]
     assert not torch.equal(params[0], params[1])
 
