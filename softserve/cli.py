@@ -137,7 +137,9 @@ RandomTeacherOption = Annotated[
         help="Accept a torchvision teacher without --weights: random labels, for tests only."
     ),
 ]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DeviceOption = Annotated[
+    str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank's own GPU) or cuda:N.")
+]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 

@@ -6,14 +6,18 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_set, relabel_args, run_cli, shard_digests, write_folder
+from PIL import Image
 
 from softserve.client import Client, ClientError
 from softserve.errors import InputError
 from softserve.storage import verify_label_set
 from softserve.worker.relabel import relabel
+from softserve.worker.runtime import resolve_device
+from softserve.worker.sources import load_image_set
 from softserve.worker.teacher import load_teacher
 
 
@@ -44,6 +48,49 @@ def test_images_of_different_sizes(make_options, tmp_path: Path) -> None:
     write_folder(folder, *random_set(n=1, h=9, w=9))
     done = run_cli(*relabel_args(make_options(images=folder)))
     assert_one_line_error(done, "images differ in size", "9x9")
+
+
+def _tensor_file(path: Path, data: torch.Tensor, label: torch.Tensor) -> Path:
+    torch.save({"data": data, "label": label}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "label", "fragment"),
+    [
+        (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long), "holds no images"),
+        (torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), "has 1 class; soft labels"),
+        (torch.full((2, 3, 8, 8), float("nan")), torch.tensor([0, 1]), "NaN or infinite"),
+    ],
+)
+def test_tensor_files_that_cannot_be_labelled(
+    make_options, tmp_path: Path, data: torch.Tensor, label: torch.Tensor, fragment: str
+) -> None:
+    opts = make_options(images=_tensor_file(tmp_path / "set.pt", data, label))
+    assert_one_line_error(run_cli(*relabel_args(opts)), fragment)
+    assert not opts.out.exists()
+
+
+def test_one_class_folder_is_refused(make_options, tmp_path: Path) -> None:
+    images, _ = random_set(n=4)
+    folder = write_folder(tmp_path / "one", images, np.zeros(4, dtype=np.int64))
+    assert_one_line_error(run_cli(*relabel_args(make_options(images=folder))), "has 1 class")
+
+
+def test_wide_gray_images_are_read_exactly_or_refused(tmp_path: Path) -> None:
+    """A 16-bit PNG is narrowed when its values fit 8 bits, and refused when they do not:
+    PIL's conversion would clip 0..65535 to black and white without a word."""
+    for name, values in (("narrow", [[0, 7], [200, 255]]), ("wide", [[0, 700], [40000, 63000]])):
+        (tmp_path / name / "a").mkdir(parents=True)
+        (tmp_path / name / "b").mkdir()
+        pixels = np.array(values, dtype=np.uint16)
+        for cls in ("a", "b"):
+            Image.fromarray(pixels).save(tmp_path / name / cls / "x.png")
+    assert Image.open(tmp_path / "wide" / "a" / "x.png").mode.startswith("I")
+    narrow = load_image_set(tmp_path / "narrow")
+    assert narrow.images.dtype == np.uint8 and narrow.images[0, 0].tolist() == [[0, 7], [200, 255]]
+    with pytest.raises(InputError, match="uint16 pixels beyond 0..255"):
+        load_image_set(tmp_path / "wide")
 
 
 def test_teacher_class_count_differs(make_options) -> None:
@@ -173,3 +220,34 @@ def test_a_url_without_scheme_or_host_is_refused_at_once(url: str) -> None:
     assert info.value.code == "bad_url" and "open_local" in str(info.value)
     done = run_cli("train", "--url", url, "--labelset", "x", "--epochs", 1, timeout=60)
     assert_one_line_error(done, "not a server URL", "--store")
+
+
+@pytest.mark.parametrize(
+    ("name", "env", "gpus", "expected"),
+    [
+        ("auto", {}, 0, "cpu"),
+        ("auto", {"LOCAL_RANK": "1"}, 2, "cuda:1"),
+        ("cuda", {"LOCAL_RANK": "3"}, 2, "cuda:1"),
+        ("cuda:1", {}, 2, "cuda:1"),
+        ("cuda:2", {}, 2, "only 2 CUDA device"),
+        ("cuda:0", {"WORLD_SIZE": "2"}, 2, "every rank on one GPU"),
+        ("cuda", {}, 0, "no CUDA device is visible"),
+        ("mps", {}, 0, "unknown --device 'mps'"),
+        ("cuda:x", {}, 1, "unknown --device 'cuda:x'"),
+    ],
+)
+def test_device_choice(
+    monkeypatch: pytest.MonkeyPatch, name: str, env: dict, gpus: int, expected: str
+) -> None:
+    """Where the teacher or student runs; GPUs are faked (this machine has none)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for key in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if expected in ("cpu", "cuda:1"):
+        assert resolve_device(name) == torch.device(expected)
+    else:
+        with pytest.raises(InputError, match=expected):
+            resolve_device(name)

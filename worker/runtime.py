@@ -16,18 +16,28 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present (this rank's GPU under torchrun), else the CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """``auto`` picks CUDA when present, else the CPU; ``cuda`` is this rank's GPU under
+    torchrun (LOCAL_RANK); ``cuda:N`` one GPU, for a single process."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda but no CUDA device is visible; use --device cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown --device {name!r}; use auto, cpu or cuda") from None
+    if name == "cpu":
+        return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {name} but no CUDA device is visible; use --device cpu")
+    count = torch.cuda.device_count()
+    if not index:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % count)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(
+            f"--device {name} would put every rank on one GPU; under torchrun use --device "
+            "cuda (each rank takes the GPU of its LOCAL_RANK)"
+        )
+    if int(index) >= count:
+        raise InputError(f"--device {name} but only {count} CUDA device(s) are visible")
+    return torch.device("cuda", int(index))
 
 
 def check_precision(device: torch.device, precision: str) -> None:

@@ -45,7 +45,9 @@ def check_teacher_inputs(inputs: TeacherInputs) -> None:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-_GRAY_MODES = {"1", "L", "I", "I;16", "F"}
+_GRAY_MODES = {"1", "L"}
+#: Gray modes of more than 8 bits a pixel: PIL's convert("L") clips them, never scales.
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 #: Normalization used when none is given, by channel count (ImageNet's for RGB).
 DEFAULT_NORMALIZATION: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -87,8 +89,10 @@ def load_image_set(
         raise InputError(
             f"--num-classes {num_classes} but {path} has {result.num_classes} class folders"
         )
-    if len(result.labels) == 0:
-        raise InputError(f"{path} holds no images")
+    if result.num_classes < 2:
+        raise InputError(
+            f"{path} has {result.num_classes} class; soft labels need at least 2 classes"
+        )
     return result
 
 
@@ -96,11 +100,25 @@ def _read_image(file: Path) -> np.ndarray:
     try:
         with Image.open(file) as img:
             img.load()
+            if img.mode in _WIDE_MODES:
+                return _narrowed(np.asarray(img), file)
             if img.mode in _GRAY_MODES:
                 return np.asarray(img.convert("L"))[None]
             return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"cannot read image {file} ({brief(exc)}); remove or replace it") from None
+
+
+def _narrowed(pixels: np.ndarray, file: Path) -> np.ndarray:
+    """A wide gray image as 8 bits (1×H×W) when its values are 8-bit values; refused else,
+    since any rescaling would be a guess about what its range means."""
+    whole = np.array_equal(pixels, np.round(pixels)) if pixels.dtype.kind == "f" else True
+    if whole and pixels.size and pixels.min() >= 0 and pixels.max() <= 255:
+        return pixels.astype(np.uint8)[None]
+    raise InputError(
+        f"image {file} has {pixels.dtype} pixels beyond 0..255 (a 16-bit or float image); "
+        "convert the set to 8-bit gray or RGB first"
+    )
 
 
 def _load_image_folder(root: Path) -> ImageSet:
@@ -148,9 +166,13 @@ def _load_tensor_file(path: Path, num_classes: int | None) -> ImageSet:
         data = data[:, None]
     if data.ndim != 4 or data.shape[1] not in (1, 3):
         raise InputError(f"{path}: data must be N×C×H×W with C in (1, 3), got {tuple(data.shape)}")
+    if len(data) == 0:
+        raise InputError(f"{path} holds no images")
     if data.dtype == torch.uint8:
         images = data.numpy()
     elif data.is_floating_point():
+        if not bool(data.isfinite().all()):
+            raise InputError(f"{path}: data holds NaN or infinite values")
         lo, hi = float(data.min()), float(data.max())
         if lo < 0 or hi > 1:
             raise InputError(
