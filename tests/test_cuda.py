@@ -8,6 +8,7 @@ themselves where no GPU is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -82,8 +83,13 @@ def test_mixed_inputs_are_rebuilt_on_the_device_bit_for_bit(make_options, kind: 
     seen = torch.cat(teachers.RECORDED[1:])  # the first batch is the worker's probe
     assert seen.device.type == torch.device(DEVICE).type
     with open_local(opts.out) as labels:
-        got = [b.images for e in range(2) for b in labels.batches(e, 12, device=DEVICE)]
-    assert torch.equal(torch.cat(got), seen)
+        batches = [b for e in range(2) for b in labels.batches(e, 12, device=DEVICE, logits=True)]
+    assert torch.equal(torch.cat([b.images for b in batches]), seen)
+    for batch in batches:  # every tensor on the device, the small ones (indices, mix) too
+        tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        devices = {k: v.device.type for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        assert devices == dict.fromkeys(devices, torch.device(DEVICE).type)
+        assert {"indices", "params", "mix", "partner_params", "logits"} <= devices.keys()
 
 
 def test_train_runs_on_the_device(make_options, tmp_path: Path) -> None:

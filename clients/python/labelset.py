@@ -201,14 +201,19 @@ class LabelSet(ABC):
         partner = None
         if mixing is not None and mix is not None:
             partner = put(self._carried(t, "partner_images", mix[:, 0].to(torch.long)))
+        # every tensor of the batch on the device, the small ones too (user code indexes
+        # its own device tensors with them)
+        params = put(t["params"])
+        partner_params = None if mix is None else put(t["partner_params"])
+        mix = None if mix is None else put(mix)
         views = mixed_views(
             None if mixing is None else mixing.kind,  # type: ignore[arg-type]
             put(self._carried(t, "images", t["indices"])),
-            put(t["params"]),
+            params,
             self.output_size,
             partner_images=partner,
-            partner_params=None if mix is None else put(t["partner_params"]),
-            mix=None if mix is None else put(mix),
+            partner_params=partner_params,
+            mix=mix,
             mean=self.mean,
             std=self.std,
         )
@@ -228,14 +233,14 @@ class LabelSet(ABC):
         return Batch(
             epoch=raw.epoch,
             index=raw.index,
-            indices=t["indices"],
+            indices=put(t["indices"]),
             images=views,
-            params=t["params"],
+            params=params,
             hard=hard,
             soft=soft,
             logits=logits,
             mix=mix,
-            partner_params=t.get("partner_params"),
+            partner_params=partner_params,
         )
 
     def batches(
