@@ -77,6 +77,13 @@ def test_local_loader_equals_remote_and_resumes(store: Path, server: Server) -> 
     again = open_local(store / "tiny").loader(6, epochs=3, logits=True)
     again.load_state_dict(state)
     assert_same_batches(first + list(again), remote)
+    # a state of another batch layout, or out of range, is refused rather than reread
+    with pytest.raises(ValueError, match="drop_last=True, this loader has False"):
+        local.loader(6, epochs=3, drop_last=False).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"batch 8; an epoch of this loader has batches 0..7"):
+        local.loader(6, epochs=3).load_state_dict({**state, "batch": 8})
+    older = {k: v for k, v in state.items() if k != "drop_last"}  # saved before it was kept
+    local.loader(6, epochs=3).load_state_dict(older)
 
 
 def test_open_local_errors(tmp_path: Path, store: Path) -> None:
@@ -113,8 +120,26 @@ def test_train_from_a_local_store(store: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (result["feed"], result["labelset"], result["steps"]) == ("local", "tiny", 2 * 6)
+    assert (result["feed"], result["labelset"]) == ("local", "tiny")
+    assert result["steps"] == 2 * 7  # 50 samples: 6 batches of 8 and the last of 2
     base = ["train", "--labelset", "tiny", "--epochs", 1, "--eval", eval_set, "--no-progress"]
     done = run_cli(*base, "--store", store, "--url", "http://127.0.0.1:1")
     assert_one_line_error(done, "--url", "--store", "not both")
     assert_one_line_error(run_cli(*base, "--store", tmp_path), "tiny", "no such file or folder")
+
+
+def test_a_rank_of_an_uninitialized_job_is_refused(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun (WORLD_SIZE > 1) a loader made before init_process_group would give
+    every rank the whole epoch: refused, as DistributedSampler refuses, unless the ranks are
+    passed."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with open_local(store / "tiny") as labels:
+        with pytest.raises(ValueError, match="not initialized: call init_process_group"):
+            labels.loader(8)
+        with pytest.raises(ValueError, match="WORLD_SIZE"):
+            next(labels.batches(0, 8))
+        assert labels.loader(8, rank=1, world_size=2).batches_per_epoch == len(
+            labels.sharding(8, 1, 2)
+        )

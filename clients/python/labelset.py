@@ -10,6 +10,7 @@ either way.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -79,6 +80,13 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
         return (
             dist.get_rank() if rank is None else rank,
             dist.get_world_size() if world_size is None else world_size,
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and world_size is None:  # or every rank would read the whole epoch
+        raise ValueError(
+            f"this process is one of {launched} ranks (WORLD_SIZE) but torch.distributed is "
+            "not initialized: call init_process_group before making the loader, or pass "
+            "rank= and world_size="
         )
     return rank or 0, world_size or 1
 

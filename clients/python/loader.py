@@ -90,6 +90,7 @@ class Loader(IterableDataset):
             "batch_size": self.sharding.batch_size,
             "rank": self.sharding.rank,
             "world_size": self.sharding.world_size,
+            "drop_last": self.sharding.drop_last,
             "worker": self.worker,
         }
 
@@ -97,12 +98,19 @@ class Loader(IterableDataset):
         """Continue from a state dict taken with the same label set (the same version of it)
         and batch layout."""
         mine = self.state_dict()
-        for key in ("labelset", "digest", "batch_size", "rank", "world_size"):
-            if state.get(key) != mine[key]:
+        for key in ("labelset", "digest", "batch_size", "rank", "world_size", "drop_last"):
+            theirs = state.get(key, mine[key] if key == "drop_last" else None)  # older: none
+            if theirs != mine[key]:
                 raise ValueError(
-                    f"state dict is for {key}={state.get(key)!r}, this loader has {mine[key]!r}"
+                    f"state dict is for {key}={theirs!r}, this loader has {mine[key]!r}"
                 )
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(
+                f"state dict is at epoch {epoch} batch {batch}; an epoch of this loader has "
+                f"batches 0..{self.batches_per_epoch - 1}"
+            )
+        self.epoch, self.batch = epoch, batch
         worker = state.get("worker")
         self.worker = None if worker is None else (int(worker[0]), int(worker[1]))
 
