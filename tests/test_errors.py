@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -174,20 +173,6 @@ def test_out_is_something_else(make_options) -> None:
     (opts.out / "notes.txt").write_text("mine")
     assert_one_line_error(run_cli(*relabel_args(opts)), "is not a label set")
     assert (opts.out / "notes.txt").read_text() == "mine"
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 100 KiB tmpfs: room for the dataset and a few shards of the tiny set, no more."""
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_mid_write(make_options, small_disk: Path, tmp_path: Path) -> None:

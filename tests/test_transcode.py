@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -109,3 +110,27 @@ def test_transcode_cli(fp32_set: Path) -> None:
     assert f"wrote {out}: topk:1, 6 epochs" in done.stdout and "bytes per view" in done.stdout
     bad = run_cli("transcode", fp32_set, "--out", fp32_set.parent / "bad", "--codec", "fp8")
     assert_one_line_error(bad, "unknown label codec 'fp8'")
+
+
+def test_transcode_on_a_full_disk_stops_cleanly_and_resumes(
+    fp32_set: Path, small_disk: Path, tmp_path: Path
+) -> None:
+    """A full disk is one line, leaves no partial file and no manifest; moved to a disk with
+    room, the same command finishes the set as an uninterrupted transcode writes it."""
+    reference = transcode(TranscodeOptions(fp32_set, tmp_path / "ref", shard_epochs=1,
+                                           progress=False))  # fmt: skip
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(bytes(max(0, free - 40_000)))  # dataset + ~1 shard
+    out = small_disk / "set"
+    args = ("transcode", fp32_set, "--out", out, "--shard-epochs", 1, "--no-progress")
+    assert_one_line_error(run_cli(*args), "disk is full", "rerun the same command to resume")
+    assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    written = shard_digests(out)
+    assert len(written) < len(reference.shards)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    resumed = run_cli("transcode", fp32_set, "--out", moved, "--shard-epochs", 1, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert shard_digests(moved) == shard_digests(tmp_path / "ref") and written.items() <= (
+        shard_digests(tmp_path / "ref").items()
+    )

@@ -223,6 +223,15 @@ def _describe_write_error(exc: OSError, out: Path) -> str:
     return f"writing labels into {out} failed: {reason}"
 
 
+def write_error(exc: OSError, out: Path) -> StoreError:
+    """A failed write into ``out`` as one line: what failed, and that a rerun resumes
+    (complete shards are kept, a partial one is dropped)."""
+    return StoreError(
+        _describe_write_error(exc, out)
+        + "; free space (or fix the path) and rerun the same command to resume"
+    )
+
+
 class _Writer(threading.Thread):
     """Background writer: runs each shard's queued tasks (store rows, commit) in order.
 
@@ -476,7 +485,10 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
                 batch_size=opts.batch_size,
                 world_size=ranks.world_size,
             )
-            manifest = finalize(out, config, producer)
+            try:
+                manifest = finalize(out, config, producer)
+            except OSError as exc:
+                raise write_error(exc, out) from None
         ranks.barrier()
         return RelabelResult(manifest, len(ranges) - len(done), len(done))
 
@@ -567,10 +579,7 @@ def _run_shards(
         writer.finish()
         shard = None
     except OSError as exc:
-        raise StoreError(
-            _describe_write_error(exc, out)
-            + "; free space (or fix the path) and rerun the same command to resume"
-        ) from None
+        raise write_error(exc, out) from None
     finally:
         bar.close()
         if shard is not None:

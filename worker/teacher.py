@@ -21,6 +21,7 @@ from softserve.worker.sources import TeacherInputs
 #: Seed of a teacher's initial weights, for those no weights file replaces.
 TEACHER_INIT_SEED = 0
 
+
 @dataclass
 class Teacher:
     """A loaded teacher model, with what the manifest records about it."""

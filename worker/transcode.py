@@ -10,6 +10,7 @@ first, complete shards are skipped on a rerun, the manifest is written last.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,17 @@ from tqdm.auto import tqdm
 from softserve.client.codecs import get_codec
 from softserve.errors import InputError
 from softserve.storage.layout import DATASET_FILE, PLAN_FILE, commit, shard_file, tmp_path
-from softserve.storage.manifest import Manifest, write_model
+from softserve.storage.manifest import LabelSetConfig, Manifest, write_model
 from softserve.storage.reader import LabelSetReader
 from softserve.storage.shards import MIX_DATASETS, NORM
 from softserve.storage.writer import ShardWriter
-from softserve.worker.relabel import check_format, check_out_dir, finalize, storage_fields
+from softserve.worker.relabel import (
+    check_format,
+    check_out_dir,
+    finalize,
+    storage_fields,
+    write_error,
+)
 
 
 @dataclass
@@ -40,56 +47,79 @@ class TranscodeOptions:
 def transcode(opts: TranscodeOptions) -> Manifest:
     """Write (or finish) ``opts.out`` from ``opts.source``; returns its manifest."""
     with LabelSetReader(opts.source) as reader:
-        config = reader.config
-        epochs = config.epochs if opts.epochs is None else opts.epochs
-        if not 0 < epochs <= config.epochs:
-            raise InputError(
-                f"--epochs {epochs}: the source stores {config.epochs} epochs; keep 1 to "
-                f"{config.epochs} of them"
-            )
-        if opts.shard_epochs is not None and opts.shard_epochs <= 0:
-            raise InputError(f"--shard-epochs must be positive, got {opts.shard_epochs}")
-        fields = storage_fields(
-            config.num_samples, config.num_classes, opts.codec or config.codec, epochs,
-            opts.shard_epochs, config.mix is not None,
-        )  # fmt: skip
-        # validated, unlike model_copy: a bad field fails here, not when the set is opened
-        target = type(config).model_validate({**config.model_dump(), **fields})
+        target = _target_config(reader.config, opts)
         existing = check_out_dir(opts.out, target)
         if existing is not None:
             return existing
-        ranges = target.shard_ranges()
-        done = {i for i in range(len(ranges)) if (opts.out / shard_file(i)).exists()}
-        check_format(opts.out, done)
-        opts.out.mkdir(parents=True, exist_ok=True)
-        write_model(opts.out / PLAN_FILE, target)
-        if not (opts.out / DATASET_FILE).exists():
-            copy = tmp_path(opts.out / DATASET_FILE)
+        try:
+            return _write(reader, target, opts)
+        except OSError as exc:
+            raise write_error(exc, opts.out) from None
+
+
+def _target_config(config: LabelSetConfig, opts: TranscodeOptions) -> LabelSetConfig:
+    """The source's config with the new codec, epochs and shard size, checked."""
+    epochs = config.epochs if opts.epochs is None else opts.epochs
+    if not 0 < epochs <= config.epochs:
+        raise InputError(
+            f"--epochs {epochs}: the source stores {config.epochs} epochs; keep 1 to "
+            f"{config.epochs} of them"
+        )
+    if opts.shard_epochs is not None and opts.shard_epochs <= 0:
+        raise InputError(f"--shard-epochs must be positive, got {opts.shard_epochs}")
+    fields = storage_fields(
+        config.num_samples, config.num_classes, opts.codec or config.codec, epochs,
+        opts.shard_epochs, config.mix is not None,
+    )  # fmt: skip
+    # validated, unlike model_copy: a bad field fails here, not when the set is opened
+    return type(config).model_validate({**config.model_dump(), **fields})
+
+
+def _write(reader: LabelSetReader, target: LabelSetConfig, opts: TranscodeOptions) -> Manifest:
+    """The plan, the dataset, every shard not yet complete, then the manifest."""
+    ranges = target.shard_ranges()
+    done = {i for i in range(len(ranges)) if (opts.out / shard_file(i)).exists()}
+    check_format(opts.out, done)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    write_model(opts.out / PLAN_FILE, target)
+    if not (opts.out / DATASET_FILE).exists():
+        copy = tmp_path(opts.out / DATASET_FILE)
+        try:
             shutil.copyfile(opts.source / DATASET_FILE, copy)
-            commit(copy, opts.out / DATASET_FILE)
-        codec = get_codec(target.codec)
-        n = config.num_samples
-        mixed = config.mix is not None
-        mix_fields = MIX_DATASETS if mixed else ()
-        pending = [i for i in range(len(ranges)) if i not in done]
-        bar = tqdm(
-            total=sum(ranges[i][1] - ranges[i][0] for i in pending) * n, unit="label",
-            unit_scale=True, desc=f"transcode {opts.out.name}", disable=not opts.progress,
-            dynamic_ncols=True,
-        )  # fmt: skip
+        except BaseException:
+            copy.unlink(missing_ok=True)
+            raise
+        commit(copy, opts.out / DATASET_FILE)
+    n = target.num_samples
+    pending = [i for i in range(len(ranges)) if i not in done]
+    bar = tqdm(
+        total=sum(ranges[i][1] - ranges[i][0] for i in pending) * n, unit="label",
+        unit_scale=True, desc=f"transcode {opts.out.name}", disable=not opts.progress,
+        dynamic_ncols=True,
+    )  # fmt: skip
+    with bar:
         for index in pending:
-            start, stop = ranges[index]
-            tmp_path(opts.out / shard_file(index)).unlink(missing_ok=True)
-            shard = ShardWriter(
-                opts.out / shard_file(index), start, stop, n, config.num_classes, codec,
-                target.chunk_rows, mixed,
-            )  # fmt: skip
-            for epoch in range(start, stop):
-                rows = reader.read(epoch, 0, n, ("order", "params", "refined", NORM, *mix_fields))
-                mix = {k: rows[k] for k in mix_fields}
-                shard.write_epoch_plan(epoch, rows["order"], rows["params"], mix)
-                shard.write_labels((epoch - start) * n, rows["refined"], rows[NORM])
-                bar.update(n)
-            shard.commit()
-        bar.close()
-        return finalize(opts.out, target, reader.manifest.producer)
+            _write_shard(reader, target, opts.out, index, bar.update)
+    return finalize(opts.out, target, reader.manifest.producer)
+
+
+def _write_shard(
+    reader: LabelSetReader, target: LabelSetConfig, out: Path, index: int,
+    advance: Callable[[int], object],
+) -> None:  # fmt: skip
+    """Shard ``index`` of ``target``: the source's rows of its epochs, labels re-encoded."""
+    start, stop = target.shard_ranges()[index]
+    n, mixed = target.num_samples, target.mix is not None
+    mix_fields = MIX_DATASETS if mixed else ()
+    tmp_path(out / shard_file(index)).unlink(missing_ok=True)
+    shard = ShardWriter(
+        out / shard_file(index), start, stop, n, target.num_classes, get_codec(target.codec),
+        target.chunk_rows, mixed,
+    )  # fmt: skip
+    for epoch in range(start, stop):
+        rows = reader.read(epoch, 0, n, ("order", "params", "refined", NORM, *mix_fields))
+        mix = {k: rows[k] for k in mix_fields}
+        shard.write_epoch_plan(epoch, rows["order"], rows["params"], mix)
+        shard.write_labels((epoch - start) * n, rows["refined"], rows[NORM])
+        advance(n)
+    shard.commit()
