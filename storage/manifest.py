@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -210,12 +211,36 @@ def read_manifest(root: Path) -> Manifest:
     return load_manifest(root)[0]
 
 
-def read_plan(root: Path) -> LabelSetConfig | None:
-    """The config a relabel into ``root`` started with, if one did."""
+class PlanProducer(_Model):
+    """What decides a relabel's bytes beside its config: a resume must run with the same."""
+
+    batch_size: int
+    device: str
+
+
+class RelabelPlan(_Model):
+    """What a relabel (or transcode) into a folder started with, written before its files."""
+
+    config: LabelSetConfig
+    #: None for a transcode (no teacher runs) and for plans written before it was kept
+    producer: PlanProducer | None = None
+
+
+def read_plan(root: Path) -> RelabelPlan | None:
+    """The plan a relabel into ``root`` started with, if one did (an older plan is its bare
+    config)."""
+    path = root / PLAN_FILE
     try:
-        return _load(root / PLAN_FILE, LabelSetConfig, "relabel plan")  # type: ignore[return-value]
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
+    try:
+        bare = "config" not in json.loads(raw)
+    except (ValueError, TypeError):  # not JSON, or not an object: _parse says so
+        bare = False
+    if bare:
+        return RelabelPlan(config=_parse(raw, path, LabelSetConfig, "relabel plan"))  # type: ignore[arg-type]
+    return _parse(raw, path, RelabelPlan, "relabel plan")  # type: ignore[return-value]
 
 
 def write_model(path: Path, model: BaseModel) -> None:

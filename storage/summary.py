@@ -61,14 +61,14 @@ def describe(root: Path) -> list[tuple[str, str]]:
     """Rows (key, value) describing the label set at ``root``."""
     plan = read_plan(root) if root.is_dir() and not (root / MANIFEST_FILE).exists() else None
     if plan is not None:
-        ranges = plan.shard_ranges()
+        ranges = plan.config.shard_ranges()
         done = sum((root / shard_file(i)).exists() for i in range(len(ranges)))
         return [
             (
                 "status",
                 f"INCOMPLETE: {done} of {len(ranges)} shards written; to finish, {RESUME_HINT}",
             ),
-            *_config_rows(plan),
+            *_config_rows(plan.config),
         ]
     manifest = read_manifest(root)
     config = manifest.config

@@ -14,6 +14,8 @@ from PIL import Image
 from softserve.client import Client, ClientError
 from softserve.errors import InputError
 from softserve.storage import verify_label_set
+from softserve.storage.layout import PLAN_FILE
+from softserve.storage.manifest import PlanProducer, RelabelPlan, write_model
 from softserve.worker.relabel import relabel
 from softserve.worker.runtime import resolve_device
 from softserve.worker.sources import load_image_set
@@ -165,6 +167,24 @@ def test_out_holds_a_different_label_set(make_options) -> None:
     assert_one_line_error(done, "holds a different label set", "seed", "new --out")
     assert shard_digests(opts.out) == before
     assert verify_label_set(opts.out) == []
+
+
+def test_a_resume_with_another_batch_size_is_refused(make_options) -> None:
+    """The teacher's bytes depend on the batch (and the device): a relabel left part way
+    resumes only with the batch size and device it started with, so a finished set never
+    mixes two runs' numerics."""
+    opts = make_options(batch_size=8)
+    manifest = relabel(opts).manifest
+    whole = shard_digests(opts.out)
+    (opts.out / "manifest.json").unlink()
+    (opts.out / "labels-00001.h5").unlink()  # as if killed before its last shard
+    plan = RelabelPlan(config=manifest.config, producer=PlanProducer(batch_size=8, device="cpu"))
+    write_model(opts.out / PLAN_FILE, plan)
+    done = run_cli(*relabel_args(make_options(batch_size=7)))
+    assert_one_line_error(done, "started with --batch-size 8 on cpu", "resume it with the same")
+    assert not (opts.out / "labels-00001.h5").exists()
+    assert relabel(opts).reused_shards == len(whole) - 1
+    assert shard_digests(opts.out) == whole
 
 
 def test_out_is_something_else(make_options) -> None:

@@ -36,8 +36,10 @@ from softserve.storage.manifest import (
     LabelSetConfig,
     Manifest,
     MixInfo,
+    PlanProducer,
     ProducerInfo,
     RefinementInfo,
+    RelabelPlan,
     TeacherInfo,
     ViewInfo,
     read_manifest,
@@ -195,21 +197,33 @@ def storage_fields(
     }
 
 
-def check_out_dir(out: Path, config: LabelSetConfig) -> Manifest | None:
-    """The existing manifest if ``out`` already holds this label set; raise if another."""
+def check_out_dir(
+    out: Path, config: LabelSetConfig, producer: PlanProducer | None = None
+) -> Manifest | None:
+    """The existing manifest if ``out`` already holds this label set; raise if another, or
+    if the relabel that started it ran with another batch size or device (a resume must
+    write the bytes an uninterrupted run would)."""
     if (out / MANIFEST_FILE).exists():
         existing = read_manifest(out)
         if existing.config == config:
             return existing
         found = existing.config
     else:
-        found = read_plan(out)
-        if found is None:
+        plan = read_plan(out)
+        if plan is None:
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
                 raise StoreError(f"--out {out} exists and is not a label set; choose a new path")
             return None
+        found = plan.config
         if found == config:
-            return None
+            started = plan.producer
+            if started is None or producer is None or started == producer:
+                return None
+            raise StoreError(
+                f"--out {out} was started with --batch-size {started.batch_size} on "
+                f"{started.device}; resume it with the same (the labels' bytes depend on "
+                "them), or relabel into a new folder"
+            )
     changed = ", ".join(config.differences(found))
     raise StoreError(
         f"--out {out} holds a different label set (differs in: {changed}); "
@@ -458,8 +472,10 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
     tqdm.write(describe_run(teacher, device, opts.precision))
     config = build_config(opts, data, teacher)
     out = opts.out
+    plan = RelabelPlan(config=config, producer=PlanProducer(batch_size=opts.batch_size,
+                                                            device=device.type))  # fmt: skip
     with distributed(device) as ranks:
-        existing = check_out_dir(out, config)
+        existing = check_out_dir(out, config, plan.producer)
         if existing is not None:
             return RelabelResult(existing, computed_shards=0, reused_shards=len(existing.shards))
         labeler = _Labeler(teacher, data, config, opts, device)
@@ -469,7 +485,7 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
         check_format(out, done)
         # every rank has looked at the folder before rank 0 writes the plan and the dataset
         ranks.barrier()
-        _claim(out, config, data, ranks)
+        _claim(out, plan, data, ranks)
         pending = [
             i for i in range(len(ranges)) if i % ranks.world_size == ranks.rank and i not in done
         ]
@@ -506,12 +522,13 @@ def check_format(out: Path, done: set[int]) -> None:
             )
 
 
-def _claim(out: Path, config: LabelSetConfig, data: ImageSet, ranks: Ranks) -> None:
+def _claim(out: Path, plan: RelabelPlan, data: ImageSet, ranks: Ranks) -> None:
     """Record the plan and write the dataset (rank 0), then clear stale partial shards."""
+    config = plan.config
     if ranks.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_model(out / PLAN_FILE, config)
+            write_model(out / PLAN_FILE, plan)
             if not (out / DATASET_FILE).exists():
                 write_dataset(
                     out / DATASET_FILE,

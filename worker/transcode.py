@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from softserve.client.codecs import get_codec
 from softserve.errors import InputError
 from softserve.storage.layout import DATASET_FILE, PLAN_FILE, commit, shard_file, tmp_path
-from softserve.storage.manifest import LabelSetConfig, Manifest, write_model
+from softserve.storage.manifest import LabelSetConfig, Manifest, RelabelPlan, write_model
 from softserve.storage.reader import LabelSetReader
 from softserve.storage.shards import MIX_DATASETS, NORM
 from softserve.storage.writer import ShardWriter
@@ -81,7 +81,7 @@ def _write(reader: LabelSetReader, target: LabelSetConfig, opts: TranscodeOption
     done = {i for i in range(len(ranges)) if (opts.out / shard_file(i)).exists()}
     check_format(opts.out, done)
     opts.out.mkdir(parents=True, exist_ok=True)
-    write_model(opts.out / PLAN_FILE, target)
+    write_model(opts.out / PLAN_FILE, RelabelPlan(config=target))
     if not (opts.out / DATASET_FILE).exists():
         copy = tmp_path(opts.out / DATASET_FILE)
         try:
