@@ -60,22 +60,12 @@ def convnet(
     image_size: int | tuple[int, int] = 32,
     width: int = 128,
     depth: int = 3,
+    norm: str = "instance",
 ) -> ConvNet:
-    """ConvNet-3 with 128 channels and instance norm: the distillation literature's default
-    student (DC, DM, MTT; GIFT's evaluator uses it for DATM's sets)."""
-    return ConvNet(channels, num_classes, image_size, width, depth)
-
-
-def convnet_bn(
-    num_classes: int = 10,
-    channels: int = 3,
-    image_size: int | tuple[int, int] = 32,
-    width: int = 128,
-    depth: int = 3,
-) -> ConvNet:
-    """ConvNet-3 with batch norm: the GIFT evaluator's default ConvNet (``net_norm="batch"``
-    in LINs-lab/GIFT's ``utils/load_model.py``)."""
-    return ConvNet(channels, num_classes, image_size, width, depth, norm="batch")
+    """ConvNet-3 with 128 channels: the distillation literature's default student, with
+    instance norm (DC, DM, MTT; GIFT's evaluator for DATM's sets) or ``norm="batch"`` (the
+    GIFT evaluator's default: ``net_norm="batch"`` in LINs-lab/GIFT's ``utils/load_model.py``)."""
+    return ConvNet(channels, num_classes, image_size, width, depth, norm)
 
 
 def fashion_mnist_teacher(num_classes: int = 10) -> ConvNet:

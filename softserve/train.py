@@ -41,13 +41,15 @@ from softserve.client import (
     sample_views,
 )
 from softserve.errors import InputError
-from softserve.models import convnet, convnet_bn, resnet18_small
+from softserve.models import convnet, resnet18_small
 from softserve.worker.sources import TeacherInputs, check_teacher_inputs
 
 #: Students by --model name: (channels, classes, view size) -> a fresh model.
 STUDENTS: dict[str, Callable[[int, int, tuple[int, int]], nn.Module]] = {
     "convnet": lambda channels, classes, size: convnet(classes, channels, image_size=size),
-    "convnet_bn": lambda channels, classes, size: convnet_bn(classes, channels, image_size=size),
+    "convnet_bn": lambda channels, classes, size: convnet(
+        classes, channels, image_size=size, norm="batch"
+    ),
     "resnet18": lambda channels, classes, size: resnet18_small(classes, channels),
 }
 #: Default learning rate per optimizer: the evaluator's AdamW lr for Adam too; SGD's is ours.
