@@ -32,6 +32,12 @@ COLLAPSE_DROP = 0.2
 CLASSES = 10
 #: The losses whose accuracy by IPC the summary states.
 CORE = ("gift", "kl", "ce")
+#: What each ``softserve train --model`` student is, for the report's first line.
+STUDENTS = {
+    "convnet": "ConvNet-3, instance norm",
+    "convnet_bn": "ConvNet-3, batch norm",
+    "resnet18": "ResNet-18 for small inputs",
+}
 
 
 def _ordered(values: set[str], order: tuple[str, ...]) -> list[str]:
@@ -300,10 +306,13 @@ def render(records: list[dict], main_ipc: int, plots: list[str], link: str) -> s
         "Fashion-MNIST's real test split (10,000 images)" if evals == ["fashion-mnist"]
         else f"the test images of {', '.join(f'`{e}`' for e in evals)}"
     )  # fmt: skip
+    models = ", ".join(
+        f"`{m}` ({STUDENTS.get(m, m)})" for m in sorted({r["job"]["model"] for r in records})
+    )
     parts = [
         f"{len(records)} runs; code version{'s' if len(versions) > 1 else ''} "
         f"{', '.join(f'`{v}`' for v in versions)}; {'/'.join(map(str, epochs))} epochs; "
-        f"ConvNet-3 student, top-1 on {tested}, as mean ± sample std (seeds). Reproduce: "
+        f"student {models}, top-1 on {tested}, as mean ± sample std (seeds). Reproduce: "
         f"`python bench/loss_study.py`; every run's exact `softserve train` command is in "
         f"`{link}loss_study.jsonl`. `python bench/loss_report.py --readme README.md` "
         f"rewrites this section, its tables and plots from that file alone.",
