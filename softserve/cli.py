@@ -215,8 +215,8 @@ def relabel(
     """Label a synthetic image set with a teacher: E epochs of views, logits and GIFT labels.
 
     Writes STORE/NAME/{dataset.h5, labels-*.h5, manifest.json}. Deterministic for a given
-    seed and device; rerun the same command after an interruption to resume. Under torchrun,
-    ranks split the shards.
+    seed, batch size and device; rerun the same command after an interruption to resume
+    (another --batch-size or device is refused). Under torchrun, ranks split the shards.
     """
     from softserve.worker.relabel import RelabelOptions
     from softserve.worker.relabel import relabel as run_relabel
