@@ -59,9 +59,15 @@ class Targets:
     logits: torch.Tensor | None = None
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Losses run in float32 at least (half and bfloat16 logits are promoted), and in
+    float64 when given it, so that an identity between losses can be checked exactly."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def cosine_loss(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean cosine similarity between rows."""
-    return 1.0 - F.cosine_similarity(student_logits.float(), target.float(), dim=1).mean()
+    return 1.0 - F.cosine_similarity(_wide(student_logits), _wide(target), dim=1).mean()
 
 
 def gift_loss(
@@ -85,11 +91,11 @@ def _need_logits(batch: LabelledBatch, name: str) -> torch.Tensor:
 
 
 def _softce(student: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    return -(probs * F.log_softmax(student.float(), dim=1)).sum(dim=1).mean()
+    return -(probs * F.log_softmax(_wide(student), dim=1)).sum(dim=1).mean()
 
 
 def _ce(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
-    return F.cross_entropy(student.float(), flat_labels(batch.hard))
+    return F.cross_entropy(_wide(student), flat_labels(batch.hard))
 
 
 def _cosine(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
@@ -97,11 +103,11 @@ def _cosine(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
 
 
 def _mse(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
-    return F.mse_loss(student.float(), _need_logits(batch, "mse").float())
+    return F.mse_loss(_wide(student), _wide(_need_logits(batch, "mse")))
 
 
 def _softce_teacher(student: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
-    return _softce(student, F.softmax(_need_logits(batch, "softce").float(), dim=1))
+    return _softce(student, F.softmax(_wide(_need_logits(batch, "softce")), dim=1))
 
 
 class KLLoss(nn.Module):
@@ -122,9 +128,9 @@ class KLLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
         t = self.temperature
-        teacher = _need_logits(batch, "kl_t2" if self.scale_t2 else "kl").float() / t
+        teacher = _wide(_need_logits(batch, "kl_t2" if self.scale_t2 else "kl")) / t
         loss = F.kl_div(
-            F.log_softmax(student_logits.float() / t, dim=1),
+            F.log_softmax(_wide(student_logits) / t, dim=1),
             F.log_softmax(teacher, dim=1),
             reduction="batchmean",
             log_target=True,
