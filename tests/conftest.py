@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -225,6 +226,17 @@ def build_label_set(out: Path, **overrides: object) -> Path:
     )  # fmt: skip
     relabel(replace(opts, **overrides))
     return out
+
+
+def reseal_manifest(root: Path) -> None:
+    """Rewrite the manifest's file sizes and sha256s after a test edited the set's files:
+    a forged but self-consistent set, as an untrusted source could hand over."""
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in (manifest["dataset"], *manifest["shards"]):
+        file = root / entry["file"]
+        entry["size"], entry["sha256"] = file.stat().st_size, sha256_file(file)
+    path.write_text(json.dumps(manifest, indent=1))
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Server, build_label_set, run_cli
+from conftest import Server, build_label_set, reseal_manifest, run_cli
 
+from softserve.errors import InputError, StoreError
 from softserve.report import RemoteSource, ReportOptions, StoreSource, compute_report
 from softserve.report.figures import build_figures
+from softserve.report.numbers import ReportData
 from softserve.report.page import write_report
 from softserve.storage.reader import LabelSetReader
 
@@ -214,3 +219,100 @@ def test_bad_input_says_what_to_give(args: tuple[str, ...], message: str) -> Non
     result = run_cli("report", *args, "--no-progress")
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _forged(base: Path, out: Path, edit: Callable[[Path], None]) -> Path:
+    """A copy of ``base`` edited by ``edit`` and resealed: its checksums all agree."""
+    shutil.copytree(base, out)
+    edit(out)
+    reseal_manifest(out)
+    return out
+
+
+def _report_of(root: Path, opts: ReportOptions | None = None) -> ReportData:
+    source = StoreSource(root)
+    try:
+        return compute_report(source, opts)
+    finally:
+        source.close()
+
+
+def _nan_label(root: Path) -> None:
+    with h5py.File(root / "labels-00000.h5", "r+") as f:
+        name = next(k for k in f if k.startswith("refined"))
+        rows = f[name][...]
+        rows[0, 1] = np.nan
+        f[name][...] = rows
+
+
+def _hard_label(value: int) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        with h5py.File(root / "dataset.h5", "r+") as f:
+            labels = f["labels"][...]
+            labels[5] = value
+            f["labels"][...] = labels
+
+    return edit
+
+
+def _class_names(names: list[str]) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        path = root / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["config"]["class_names"] = names
+        path.write_text(json.dumps(manifest))
+        with h5py.File(root / "dataset.h5", "r+") as f:
+            f.attrs["class_names"] = json.dumps(names)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_nan_label, "non-finite labels in stored epoch 0"),
+        (_hard_label(-1), "hard label -1 at sample 5, outside"),
+        (_hard_label(12), "hard label 12 at sample 5, outside"),
+        (_class_names(["ant"]), "names 1 classes but has 3"),
+    ],
+    ids=["nan", "negative-hard", "hard-past-k", "too-few-names"],
+)
+def test_a_damaged_set_is_refused_in_one_line(
+    store: Path, tmp_path: Path, edit: Callable[[Path], None], message: str
+) -> None:
+    """Content the figures index by, or cannot draw, is a StoreError naming it."""
+    forged = _forged(store / "tiny", tmp_path / "forged", edit)
+    with pytest.raises(StoreError, match=message):
+        _report_of(forged)
+
+
+def test_cli_refuses_non_finite_labels_in_one_line(store: Path, tmp_path: Path) -> None:
+    forged = _forged(store / "tiny", tmp_path / "forged", _nan_label)
+    result = run_cli("report", forged, "--out", tmp_path / "out", "--no-progress")
+    assert result.returncode == 1
+    assert "non-finite labels" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_names_are_shown_as_typed(store: Path, tmp_path: Path) -> None:
+    """A '$' in a class name is text, not the start of matplotlib's mathtext."""
+    names = ["$x^{$", "b$c", "cat"]
+    forged = _forged(store / "tiny", tmp_path / "forged", _class_names(names))
+    data = _report_of(forged, ReportOptions(grid_classes=3))
+    figure = build_figures(data)["agreement"]
+    figure.canvas.draw()
+    shown = {t.get_text() for ax in figure.axes for t in ax.get_xticklabels()}
+    assert {r"\$x^{\$", r"b\$c"} <= shown
+    page = write_report(data, tmp_path / "report")
+    assert "$x^{$" in json.loads((tmp_path / "report" / "report.json").read_text())[
+        "label_set"]["class_names"]  # fmt: skip
+    assert page.exists()
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/sub"])
+def test_out_that_cannot_be_a_folder_is_refused(tiny_report, tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("keep me")
+    with pytest.raises(InputError, match="cannot write the report into"):
+        write_report(tiny_report[0], tmp_path / where)
+    assert (tmp_path / "a-file").read_text() == "keep me"

@@ -21,8 +21,11 @@ DPI = 100
 
 
 def _name(names: list[str], cls: int, width: int = 14) -> str:
+    """A class name shortened to ``width``, shown as typed: its ``$`` would start
+    matplotlib's mathtext, which fails on a name such as ``$x^{$``."""
     text = names[cls] if cls < len(names) else str(cls)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return text.replace("$", r"\$")
 
 
 def _show(ax, image: np.ndarray) -> None:

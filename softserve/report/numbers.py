@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from softserve.client.codecs import CODECS, get_codec
-from softserve.report.source import EpochRows, LabelSource
+from softserve.errors import StoreError
+from softserve.report.source import EpochRows, LabelSource, SetInfo
 from softserve.storage.manifest import FORMAT_VERSION
 from softserve.storage.shards import bytes_per_row
 
@@ -130,6 +131,26 @@ def storage_table(num_samples: int, num_classes: int, epochs: int, own: str) -> 
     return table
 
 
+def _check_set(info: SetInfo, hard: np.ndarray) -> None:
+    """Refuse, in one line, a set whose class names or hard labels do not fit its class
+    count: every figure and table is indexed by them."""
+    k = info.num_classes
+    if len(info.class_names) != k:
+        raise StoreError(f"label set {info.name} names {len(info.class_names)} classes but has {k}")
+    if hard.shape != (info.num_samples,):
+        raise StoreError(
+            f"label set {info.name} has hard labels of shape {hard.shape}, "
+            f"not ({info.num_samples},)"
+        )
+    outside = (hard < 0) | (hard >= k)
+    if outside.any():
+        sample = int(np.flatnonzero(outside)[0])
+        raise StoreError(
+            f"label set {info.name} has hard label {int(hard[sample])} at sample {sample}, "
+            f"outside [0, {k})"
+        )
+
+
 class _Accumulator:
     """Running sums over epochs of everything the report shows."""
 
@@ -137,6 +158,7 @@ class _Accumulator:
         info = source.info
         self.info, self.opts = info, opts
         self.hard = source.hard_labels().astype(np.int64)
+        _check_set(info, self.hard)
         n, k, b = info.num_samples, info.num_classes, opts.bins
         self.views_per_class = np.zeros(k, np.int64)
         self.agree_per_class = np.zeros(k, np.int64)
@@ -157,6 +179,12 @@ class _Accumulator:
 
     def add(self, epoch: int, rows: EpochRows) -> None:
         k, b = self.info.num_classes, self.opts.bins
+        for what, values in (("labels", rows.refined), ("logits", rows.logits)):
+            if not np.isfinite(values).all():
+                raise StoreError(
+                    f"label set {self.info.name} has non-finite {what} in stored epoch "
+                    f"{epoch}; run 'softserve verify' on it and relabel"
+                )
         hard = self.hard[rows.order]
         stats = view_stats(rows.logits, rows.refined, hard)
         agree = stats.top == hard

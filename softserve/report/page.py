@@ -9,6 +9,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from softserve.errors import InputError, brief
 from softserve.report.figures import build_figures, png_bytes
 from softserve.report.numbers import ReportData
 
@@ -112,7 +113,10 @@ def render_html(numbers: dict, pngs: dict[str, bytes]) -> str:
 def write_report(data: ReportData, out: Path) -> Path:
     """Write the report's HTML, JSON and PNG figures into ``out``; returns the HTML path."""
     figures_dir = out / "figures"
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        figures_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # --out is a file, under one, or not writable
+        raise InputError(f"cannot write the report into {out} ({brief(exc)})") from None
     pngs = {stem: png_bytes(fig) for stem, fig in build_figures(data).items()}
     for stem, png in pngs.items():
         (figures_dir / f"{stem}.png").write_bytes(png)
