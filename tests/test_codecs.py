@@ -193,7 +193,7 @@ def test_topk_needs_fewer_kept_than_classes(classes: int) -> None:
         TopKCodec(4).encode(np.zeros((2, classes), np.float32))
 
 
-@pytest.mark.parametrize("name", ["topk:0", "topk:x", "top:3", "topk:", "fp8"])
+@pytest.mark.parametrize("name", ["topk:0", "topk:x", "top:3", "topk:", "fp8", "topk:²", "topk:٣"])
 def test_bad_codec_names_are_refused(name: str) -> None:
     with pytest.raises(InputError, match="codec"):
         get_codec(name)

@@ -101,6 +101,11 @@ def test_transcode_resumes_and_refuses_bad_requests(fp32_set: Path) -> None:
         transcode(replace(opts, out=fp32_set.parent / "x", codec="topk:3"))
     with pytest.raises(StoreError, match="differs in: codec"):
         transcode(replace(opts, codec="fp16"))
+    (fp32_set.parent / "a-file").write_text("keep me")
+    for where, message in (("a-file", "is a file"), ("a-file/sub", "lies under")):
+        with pytest.raises(StoreError, match=message):
+            transcode(replace(opts, out=fp32_set.parent / where))
+    assert (fp32_set.parent / "a-file").read_text() == "keep me"
 
 
 def test_transcode_cli(fp32_set: Path) -> None:

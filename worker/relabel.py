@@ -197,12 +197,23 @@ def storage_fields(
     }
 
 
+def _check_folder_path(out: Path) -> None:
+    """Refuse an --out that is a file, or lies under one, before anything is written."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == out else f"lies under {path}, which is"
+                raise StoreError(f"--out {out} {where} a file; choose a folder")
+            return
+
+
 def check_out_dir(
     out: Path, config: LabelSetConfig, producer: PlanProducer | None = None
 ) -> Manifest | None:
     """The existing manifest if ``out`` already holds this label set; raise if another, or
     if the relabel that started it ran with another batch size or device (a resume must
     write the bytes an uninterrupted run would)."""
+    _check_folder_path(out)
     if (out / MANIFEST_FILE).exists():
         existing = read_manifest(out)
         if existing.config == config:

@@ -241,7 +241,7 @@ def get_codec(name: str) -> Codec:
     if name in CODECS:
         return CODECS[name]
     prefix, _, k = name.partition(":")
-    if prefix == "topk" and k.isdigit():
+    if prefix == "topk" and k.isascii() and k.isdigit():  # not '²', which int() refuses
         return TopKCodec(int(k))
     raise InputError(f"unknown label codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
 
