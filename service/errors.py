@@ -59,8 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (404, 405, ...), with their headers: a 405's ``Allow``."""
         code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
-        return error_response(exc.status_code, code, str(exc.detail))
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.exception_handler(SoftserveError)
     async def store_error(request: Request, exc: SoftserveError) -> JSONResponse:

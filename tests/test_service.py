@@ -331,6 +331,16 @@ def test_errors_are_json_with_a_clear_message(server: Server) -> None:
             client.labelset("tiny").loader(0)
 
 
+def test_a_wrong_method_is_405_with_allow(server: Server) -> None:
+    """A 405 says which methods the route takes (RFC 9110 requires ``Allow``), in the JSON
+    error shape."""
+    for path in ("/healthz", TINY):
+        response = httpx.post(server.url + path)
+        assert response.status_code == 405
+        assert response.headers["allow"] == "GET"
+        assert response.json()["error"]["code"] == "http_405"
+
+
 def test_health_metrics_and_docs(server: Server) -> None:
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
