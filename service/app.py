@@ -12,10 +12,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 import softserve
@@ -357,16 +358,44 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    store_paths = sorted({str(settings.store.absolute()), str(settings.store.resolve())},
+                         key=len, reverse=True)  # fmt: skip
+
     @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> JSONResponse:
-        if not catalog.ready:  # as of the last scan: no file system call on the event loop
-            return JSONResponse({"status": "not ready", "store": str(settings.store)}, 503)
-        return JSONResponse(
-            {"status": "ready", "label_sets": len(catalog.names()),
-             "unhealthy": catalog.unhealthy()}
-        )  # fmt: skip
+    async def readyz(request: Request) -> JSONResponse:
+        """Status and counts for anyone (probes carry no token); which sets are unhealthy
+        and why for a token holder, or on an open server with the store's own absolute
+        path written ``STORE``. The server's log has every reason in full."""
+        unhealthy = catalog.unhealthy()  # as of the last scan: no file system call here
+        answer = Readiness(
+            status="ready" if catalog.ready else "not ready",
+            label_sets=len(catalog.names()),
+            unhealthy_sets=len(unhealthy),
+        )
+        if tokens is None:
+            answer.unhealthy = {name: _redact(why, store_paths) for name, why in unhealthy.items()}
+        elif authorized(request.headers.get("authorization"), tokens):
+            answer.unhealthy, answer.store = unhealthy, str(settings.store)
+        return JSONResponse(answer.model_dump(exclude_none=True), 200 if catalog.ready else 503)
 
     return app
+
+
+class Readiness(BaseModel):
+    """The answer of ``/readyz``; ``unhealthy`` and ``store`` only where details are due."""
+
+    status: Literal["ready", "not ready"]
+    label_sets: int = Field(description="Label sets served")
+    unhealthy_sets: int = Field(description="Label sets skipped at scan time or withdrawn")
+    unhealthy: dict[str, str] | None = Field(None, description="Their names and reasons")
+    store: str | None = Field(None, description="The store folder, as configured")
+
+
+def _redact(reason: str, paths: list[str]) -> str:
+    """``reason`` with each of ``paths`` (the store's absolute forms) written ``STORE``."""
+    for path in paths:
+        reason = reason.replace(path, "STORE")
+    return reason
 
 
 def _batch_headers(request: BatchRequest) -> dict[str, str]:

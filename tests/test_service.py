@@ -409,20 +409,58 @@ def test_not_ready_until_the_store_exists(tmp_path: Path) -> None:
     try:
         answer = httpx.get(srv.url + "/readyz")
         assert answer.status_code == 503
-        assert answer.json() == {"status": "not ready", "store": str(store)}
+        assert answer.json() == {
+            "status": "not ready", "label_sets": 0, "unhealthy_sets": 0, "unhealthy": {}
+        }  # fmt: skip
         built = build_label_set(tmp_path / "staging" / "fresh", n=12)
         built.parent.rename(store)  # appears whole: a copy could be scanned half-written
         deadline = time.monotonic() + 20
         while (answer := httpx.get(srv.url + "/readyz")).status_code != 200:
             assert time.monotonic() < deadline, "the background rescan never found the store"
             time.sleep(0.1)
-        assert answer.json() == {"status": "ready", "label_sets": 1, "unhealthy": {}}
+        assert answer.json() == {
+            "status": "ready", "label_sets": 1, "unhealthy_sets": 0, "unhealthy": {}
+        }  # fmt: skip
         assert httpx.get(srv.url + "/v1/labelsets/fresh").status_code == 200
     finally:
         srv.stop()
 
 
 ONE, TWO = "s3cret-one-0123456789", "s3cret-two-0123456789"
+
+
+def test_readyz_gives_details_to_token_holders_only(store: Path, tmp_path: Path) -> None:
+    """Without a token, /readyz is status and counts: no set names, reasons or paths. A
+    token holder gets the reasons and the store as configured; an open server gives the
+    reasons with the store's absolute path written STORE."""
+    served = tmp_path / "served"
+    shutil.copytree(store / "tiny", served / "tiny")
+    shutil.copytree(store / "tiny", served / "broken")
+    (served / "broken" / "manifest.json").write_text("{not json")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(ONE + "\n")
+    counts = {"status": "ready", "label_sets": 1, "unhealthy_sets": 1}
+    guarded = Server(served, "--token-file", tokens).start()
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong-0123456789abcdef"}):
+            answer = httpx.get(guarded.url + "/readyz", headers=headers)
+            assert answer.status_code == 200 and answer.json() == counts
+        detailed = httpx.get(guarded.url + "/readyz", headers={"Authorization": f"Bearer {ONE}"})
+        assert detailed.json()["store"] == str(served)
+        (reason,) = detailed.json()["unhealthy"].values()
+        assert str(served / "broken" / "manifest.json") in reason
+    finally:
+        guarded.stop()
+    assert f"skipping label set broken: {reason}" in guarded.log.read_text()  # in full
+    open_server = Server(served).start()
+    try:
+        answer = httpx.get(open_server.url + "/readyz")
+        assert str(tmp_path) not in answer.text
+        assert answer.json()["unhealthy"] == {
+            "broken": reason.replace(str(served), "STORE")
+        } and "STORE/broken/manifest.json" in reason.replace(str(served), "STORE")
+    finally:
+        open_server.stop()
 
 
 def test_auth(store: Path, tmp_path: Path) -> None:
