@@ -143,3 +143,26 @@ def test_a_rank_of_an_uninitialized_job_is_refused(
         assert labels.loader(8, rank=1, world_size=2).batches_per_epoch == len(
             labels.sharding(8, 1, 2)
         )
+
+
+def test_a_world_size_without_rank_never_defaults_to_rank_0(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``world_size=`` alone under torchrun (RANK=1 WORLD_SIZE=2): the rank comes from the
+    process group, or the loader is refused as with no arguments; never rank 0, which would
+    give both ranks the same batches."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with open_local(store / "tiny") as labels:
+        with pytest.raises(ValueError, match="rank 1 of 2 .*not initialized: call init_process"):
+            labels.loader(8, world_size=2)
+        with pytest.raises(ValueError, match="no rank= was given"):
+            next(labels.batches(0, 8, world_size=2))
+        monkeypatch.delenv("WORLD_SIZE")  # a RANK above 0 alone says so too
+        with pytest.raises(ValueError, match="rank 1 of 1"):
+            labels.loader(8, world_size=2)
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+        assert labels.loader(8, world_size=2).sharding.rank == 1
+        monkeypatch.undo()
+        assert labels.loader(8, world_size=2).sharding.rank == 0  # one process, no torchrun

@@ -73,6 +73,10 @@ class RawBatch:
 
 
 def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``rank`` and ``world_size``, each taken from the process group when not given; with
+    no process group, refused when the environment (torchrun's WORLD_SIZE > 1, or a RANK
+    above 0) says this process is one of several ranks, or every rank would read the same
+    batches (as DistributedSampler refuses)."""
     if rank is not None and world_size is not None:
         return rank, world_size
     dist = torch.distributed
@@ -82,11 +86,15 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
             dist.get_world_size() if world_size is None else world_size,
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and world_size is None:  # or every rank would read the whole epoch
+    env_rank = int(os.environ.get("RANK", "0"))
+    if launched > 1 or env_rank > 0:
+        missing = " and ".join(
+            name for name, value in (("rank=", rank), ("world_size=", world_size)) if value is None
+        )
         raise ValueError(
-            f"this process is one of {launched} ranks (WORLD_SIZE) but torch.distributed is "
-            "not initialized: call init_process_group before making the loader, or pass "
-            "rank= and world_size="
+            f"this process is rank {env_rank} of {launched} (RANK, WORLD_SIZE) but "
+            "torch.distributed is not initialized: call init_process_group before making the "
+            f"loader, or pass rank= and world_size= (no {missing} was given)"
         )
     return rank or 0, world_size or 1
 
