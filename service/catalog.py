@@ -1,10 +1,13 @@
 """The label sets a server process offers: discovered in the store, opened, cached.
 
-Only complete label sets are served: a folder needs a valid manifest whose files exist
-with the sizes it lists (checksums are ``softserve verify``'s job, too slow for a scan).
-The server rescans the store every few seconds in the background (never on a request's
-path), so new sets appear without a restart and removed ones disappear. Each process has
-its own catalog: h5py handles are opened after the server forks its workers, never before.
+Only complete, intact label sets are served: a folder needs a valid manifest whose files
+match it, each file's sha256 included (hashed once per process and file, see
+:mod:`softserve.storage.integrity`). Anything wrong with one set, whatever it raises, makes
+that set unhealthy with a one-line reason and leaves the others served. The server rescans
+the store every few seconds in the background (never on a request's path), so new sets
+appear without a restart and removed ones disappear; a rescan also finds open sets whose
+files changed in place, and withdraws them. Each process has its own catalog: h5py handles
+are opened after the server forks its workers, never before.
 
 A set is known by its digest (sha256 of its manifest). A set rebuilt under the same name
 is a new entry with a new reader; the old entry is not closed but dropped, so a stream
@@ -19,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from softserve.errors import SoftserveError
+from softserve.errors import SoftserveError, brief
 from softserve.storage.layout import label_set_folders
 from softserve.storage.manifest import load_manifest
 from softserve.storage.open_set import OpenLabelSet
@@ -32,6 +35,15 @@ class LabelSet(OpenLabelSet):
     """An open label set as served: withdrawn when a read finds it damaged."""
 
     failure: str | None = None
+
+    def check_files(self) -> None:
+        """Withdraw this version if a file of it changed on disk since it was opened."""
+        if self.failure is None:
+            try:
+                with self.lock:
+                    self.reader.check_files()
+            except SoftserveError as exc:
+                self.withdraw(str(exc))
 
     def withdraw(self, reason: str) -> None:
         """Stop serving this version of the set: a read found it damaged. A rebuild (a new
@@ -76,13 +88,18 @@ class Catalog:
                 current = sets.get(root.name)
                 _, digest = load_manifest(root)
                 if current is not None and current.digest == digest:
+                    current.check_files()
                     continue
                 sets.pop(root.name, None)  # its cached images no longer count
                 sets[root.name] = self._open(root, self._cache_left(sets))
-            except (SoftserveError, OSError) as exc:  # one bad set never blocks the others
-                if skipped.get(root.name) != str(exc):
-                    log.warning("skipping label set %s: %s", root.name, exc)
-                skipped[root.name] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one bad set never blocks the others
+                reason = str(exc) if isinstance(exc, SoftserveError | OSError) else (
+                    f"cannot open {root} ({brief(exc)})"
+                )  # fmt: skip
+                if skipped.get(root.name) != reason:
+                    log.warning("skipping label set %s: %s", root.name, reason,
+                                exc_info=not isinstance(exc, SoftserveError | OSError))  # fmt: skip
+                skipped[root.name] = reason
                 sets.pop(root.name, None)
                 continue
             skipped.pop(root.name, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -11,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from softserve.client.codecs import get_codec
-from softserve.errors import InputError, StoreError
+from softserve.errors import InputError, StoreError, brief
 from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
 #: Written today: one stored label per view (see softserve.storage.shards); 1 still reads.
@@ -88,6 +90,15 @@ class LabelSetConfig(_Model):
         except InputError as exc:
             raise ValueError(str(exc)) from None
         return name
+
+    @model_validator(mode="after")
+    def _one_name_per_class(self) -> LabelSetConfig:
+        """Class names are shown by class index: a name too many or too few mislabels."""
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names names {len(self.class_names)} classes but has {self.num_classes}"
+            )
+        return self
 
     def shard_ranges(self) -> list[tuple[int, int]]:
         """[start, stop) epochs of every shard, in order."""
@@ -173,8 +184,34 @@ def _parse(raw: bytes, path: Path, model: type[_Model], what: str) -> _Model:
         ) from None
 
 
-def _load(path: Path, model: type[_Model], what: str) -> _Model:
-    return _parse(path.read_bytes(), path, model, what)
+#: Far more than the manifest of a set of 100,000 shards (about 25 MB).
+_MAX_JSON_BYTES = 1 << 26
+
+
+def read_json_file(path: Path, what: str) -> bytes:
+    """The bytes of a set's manifest or plan: a plain file in its folder (a symbolic link
+    could make a set read any file), or a one-line StoreError. FileNotFoundError and
+    NotADirectoryError when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as exc:
+        kind = "a symbolic link" if path.is_symlink() else brief(exc)
+        raise StoreError(
+            f"cannot read the {what} {path} ({kind}); it must be a plain file"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a plain file"
+            raise StoreError(f"the {what} {path} is {kind}; it must be a plain file")
+        if st.st_size > _MAX_JSON_BYTES:  # read on every rescan: a huge one would stall them
+            raise StoreError(f"the {what} {path} has {st.st_size} bytes, more than any {what}")
+        try:
+            return f.read(_MAX_JSON_BYTES + 1)
+        except OSError as exc:
+            raise StoreError(f"cannot read the {what} {path} ({brief(exc)})") from None
 
 
 def load_manifest(root: Path) -> tuple[Manifest, str]:
@@ -183,7 +220,7 @@ def load_manifest(root: Path) -> tuple[Manifest, str]:
     every file's sha256, so two builds of one name never share it."""
     path = root / MANIFEST_FILE
     try:
-        raw = path.read_bytes()
+        raw = read_json_file(path, "manifest")
     except (FileNotFoundError, NotADirectoryError):
         raise StoreError(_not_a_label_set(root)) from None
     manifest = _parse(raw, path, Manifest, "manifest")
@@ -231,8 +268,8 @@ def read_plan(root: Path) -> RelabelPlan | None:
     config)."""
     path = root / PLAN_FILE
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        raw = read_json_file(path, "relabel plan")
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         bare = "config" not in json.loads(raw)

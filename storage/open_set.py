@@ -57,14 +57,19 @@ class OpenLabelSet:
         reader = LabelSetReader(root, locking=locking)
         config = reader.manifest.config
         image_bytes = config.num_samples * int(np.prod(config.image_shape))
-        images = reader.images() if image_bytes <= image_cache_bytes else None
+        try:
+            images = reader.images() if image_bytes <= image_cache_bytes else None
+            hard = reader.hard_labels()
+        except BaseException:
+            reader.close()
+            raise
         return cls(
             name=root.name,
             root=root,
             manifest=reader.manifest,
             digest=reader.digest,
             reader=reader,
-            hard=reader.hard_labels(),
+            hard=hard,
             images=images,
         )
 

@@ -36,6 +36,14 @@ CODEC_FIELDS: dict[int, tuple[str, ...]] = {1: ("refined", "logits"), 2: ("refin
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
+def dataset_layout(num_samples: int, image_shape: tuple[int, int, int]) -> Layout:
+    """Every dataset of ``dataset.h5``: base images uint8 (N, C, H, W), hard labels int64 (N,)."""
+    return {
+        "images": ((num_samples, *image_shape), np.dtype(np.uint8)),
+        "labels": ((num_samples,), np.dtype(np.int64)),
+    }
+
+
 def shard_layout(
     version: int, epochs: int, num_samples: int, num_classes: int, codec: Codec,
     mixed: bool = False,

@@ -1,9 +1,12 @@
 """Writers of the two HDF5 file kinds of a label set: the dataset and the label shards.
 
-Every dataset carries HDF5's fletcher32 checksum per chunk, so a damaged byte is an error
-when it is read, never a label served on trust. Each file is assembled in memory (HDF5's
-core driver), then written in one sequential pass
-under a temporary name, fsynced, and renamed. A file under its final name is always
+Every dataset carries HDF5's fletcher32 checksum per chunk, and files are written in the
+HDF5 1.10 file format (superblock version 3), whose superblock, object headers and chunk
+indexes carry checksums too; the reader verifies each file's sha256 anyway (see
+:mod:`softserve.storage.integrity`). HDF5 1.10 and later read the format: every h5py that
+softserve supports (3.9 and later bundle HDF5 1.14 or 2.0), and softserve's reader of any
+version. Each file is assembled in memory (HDF5's core driver), then written in one
+sequential pass under a temporary name, fsynced, and renamed. A file under its final name is always
 whole, which is what makes an interrupted relabel resumable shard by shard; and a full
 disk surfaces as a plain OSError from that one write, never as a half-flushed HDF5 file
 (h5py reports a flush that fails while closing as a RuntimeError, and may crash later
@@ -26,12 +29,16 @@ from softserve.storage.manifest import FORMAT_VERSION, FileInfo, ShardInfo
 from softserve.storage.shards import NORM, bytes_per_row, shard_layout
 
 _CHUNK_BYTES = 1 << 16
+#: The oldest and newest HDF5 format versions written: 1.10's, whose metadata is
+#: checksummed (the default, "earliest", writes superblock 0 and version-1 B-trees, which
+#: carry none), and no newer, so that HDF5 1.10 through 2.0 all read what is written.
+LIBVER = ("v110", "v110")
 
 
 def _in_memory(path: Path) -> h5py.File:
     """A new HDF5 file that lives in memory until :func:`_persist`."""
     name = f"{path}.{uuid.uuid4().hex}"  # unique: HDF5 refuses two open files of one name
-    return h5py.File(name, "w", driver="core", backing_store=False, track_order=True)
+    return h5py.File(name, "w", driver="core", backing_store=False, track_order=True, libver=LIBVER)
 
 
 def _persist(f: h5py.File, path: Path) -> None:

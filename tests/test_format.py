@@ -209,10 +209,16 @@ def flip_byte_in_chunk(path: Path, dataset: str) -> None:
 
 
 def test_a_flipped_byte_is_an_error_not_a_label(tmp_path: Path) -> None:
-    """Every chunk carries a fletcher32 checksum: one flipped byte in the stored labels is a
-    StoreError on read (a JSON error from the server), never a wrong label."""
+    """One flipped byte in the stored labels: the file's sha256 no longer matches, so the
+    set is refused when opened (and not served); with the manifest made to match, every
+    chunk's fletcher32 checksum still makes it a StoreError on read (a JSON error from the
+    server), never a wrong label."""
     root = build_label_set(tmp_path / "store" / "s", n=20, epochs=2, shard_epochs=2)
     flip_byte_in_chunk(root / "labels-00000.h5", "refined")
+    with pytest.raises(StoreError, match="labels-00000.h5: sha256 .*manifest says"):
+        LabelSetReader(root)
+    shards = [shard_info(root / "labels-00000.h5", 0, 2)]
+    write_model(root / "manifest.json", read_manifest(root).model_copy(update={"shards": shards}))
     with LabelSetReader(root) as reader:
         assert reader.read(0, 0, 20, ["order", "params"])["order"].shape == (20,)
         with pytest.raises(StoreError, match="cannot read 'refined'"):
@@ -232,16 +238,16 @@ def test_sample_ids_outside_the_set_are_refused(tmp_path: Path, bad: int) -> Non
     root = build_label_set(tmp_path / "s", n=20, epochs=2, shard_epochs=2)
     with h5py.File(root / "labels-00000.h5", "r+") as f:
         f["order"][1, 3] = bad
+    assert any("labels-00000.h5: sha256" in p for p in verify_label_set(root))
+    manifest = read_manifest(root)  # even with a manifest made to match the file:
+    shards = [shard_info(root / "labels-00000.h5", 0, 2)]
+    write_model(root / "manifest.json", manifest.model_copy(update={"shards": shards}))
     with LabelSetReader(root) as reader:
         reader.read(0, 0, 20)
         with pytest.raises(StoreError, match="sample ids outside 0..19"):
             reader.read(1, 0, 20, ["order"])
         with pytest.raises(StoreError, match="sample ids outside"):
             reader.read(1, 0, 20, ["logits"])
-    assert any("labels-00000.h5: sha256" in p for p in verify_label_set(root))
-    manifest = read_manifest(root)  # even with a manifest made to match the file:
-    shards = [shard_info(root / "labels-00000.h5", 0, 2)]
-    write_model(root / "manifest.json", manifest.model_copy(update={"shards": shards}))
     assert verify_label_set(root) == [
         "labels-00000.h5: order of epoch 1 (in the shard) is not a permutation"
     ]

@@ -13,7 +13,9 @@ from conftest import Server, build_label_set, run_cli
 from softserve.client import Client, ClientError
 from softserve.client.codecs import part_name
 from softserve.errors import StoreError
-from softserve.storage import LabelSetReader
+from softserve.storage import LabelSetReader, read_manifest
+from softserve.storage.manifest import write_model
+from softserve.storage.writer import shard_info
 
 BATCH = 5
 
@@ -181,6 +183,11 @@ def test_shards_must_hold_the_epochs_the_manifest_says(tmp_path: Path) -> None:
     a.rename(swapped / "x")
     b.rename(a)
     (swapped / "x").rename(b)
+    with pytest.raises(StoreError, match=r"labels-00000.h5: sha256 .* manifest says"):
+        LabelSetReader(swapped)
+    manifest = read_manifest(swapped)  # a manifest made to match the swapped files' bytes
+    shards = [shard_info(swapped / s.file, *s.epochs) for s in manifest.shards]
+    write_model(swapped / "manifest.json", manifest.model_copy(update={"shards": shards}))
     with pytest.raises(StoreError, match=r"labels-00000.h5 holds epochs \(2, 4\), the manifest"):
         LabelSetReader(swapped)
     edited = build_label_set(store / "edited")
