@@ -94,7 +94,7 @@ import torch
 
 from softserve.client import Client, RemoteLabelSet, Sharding, Targets, apply_views, get_loss
 from softserve.client.codecs import get_codec
-from softserve.client.payload import decode
+from softserve.client.payload import crc32, decode
 from softserve.models import convnet
 from softserve.service.batches import BatchRequest, batch_payload, read_batches, stream_groups
 from softserve.service.catalog import Catalog
@@ -563,7 +563,9 @@ def diagnostics(src: Sources, calls: int) -> dict[str, float]:
       gather, encode): the server's own work per batch, without HTTP;
     - ``reader_read``: the ``LabelSetReader.read`` part of it;
     - ``gather`` and ``views``: the two parts of ``RemoteLabelSet.to_batch`` (base images
-      indexed out of the client's cache, then ``apply_views`` on the CPU).
+      indexed out of the client's cache, then ``apply_views`` on the CPU);
+    - ``crc32``: the CRC-32 of one batch payload as served, which the server takes and the
+      client checks once each per batch (``crc32_mb_s``: its rate).
     """
     request = replace(src.request, include=tuple(INCLUDE.split(",")))
     remote, last = src.remote, len(src.sharding)
@@ -572,7 +574,11 @@ def diagnostics(src: Sources, calls: int) -> dict[str, float]:
     assert cache is not None
     images, params = cache.index_select(0, idx), raw.tensors["params"]
     view = dict(mean=remote.mean, std=remote.std)
+    payload = src.http.get(f"/v1/labelsets/{LABEL_SET}/epochs/0/batches/0", params=src.batch_query)
+    crc_ms = median_ms(lambda: crc32([payload.content]), calls)
     return {
+        "crc32": crc_ms,
+        "crc32_mb_s": len(payload.content) / 1e3 / crc_ms,
         "healthz": median_ms(lambda: src.http.get("/healthz"), calls),
         "empty_stream": median_ms(lambda: list(remote.raw_batches(0, src.sharding, last)), calls),
         "server_batch": median_ms(lambda: batch_payload(request, 0), calls),
@@ -686,6 +692,8 @@ def format_diagnostics(diag: dict[str, float], paths: dict[str, PathResult]) -> 
     """Per-request, per-stream and per-batch costs beside the measured per-batch times."""
     wall = {k: 1000 * statistics.median(r.seconds) / r.batches for k, r in paths.items()}
     letters = ", ".join(f"{r.label.split()[0]} {wall[k]:.2f}" for k, r in paths.items())
+    c = paths["stream"]
+    stream_cpu = sum(c.cpu_ms_per_batch(cpu) or 0.0 for cpu in (c.client_cpu_s, c.server_cpu_s))
     return [
         "  where a batch's time goes (median ms):",
         f"    wall per batch: {letters}",
@@ -695,6 +703,9 @@ def format_diagnostics(diag: dict[str, float], paths: dict[str, PathResult]) -> 
         f"which LabelSetReader.read {diag['reader_read']:.2f}",
         f"    client to_batch: image gather from the cache {diag['gather']:.2f}, apply_views "
         f"{diag['views']:.2f}",
+        f"    CRC-32 of one payload {diag['crc32']:.3f} ({diag['crc32_mb_s']:.0f} MB/s), taken "
+        f"once by the server and once by the client: {2 * diag['crc32'] / stream_cpu:.1%} of "
+        "c's CPU per batch (client and server)",
     ]
 
 

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 import softserve
 from softserve.client.payload import (
+    CHECKSUM_HEADER,
     DEFAULT_INCLUDE,
     MEDIA_TYPE,
     MIX_TENSORS,
@@ -28,6 +29,7 @@ from softserve.client.payload import (
     TENSORS,
     LabelDtype,
     LabelEncoding,
+    crc32,
 )
 from softserve.client.sampling import Sharding
 from softserve.client.schema import ErrorResponse, LabelSetDetail, LabelSetSummary
@@ -62,7 +64,16 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
 _SET_ERRORS = _errors(409, 503)
 _BATCH_ERRORS = _errors(400, 409, 503)
 _SAFETENSORS = {
-    200: {"content": {MEDIA_TYPE: {}}, "description": "safetensors payload"},
+    200: {
+        "content": {MEDIA_TYPE: {}},
+        "description": "safetensors payload",
+        "headers": {
+            CHECKSUM_HEADER: {
+                "description": "CRC-32 of the body, 8 hex digits",
+                "schema": {"type": "string"},
+            }
+        },
+    },
     **_BATCH_ERRORS,
 }
 
@@ -214,17 +225,19 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def bounded_payload(
         size: int, read: Callable[[], bytes], headers: dict[str, str]
     ) -> Response:
-        """A safetensors response read in the thread pool, its ``size`` bytes counted in
-        flight until it is sent (503 busy when the process has no room for them)."""
+        """A safetensors response read (and its CRC-32 taken) in the thread pool, its
+        ``size`` bytes counted in flight until it is sent (503 busy when the process has no
+        room for them)."""
         reserved = limits.try_reserve(size)
         try:
-            body = await run_in_threadpool(read)
+            body, crc = await run_in_threadpool(_with_crc32, read)
         except BaseException:
             await limits.release(reserved)
             raise
         return ReleasingResponse(
-            body, media_type=MEDIA_TYPE, headers=headers, release=lambda: limits.release(reserved)
-        )
+            body, media_type=MEDIA_TYPE, headers={**headers, CHECKSUM_HEADER: f"{crc:08x}"},
+            release=lambda: limits.release(reserved),
+        )  # fmt: skip
 
     v1 = [Depends(require_token)]
 
@@ -389,6 +402,12 @@ class Readiness(BaseModel):
     unhealthy_sets: int = Field(description="Label sets skipped at scan time or withdrawn")
     unhealthy: dict[str, str] | None = Field(None, description="Their names and reasons")
     store: str | None = Field(None, description="The store folder, as configured")
+
+
+def _with_crc32(read: Callable[[], bytes]) -> tuple[bytes, int]:
+    """What ``read`` returns, and its CRC-32."""
+    body = read()
+    return body, crc32([body])
 
 
 def _redact(reason: str, paths: list[str]) -> str:

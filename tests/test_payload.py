@@ -1,6 +1,8 @@
-"""The wire format: safetensors payloads and length-prefixed frames."""
+"""The wire format: safetensors payloads and frames of length, CRC-32 and payload."""
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import safetensors.numpy
 from softserve.client.payload import (
     END_FRAME,
     PayloadError,
+    check_crc32,
     decode,
     encode,
     error_frame,
@@ -82,3 +85,29 @@ def test_oversized_frame_is_refused_before_it_is_read() -> None:
     with pytest.raises(PayloadError, match="limit"):
         list(read_frames(iter([small]), max_frame_bytes=100))
     assert len(list(read_frames(iter([small + END_FRAME])))) == 1
+
+
+def test_every_flipped_bit_of_a_stream_is_an_error() -> None:
+    """Each bit of a stream (lengths, CRCs, payloads, the end frame) flipped in turn: the
+    reader raises every time, never hands over a payload that differs from what was sent."""
+    payloads = [encode({"x": np.arange(4, dtype=np.int16)}, {"batch": str(i)}) for i in (0, 1)]
+    stream = b"".join(frame(p) for p in payloads) + END_FRAME
+    assert [bytes(p) for p in read_frames(iter([stream]))] == payloads
+    for bit in range(8 * len(stream)):
+        damaged = bytearray(stream)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(PayloadError):
+            for payload in read_frames(iter([bytes(damaged)])):
+                assert bytes(payload) in payloads
+
+
+def test_a_single_payload_is_checked_against_its_header() -> None:
+    payload = encode({"x": np.arange(10)})
+    check_crc32(payload, f"{zlib.crc32(payload):08x}")
+    damaged = payload[:-1] + bytes([payload[-1] ^ 4])
+    with pytest.raises(PayloadError, match="damaged in transit"):
+        check_crc32(damaged, f"{zlib.crc32(payload):08x}")
+    with pytest.raises(PayloadError, match="not a CRC-32"):
+        check_crc32(payload, "zz")
+    with pytest.raises(PayloadError, match="without its X-Softserve-CRC32 header"):
+        check_crc32(payload, None)

@@ -2,8 +2,11 @@
 
 Requests are retried with exponential backoff and jitter on connection errors and 5xx
 (tenacity), rotating through the server URLs on each failure; a 503 busy is retried after
-its Retry-After. A store error (a damaged or withdrawn set) is retried only on another URL,
-which must serve the same version (the digest travels with every request). A stream cut
+its Retry-After. Every payload is checked against the CRC-32 the server sent with it
+(a stream frame's header, a single payload's ``X-Softserve-CRC32``): a mismatch is a
+PayloadError, retried like a cut connection, never a batch. A store error (a damaged or
+withdrawn set) is retried only on another URL, which must serve the same version (the
+digest travels with every request). A stream cut
 mid-epoch, or ended by a server shutting down, is resumed at the first batch not yet
 received, so a server restart loses and repeats nothing.
 """
@@ -28,7 +31,14 @@ from tenacity import (
 )
 
 from softserve.client.labelset import LabelSet, RawBatch
-from softserve.client.payload import PayloadError, decode, read_frames
+from softserve.client.payload import (
+    CHECKSUM_HEADER,
+    STREAM_MEDIA_TYPE,
+    PayloadError,
+    check_crc32,
+    decode,
+    read_frames,
+)
 from softserve.client.sampling import Sharding
 from softserve.client.schema import LabelSetDetail, LabelSetSummary
 from softserve.errors import SoftserveError
@@ -226,12 +236,16 @@ class Client:
             retry_error_callback=give_up,
         )
 
-    def get(self, path: str, params: dict | None = None) -> httpx.Response:
-        """GET with retries and failover; raises ClientError on 4xx."""
+    def get(self, path: str, params: dict | None = None, payload: bool = False) -> httpx.Response:
+        """GET with retries and failover; raises ClientError on 4xx. A ``payload`` (a
+        safetensors body) is checked against the CRC-32 the server sent with it: a
+        mismatch is a PayloadError, retried like a lost connection."""
         for attempt in self.retrying():
             with attempt:
                 response = self._http.get(self.url + path, params=params)
                 _raise_for_status(response)
+                if payload:
+                    check_crc32(response.content, response.headers.get(CHECKSUM_HEADER))
         return response
 
     @contextlib.contextmanager
@@ -312,7 +326,7 @@ class RemoteLabelSet(LabelSet):
         for start in range(0, self.num_samples, step):
             stop = min(start + step, self.num_samples)
             query = {"start": start, "stop": stop, "digest": self.digest}
-            response = self.client.get(f"{self._path}/images", query)
+            response = self.client.get(f"{self._path}/images", query, payload=True)
             parts.append(self._checked(response.content)["images"])
         self._images = torch.from_numpy(np.concatenate(parts))
         return self._images
@@ -336,11 +350,13 @@ class RemoteLabelSet(LabelSet):
         }
         if step > 1:
             for e, index in sharding.schedule(epoch, start, epochs, step):
-                response = self.client.get(f"{self._path}/epochs/{e}/batches/{index}", params)
+                path = f"{self._path}/epochs/{e}/batches/{index}"
+                response = self.client.get(path, params, payload=True)
                 yield RawBatch(e, index, self._received(response.content))
             return
         per_epoch, end = len(sharding), epoch + epochs
         index = start
+        left = max(0, per_epoch * epochs - start)
         patience = Patience()
         for attempt in self.client.retrying(patience):
             if epoch == end:  # cut after the last batch, before the end frame: nothing is lost
@@ -348,12 +364,20 @@ class RemoteLabelSet(LabelSet):
             path = f"{self._path}/epochs/{epoch}/stream"
             query = {**params, "start": index, "epochs": end - epoch}
             with attempt, self.client.stream(path, query) as response:
+                if (framing := response.headers.get("content-type")) != STREAM_MEDIA_TYPE:
+                    raise PayloadError(
+                        f"stream of type {framing!r}, not {STREAM_MEDIA_TYPE!r}: a server "
+                        "older than this client, whose frames carry no checksum?"
+                    )
                 chunks = response.iter_bytes()
                 for payload in read_frames(chunks):
                     received = self._received(payload)
                     patience.progress()
                     yield RawBatch(epoch, index, received)
                     epoch, index = (epoch + 1, 0) if index + 1 == per_epoch else (epoch, index + 1)
+                    left -= 1
+                if left:  # an end frame too early: never a short epoch without an error
+                    raise PayloadError(f"stream ended {left} batches early")
                 for _ in chunks:  # read to the end, so that the connection is reused
                     pass
 
