@@ -478,6 +478,9 @@ def train(
             "batch-norm ConvNet) or resnet18."
         ),
     ] = "convnet",
+    width: Annotated[
+        int | None, typer.Option(help="Channels of a ConvNet student [default: 128].")
+    ] = None,
     loss: Annotated[
         str,
         typer.Option(help="gift, ce, softce, kl, mse, mse_ce, softce_ce, cosine (or kl_t2)."),
@@ -533,7 +536,8 @@ def train(
             alpha=alpha, beta=beta, allow_pickle=allow_pickle, random_teacher=random_teacher,
         )  # fmt: skip
     opts = TrainOptions(
-        urls=url or (), store=store, labelset=labelset, online=online, model=model, loss=loss,
+        urls=url or (), store=store, labelset=labelset, online=online, model=model, width=width,
+        loss=loss,
         optimizer=optimizer, epochs=epochs, lr=lr, weight_decay=weight_decay,
         batch_size=batch_size, eval=eval, device=device, token=token,
         retry_seconds=retry_seconds, seed=seed, progress=progress,
@@ -556,12 +560,19 @@ def _prepare_demo(opts: DemoOptions) -> Path:
         result = prepare_demo(opts, log=stdout.print)
     except KeyboardInterrupt:
         _interrupted("rerun the same command to continue")
-    stdout.print(f"label set ready: {result.label_set}")
+    stdout.print(f"label set ready: {result.label_set} (evaluate with --eval {result.eval_set})")
     return result.label_set
 
 
 @demo_app.command("prepare")
 def demo_prepare(
+    task: Annotated[
+        str,
+        typer.Option(
+            help="fashion-mnist (K = 10), or its composites: pairs (two garments side by "
+            "side, K = 100) or triplets (three, K = 1000), each with its own test split."
+        ),
+    ] = "fashion-mnist",
     workdir: WorkdirOption = Path("demo"),
     store: StoreOption = Path("store"),
     data: DataOption = None,
@@ -576,11 +587,16 @@ def demo_prepare(
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
-    """Train a Fashion-MNIST teacher, pick --ipc images per class by confidence, relabel them."""
+    """Train a Fashion-MNIST teacher, pick --ipc images per class by confidence, relabel them.
+
+    With --task pairs or triplets the same tile teacher scores composites of garments
+    (its logit for class abc is the sum of the tiles' logits), and the set is --ipc
+    composites per class; the test split is written beside it (train --eval PATH)."""
     from softserve.worker.demo import DemoOptions
 
     _prepare_demo(
         DemoOptions(
+            task=task,
             workdir=workdir,
             store=store,
             data=data,

@@ -73,6 +73,37 @@ def fashion_mnist_teacher(num_classes: int = 10) -> ConvNet:
     return ConvNet(channels=1, num_classes=num_classes, image_size=28, width=32, depth=3)
 
 
+class GarmentTeacher(nn.Module):
+    """A factorized teacher of ``garments`` 28×28 tiles side by side: the tile network's
+    logits summed over the tiles, z[abc] = l₁[a] + l₂[b] + l₃[c] (softmax: their product)."""
+
+    def __init__(self, garments: int) -> None:
+        super().__init__()
+        self.garments = garments
+        self.tile = fashion_mnist_teacher()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if w != self.garments * h:
+            raise ValueError(f"expected {self.garments} square tiles side by side, got {h}×{w}")
+        tiles = x.reshape(b, c, h, self.garments, h).permute(0, 3, 1, 2, 4)
+        logits = self.tile(tiles.reshape(b * self.garments, c, h, h)).view(b, self.garments, -1)
+        total = logits[:, 0]
+        for i in range(1, self.garments):
+            total = (total[:, :, None] + logits[:, i, None, :]).flatten(1)
+        return total
+
+
+def pairs_teacher() -> GarmentTeacher:
+    """The teacher of Fashion-MNIST pairs (28×56, K = 100); see softserve.worker.garments."""
+    return GarmentTeacher(2)
+
+
+def triplets_teacher() -> GarmentTeacher:
+    """The teacher of Fashion-MNIST triplets (28×84, K = 1000)."""
+    return GarmentTeacher(3)
+
+
 def resnet18_small(num_classes: int = 10, channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18 for small inputs: 3×3 stem, stride 1, no max-pool (CIFAR style)."""
     import torchvision  # here, not at the top: importing it costs a second or more

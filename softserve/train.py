@@ -44,14 +44,19 @@ from softserve.errors import InputError
 from softserve.models import convnet, resnet18_small
 from softserve.worker.sources import TeacherInputs, check_teacher_inputs
 
-#: Students by --model name: (channels, classes, view size) -> a fresh model.
-STUDENTS: dict[str, Callable[[int, int, tuple[int, int]], nn.Module]] = {
-    "convnet": lambda channels, classes, size: convnet(classes, channels, image_size=size),
-    "convnet_bn": lambda channels, classes, size: convnet(
-        classes, channels, image_size=size, norm="batch"
+#: Students by --model name: (channels, classes, view size, width) -> a fresh model; width
+#: None is the model's own (ConvNet: 128 channels).
+STUDENTS: dict[str, Callable[[int, int, tuple[int, int], int | None], nn.Module]] = {
+    "convnet": lambda channels, classes, size, width: convnet(
+        classes, channels, image_size=size, width=width or 128
     ),
-    "resnet18": lambda channels, classes, size: resnet18_small(classes, channels),
+    "convnet_bn": lambda channels, classes, size, width: convnet(
+        classes, channels, image_size=size, width=width or 128, norm="batch"
+    ),
+    "resnet18": lambda channels, classes, size, width: resnet18_small(classes, channels),
 }
+#: The students whose width --width sets.
+WIDE_STUDENTS = ("convnet", "convnet_bn")
 #: Default learning rate per optimizer: the evaluator's AdamW lr for Adam too; SGD's is ours.
 OPTIMIZERS = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.01}
 #: The evaluator's MultiStepLR: decay by 0.2 at these fractions of the epochs.
@@ -90,6 +95,7 @@ class TrainOptions:
     labelset: str | None = None
     online: TeacherInputs | None = None
     model: str = "convnet"
+    width: int | None = None
     loss: str = "gift"
     optimizer: str = "adamw"
     epochs: int = 300
@@ -122,9 +128,11 @@ class Feed:
     describe: dict
 
 
-def build_student(name: str, channels: int, num_classes: int, size: tuple[int, int]) -> nn.Module:
+def build_student(
+    name: str, channels: int, num_classes: int, size: tuple[int, int], width: int | None = None
+) -> nn.Module:
     """A fresh student for the feed's channels, view size and classes (``name`` in STUDENTS)."""
-    return STUDENTS[name](channels, num_classes, size)
+    return STUDENTS[name](channels, num_classes, size, width)
 
 
 def build_optimizer(opts: TrainOptions, params) -> torch.optim.Optimizer:
@@ -372,6 +380,11 @@ def _check(opts: TrainOptions) -> None:
                                    ("--optimizer", opts.optimizer, OPTIMIZERS)):  # fmt: skip
         if value not in choices:
             raise InputError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
+    if opts.width is not None and (opts.width < 1 or opts.model not in WIDE_STUDENTS):
+        raise InputError(
+            f"--width must be positive and is for {' and '.join(WIDE_STUDENTS)}, "
+            f"got {opts.width} for {opts.model}"
+        )
     if opts.lr is not None and opts.lr <= 0:
         raise InputError(f"--lr must be positive, got {opts.lr}")
     if opts.weight_decay < 0:
@@ -432,13 +445,16 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> dict:
             feed = served_feed(opts, open_labelset(opts, client), device)
         check_eval_set(test, feed)
         torch.manual_seed(opts.seed)  # here: one seed, one student, whichever feed built
-        model = build_student(opts.model, feed.channels, feed.num_classes, feed.output_size)
+        model = build_student(
+            opts.model, feed.channels, feed.num_classes, feed.output_size, opts.width
+        )
         model = model.to(device)
         steps, samples, seconds = fit(model, feed, loss_fn, opts)
         top1 = evaluate(model, test.images, test.labels, feed, device)
     return {
         **feed.describe,
         "model": opts.model,
+        "width": opts.width,
         "loss": opts.loss,
         "optimizer": opts.optimizer,
         "seed": opts.seed,

@@ -81,6 +81,15 @@ def test_convnet_students_are_the_evaluators_convnet(name: str, norm: type, othe
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", ["convnet", "convnet_bn"])
+def test_width_sets_a_convnet_students_channels(name: str) -> None:
+    """--width 32 (the K = 1000 study's student) narrows every conv layer, for any input."""
+    model = build_student(name, 1, 1000, (28, 84), width=32)
+    assert [c.out_channels for c in _layers(model, torch.nn.Conv2d)] == [32, 32, 32]
+    (linear,) = _layers(model, torch.nn.Linear)
+    assert (linear.in_features, linear.out_features) == (32 * 3 * 10, 1000)
+
+
 def test_resnet18_student_is_the_evaluators_small_input_resnet() -> None:
     """torchvision's ResNet-18 with a 3×3 stride-1 stem and no max-pool, every other layer as
     torchvision builds it (``resnet18_modified`` in LINs-lab/GIFT's ``utils/load_model.py``)."""
@@ -332,6 +341,8 @@ def test_train_defaults_are_the_evaluators_adamw() -> None:
         (["--size", "-4x8"], "--size must be positive"),
         (["--alpha", "-0.1"], "--alpha and --beta must be non-negative"),
         (["--beta", "-1"], "--alpha and --beta must be non-negative"),
+        (["--width", "0"], "--width must be positive"),
+        (["--model", "resnet18", "--width", "32"], "--width must be positive and is for convnet"),
     ],
 )
 def test_train_options_are_checked_before_anything_loads(

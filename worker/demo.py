@@ -5,6 +5,10 @@
    scoring idea (keep the candidates the teacher finds most typical of their class).
 3. Write them as an ImageFolder tree plus the teacher weights, and relabel into a store.
 
+``task="pairs"`` or ``"triplets"`` builds the K = 100 or K = 1000 composites of
+:mod:`softserve.worker.garments` the same way, from the same tile teacher, with their own
+test split (``DemoResult.eval_set``).
+
 Every step is cached in the work folder, so rerunning continues where it stopped.
 """
 
@@ -23,8 +27,9 @@ from tqdm.auto import tqdm
 
 from softserve.client.codecs import DEFAULT_CODEC
 from softserve.client.views import ViewPolicy
+from softserve.errors import InputError
 from softserve.models import fashion_mnist_teacher
-from softserve.worker import fashion_mnist
+from softserve.worker import fashion_mnist, garments
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.runtime import resolve_device
 
@@ -35,6 +40,7 @@ DEMO_POLICY = ViewPolicy(scale=(0.5, 1.0))
 
 @dataclass
 class DemoOptions:
+    task: str = "fashion-mnist"
     workdir: Path = Path("demo")
     store: Path = Path("store")
     data: Path | None = None
@@ -52,7 +58,11 @@ class DemoOptions:
 
     @property
     def label_set_name(self) -> str:
-        return f"fashion-mnist-ipc{self.ipc}"
+        return f"{self.task}-ipc{self.ipc}"
+
+
+#: The tasks prepare_demo builds: Fashion-MNIST itself and its composites.
+TASKS = ("fashion-mnist", *garments.TASKS)
 
 
 @dataclass
@@ -61,6 +71,8 @@ class DemoResult:
     images: Path
     weights: Path
     teacher_accuracy: float
+    #: What ``softserve train --eval`` takes for this task's test split.
+    eval_set: str = "fashion-mnist"
 
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:
@@ -180,9 +192,14 @@ def _teacher(
 
 def prepare_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoResult:
     """Run the whole demo preparation; see the module docstring."""
+    if opts.task not in TASKS:
+        raise InputError(f"unknown demo task {opts.task!r}; choose one of {', '.join(TASKS)}")
     data_dir = fashion_mnist.find_data(opts.data)
     device = resolve_device(opts.device)
     model, acc = _teacher(opts, data_dir, device, log)
+    if opts.task != "fashion-mnist":
+        return _prepare_garments(opts, garments.GarmentTask.named(opts.task), model, data_dir,
+                                 device, log)  # fmt: skip
 
     train_images, train_labels = fashion_mnist.load_split(data_dir, "train")
     probs = predict(model, train_images, device)
@@ -211,3 +228,51 @@ def prepare_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoR
         )
     )
     return DemoResult(label_set, images_dir, opts.workdir / "teacher.pt", acc)
+
+
+def _prepare_garments(
+    opts: DemoOptions, task: garments.GarmentTask, tile: torch.nn.Module, data_dir: Path,
+    device: torch.device, log: Callable[[str], None],
+) -> DemoResult:  # fmt: skip
+    """The composite task's teacher weights, synthetic set, test split and label set."""
+    folder = opts.workdir / task.name
+    weights = folder / "teacher.pt"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(garments.composite_state({k: v.cpu() for k, v in tile.state_dict().items()}),
+               weights)  # fmt: skip
+    names = task.class_names()
+
+    def log_probs(images: np.ndarray) -> np.ndarray:
+        return garments.tile_log_probs(lambda x: predict(tile, x, device), images)
+
+    test_images, test_labels = fashion_mnist.load_split(data_dir, "test")
+    per_class = max(1, 10_000 // task.num_classes)
+    test_picks = task.draw(test_labels, per_class, np.random.default_rng(opts.seed + 1))
+    test_classes = task.class_of(test_labels[test_picks])
+    test_scores = log_probs(test_images)
+    predicted = task.class_of(test_scores.argmax(1)[test_picks])  # argmax of a product
+    acc = float((predicted == test_classes).mean())
+    test_set = folder / "test.pt"
+    garments.save_tensor_set(test_set, task.compose(test_images, test_picks), test_classes, names)
+    log(f"{task.name}: {task.num_classes} classes, teacher test accuracy {acc:.4f} "
+        f"on {len(test_classes)} test composites ({test_set})")  # fmt: skip
+
+    train_images, train_labels = fashion_mnist.load_split(data_dir, "train")
+    picks = garments.select(
+        task, log_probs(train_images), train_labels, opts.ipc, opts.candidates, opts.seed
+    )
+    images = folder / f"ipc{opts.ipc}.pt"
+    garments.save_tensor_set(
+        images, task.compose(train_images, picks), task.class_of(train_labels[picks]), names
+    )
+    log(f"synthetic set: {len(picks)} composites in {images}")
+    label_set = opts.store / opts.label_set_name
+    relabel(
+        RelabelOptions(
+            images=images, teacher=task.teacher_spec, weights=weights, out=label_set,
+            mean=fashion_mnist.MEAN, std=fashion_mnist.STD, policy=task.policy,
+            epochs=opts.label_epochs, seed=opts.seed, codec=opts.codec, device=opts.device,
+            progress=opts.progress,
+        )  # fmt: skip
+    )
+    return DemoResult(label_set, images, weights, acc, eval_set=str(test_set))
