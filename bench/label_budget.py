@@ -10,13 +10,20 @@
    floor soft labels should beat.
 4. Write the table, the Pareto plot and the README section (``bench/label_budget_report.py``).
 
-Resumable like the loss study: runs are appended to ``bench/results/label_budget.jsonl``
-with their command, code version and the label bytes of their variant, and skipped on the
-next run. Seed-major: a partial run covers every cell once first.
+``--task triplets`` runs the same study at K = 1000 on Fashion-MNIST triplets
+(:mod:`softserve.worker.garments`): IPC 1, a ConvNet-3 of width 32, into
+``bench/results/label_budget_k1000.jsonl``, with the K = 1000 codes (topk:10, topk:50, ...).
 
-    python bench/label_budget.py                # the study (hours on 2 CPU cores)
-    python bench/label_budget.py --smoke        # CI: 2 epochs, 3 variants, GIFT, 1 seed
-    python bench/label_budget.py --device cuda  # on a GPU host
+Resumable like the loss study: runs are appended to the task's results file with their
+command, code version, the label bytes of their variant and the provenance of its labels
+(label-set digest, teacher and image sha256), and skipped on the next run. Decisive cells
+first: the first ``--lead`` variants under each optimizer in turn (seed-major), then the
+rest, so a partial run answers the question that decides the default codec.
+
+    python bench/label_budget.py                   # the K = 10 study (hours on 2 CPU cores)
+    python bench/label_budget.py --task triplets   # the K = 1000 study
+    python bench/label_budget.py --smoke           # CI: 2 epochs, 3 variants, GIFT, 1 seed
+    python bench/label_budget.py --device cuda     # on a GPU host
 """
 
 from __future__ import annotations
@@ -32,14 +39,21 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import label_budget_report  # noqa: E402
-from study import Runner, Server, add_common_arguments, small_eval_set  # noqa: E402
+from study import Runner, Server, add_common_arguments, provenance, small_eval_set  # noqa: E402
 
 from softserve.storage.manifest import read_manifest  # noqa: E402
 from softserve.worker.demo import DemoOptions, prepare_demo  # noqa: E402
 from softserve.worker.transcode import TranscodeOptions, transcode  # noqa: E402
 
-#: (codec, stored epochs); the first is the reference every other one is compared with.
-VARIANTS = "fp32@300,fp16@300,int8@300,topk:5@300,topk:3@300,topk:1@300,fp32@30,fp32@10"
+#: (codec, stored epochs) by task; the first is the reference every other one is compared
+#: with, and the first four are the decisive ones (--lead).
+VARIANTS = {
+    "fashion-mnist": "fp32@300,fp16@300,int8@300,topk:5@300,topk:3@300,topk:1@300,fp32@30,fp32@10",
+    "triplets": "fp32@300,int8@300,topk:10@300,topk:50@300,fp16@300,topk:1@300,topk:100@300,"
+                "topk:10@30",
+}  # fmt: skip
+#: What differs by task: the synthetic set's IPC and the student's width (None: 128).
+TASK_SETS = {"fashion-mnist": (10, None), "triplets": (1, 32)}
 LOSSES = ("gift", "kl")
 #: Hard labels only: run once, on the reference, as the floor.
 FLOOR_LOSS = "ce"
@@ -76,11 +90,12 @@ class Job:
     seed: int
     epochs: int
     model: str = "convnet"
+    width: int | None = None
 
     @property
     def key(self) -> tuple:
         return (self.codec, self.stored_epochs, self.loss, self.optimizer, self.seed,
-                self.epochs, self.model)  # fmt: skip
+                self.epochs, self.model, self.width)  # fmt: skip
 
     @property
     def variant(self) -> Variant:
@@ -89,31 +104,36 @@ class Job:
 
 def plan(
     variants: list[Variant], seeds: list[int], epochs: int, losses: list[str],
-    optimizers: list[str], floor: bool,
+    optimizers: list[str], floor: bool, lead: int = 4, width: int | None = None,
 ) -> list[Job]:  # fmt: skip
-    """Every run, seed-major; the floor loss on the reference (first) variant only."""
+    """Every run: the first ``lead`` variants under each optimizer in turn, then the rest;
+    seed-major within each; the floor loss on the reference (first) variant only."""
     jobs = []
-    for seed in seeds:
-        for i, v in enumerate(variants):
-            names = [*losses, FLOOR_LOSS] if floor and i == 0 else losses
-            for loss in names:
-                for optimizer in optimizers:
-                    jobs.append(Job(v.codec, v.stored_epochs, loss, optimizer, seed, epochs))
+    for group in (variants[:lead], variants[lead:]):
+        for optimizer in optimizers:
+            for seed in seeds:
+                for v in group:
+                    names = [*losses, FLOOR_LOSS] if floor and v == variants[0] else losses
+                    jobs += [Job(v.codec, v.stored_epochs, loss, optimizer, seed, epochs,
+                                 width=width) for loss in names]  # fmt: skip
     return jobs
 
 
 def build_variants(
-    workdir: Path, store: Path, variants: list[Variant], epochs: int, device: str, smoke: bool
-) -> dict[Variant, dict]:
-    """The fp32 reference relabelled once, every variant transcoded from it; their sizes."""
-    source = prepare_demo(
+    workdir: Path, store: Path, variants: list[Variant], epochs: int, device: str, smoke: bool,
+    task: str = "fashion-mnist",
+) -> tuple[dict[Variant, dict], str]:  # fmt: skip
+    """The fp32 reference relabelled once, every variant transcoded from it; their sizes,
+    and the task's test split for --eval."""
+    prepared = prepare_demo(
         DemoOptions(
-            workdir=workdir, store=workdir / "budget-source", ipc=10, label_epochs=epochs,
-            codec="fp32", device=device, teacher_epochs=1 if smoke else 3,
-            train_limit=2000 if smoke else None,
+            task=task, workdir=workdir, store=workdir / "budget-source", ipc=TASK_SETS[task][0],
+            label_epochs=epochs, codec="fp32", device=device, teacher_epochs=1 if smoke else 3,
+            train_limit=2000 if smoke else None, progress=False,
         ),
         log=lambda m: tqdm.write(f"prepare: {m}"),
-    ).label_set  # fmt: skip
+    )  # fmt: skip
+    source = prepared.label_set
     sizes = {}
     for v in variants:
         out = store / v.name
@@ -122,7 +142,7 @@ def build_variants(
         views = manifest.config.epochs * manifest.config.num_samples
         sizes[v] = {"label_bytes": manifest.label_bytes(),
                     "bytes_per_view": round(manifest.label_bytes() / views, 2)}  # fmt: skip
-    return sizes
+    return sizes, prepared.eval_set
 
 
 @dataclass
@@ -133,24 +153,31 @@ class Context:
     eval: str
     device: str
     sizes: dict[Variant, dict]
+    store: Path
 
     def command(self, job: Job) -> list[str]:
+        width = [] if job.width is None else ["--width", str(job.width)]
         return [
             "softserve", "train", "--url", self.url, "--labelset", job.variant.name,
-            "--model", job.model, "--loss", job.loss, "--optimizer", job.optimizer,
+            "--model", job.model, *width, "--loss", job.loss, "--optimizer", job.optimizer,
             "--epochs", str(job.epochs), "--seed", str(job.seed), "--eval", self.eval,
             "--device", self.device, "--no-progress",
         ]  # fmt: skip
 
     def annotate(self, job: Job) -> dict:
-        return {"labels": self.sizes[job.variant]}
+        return {"labels": self.sizes[job.variant], **provenance(self.store / job.variant.name)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, "label_budget.jsonl")
-    parser.add_argument("--variants", default=VARIANTS, help="CODEC@STORED_EPOCHS, reference first")
+    add_common_arguments(parser, None)
+    parser.add_argument("--task", choices=TASK_SETS, default="fashion-mnist")
+    parser.add_argument("--variants", default=None,
+                        help="CODEC@STORED_EPOCHS, reference first [default: the task's]")
+    parser.add_argument("--lead", type=int, default=4, help="decisive variants, run first")
     parser.add_argument("--epochs", type=int, default=300, help="reference and training epochs")
+    parser.add_argument("--train-epochs", type=int, default=None,
+                        help="student epochs, when fewer than --epochs")  # fmt: skip
     parser.add_argument("--losses", default=",".join(LOSSES))
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--no-floor", action="store_true", help=f"no {FLOOR_LOSS} on the reference")
@@ -159,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         help="CI: tiny teacher, 2 epochs, fp32@2, topk:1@2 and fp32@1, GIFT, AdamW, seed 0",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.results is None:
+        args.results = BENCH / "results" / f"{label_budget_report.TASKS[args.task].stem}.jsonl"
+    args.variants = args.variants or VARIANTS[args.task]
     if args.smoke:
         args.epochs, args.seeds, args.variants = 2, "0", "fp32@2,topk:1@2,fp32@1"
         args.losses, args.optimizers, args.no_floor = "gift", "adamw", True
@@ -170,22 +200,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         args.workdir.mkdir(parents=True, exist_ok=True)
         store = args.workdir / "budget-store"
-        sizes = build_variants(args.workdir, store, variants, args.epochs, args.device, args.smoke)
+        sizes, evaluation = build_variants(
+            args.workdir, store, variants, args.epochs, args.device, args.smoke, args.task
+        )
         jobs = plan(
-            variants, [int(s) for s in args.seeds.split(",")], args.epochs, names(args.losses),
-            names(args.optimizers), floor=not args.no_floor,
+            variants, [int(s) for s in args.seeds.split(",")], args.train_epochs or args.epochs,
+            names(args.losses),
+            names(args.optimizers), floor=not args.no_floor, lead=args.lead,
+            width=TASK_SETS[args.task][1],
         )  # fmt: skip
-        evaluation = "fashion-mnist"
-        if args.eval_limit:
+        if args.eval_limit and args.task == "fashion-mnist":
             evaluation = str(small_eval_set(args.workdir, args.eval_limit))
         with Server(store, args.workdir / "budget-server.log") as server:
-            ctx = Context(server.url, evaluation, args.device, sizes)
+            ctx = Context(server.url, evaluation, args.device, sizes, store)
             runner = Runner(
                 args.results, ctx.command, args.workers, args.threads, "label budget",
                 annotate=ctx.annotate,
             )  # fmt: skip
             failures = runner.run(jobs)
-    label_budget_report.write_report(args.results, args.out, readme=args.readme)
+    label_budget_report.write_report(args.results, args.out, readme=args.readme, task=args.task)
     return 1 if failures else 0
 
 

@@ -18,7 +18,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
 
-BEGIN, END = "<!-- label-budget:begin -->", "<!-- label-budget:end -->"
+
+@dataclass(frozen=True)
+class BudgetTask:
+    """Where one task's study is written: its page stem, README markers and headline."""
+
+    stem: str
+    headline: str
+    command: str
+
+    @property
+    def markers(self) -> tuple[str, str]:
+        tag = self.stem.replace("_", "-")
+        return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+#: The label-budget study by --task of bench/label_budget.py.
+TASKS = {
+    "fashion-mnist": BudgetTask(
+        "label_budget", "Fashion-MNIST IPC 10", "python bench/label_budget.py"
+    ),
+    "triplets": BudgetTask(
+        "label_budget_k1000", "Fashion-MNIST triplets (K = 1000) IPC 1",
+        "python bench/label_budget.py --task triplets",
+    ),
+}  # fmt: skip
 LOSSES = ("gift", "kl")
 FLOOR_LOSS = "ce"
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
@@ -143,7 +167,7 @@ def markdown_table(table: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(table: list[Row], out: Path) -> str:
+def plot(table: list[Row], out: Path, task: BudgetTask) -> str:
     """Top-1 against label bytes (log), one panel per optimizer, the Pareto front dashed."""
     plt = pyplot()
     cols = columns(table)
@@ -172,14 +196,14 @@ def plot(table: list[Row], out: Path) -> str:
         ax.set_title(opt)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test top-1")
-    fig.suptitle("Fashion-MNIST IPC 10: accuracy against stored label bytes (dashed: Pareto front)")
-    return save_figure(fig, out / "label_budget.png")
+    fig.suptitle(f"{task.headline}: accuracy against stored label bytes (dashed: Pareto front)")
+    return save_figure(fig, out / f"{task.stem}.png")
 
 
-def render(records: list[dict], plots: list[str], link: str) -> str:
+def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -> str:
     """The study's markdown: provenance, table, floor, verdict and plot."""
     if not records:
-        return "No runs yet: `python bench/label_budget.py` fills this section.\n"
+        return f"No runs yet: `{task.command}` fills this section.\n"
     table = rows(records)
     versions = sorted({r["code_version"] for r in records})
     epochs = sorted({r["job"]["epochs"] for r in records})
@@ -188,8 +212,8 @@ def render(records: list[dict], plots: list[str], link: str) -> str:
         f"{', '.join(f'`{v}`' for v in versions)}; students train {'/'.join(map(str, epochs))} "
         f"epochs (fewer stored epochs wrap around); ConvNet-3, top-1 as mean ± sample std "
         f"(seeds). Reference: `{table[0].codec}` with E = {table[0].stored_epochs}, every other "
-        f"row transcoded from it. Reproduce: `python bench/label_budget.py`; each run's command "
-        f"is in `{link}label_budget.jsonl`.",
+        f"row transcoded from it. Reproduce: `{task.command}`; each run's command "
+        f"is in `{link}{task.stem}.jsonl`.",
         markdown_table(table),
     ]
     floors = {opt: c for (loss, opt), c in table[0].cells.items() if loss == FLOOR_LOSS}
@@ -203,25 +227,30 @@ def render(records: list[dict], plots: list[str], link: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_report(results: Path, out: Path, readme: Path | None = None) -> Path:
-    """Write ``label_budget.md`` and the plot into ``out``; update ``readme`` if given."""
+def write_report(
+    results: Path, out: Path, readme: Path | None = None, task: str = "fashion-mnist"
+) -> Path:
+    """Write the task's page and plot into ``out``; update ``readme`` if given."""
+    study = TASKS[task]
     records = load(results)
     out.mkdir(parents=True, exist_ok=True)
-    plots = [plot(rows(records), out)] if records else []
+    plots = [plot(rows(records), out, study)] if records else []
     return write_pages(
-        out, "label_budget", "Label budget", lambda link: render(records, plots, link), readme,
-        (BEGIN, END),
+        out, study.stem, f"Label budget: {study.headline}",
+        lambda link: render(records, plots, link, study), readme, study.markers,
     )  # fmt: skip
 
 
 def main() -> None:
     bench = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=bench / "results" / "label_budget.jsonl")
+    parser.add_argument("--task", choices=TASKS, default="fashion-mnist")
+    parser.add_argument("--results", type=Path, default=None, help="[default: the task's]")
     parser.add_argument("--out", type=Path, default=bench / "results")
     parser.add_argument("--readme", type=Path, default=None)
     args = parser.parse_args()
-    print(write_report(args.results, args.out, args.readme))
+    results = args.results or bench / "results" / f"{TASKS[args.task].stem}.jsonl"
+    print(write_report(results, args.out, args.readme, args.task))
 
 
 if __name__ == "__main__":

@@ -100,10 +100,13 @@ class Server:
         self.stop()
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, results: str) -> None:
-    """The options every study takes: where things go, the seeds, how runs are spread."""
+def add_common_arguments(parser: argparse.ArgumentParser, results: str | None) -> None:
+    """The options every study takes: where things go, the seeds, how runs are spread
+    (``results`` None: the study picks its results file from its other options)."""
     parser.add_argument("--workdir", type=Path, default=Path("study"), help="teacher, sets, store")
-    parser.add_argument("--results", type=Path, default=BENCH / "results" / results)
+    parser.add_argument(
+        "--results", type=Path, default=BENCH / "results" / results if results else None
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="tables and plots")
     parser.add_argument("--readme", type=Path, default=None, help="README to update in place")
     parser.add_argument("--seeds", default="0,1,2")
@@ -117,6 +120,30 @@ def add_common_arguments(parser: argparse.ArgumentParser, results: str) -> None:
 def done_keys(results: Path, job_type: type) -> set[tuple]:
     """Keys of the runs already in the results file."""
     return {job_type(**record["job"]).key for record in load(results)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (float32 results differ across SIMD kernels: a record says which)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(root: Path) -> dict:
+    """What a run's labels are, beyond their name: the label set's digest (its version), the
+    teacher's weights and the base images, by sha256."""
+    from softserve.storage.manifest import load_manifest
+
+    manifest, digest = load_manifest(root)
+    config = manifest.config
+    return {"labelset_digest": digest, "teacher_sha256": config.teacher.weights_sha256,
+            "images_sha256": config.dataset_sha256}  # fmt: skip
 
 
 def run_job(command: list[str], threads: int) -> tuple[dict, float]:
@@ -157,7 +184,8 @@ class Runner:
             "code_version": version,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "seconds": round(seconds, 1),
-            "host": {"cpus": os.cpu_count(), "threads": self.threads, "torch": torch.__version__},
+            "host": {"cpus": os.cpu_count(), "threads": self.threads, "torch": torch.__version__,
+                     "cpu": cpu_model()},  # fmt: skip
         }
 
     def run(self, jobs: Sequence[Any]) -> list[str]:

@@ -49,7 +49,8 @@ def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> Non
     results = tmp_path / "r.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{label_budget_report.BEGIN}\nold\n{label_budget_report.END}\nz\n")
+    begin, end = label_budget_report.TASKS["fashion-mnist"].markers
+    readme.write_text(f"intro\n{begin}\nold\n{end}\nz\n")
     page = label_budget_report.write_report(results, tmp_path / "out", readme=readme).read_text()
 
     std = statistics.stdev([0.80, 0.82])
