@@ -380,3 +380,38 @@ def test_online_teacher_gets_num_classes_only_when_given(tmp_path: Path, eval_se
     three = write_folder(tmp_path / "three", *random_set(n=6, seed=7))
     done = run_cli(*base, "--images", three)
     assert_one_line_error(done, "outputs shape (2, 4)", "3 classes", "--num-classes")
+
+
+@pytest.mark.parametrize(("epochs", "expected"), [(1000, [250, 500, 750, 1000]), (300, [75, 150,
+                         225, 300]), (6, [2, 3, 4, 6]), (2, [1, 2]), (1, [1])])  # fmt: skip
+def test_evaluations_are_the_evaluators_quarters(epochs: int, expected: list[int]) -> None:
+    """The evaluator scores every epoch_print_freq = E/4 epochs and reports the best."""
+    assert train_module.evaluation_epochs(epochs) == expected
+
+
+def test_best_of_four_beside_the_last_and_training_unchanged(
+    tmp_path: Path, eval_set: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """top1 is the last epoch's, top1_best4 the best of the evaluator's four evaluations; the
+    evaluations in between leave the student's training as it was."""
+    root = build_label_set(tmp_path / "store" / "s", n=20)
+    finals: list[list[torch.Tensor]] = []
+    real_fit = train_module.fit
+
+    def recording_fit(model, feed, loss_fn, opts, after_epoch=None):  # noqa: ANN001, ANN202
+        out = real_fit(model, feed, loss_fn, opts, after_epoch)
+        finals.append([p.detach().clone() for p in model.parameters()])
+        return out
+
+    monkeypatch.setattr(train_module, "fit", recording_fit)
+    opts = TrainOptions(store=root.parent, labelset="s", epochs=8, eval=str(eval_set),
+                        device="cpu", progress=False, seed=3)  # fmt: skip
+    result = train(opts, log=lambda _: None)
+    assert list(result["evaluations"]) == ["2", "4", "6", "8"]
+    assert result["top1"] == result["evaluations"]["8"]
+    assert result["top1_best4"] == max(result["evaluations"].values())
+
+    monkeypatch.setattr(train_module, "evaluation_epochs", lambda epochs: [epochs])
+    again = train(opts, log=lambda _: None)
+    assert list(again["evaluations"]) == ["8"] and again["top1"] == result["top1"]
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
