@@ -20,8 +20,9 @@ only once three things hold.
   ``cp`` over it, a truncation, a zeroed block) is a StoreError, and the server withdraws
   that version rather than serve its new bytes under the old digest. When only the ctime
   moved (the file was unlinked, renamed or chmodded, or written with its mtime set back),
-  the content decides: it is hashed again, the file reopened (so HDF5 keeps no block it may
-  have read meanwhile) and the read repeated.
+  the content decides: it is hashed again, the file's datasets refreshed (HDF5 drops every
+  block of them it cached, in case one was read while the bytes differed) and the read
+  repeated.
 """
 
 from __future__ import annotations
@@ -90,20 +91,13 @@ class PinnedFile:
     """One HDF5 file of an open label set, pinned to the identity its sha256 was verified
     at; open it with :meth:`open`."""
 
-    def __init__(
-        self, path: Path, entry: FileInfo, handle: h5py.File, found: Identity,
-        locking: bool | None,
-    ) -> None:  # fmt: skip
+    def __init__(self, path: Path, entry: FileInfo, handle: h5py.File, found: Identity) -> None:
         self.path = path
         self.entry = entry
-        self.identity = found
-        self._locking = locking
-        self._datasets: dict[str, h5py.Dataset] = {}
-        self._use(handle)
-
-    def _use(self, handle: h5py.File) -> None:
         self.handle = handle
+        self.identity = found
         self._fd = handle.id.get_vfd_handle()
+        self._datasets: dict[str, h5py.Dataset] = {}
 
     @classmethod
     def open(cls, root: Path, entry: FileInfo, locking: bool | None) -> PinnedFile:
@@ -135,7 +129,7 @@ class PinnedFile:
             handle = _open_hdf5(f"/dev/fd/{fd}", path, locking, root)
         finally:
             os.close(fd)
-        pinned = cls(path, entry, handle, found, locking)
+        pinned = cls(path, entry, handle, found)
         if pinned.current() != found:
             pinned.close()
             raise Changed(f"{path} changed while it was opened")
@@ -154,31 +148,21 @@ class PinnedFile:
 
     def unchanged(self) -> bool:
         """True when the file is as verified. False when only its ctime moved and its
-        content still verifies: it was reopened, and what was read from it must be read
-        again. StoreError when it was written, truncated or replaced in place."""
+        content still verifies: its datasets were refreshed, and what was read from it must
+        be read again. StoreError when it was written, truncated or replaced in place."""
         now = self.current()
         if now == self.identity:
             return True
         if now[:4] == self.identity[:4] and _hash(self._fd, now, self.path) == self.entry.sha256:
-            self._reopen(now)
+            for dataset in self._datasets.values():
+                dataset.refresh()  # HDF5 drops what it cached: it may be of other bytes
+            self.identity = now
             return False
         raise StoreError(
             f"cannot read {self.path}: it changed on disk since the set was opened (written, "
             "truncated or overwritten in place); this version is withdrawn. Write a rebuild "
             "into a new folder and rename it into place"
         )
-
-    def _reopen(self, now: Identity) -> None:
-        """Open the same inode afresh, dropping every block HDF5 holds of it."""
-        keep = os.dup(self._fd)
-        try:
-            self.close()
-            self._use(_open_hdf5(f"/dev/fd/{keep}", self.path, self._locking, self.path.parent))
-        finally:
-            os.close(keep)
-        if self.current() != now:
-            raise StoreError(f"cannot read {self.path}: it keeps changing on disk")
-        self.identity = now
 
     def close(self) -> None:
         self._datasets.clear()
@@ -199,7 +183,7 @@ def structure_problems(handle: h5py.File, layout: Layout) -> Iterator[str]:
     """What in a file breaks its format or reaches outside it, a line each naming the
     dataset; nothing for a file of exactly ``layout``'s datasets, stored in the file."""
     names = list(handle)
-    for name in names:
+    for name in sorted(names, key=lambda n: n not in layout):  # the format's datasets first
         problem = _member_problem(handle, name, layout)
         if problem is not None:
             yield f"{name!r} {problem}"

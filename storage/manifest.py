@@ -201,17 +201,19 @@ def read_json_file(path: Path, what: str) -> bytes:
         raise StoreError(
             f"cannot read the {what} {path} ({kind}); it must be a plain file"
         ) from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a plain file"
             raise StoreError(f"the {what} {path} is {kind}; it must be a plain file")
         if st.st_size > _MAX_JSON_BYTES:  # read on every rescan: a huge one would stall them
             raise StoreError(f"the {what} {path} has {st.st_size} bytes, more than any {what}")
-        try:
+        with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(_MAX_JSON_BYTES + 1)
-        except OSError as exc:
-            raise StoreError(f"cannot read the {what} {path} ({brief(exc)})") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read the {what} {path} ({brief(exc)})") from None
+    finally:
+        os.close(fd)
 
 
 def load_manifest(root: Path) -> tuple[Manifest, str]:

@@ -249,6 +249,26 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two builds of one small set (20 samples, 4 epochs in 2 shards, fp16), seeds 0 and 1:
+    the same file names and sizes, other views and labels. Tests copy them, never edit them."""
+    root = tmp_path_factory.mktemp("builds")
+    return build_label_set(root / "a", n=20, seed=0), build_label_set(root / "b", n=20, seed=1)
+
+
+@pytest.fixture(scope="session")
+def long_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """:func:`builds` with 64 epochs in 2 shards: more than a stream reads ahead, so a
+    stream reads from disk long after it starts."""
+    root = tmp_path_factory.mktemp("long-builds")
+    a, b = (
+        build_label_set(root / name, n=20, epochs=64, shard_epochs=32, seed=seed)
+        for name, seed in (("a", 0), ("b", 1))
+    )
+    return a, b
+
+
+@pytest.fixture(scope="session")
 def server(store: Path):
     """One server over ``store`` for the whole session."""
     srv = Server(store).start()
