@@ -128,7 +128,7 @@ BetaOption = Annotated[float, typer.Option(help="GIFT weight β of the smoothed 
 AllowPickleOption = Annotated[
     bool,
     typer.Option(
-        help="Let a .pt2 teacher unpickle objects: that runs code from the file; trusted only."
+        help="Trust a .pt2 teacher: torch may unpickle and run code from it; trusted files only."
     ),
 ]
 RandomTeacherOption = Annotated[
