@@ -11,6 +11,13 @@ Each round runs one trial of each kind, each with its own seed:
 * ``flip_byte``: a copy of the reference set gets one byte of a random ``.h5`` file XORed
   with a random non-zero value, before the server opens it or after; the client reads
   every stored epoch.
+* ``flip_metadata``: the same with a byte that belongs to no chunk of any dataset (the
+  superblock, object headers, chunk indexes, heaps: what no chunk checksum covers), before
+  the server opens the set, after, or before with the manifest rewritten to match the
+  flipped file (so that only the HDF5 format's own checksums and the reader's checks
+  stand between the flip and a label).
+* ``zero_block``: a 4 KiB-aligned block of a random ``.h5`` file zeroed (fletcher32 takes a
+  zeroed chunk with its zeroed checksum for intact), before the server opens it or after.
 * ``kill_worker``: ``relabel`` in a forked process is sent SIGKILL or SIGTERM at a random
   moment of its run, then run again to completion; its shards must equal the reference's
   byte for byte (what a client would then be served), or the rerun must fail clearly.
@@ -19,6 +26,11 @@ Each round runs one trial of each kind, each with its own seed:
 * ``replace_set``: at a random batch of a long stream, the set's folder is replaced by the
   rebuild (another version); the stream must go on with the old version to its end, or
   the client must refuse the new one (digest mismatch).
+* ``overwrite_in_place``: at a random batch of a long stream, the rebuild's shards (and,
+  in half the trials, its manifest) are copied over the open files, as ``cp`` does: same
+  inodes, same sizes, other labels.
+* ``truncate_stream``: at a random batch of a long stream, a random shard is truncated to a
+  random length.
 
 A trial's outcome: ``right`` (every batch equal to the reference's, none missing),
 ``clear_error`` (the batches before it right, then a ``SoftserveError``: ``ClientError``,
@@ -56,10 +68,13 @@ from server_process import ServerProcess  # noqa: E402
 
 from softserve.client import Client  # noqa: E402
 from softserve.errors import SoftserveError  # noqa: E402
-from softserve.storage.layout import sha256_file  # noqa: E402
+from softserve.storage.layout import MANIFEST_FILE, sha256_file  # noqa: E402
+from softserve.storage.manifest import read_manifest, write_model  # noqa: E402
+from softserve.storage.writer import file_info  # noqa: E402
 from softserve.worker.relabel import RelabelOptions, relabel  # noqa: E402
 
-KINDS = ("flip_byte", "kill_worker", "kill_server", "sigterm_server", "replace_set")
+KINDS = ("flip_byte", "kill_worker", "kill_server", "sigterm_server", "replace_set",
+         "flip_metadata", "zero_block", "overwrite_in_place", "truncate_stream")  # fmt: skip
 REF, SWAP = "ref", "swap"
 Batches = list[dict[str, np.ndarray]]
 
@@ -128,10 +143,12 @@ def run_relabel(opts: RelabelOptions) -> int:
 
 
 def read_all(url: str, name: str, epochs: int, args: argparse.Namespace,
-             on_batch: Callable[[int], None] | None = None) -> Batches:  # fmt: skip
-    """Every tensor of ``epochs`` epochs of ``name`` through the client, images included;
+             on_batch: Callable[[int], None] | None = None,
+             got: Batches | None = None) -> Batches:  # fmt: skip
+    """Every tensor of ``epochs`` epochs of ``name`` through the client, images included,
+    appended to ``got`` as received (so that a read that fails keeps what came before);
     ``on_batch(i)`` runs after batch i is received."""
-    got: Batches = []
+    got = [] if got is None else got
     with Client(url, retry_seconds=args.retry_seconds, max_wait=args.max_wait) as client:
         remote = client.labelset(name, image_cache_mb=0)
         sharding = remote.sharding(args.batch_size)
@@ -205,7 +222,7 @@ def guarded_read(bench: Bench, name: str, epochs: int, reference: Batches,
 
     error: BaseException | None = None
     try:
-        got = read_all(bench.server.url, name, epochs, bench.args, record)
+        read_all(bench.server.url, name, epochs, bench.args, record, got)
     except Exception as exc:  # judged: a clear error, or not
         error = exc
     return judge(got, reference, error)
@@ -214,30 +231,96 @@ def guarded_read(bench: Bench, name: str, epochs: int, reference: Batches,
 # --------------------------------------------------------------------------- trials
 
 
-def flip_byte(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
-    name = f"flip{index}"
+def damage_and_read(
+    bench: Bench, name: str, after_open: bool, damage: Callable[[Path], str],
+    reseal: bool = False,
+) -> tuple[str, str]:  # fmt: skip
+    """Stage a copy of the reference as ``name``, ``damage`` a file of it (given the set's
+    folder, it says what it did) before the server opens the set or after, rewriting the
+    manifest to match when ``reseal``; then read every stored epoch."""
     staged = bench.work / "staged" / name
     shutil.copytree(bench.ref_root, staged)
-    files = sorted(staged.glob("*.h5"))
-    target = rng.choice(files)
-    offset = rng.randrange(target.stat().st_size)
-    after_open = rng.random() < 0.5
     store_path = bench.server.store / name
     if after_open:
         staged.rename(store_path)
         wait_listed(bench.server, name)
-    with open(store_path / target.name if after_open else target, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ rng.randrange(1, 256)]))
+    what = damage(store_path if after_open else staged)
+    if reseal:
+        reseal_manifest(staged)
     if not after_open:
         staged.rename(store_path)
         time.sleep(0.3)  # a rescan or two: the set is opened, or skipped as broken
-    where = f"{target.name}@{offset} {'after' if after_open else 'before'} open"
+    when = "after open" if after_open else "before open, resealed" if reseal else "before open"
     outcome, detail = guarded_read(bench, name, bench.args.epochs, bench.stored)
     shutil.rmtree(store_path)
-    return outcome, f"{where}: {detail}"
+    wait_listed(bench.server, name, present=False)
+    return outcome, f"{what} {when}: {detail}"
+
+
+def reseal_manifest(root: Path) -> None:
+    """Rewrite the manifest's sizes and sha256s to match the files: a damaged set whose
+    manifest vouches for it, as a source that built it so would hand it over."""
+    manifest = read_manifest(root)
+    dataset = file_info(root / manifest.dataset.file)
+    shards = [s.model_copy(update=file_info(root / s.file).model_dump()) for s in manifest.shards]
+    write_model(root / MANIFEST_FILE, manifest.model_copy(update={"dataset": dataset,
+                                                                  "shards": shards}))  # fmt: skip
+
+
+def flip_at(path: Path, offset: int, mask: int) -> None:
+    """XOR one byte of a file with ``mask``, in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def outside_chunks(path: Path) -> np.ndarray:
+    """Offsets of a file's bytes that belong to no chunk of any dataset."""
+    import h5py
+
+    inside = np.zeros(path.stat().st_size, bool)
+    with h5py.File(path, "r") as f:
+        for key in f:
+            for i in range(f[key].id.get_num_chunks()):
+                chunk = f[key].id.get_chunk_info(i)
+                inside[chunk.byte_offset : chunk.byte_offset + chunk.size] = True
+    return np.flatnonzero(~inside)
+
+
+def flip_byte(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    def damage(root: Path) -> str:
+        target = rng.choice(sorted(root.glob("*.h5")))
+        offset = rng.randrange(target.stat().st_size)
+        flip_at(target, offset, rng.randrange(1, 256))
+        return f"{target.name}@{offset}"
+
+    return damage_and_read(bench, f"flip{index}", rng.random() < 0.5, damage)
+
+
+def flip_metadata(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    def damage(root: Path) -> str:
+        target = rng.choice(sorted(root.glob("*.h5")))
+        offset = int(rng.choice(list(outside_chunks(target))))
+        flip_at(target, offset, rng.randrange(1, 256))
+        return f"{target.name}@{offset} (metadata)"
+
+    mode = rng.choice(["before", "after", "resealed"])
+    return damage_and_read(bench, f"meta{index}", mode == "after", damage, mode == "resealed")
+
+
+def zero_block(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    def damage(root: Path) -> str:
+        target = rng.choice(sorted(root.glob("*.h5")))
+        size = target.stat().st_size
+        offset = rng.randrange(0, size, 4096)
+        with open(target, "r+b") as f:
+            f.seek(offset)
+            f.write(bytes(min(4096, size - offset)))
+        return f"{target.name}@{offset}+4096 zeroed"
+
+    return damage_and_read(bench, f"zero{index}", rng.random() < 0.5, damage)
 
 
 def kill_worker(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
@@ -306,12 +389,61 @@ def replace_set(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]
     return outcome, f"replaced at batch {at}: {detail}"
 
 
+def fault_mid_stream(
+    bench: Bench, rng: random.Random, name: str, fault: Callable[[Path], str]
+) -> tuple[str, str]:
+    """A copy of the reference served as ``name``; at a random batch of a long stream of
+    it, ``fault`` changes its files in place (it says what it did)."""
+    at = rng.randrange(1, len(bench.long) - 1)
+    root = bench.server.store / name
+    staged = bench.work / "staged" / name
+    shutil.copytree(bench.ref_root, staged)
+    staged.rename(root)
+    wait_listed(bench.server, name)
+    what: list[str] = []
+
+    def on_batch(i: int) -> None:
+        if i == at:
+            what.append(fault(root))
+
+    outcome, detail = guarded_read(bench, name, bench.args.stream_epochs, bench.long, on_batch)
+    shutil.rmtree(root)
+    wait_listed(bench.server, name, present=False)
+    return outcome, f"{''.join(what)} at batch {at}: {detail}"
+
+
+def overwrite_in_place(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    with_manifest = rng.random() < 0.5
+
+    def fault(root: Path) -> str:
+        names = sorted(p.name for p in bench.alt_root.glob("labels-*.h5"))
+        for file in [*names, *([MANIFEST_FILE] if with_manifest else [])]:
+            shutil.copyfile(bench.alt_root / file, root / file)  # in place, as cp does
+        return "rebuild's shards" + (" and manifest" if with_manifest else "") + " copied over"
+
+    return fault_mid_stream(bench, rng, f"inplace{index}", fault)
+
+
+def truncate_stream(bench: Bench, rng: random.Random, index: int) -> tuple[str, str]:
+    def fault(root: Path) -> str:
+        target = rng.choice(sorted(root.glob("labels-*.h5")))
+        size = rng.randrange(target.stat().st_size)
+        os.truncate(target, size)
+        return f"{target.name} truncated to {size} bytes"
+
+    return fault_mid_stream(bench, rng, f"trunc{index}", fault)
+
+
 TRIALS: dict[str, Callable[[Bench, random.Random, int], tuple[str, str]]] = {
     "flip_byte": flip_byte,
     "kill_worker": kill_worker,
     "kill_server": _signal_server(signal.SIGKILL),
     "sigterm_server": _signal_server(signal.SIGTERM),
     "replace_set": replace_set,
+    "flip_metadata": flip_metadata,
+    "zero_block": zero_block,
+    "overwrite_in_place": overwrite_in_place,
+    "truncate_stream": truncate_stream,
 }
 
 

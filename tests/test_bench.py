@@ -111,11 +111,13 @@ def test_fault_trials_deliver_right_labels_or_clear_errors(tmp_path: Path) -> No
         "fault_trials.py", "--rounds", 1, "--samples", 32, "--epochs", 2, "--stream-epochs", 12,
         out=tmp_path / "faults.json",
     )  # fmt: skip
-    assert record["trials"] == 5
+    assert record["trials"] == 9
     assert set(record["by_kind"]) == {"flip_byte", "kill_worker", "kill_server",
-                                      "sigterm_server", "replace_set"}  # fmt: skip
+                                      "sigterm_server", "replace_set", "flip_metadata",
+                                      "zero_block", "overwrite_in_place",
+                                      "truncate_stream"}  # fmt: skip
     assert record["failures"] == record["wrong_labels"] == 0, record["failed"]
-    assert record["right"] + record["clear_error"] == 5
+    assert record["right"] + record["clear_error"] == 9
 
 
 def test_load_test_runs_without_errors(tmp_path: Path) -> None:
