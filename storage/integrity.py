@@ -3,9 +3,10 @@
 Label sets are untrusted input (a store filled by copies, pulls and imports): a file is read
 only once three things hold.
 
-* **Content.** Its sha256 is the manifest's, hashed through the descriptor that HDF5 then
-  reads (a path swapped in between is a different inode, and refused): a damaged, zeroed
-  or truncated byte anywhere, metadata included, is refused before HDF5 parses it. Hashes
+* **Content.** Its sha256 is the manifest's, hashed through a descriptor that HDF5 then
+  opens the file by (``/dev/fd/N``: the same inode, whatever the path names by then), and
+  HDF5's own descriptor is checked to be at the identity hashed: a damaged, zeroed or
+  truncated byte anywhere, metadata included, is refused before HDF5 parses it. Hashes
   are remembered per process by file identity (device, inode, size, mtime and ctime), so a
   reopen or a rescan of an unchanged file costs one ``fstat``. No user can set a ctime
   (``touch`` and ``utime`` move it to now), so a file written since it was hashed never
@@ -101,9 +102,10 @@ class PinnedFile:
 
     @classmethod
     def open(cls, root: Path, entry: FileInfo, locking: bool | None) -> PinnedFile:
-        """Verify ``root/entry.file`` against its manifest entry, then open it in HDF5
-        through the very descriptor it was hashed through. A symbolic link, a folder or a
-        device in its place is refused: a set's files live in its folder."""
+        """Verify ``root/entry.file`` against its manifest entry, then open it in HDF5 by
+        way of the descriptor it was hashed through (the same inode, even if the path was
+        swapped meanwhile). A symbolic link, a folder or a device in its place is refused:
+        a set's files live in its folder."""
         path = root / entry.file
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
