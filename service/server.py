@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import logging.config
 import os
+import resource
 import socket
 import tempfile
 from pathlib import Path
@@ -15,6 +17,7 @@ import uvicorn
 
 from softserve.errors import InputError
 from softserve.service.auth import load_tokens
+from softserve.service.connections import ConnectionLimits, GuardedHttpToolsProtocol
 from softserve.service.logs import log_config
 from softserve.service.settings import ServiceSettings
 from softserve.storage.layout import label_set_folders
@@ -61,6 +64,27 @@ def _check_store(store: Path) -> None:
         )
 
 
+def connection_cap(wanted: int) -> int:
+    """Raise this process's open-file limit to its hard limit (workers inherit it) and
+    return how many connections a process may hold: ``wanted``, at most half the limit,
+    so that sockets never take the descriptors the store's files and rescans need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    cap = max(1, min(wanted, soft // 2))
+    if cap < wanted:
+        log.warning(
+            "open-file limit %d: at most %d connections per process (SOFTSERVE_MAX_CONNECTIONS "
+            "asks %d); raise the limit (ulimit -n) for more",
+            soft, cap, wanted,
+        )  # fmt: skip
+    return cap
+
+
 def run(settings: ServiceSettings) -> None:
     """Serve ``settings.store`` until interrupted."""
     if settings.token_file is not None:
@@ -85,6 +109,11 @@ def _serve(settings: ServiceSettings) -> None:
         log.info("bearer tokens required (from %s)", settings.token_file)
     log.info("serving %s on http://%s:%d", settings.store, settings.host, settings.port)
     _check_store(settings.store)
+    limits = ConnectionLimits(
+        max_head_bytes=settings.max_header_kb << 10,
+        head_seconds=settings.header_seconds,
+        max_connections=connection_cap(settings.max_connections),
+    )
     uvicorn.run(
         "softserve.service.app:create_app",
         factory=True,
@@ -95,4 +124,6 @@ def _serve(settings: ServiceSettings) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_seconds,
+        http=functools.partial(GuardedHttpToolsProtocol, limits=limits),  # type: ignore[arg-type]
+        timeout_keep_alive=settings.keep_alive_seconds,  # type: ignore[arg-type]
     )

@@ -61,6 +61,25 @@ class ServiceSettings(BaseSettings):
     docs: bool = Field(
         False, description="Serve Swagger UI at /docs (it loads its scripts from a CDN)."
     )
+    max_header_kb: int = Field(
+        16, ge=1, le=1024,
+        description="Largest request head (request line and headers) in KiB; a longer one "
+        "gets 431 and its connection is closed.",
+    )  # fmt: skip
+    header_seconds: float = Field(
+        10.0, gt=0,
+        description="How long a connection may take to send a request head, from when it "
+        "opens or its last response ends; then it is closed (408 if it sent part of one).",
+    )  # fmt: skip
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, description="An idle connection between requests is closed after this."
+    )
+    max_connections: int = Field(
+        4096, ge=1,
+        description="Per process: open connections; one more closes the one waiting longest "
+        "for a request head. At most half the open-file limit, which is raised to its hard "
+        "limit at start.",
+    )  # fmt: skip
 
     @field_validator("log_level", mode="before")
     @classmethod
