@@ -63,10 +63,10 @@ class Row:
         return f"{self.codec}, E={self.stored_epochs}"
 
 
-def rows(records: list[dict]) -> list[Row]:
+def rows(records: list[dict], metric: str = "top1") -> list[Row]:
     """Variants in the order they first appear (the reference first), with their cells."""
     table = cells_by(
-        records, lambda j: (j["codec"], j["stored_epochs"], j["loss"], j["optimizer"])
+        records, lambda j: (j["codec"], j["stored_epochs"], j["loss"], j["optimizer"]), metric
     )
     sizes: dict[tuple[str, int], dict] = {}
     for r in records:
@@ -200,6 +200,12 @@ def plot(table: list[Row], out: Path, task: BudgetTask) -> str:
     return save_figure(fig, out / f"{task.stem}.png")
 
 
+def width_text(records: list[dict]) -> str:
+    """The students' width, when the study set one (the K = 10 study used the default 128)."""
+    widths = sorted({r["job"].get("width") or 128 for r in records})
+    return f" of width {'/'.join(map(str, widths))}"
+
+
 def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -> str:
     """The study's markdown: provenance, table, floor, verdict and plot."""
     if not records:
@@ -210,8 +216,9 @@ def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -
     parts = [
         f"{len(records)} runs; code version{'s' if len(versions) > 1 else ''} "
         f"{', '.join(f'`{v}`' for v in versions)}; students train {'/'.join(map(str, epochs))} "
-        f"epochs (fewer stored epochs wrap around); ConvNet-3, top-1 as mean ± sample std "
-        f"(seeds). Reference: `{table[0].codec}` with E = {table[0].stored_epochs}, every other "
+        f"epochs (fewer stored epochs wrap around); ConvNet-3{width_text(records)}, top-1 after "
+        f"the last epoch as mean ± sample std [population std] (seeds). Reference: "
+        f"`{table[0].codec}` with E = {table[0].stored_epochs}, every other "
         f"row transcoded from it. Reproduce: `{task.command}`; each run's command "
         f"is in `{link}{task.stem}.jsonl`.",
         markdown_table(table),
@@ -223,6 +230,12 @@ def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -
             + "; ".join(f"{opt} {c.text()}" for opt, c in sorted(floors.items())) + "."
         )
     parts.append(default_codec(table))
+    if all("top1_best4" in r["result"] for r in records):
+        parts.append(
+            "The official evaluator's number, the best of its evaluations at E/4, E/2, 3E/4 "
+            "and E (the verdict above uses the last epoch's):\n\n"
+            + markdown_table(rows(records, "top1_best4"))
+        )
     parts += [f"![{name}]({link}{name})" for name in plots]
     return "\n\n".join(parts) + "\n"
 

@@ -326,7 +326,8 @@ def render(records: list[dict], main_ipc: int, plots: list[str], link: str) -> s
     parts = [
         f"{len(records)} runs; code version{'s' if len(versions) > 1 else ''} "
         f"{', '.join(f'`{v}`' for v in versions)}; {'/'.join(map(str, epochs))} epochs; "
-        f"student {models}, top-1 on {tested}, as mean ± sample std (seeds). Reproduce: "
+        f"student {models}, top-1 on {tested}, as mean ± sample std [population std, as the "
+        f"evaluator reports] (seeds). Reproduce: "
         f"`python bench/loss_study.py`; every run's exact `softserve train` command is in "
         f"`{link}loss_study.jsonl`. `python bench/loss_report.py --readme README.md` "
         f"rewrites this section, its tables and plots from that file alone.",

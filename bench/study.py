@@ -250,18 +250,26 @@ class Cell:
     def std(self) -> float:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
+    @property
+    def pstd(self) -> float:
+        """Population std, as the official evaluator reports (``np.std``)."""
+        return statistics.pstdev(self.values)
+
     def text(self) -> str:
-        """Mean ± sample std (seeds); one seed has no std to show."""
+        """Mean ± sample std [population std] (seeds); one seed has no std to show."""
         if len(self.values) == 1:
             return f"{self.mean:.3f} (1)"
-        return f"{self.mean:.3f} ± {self.std:.3f} ({len(self.values)})"
+        return f"{self.mean:.3f} ± {self.std:.3f} [{self.pstd:.3f}] ({len(self.values)})"
 
 
-def cells_by(records: list[dict], key: Callable[[dict], tuple]) -> dict[tuple, Cell]:
-    """Top-1 grouped by ``key(job)``, seeds sorted; one record per seed (the last)."""
+def cells_by(
+    records: list[dict], key: Callable[[dict], tuple], metric: str = "top1"
+) -> dict[tuple, Cell]:
+    """``metric`` (top-1 after the last epoch, or ``top1_best4``, the official evaluator's
+    best of four) grouped by ``key(job)``, seeds sorted; one record per seed (the last)."""
     by_seed: dict[tuple, dict[int, float]] = {}
     for r in records:
-        by_seed.setdefault(key(r["job"]), {})[r["job"]["seed"]] = r["result"]["top1"]
+        by_seed.setdefault(key(r["job"]), {})[r["job"]["seed"]] = r["result"][metric]
     return {
         k: Cell(tuple(seeds[s] for s in sorted(seeds)), tuple(sorted(seeds)))
         for k, seeds in sorted(by_seed.items())

@@ -54,15 +54,20 @@ def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> Non
     page = label_budget_report.write_report(results, tmp_path / "out", readme=readme).read_text()
 
     std = statistics.stdev([0.80, 0.82])
-    assert (f"| `fp32` | 300 | 3.000 MB | 100.0 | 0.810 ± {std:.3f} (2) | 0.850 ± {std:.3f} (2) "
+    pstd = std / 2**0.5  # two seeds: population std = sample std / sqrt(2)
+    assert (f"| `fp32` | 300 | 3.000 MB | 100.0 | 0.810 ± {std:.3f} [{pstd:.3f}] (2) | "
+            f"0.850 ± {std:.3f} [{pstd:.3f}] (2) "
             "| (reference) |") in page  # fmt: skip
     for row in (
-        "| `fp16` | 300 | 1.500 MB | 50.0 | 0.810 ± 0.000 (2) | 0.850 ± 0.000 (2) | yes |",
-        "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.805 ± 0.007 (2) | 0.805 ± 0.007 (2) | no |",
-        "| `fp32` | 30 | 0.300 MB | 100.0 | 0.805 ± 0.007 (2) | 0.855 ± 0.007 (2) | yes |",
+        "| `fp16` | 300 | 1.500 MB | 50.0 "
+        "| 0.810 ± 0.000 [0.000] (2) | 0.850 ± 0.000 [0.000] (2) | yes |",
+        "| `topk:1` | 300 | 0.200 MB | 6.7 "
+        "| 0.805 ± 0.007 [0.005] (2) | 0.805 ± 0.007 [0.005] (2) | no |",
+        "| `fp32` | 30 | 0.300 MB | 100.0 "
+        "| 0.805 ± 0.007 [0.005] (2) | 0.855 ± 0.007 [0.005] (2) | yes |",
     ):
         assert row in page
-    assert "Floor, `ce` on hard labels only: adamw 0.710 ± 0.014 (2)." in page
+    assert "Floor, `ce` on hard labels only: adamw 0.710 ± 0.014 [0.010] (2)." in page
     # fp32 E=30 is smaller and passes, but the default is a codec: full epochs only
     assert "**Default codec:** `fp16`, 50.0 bytes per view" in page
     assert "(below it: `topk:1`)" in page
@@ -94,7 +99,7 @@ def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> 
     results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
     page = label_budget_report.write_report(results, tmp_path / "out").read_text()
     assert "**Default codec:** `topk:1`, 6.7 bytes per view" in page
-    assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.905 ± 0.007 (2) | yes |" in page
+    assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.905 ± 0.007 [0.005] (2) | yes |" in page
 
     top1[("topk:1", 300, "gift", "adamw")] = [0.90]
     results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))

@@ -49,15 +49,18 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
     page = loss_report.write_report(results, tmp_path / "out", readme=readme).read_text()
 
     std = statistics.stdev([0.80, 0.82])
-    assert f"| `gift` | 0.810 ± {std:.3f} (2) | 0.790 ± {std:.3f} (2) | 0.020 |" in page
-    assert "| `kl` | 0.850 ± 0.014 (2) | 0.320 ± 0.028 (2) | 0.530 |" in page
+    pstd = std / 2**0.5  # two seeds: population std = sample std / sqrt(2)
+    assert (f"| `gift` | 0.810 ± {std:.3f} [{pstd:.3f}] (2) | "
+            f"0.790 ± {std:.3f} [{pstd:.3f}] (2) | 0.020 |") in page
+    assert "| `kl` | 0.850 ± 0.014 [0.010] (2) | 0.320 ± 0.028 [0.020] (2) | 0.530 |" in page
     assert "adamw: no, GIFT 0.810 ranks 2 of 3 (best: `kl` 0.850)" in page
     assert "sgd: yes, GIFT 0.790 ranks 1 of 3" in page
     assert "**Smallest cross-optimizer spread?** yes: GIFT's is 0.020" in page
     assert "**KL collapses under SGD?** yes: KL reaches 0.320 with SGD against 0.850" in page
     # served - online per seed: -0.03, -0.02
-    assert "| `gift` | adamw | 0.810 ± 0.014 (2) | 0.835 ± 0.007 (2) | -0.025 ± 0.007 (2) |" in page
-    assert "| `gift` | 0.500 (1) | 0.810 ± 0.014 (2) |" in page  # by IPC
+    assert ("| `gift` | adamw | 0.810 ± 0.014 [0.010] (2) | 0.835 ± 0.007 [0.005] (2) "
+            "| -0.025 ± 0.007 (2) |") in page  # fmt: skip
+    assert "| `gift` | 0.500 (1) | 0.810 ± 0.014 [0.010] (2) |" in page  # by IPC
     # what to expect: worst case over optimizers, best per optimizer, by IPC, the arms' cost
     assert "`gift`: the best worst case over adamw, sgd (0.790, mean 0.800)" in page
     assert "adamw → `kl` 0.850, sgd → `gift` 0.790" in page
@@ -68,13 +71,15 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
     assert "KL reaches 0.350 with SGD against 0.600 with AdamW, -0.250" in ipc1
     assert "-0.025 top-1 on average over 2 paired runs (from -0.030 to -0.020" in page
     assert "The teacher labels the 30,000 views once" in page
+    # sizes as the label-budget study measured the same set's files, HDF5 overhead included
     served, default = (
-        loss_report.bytes_per_row(loss_report.FORMAT_VERSION, 10, loss_report.get_codec(c))
-        for c in ("fp16", loss_report.DEFAULT_CODEC)
+        loss_report.stored_bytes(c, 300)[0] for c in ("fp16", loss_report.DEFAULT_CODEC)
     )
-    assert f"stores {served} bytes per view (fp16, as served here)" in page
-    assert f"default codec ({loss_report.DEFAULT_CODEC}, " in page
-    assert f"{default} bytes per view, {default * 30_000 / 1e6:.2f} MB." in page
+    assert (served, default) == (41.05, 40.37)
+    assert (f"stores {served:g} bytes per view on disk, as `label_budget.jsonl` measures (fp16), "
+            f"{served * 30_000 / 1e6:.2f} MB") in page  # fmt: skip
+    assert f"{default:g} bytes per view on disk, as `label_budget.jsonl` measures " in page
+    assert f"({loss_report.DEFAULT_CODEC}), {default * 30_000 / 1e6:.2f} MB." in page
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert "![loss_study_ipc10.png](out/loss_study_ipc10.png)" in text
