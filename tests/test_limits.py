@@ -157,7 +157,9 @@ def test_client_waits_for_a_free_stream(imagenet_store: Path) -> None:
                 params={"batch_size": 1, "epochs": 100_000, "include": "indices,images"},
             )  # fmt: skip
             response = holder.__enter__()
-            next(response.iter_bytes())  # the only slot is taken
+            # keep the iterator: a dropped one is closed, and its stream (the slot) with it
+            chunks = response.iter_bytes()
+            next(chunks)  # the only slot is taken
             threading.Timer(1.5, holder.__exit__, (None, None, None)).start()
             got = [r.tensors["indices"].tolist() for r in remote.raw_batches(0, sharding)]
         assert got == reference
