@@ -204,7 +204,7 @@ def read_json_file(path: Path, what: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a plain file"
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, socket or device"
             raise StoreError(f"the {what} {path} is {kind}; it must be a plain file")
         if st.st_size > _MAX_JSON_BYTES:  # read on every rescan: a huge one would stall them
             raise StoreError(f"the {what} {path} has {st.st_size} bytes, more than any {what}")

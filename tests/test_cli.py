@@ -79,20 +79,29 @@ def test_demo_run_checks_server_settings_before_preparing(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_is_one_line_and_exit_130(tmp_path: Path, sig: int) -> None:
-    """Ctrl-C or SIGTERM in any command: here inspect, blocked reading a manifest that is a
-    FIFO; opening its write end waits until the command is reading."""
-    (tmp_path / "set").mkdir()
-    fifo = tmp_path / "set" / "manifest.json"
-    os.mkfifo(fifo)
-    proc = start_cli("inspect", tmp_path / "set")
-    writer = os.open(fifo, os.O_WRONLY)
-    try:
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        os.close(writer)
+def test_an_interrupt_is_one_line_and_exit_130(sig: int) -> None:
+    """Ctrl-C or SIGTERM in any command: here report, blocked waiting for a server that
+    accepted its request and never answers; the signal comes once the request has arrived."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(120)
+        port = silent.getsockname()[1]
+        proc = start_cli("report", "--url", f"http://127.0.0.1:{port}", "--labelset", "x",
+                         "--no-progress")  # fmt: skip
+        conn, _ = silent.accept()
+        with conn:
+            conn.settimeout(120)
+            assert conn.recv(1)  # the request is on its way: the command waits for an answer
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
+
+
+def test_a_manifest_that_is_a_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO in the manifest's place would block a reader (and every rescan) forever."""
+    (tmp_path / "set").mkdir()
+    os.mkfifo(tmp_path / "set" / "manifest.json")
+    done = run_cli("inspect", tmp_path / "set", timeout=60)
+    assert_one_line_error(done, "is a pipe, socket or device; it must be a plain file")
 
 
 @pytest.mark.parametrize("flag", [["--labelset", "other"], ["--token", "secret"]])
