@@ -20,7 +20,7 @@ from conftest import random_set, relabel_args, run_cli, write_folder
 from test_errors import assert_one_line_error
 
 from softserve.errors import InputError
-from softserve.worker import teacher as teacher_module
+from softserve.worker import exported as exported_module
 from softserve.worker.sources import load_image_set
 from softserve.worker.teacher import load_teacher
 
@@ -168,7 +168,7 @@ def test_crafted_pt2_is_refused_and_runs_nothing(
     path = edited(clean_pt2, tmp_path / "evil.pt2", MALICIOUS[kind], marker)
     with monkeypatch.context() as patch:
         if not check_archive:
-            patch.setattr(teacher_module, "_check_archive", lambda _: None)
+            patch.setattr(exported_module, "_check_archive", lambda _: None)
         with pytest.raises(InputError, match="evil.pt2 holds .*--allow-pickle only if") as info:
             _load_and_run(path, allow_pickle=False)
     assert "\n" not in str(info.value)
