@@ -277,7 +277,8 @@ def flip_at(path: Path, offset: int, mask: int) -> None:
 
 
 def outside_chunks(path: Path) -> np.ndarray:
-    """Offsets of a file's bytes that belong to no chunk of any dataset."""
+    """Offsets of a file's bytes that belong to no chunk of any dataset: its metadata
+    (superblock, object headers, chunk indexes, heaps) and free space."""
     import h5py
 
     inside = np.zeros(path.stat().st_size, bool)

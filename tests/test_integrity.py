@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,10 @@ from softserve.errors import StoreError
 from softserve.storage import LabelSetReader, integrity
 from softserve.storage.manifest import load_manifest
 from softserve.storage.open_set import OpenLabelSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from fault_trials import outside_chunks  # noqa: E402
 
 N, EPOCHS, BATCH = 20, 4, 5
 #: What the outside file holds: bytes no image of the set has in a row.
@@ -160,18 +165,6 @@ def test_a_server_never_serves_bytes_from_outside_a_set(
 
 
 # ----------------------------------------------------------------- damaged bytes
-
-
-def outside_chunks(path: Path) -> np.ndarray:
-    """Offsets of a file's bytes that belong to no chunk of any dataset: its metadata
-    (superblock, object headers, chunk indexes, heaps) and free space."""
-    inside = np.zeros(path.stat().st_size, bool)
-    with h5py.File(path, "r") as f:
-        for key in f:
-            for i in range(f[key].id.get_num_chunks()):
-                chunk = f[key].id.get_chunk_info(i)
-                inside[chunk.byte_offset : chunk.byte_offset + chunk.size] = True
-    return np.flatnonzero(~inside)
 
 
 def flip(path: Path, offset: int, mask: int = 0x5A) -> None:
