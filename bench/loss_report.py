@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
 
-from softserve.client.codecs import DEFAULT_CODEC, get_codec  # noqa: E402
+from softserve.format.codecs import DEFAULT_CODEC, get_codec  # noqa: E402
 from softserve.storage.manifest import FORMAT_VERSION  # noqa: E402
 from softserve.storage.shards import bytes_per_row  # noqa: E402
 

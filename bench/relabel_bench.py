@@ -40,8 +40,10 @@ import torch
 
 import softserve.worker.relabel as relabel_mod
 from softserve.client.losses import Targets, get_loss
-from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
 from softserve.errors import InputError
+from softserve.format.augment import ViewPolicy, sample_views
+from softserve.format.sampling import epoch_order
+from softserve.pixels import apply_views
 from softserve.storage import CODECS, LabelSetConfig, LabelSetReader, get_codec, read_manifest
 from softserve.storage.shards import NORM
 from softserve.worker.relabel import RelabelOptions, relabel

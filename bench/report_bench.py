@@ -25,8 +25,9 @@ import torch
 
 import softserve
 from softserve.client import refine_labels
-from softserve.client.codecs import get_codec
-from softserve.client.views import ViewPolicy, epoch_order, sample_views
+from softserve.format.augment import ViewPolicy, sample_views
+from softserve.format.codecs import get_codec
+from softserve.format.sampling import epoch_order
 from softserve.report import ReportOptions, StoreSource, compute_report
 from softserve.report.page import write_report
 from softserve.storage.layout import DATASET_FILE, shard_file

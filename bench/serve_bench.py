@@ -23,7 +23,7 @@ on receipt, so every path delivers the same tensors:
      alone (encode, HTTP, decode), with the reads on both sides;
   b. per-batch: one ``GET .../epochs/{e}/batches/{i}`` per batch on one ``httpx.Client``
      (include=indices,params,hard,soft: images are cached client-side, as the client does),
-     decoded by ``softserve.client.payload.decode`` into torch tensors;
+     decoded by ``softserve.format.payload.decode`` into torch tensors;
   c. stream: ``RemoteLabelSet.raw_batches`` over all the run's epochs: one stream, as the
      loader opens for a training run; received and decoded;
   c'. a stream per epoch: the same, one ``raw_batches`` per epoch, as
@@ -93,8 +93,8 @@ import numpy as np
 import torch
 
 from softserve.client import Client, RemoteLabelSet, Sharding, Targets, apply_views, get_loss
-from softserve.client.codecs import get_codec
-from softserve.client.payload import crc32, decode
+from softserve.format.codecs import get_codec
+from softserve.format.payload import crc32, decode
 from softserve.models import convnet
 from softserve.service.batches import BatchRequest, batch_payload, read_batches, stream_groups
 from softserve.service.catalog import Catalog

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from softserve.client import refine_labels
-from softserve.client.codecs import get_codec
-from softserve.client.views import NUM_PARAMS
+from softserve.format.augment import NUM_PARAMS
+from softserve.format.codecs import get_codec
 from softserve.storage.manifest import LabelSetConfig
 from softserve.storage.writer import ShardWriter
 from softserve.worker.relabel import storage_fields

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 import softserve
-from softserve.client.payload import (
+from softserve.format.payload import (
     CHECKSUM_HEADER,
     DEFAULT_INCLUDE,
     MEDIA_TYPE,
@@ -31,8 +31,8 @@ from softserve.client.payload import (
     LabelEncoding,
     crc32,
 )
-from softserve.client.sampling import Sharding
-from softserve.client.schema import ErrorResponse, LabelSetDetail, LabelSetSummary
+from softserve.format.sampling import Sharding, starved_ranks
+from softserve.format.schema import ErrorResponse, LabelSetDetail, LabelSetSummary
 from softserve.service import metrics
 from softserve.service.auth import authorized, load_tokens
 from softserve.service.batches import (
@@ -214,12 +214,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             )  # fmt: skip
         n = entry.manifest.config.num_samples
         sharding = Sharding(n, batch_size, rank, world_size, drop_last)
-        if world_size > n or len(sharding) == 0:
-            raise ApiError(
-                400, "no_batches",
-                f"batch_size {batch_size} on {world_size} rank(s) leaves no batch of the {n} "
-                "samples for every rank; lower batch_size (or world_size)",
-            )  # fmt: skip
+        starved = starved_ranks(sharding)
+        if starved is not None:
+            raise ApiError(400, "no_batches", starved)
         return BatchRequest(entry, epoch, sharding, wanted, label_dtype, label_encoding)
 
     async def bounded_payload(

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from softserve.client.payload import (
+from softserve.errors import SoftserveError, StoreError
+from softserve.format.payload import (
     END_FRAME,
     MIX_TENSORS,
     TENSORS,
@@ -25,8 +26,7 @@ from softserve.client.payload import (
     frame_parts,
     going_away_frame,
 )
-from softserve.client.sampling import Sharding
-from softserve.errors import SoftserveError, StoreError
+from softserve.format.sampling import Sharding
 from softserve.service import metrics
 from softserve.service.catalog import LabelSet
 from softserve.service.limits import Limits
@@ -91,7 +91,7 @@ class BatchRequest:
 def read_batches(
     request: BatchRequest, batches: Iterable[tuple[int, int]]
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The requested tensors (see softserve.client.payload) of (epoch, index) batches; a
+    """The requested tensors (see softserve.format.payload) of (epoch, index) batches; a
     failed read withdraws the label set."""
     entry = request.entry
     try:

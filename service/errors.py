@@ -14,7 +14,7 @@ from softserve.errors import SoftserveError
 log = logging.getLogger("softserve.service")
 
 
-class ApiError(Exception):
+class ApiError(SoftserveError):
     """An error the API reports to the client as is."""
 
     def __init__(

@@ -1,6 +1,6 @@
 """One view of one sample as a PNG: what the teacher saw, for people looking at a label set.
 
-The view is built by :func:`softserve.client.mixing.stored_views` from the stored crop and
+The view is built by :func:`softserve.pixels.stored_views` from the stored crop and
 flip (and, in a mixed set, the stored mix and the partner's view) with ``mixed_views``, the
 function the worker and training use. It needs torch and Pillow, imported on the first
 request for a view, never when the server starts; a server installed without torch (the
@@ -46,7 +46,7 @@ def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
         import torch
         from PIL import Image
 
-        from softserve.client.mixing import stored_views
+        from softserve.pixels import stored_views
     except ModuleNotFoundError as exc:
         raise ApiError(
             501, "views_unavailable",

@@ -13,12 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from softserve.client.codecs import DEFAULT_CODEC
-from softserve.errors import InputError, SoftserveError
+from softserve.errors import InputError, Interrupted, SoftserveError
+from softserve.format.codecs import DEFAULT_CODEC
 
 if TYPE_CHECKING:
-    from softserve.client.mixing import MixPolicy
-    from softserve.client.views import ViewPolicy
+    from softserve.format.augment import MixPolicy, ViewPolicy
     from softserve.service.settings import ServiceSettings
     from softserve.worker.demo import DemoOptions
 
@@ -87,12 +86,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
-class _Interrupted(Exception):
-    """Ctrl-C or SIGTERM in a command that says what it kept; main() prints it."""
-
-
 def _interrupted(what: str) -> NoReturn:
-    raise _Interrupted(what)
+    raise Interrupted(what)
 
 
 TeacherOption = Annotated[
@@ -146,7 +141,7 @@ ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 def _policy(
     min_scale: float, max_scale: float, min_ratio: float, max_ratio: float, flip: bool
 ) -> ViewPolicy:
-    from softserve.client.views import ViewPolicy
+    from softserve.format.augment import ViewPolicy
 
     try:
         return ViewPolicy(scale=(min_scale, max_scale), ratio=(min_ratio, max_ratio), flip=flip)
@@ -155,7 +150,7 @@ def _policy(
 
 
 def _mix(kind: str | None, prob: float, alpha: float) -> MixPolicy | None:
-    from softserve.client.mixing import MixPolicy
+    from softserve.format.augment import MixPolicy
 
     if kind is None:
         return None
@@ -663,12 +658,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
+    except Interrupted as exc:
+        _stopped(str(exc))
     except SoftserveError as exc:
         message = escape(" ".join(str(exc).split()))
         err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except _Interrupted as exc:
-        _stopped(str(exc))
     except KeyboardInterrupt:
         _stopped()
     except SystemExit as exc:

@@ -1,4 +1,8 @@
-"""The one exception family softserve raises for problems a user can fix."""
+"""The one exception family softserve raises for problems a user can fix.
+
+Every package's errors are here but the HTTP API's (``service/errors.py``), which are
+SoftserveErrors too. Torch-free: the server and the client share this module.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,44 @@ class InputError(SoftserveError):
 
 class StoreError(SoftserveError):
     """A label set on disk that is missing, incomplete, corrupt, or a different one."""
+
+
+class StoreChanged(StoreError):
+    """A file changed or was replaced while its set was being opened: open it again."""
+
+
+class PayloadError(SoftserveError, ValueError):
+    """A payload or stream that cannot be decoded, or an error the server sent in-stream."""
+
+    def __init__(self, message: str, from_server: bool = False) -> None:
+        super().__init__(message)
+        self.from_server = from_server
+
+
+class GoingAway(PayloadError):
+    """The server ended the stream because it is shutting down: resume, here or elsewhere."""
+
+
+class ClientError(SoftserveError):
+    """The server refused a request (4xx), or could not be reached after every retry."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ServerError(SoftserveError):
+    """A 5xx answer: worth a retry, on this server or another (after ``retry_after``
+    seconds, when the server said so)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Interrupted(SoftserveError):
+    """Ctrl-C or SIGTERM in a command that says what it kept; the CLI prints it."""
 
 
 def brief(exc: BaseException, limit: int = 200) -> str:

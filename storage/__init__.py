@@ -1,6 +1,6 @@
 """softserve's storage: the HDF5 shard format of a label set, its codecs and its manifest."""
 
-from softserve.client.codecs import CODECS, Codec, get_codec
+from softserve.format.codecs import CODECS, Codec, get_codec
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, shard_file
 from softserve.storage.manifest import (
     FORMAT_VERSION,

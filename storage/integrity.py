@@ -38,7 +38,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from softserve.errors import StoreError, brief
+from softserve.errors import StoreChanged, StoreError, brief
 from softserve.storage.manifest import FileInfo
 from softserve.storage.shards import Layout
 
@@ -54,10 +54,6 @@ Identity = tuple[int, int, int, int, int]
 
 _hashed: dict[Identity, str] = {}
 _hashed_lock = threading.Lock()
-
-
-class Changed(StoreError):
-    """A file changed or was replaced while its set was being opened: open it again."""
 
 
 def identity(st: os.stat_result) -> Identity:
@@ -76,13 +72,13 @@ def _sha256_fd(fd: int) -> str:
 
 def _hash(fd: int, found: Identity, path: Path) -> str:
     """The sha256 of ``path``, open at ``fd`` and known to be at ``found``: remembered, or
-    hashed now (Changed if the file moves meanwhile)."""
+    hashed now (StoreChanged if the file moves meanwhile)."""
     with _hashed_lock:
         known = _hashed.get(found)
     if known is None:
         known = _sha256_fd(fd)
         if identity(os.fstat(fd)) != found:
-            raise Changed(f"{path} changed while it was hashed")
+            raise StoreChanged(f"{path} changed while it was hashed")
         with _hashed_lock:
             _hashed[found] = known
     return known
@@ -134,7 +130,7 @@ class PinnedFile:
         pinned = cls(path, entry, handle, found)
         if pinned.current() != found:
             pinned.close()
-            raise Changed(f"{path} changed while it was opened")
+            raise StoreChanged(f"{path} changed while it was opened")
         return pinned
 
     def current(self) -> Identity:

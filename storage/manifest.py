@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from softserve.client.codecs import get_codec
 from softserve.errors import InputError, StoreError, brief
+from softserve.format.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
 #: Written today: one stored label per view (see softserve.storage.shards); 1 still reads.

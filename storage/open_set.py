@@ -15,10 +15,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from softserve.client.codecs import part_name
-from softserve.client.payload import LabelDtype
-from softserve.client.sampling import Sharding
-from softserve.client.schema import (
+from softserve.format.codecs import part_name
+from softserve.format.payload import LabelDtype
+from softserve.format.sampling import Sharding
+from softserve.format.schema import (
     LabelSetDetail,
     LabelSetSummary,
     MixPolicyInfo,
@@ -93,7 +93,7 @@ class OpenLabelSet:
         self, sharding: Sharding, batches: Iterable[tuple[int, int]], include: Iterable[str],
         label_dtype: LabelDtype = "float32", stored_labels: bool = False,
     ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
-        """The ``include``\\ d tensors (see softserve.client.payload) of (epoch, index) batches.
+        """The ``include``\\ d tensors (see softserve.format.payload) of (epoch, index) batches.
 
         Batches that follow each other in one stored epoch (world size 1) are read together,
         one read per dataset: a read of a few rows costs about as much as a read of many.

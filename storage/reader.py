@@ -19,12 +19,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from softserve.client.codecs import get_codec, part_name, to_float16
-from softserve.client.refinement import recover_logits
-from softserve.errors import StoreError, brief
+from softserve.errors import StoreChanged, StoreError, brief
+from softserve.format.codecs import get_codec, part_name
+from softserve.format.labels import decode_labels
 from softserve.storage.integrity import (
     H5_ERRORS,
-    Changed,
     PinnedFile,
     int_attribute,
     structure_problems,
@@ -77,7 +76,7 @@ class LabelSetReader:
             self.manifest, self.digest = load_manifest(self.root)
             try:
                 self._open_all(locking)
-            except Changed:
+            except StoreChanged:
                 self.close()
                 continue
             except StoreError:
@@ -255,24 +254,22 @@ class LabelSetReader:
                 parts = self._parts(name, "refined", index)
                 rest.update({part_name("refined", k): v for k, v in parts.items()})
             return rest
-        stored = {"order", "params", *CODEC_FIELDS[self.version], *MIX_DATASETS}
+        stored = {"order", "params", *MIX_DATASETS}
         if self.version >= 2:
             stored.add(NORM)
-        out: dict[str, np.ndarray] = {}
-        for field in fields:
-            if field in CODEC_FIELDS[self.version]:
-                out[field] = self._decode(name, field, index, label_dtype)
-            elif field in stored:
-                out[field] = self._read(name, field, index)
+        out: dict[str, np.ndarray] = {f: self._read(name, f, index) for f in fields if f in stored}
         if "order" in out:
             self._check_order(out["order"], name)
         if "mix" in out:
             self._check_order(out["mix"][:, 0], name)
-        if "logits" in fields and "logits" not in out:
-            out["logits"] = self._recover_logits(name, index, label_dtype, out)
-        if NORM in fields and NORM not in out:  # format 1: the norm of the stored logits
-            logits = self._decode(name, "logits", index, np.float32)
-            out[NORM] = np.linalg.norm(logits, axis=-1).astype(np.float32)
+        if self.version == 1:  # the logits stored in the codec beside the refined labels
+            for field in set(fields) & set(CODEC_FIELDS[1]):
+                out[field] = self._decode(name, field, index, label_dtype)
+            if NORM in fields:
+                logits = self._decode(name, "logits", index, np.float32)
+                out[NORM] = np.linalg.norm(logits, axis=-1).astype(np.float32)
+        elif {"refined", "logits"} & set(fields):
+            out.update(self._labels(name, index, label_dtype, "logits" in fields, out))
         return {field: out[field] for field in fields}
 
     def _check_order(self, order: np.ndarray, name: str) -> None:
@@ -292,18 +289,24 @@ class LabelSetReader:
         parts = self._parts(name, field, index)
         return self.codec.decode_as(parts, self.config.num_classes, dtype)
 
-    def _recover_logits(
-        self, name: str, index: tuple, dtype: np.dtype | type, have: dict[str, np.ndarray]
-    ) -> np.ndarray:
-        """t = ‖t‖·(r − β·s/‖s‖) from the refined labels, norms and hard labels."""
-        refined = self._decode(name, "refined", index, np.float32)
-        order = have["order"] if "order" in have else self._read(name, "order", index)
-        self._check_order(order, name)
-        norm = have[NORM] if NORM in have else self._read(name, NORM, index)
+    def _labels(
+        self, name: str, index: tuple, dtype: np.dtype | type, logits: bool,
+        have: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """Refined labels, and with ``logits`` the teacher's logits t = ‖t‖·(r − β·s/‖s‖)
+        recovered from them, their norms and the rows' hard labels."""
+        norm = hard = None
+        if logits:
+            order = have["order"] if "order" in have else self._read(name, "order", index)
+            self._check_order(order, name)
+            norm = have[NORM] if NORM in have else self._read(name, NORM, index)
+            hard = self.hard_labels()[order]
         refinement = self.config.refinement
-        hard = self.hard_labels()[order]
-        logits = recover_logits(refined, hard, norm, refinement.alpha, refinement.beta)
-        return to_float16(logits) if np.dtype(dtype) == np.float16 else logits
+        soft, teacher = decode_labels(
+            self.codec, self.config.num_classes, self._parts(name, "refined", index),
+            hard=hard, norm=norm, alpha=refinement.alpha, beta=refinement.beta, dtype=dtype,
+        )  # fmt: skip
+        return {"refined": soft} if teacher is None else {"refined": soft, "logits": teacher}
 
     def close(self) -> None:
         for pinned in self._files.values():

@@ -2,13 +2,13 @@
 
 Format 2 (written today) stores one label per view, GIFT's refined label r, in the label
 set's codec, plus ``norm``, the float32 norm ‖t‖ of the teacher's logits, from which the
-logits are exact: t = ‖t‖·(r − β·s/‖s‖) (:func:`softserve.client.recover_logits`).
+logits are exact: t = ‖t‖·(r − β·s/‖s‖) (:func:`softserve.format.refinement.recover_logits`).
 Format 1 stored r and t both, each in the codec; its sets still open and serve.
 
 Every shard also holds ``order`` (int32 (E_s, N)) and ``params`` (int16 (E_s, N, 5)): row j
 of epoch e is sample order[e, j], seen through the view params[e, j]. A set relabelled with
 ``--mix`` also holds, in the same order, ``mix`` (float32 (E_s, N, 6), the mix rows of
-:mod:`softserve.client.mixing`) and ``partner_params`` (int16 (E_s, N, 5), each partner's
+:mod:`softserve.format.augment`) and ``partner_params`` (int16 (E_s, N, 5), each partner's
 view in that epoch); the format version is the same, and sets without them read as before.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from softserve.client.codecs import Codec, part_name
-from softserve.client.payload import NUM_MIX, NUM_PARAMS
 from softserve.errors import StoreError, brief
+from softserve.format.codecs import Codec, part_name
+from softserve.format.payload import NUM_MIX, NUM_PARAMS
 
 ORDER_DTYPE = np.dtype(np.int32)
 PARAMS_DTYPE = np.dtype(np.int16)

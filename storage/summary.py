@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from softserve.client.codecs import get_codec
+from softserve.format.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, shard_file
 from softserve.storage.manifest import RESUME_HINT, LabelSetConfig, read_manifest, read_plan
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from softserve.client.codecs import get_codec
 from softserve.errors import StoreError, brief
+from softserve.format.codecs import get_codec
 from softserve.storage.integrity import int_attribute, structure_problems
 from softserve.storage.layout import sha256_file
 from softserve.storage.manifest import FileInfo, Manifest, ShardInfo, read_manifest

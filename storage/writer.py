@@ -22,8 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from softserve.client.codecs import Codec, part_name
 from softserve.errors import InputError
+from softserve.format.codecs import Codec, part_name
 from softserve.storage.layout import commit, sha256_file, tmp_path
 from softserve.storage.manifest import FORMAT_VERSION, FileInfo, ShardInfo
 from softserve.storage.shards import NORM, bytes_per_row, shard_layout

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from softserve.client.codecs import CODECS, Codec, TopKCodec, get_codec, part_name
-from softserve.client.losses import cosine_loss, gift_loss, recover_logits, refine_labels
-from softserve.client.views import NUM_PARAMS
+from softserve.client.losses import cosine_loss, gift_loss
 from softserve.errors import InputError
+from softserve.format.augment import NUM_PARAMS
+from softserve.format.codecs import CODECS, Codec, TopKCodec, get_codec, part_name
+from softserve.format.refinement import recover_logits, refine_labels
 from softserve.storage.layout import MANIFEST_FILE, shard_file
 from softserve.storage.layout import tmp_path as partial_path
 from softserve.storage.manifest import (
@@ -406,7 +407,7 @@ def test_codec_gift_loss_error(name: str, num_classes: int) -> None:
 def test_top_k_indices_equal_a_stable_descending_sort(k: int) -> None:
     """The partition-based selection gives exactly a stable argsort's first k columns, on
     rows full of ties, on constant rows, and in more than two dimensions."""
-    from softserve.client.codecs import top_k_indices
+    from softserve.format.codecs import top_k_indices
 
     rng = np.random.default_rng(k)
     rows = np.round(rng.standard_normal((4, 500, 50)), 1).astype(np.float32)

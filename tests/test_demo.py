@@ -18,8 +18,8 @@ from test_codecs import error_bound
 from test_errors import assert_one_line_error
 
 from softserve.client import apply_views
-from softserve.client.losses import refine_labels
 from softserve.errors import InputError
+from softserve.format.refinement import refine_labels
 from softserve.models import fashion_mnist_teacher
 from softserve.storage import LabelSetReader, verify_label_set
 from softserve.worker import fashion_mnist

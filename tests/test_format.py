@@ -13,8 +13,8 @@ import torch
 from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, recover_logits, refine_labels
-from softserve.client.codecs import get_codec, part_name
 from softserve.errors import InputError, StoreError
+from softserve.format.codecs import get_codec, part_name
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
 from softserve.storage.manifest import write_model
 from softserve.storage.shards import NORM

@@ -19,8 +19,8 @@ import pytest
 from conftest import Server, build_label_set, reseal_manifest, run_cli
 
 from softserve.client import Client, ClientError, PayloadError
-from softserve.client.codecs import part_name
 from softserve.errors import StoreError
+from softserve.format.codecs import part_name
 from softserve.storage import LabelSetReader, integrity
 from softserve.storage.manifest import load_manifest
 from softserve.storage.open_set import OpenLabelSet

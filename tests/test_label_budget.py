@@ -111,7 +111,7 @@ def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> 
 def test_default_codec_is_the_committed_studys_verdict() -> None:
     """DEFAULT_CODEC is what bench/results/label_budget.jsonl chose: changing either alone
     fails here."""
-    from softserve.client.codecs import DEFAULT_CODEC
+    from softserve.format.codecs import DEFAULT_CODEC
 
     records = label_budget_report.load(BENCH / "results" / "label_budget.jsonl")
     chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))

@@ -13,8 +13,8 @@ import pytest
 from conftest import Server, build_label_set, rss_bytes
 
 from softserve.client import Client
-from softserve.client.payload import TENSORS
-from softserve.client.sampling import Sharding
+from softserve.format.payload import TENSORS
+from softserve.format.sampling import Sharding
 from softserve.service.batches import BatchRequest, stream_groups
 from softserve.service.catalog import Catalog
 from softserve.storage import LabelSetReader

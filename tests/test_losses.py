@@ -13,12 +13,10 @@ from softserve.client.losses import (
     NEEDS_LOGITS,
     GIFTLoss,
     Targets,
-    beta_from_gamma,
     get_loss,
     gift_loss,
-    refine_labels,
-    smooth_labels,
 )
+from softserve.format.refinement import beta_from_gamma, refine_labels, smooth_labels
 
 B, C = 32, 10
 ALPHA_BETA = [(0.1, 0.1), (0.0, 0.5), (0.3, 1.0), (0.1, 0.0), (0.05, 3.0)]

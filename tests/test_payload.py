@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from softserve.client.payload import (
+from softserve.errors import PayloadError
+from softserve.format.payload import (
     END_FRAME,
-    PayloadError,
     check_crc32,
     decode,
     encode,

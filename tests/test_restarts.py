@@ -16,7 +16,8 @@ from test_service import damage
 
 from softserve.client import Client, ClientError
 from softserve.client import remote as client_remote
-from softserve.client.payload import GoingAway, PayloadError, decode, read_frames
+from softserve.errors import GoingAway, PayloadError
+from softserve.format.payload import decode, read_frames
 
 BIG = "/v1/labelsets/big"
 

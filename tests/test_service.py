@@ -21,9 +21,9 @@ import torch
 from conftest import TESTS_DIR, Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError, PayloadError, Sharding, refine_labels
-from softserve.client.codecs import get_codec, part_name
-from softserve.client.payload import TENSORS, read_frames
 from softserve.client.remote import RawBatch
+from softserve.format.codecs import get_codec, part_name
+from softserve.format.payload import TENSORS, read_frames
 from softserve.service.batches import BatchRequest, read_batches
 from softserve.service.catalog import Catalog
 from softserve.storage import LabelSetReader

@@ -14,7 +14,7 @@ import torch
 from conftest import ARTIFACTS, Server
 from PIL import Image
 
-from softserve.client.views import apply_views
+from softserve.pixels import apply_views
 from softserve.storage.reader import LabelSetReader
 
 TOKEN = "ui-test-token-0123456789"

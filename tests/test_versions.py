@@ -11,8 +11,8 @@ import pytest
 from conftest import Server, build_label_set, run_cli
 
 from softserve.client import Client, ClientError
-from softserve.client.codecs import part_name
 from softserve.errors import StoreError
+from softserve.format.codecs import part_name
 from softserve.storage import LabelSetReader, read_manifest
 from softserve.storage.manifest import write_model
 from softserve.storage.writer import shard_info

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softserve.client.views import NUM_PARAMS, ViewPolicy, apply_views, epoch_order, sample_views
+from softserve.format.augment import NUM_PARAMS, ViewPolicy, sample_views
+from softserve.format.sampling import epoch_order
+from softserve.pixels import apply_views
 
 DEVICES = [
     "cpu",

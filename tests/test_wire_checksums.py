@@ -18,8 +18,8 @@ import torch
 from conftest import Server
 
 from softserve.client import Client, ClientError, PayloadError
-from softserve.client.payload import END_FRAME, STREAM_MEDIA_TYPE
 from softserve.client.remote import RemoteLabelSet
+from softserve.format.payload import END_FRAME, STREAM_MEDIA_TYPE
 
 SINGLE = "application/vnd.softserve.safetensors"
 #: Where in a response body a bit is flipped.

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from softserve.client.codecs import DEFAULT_CODEC
-from softserve.client.views import ViewPolicy
 from softserve.errors import InputError
+from softserve.format.augment import ViewPolicy
+from softserve.format.codecs import DEFAULT_CODEC
 from softserve.models import fashion_mnist_teacher
 from softserve.worker import fashion_mnist, garments
 from softserve.worker.relabel import RelabelOptions, relabel

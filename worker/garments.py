@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softserve.client.views import ViewPolicy
+from softserve.format.augment import ViewPolicy
 from softserve.worker import fashion_mnist
 
 TILE = 28

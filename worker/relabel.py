@@ -25,11 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 import softserve
-from softserve.client.codecs import DEFAULT_CODEC, get_codec
-from softserve.client.losses import refine_labels
-from softserve.client.mixing import MixPolicy, mixed_views, sample_mix
-from softserve.client.views import ViewPolicy, epoch_order, sample_views
 from softserve.errors import InputError, StoreError, brief
+from softserve.format.augment import MixPolicy, ViewPolicy, sample_mix, sample_views
+from softserve.format.codecs import DEFAULT_CODEC, get_codec
+from softserve.format.refinement import refine_labels
+from softserve.format.sampling import epoch_order
+from softserve.pixels import mixed_views
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import (
     FORMAT_VERSION,

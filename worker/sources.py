@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from softserve.client.losses import DEFAULT_ALPHA, DEFAULT_BETA
-from softserve.client.views import ViewPolicy
 from softserve.errors import InputError, brief
+from softserve.format.augment import ViewPolicy
+from softserve.format.refinement import DEFAULT_ALPHA, DEFAULT_BETA
 
 
 @dataclass(kw_only=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from softserve.client.codecs import get_codec
 from softserve.errors import InputError
+from softserve.format.codecs import get_codec
 from softserve.storage.layout import DATASET_FILE, PLAN_FILE, commit, shard_file, tmp_path
 from softserve.storage.manifest import LabelSetConfig, Manifest, RelabelPlan, write_model
 from softserve.storage.reader import LabelSetReader

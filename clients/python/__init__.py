@@ -4,12 +4,13 @@
 server, ``open_local("store/name").loader(batch_size)`` the same batches straight from a
 store on this machine; the bundled losses take ``(student_logits, batch)``.
 
-Views (:func:`apply_views`) and the GIFT refinement are defined here and imported by the
-worker too, so the student sees exactly the pixels the teacher labelled. Importing the
-client never imports the server or h5py; ``open_local`` needs h5py (it reads the store).
+Views (:func:`apply_views`) and the GIFT refinement come from the layers below the client,
+which the worker and the server import too, so the student sees exactly the pixels the
+teacher labelled. Importing the client never imports the server or h5py; ``open_local``
+needs h5py (it reads the store).
 
-Names load on first use: the server shares this package's torch-free modules (the wire
-format, codecs, sampling, schema) and must not import torch by importing the package.
+Names load on first use, so that ``import softserve.client`` stays cheap until a name is
+used (torch, httpx and the losses load with the first name that needs them).
 """
 
 from __future__ import annotations
@@ -17,44 +18,46 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-#: Every public name, by the module that defines it.
+#: Every public name, by the module that defines it: the client's own, and the format
+#: kernel's (:mod:`softserve.format`) and the pixel functions (:mod:`softserve.pixels`)
+#: that the worker and the server share with it.
 _EXPORTS = {
-    "Loader": "loader",
-    "ALL_LOSS_NAMES": "losses",
-    "LOSS_NAMES": "losses",
-    "NEEDS_LOGITS": "losses",
-    "GIFTLoss": "losses",
-    "KLLoss": "losses",
-    "Targets": "losses",
-    "WithCE": "losses",
-    "cosine_loss": "losses",
-    "get_loss": "losses",
-    "gift_loss": "losses",
-    "beta_from_gamma": "refinement",
-    "recover_logits": "refinement",
-    "refine_labels": "refinement",
-    "smooth_labels": "refinement",
-    "PayloadError": "payload",
-    "Batch": "labelset",
-    "LabelSet": "labelset",
-    "LocalLabelSet": "local",
-    "open_local": "local",
-    "Client": "remote",
-    "ClientError": "remote",
-    "RemoteLabelSet": "remote",
-    "Sharding": "sampling",
-    "LabelSetDetail": "schema",
-    "LabelSetSummary": "schema",
-    "NUM_PARAMS": "payload",
-    "PARAM_FIELDS": "payload",
-    "MixPolicy": "mixing",
-    "apply_mix": "mixing",
-    "mixed_views": "mixing",
-    "sample_mix": "mixing",
-    "ViewPolicy": "views",
-    "apply_views": "views",
-    "epoch_order": "views",
-    "sample_views": "views",
+    "Loader": "softserve.client.loader",
+    "ALL_LOSS_NAMES": "softserve.client.losses",
+    "LOSS_NAMES": "softserve.client.losses",
+    "NEEDS_LOGITS": "softserve.client.losses",
+    "GIFTLoss": "softserve.client.losses",
+    "KLLoss": "softserve.client.losses",
+    "Targets": "softserve.client.losses",
+    "WithCE": "softserve.client.losses",
+    "cosine_loss": "softserve.client.losses",
+    "get_loss": "softserve.client.losses",
+    "gift_loss": "softserve.client.losses",
+    "Batch": "softserve.client.labelset",
+    "LabelSet": "softserve.client.labelset",
+    "LocalLabelSet": "softserve.client.local",
+    "open_local": "softserve.client.local",
+    "Client": "softserve.client.remote",
+    "RemoteLabelSet": "softserve.client.remote",
+    "ClientError": "softserve.errors",
+    "PayloadError": "softserve.errors",
+    "beta_from_gamma": "softserve.format.refinement",
+    "recover_logits": "softserve.format.refinement",
+    "refine_labels": "softserve.format.refinement",
+    "smooth_labels": "softserve.format.refinement",
+    "Sharding": "softserve.format.sampling",
+    "epoch_order": "softserve.format.sampling",
+    "LabelSetDetail": "softserve.format.schema",
+    "LabelSetSummary": "softserve.format.schema",
+    "NUM_PARAMS": "softserve.format.augment",
+    "PARAM_FIELDS": "softserve.format.augment",
+    "MixPolicy": "softserve.format.augment",
+    "ViewPolicy": "softserve.format.augment",
+    "sample_mix": "softserve.format.augment",
+    "sample_views": "softserve.format.augment",
+    "apply_mix": "softserve.pixels",
+    "apply_views": "softserve.pixels",
+    "mixed_views": "softserve.pixels",
 }
 
 if TYPE_CHECKING:  # what type checkers read; a test checks it matches _EXPORTS
@@ -73,18 +76,25 @@ if TYPE_CHECKING:  # what type checkers read; a test checks it matches _EXPORTS
         get_loss,
         gift_loss,
     )
-    from softserve.client.mixing import MixPolicy, apply_mix, mixed_views, sample_mix
-    from softserve.client.payload import NUM_PARAMS, PARAM_FIELDS, PayloadError
-    from softserve.client.refinement import (
+    from softserve.client.remote import Client, RemoteLabelSet
+    from softserve.errors import ClientError, PayloadError
+    from softserve.format.augment import (
+        NUM_PARAMS,
+        PARAM_FIELDS,
+        MixPolicy,
+        ViewPolicy,
+        sample_mix,
+        sample_views,
+    )
+    from softserve.format.refinement import (
         beta_from_gamma,
         recover_logits,
         refine_labels,
         smooth_labels,
     )
-    from softserve.client.remote import Client, ClientError, RemoteLabelSet
-    from softserve.client.sampling import Sharding
-    from softserve.client.schema import LabelSetDetail, LabelSetSummary
-    from softserve.client.views import ViewPolicy, apply_views, epoch_order, sample_views
+    from softserve.format.sampling import Sharding, epoch_order
+    from softserve.format.schema import LabelSetDetail, LabelSetSummary
+    from softserve.pixels import apply_mix, apply_views, mixed_views
 
 __all__ = sorted(_EXPORTS)
 
@@ -93,7 +103,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

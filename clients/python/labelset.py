@@ -17,12 +17,12 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from softserve.client.codecs import get_codec
 from softserve.client.loader import Loader
-from softserve.client.losses import recover_logits
-from softserve.client.mixing import mixed_views
-from softserve.client.sampling import Sharding
-from softserve.client.schema import LabelSetDetail
+from softserve.format.codecs import get_codec
+from softserve.format.labels import NORM, decode_labels, label_parts
+from softserve.format.sampling import Sharding, starved_ranks
+from softserve.format.schema import LabelSetDetail
+from softserve.pixels import mixed_views
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Batch:
     soft: torch.Tensor
     logits: torch.Tensor | None = None
     #: mixed sets: each sample's mix row (partner id, λ, CutMix box; see
-    #: softserve.client.mixing) and its partner's view params; ``images`` are mixed already
+    #: softserve.format.augment) and its partner's view params; ``images`` are mixed already
     mix: torch.Tensor | None = None
     partner_params: torch.Tensor | None = None
 
@@ -174,15 +174,13 @@ class LabelSet(ABC):
         get no batch at all (the server refuses those requests too)."""
         rank, world_size = _resolve_ranks(rank, world_size)
         sharding = Sharding(self.num_samples, batch_size, rank, world_size, drop_last)
-        if world_size > self.num_samples or len(sharding) == 0:
-            raise ValueError(
-                f"batch_size {batch_size} on {world_size} rank(s) leaves no batch of the "
-                f"{self.num_samples} samples of {self.name!r} for every rank; lower batch_size"
-            )
+        starved = starved_ranks(sharding, self.name)
+        if starved is not None:
+            raise ValueError(starved)
         return sharding
 
     def include(self, logits: bool, with_images: bool) -> list[str]:
-        """The tensors a raw batch needs (see softserve.client.payload): images unless the
+        """The tensors a raw batch needs (see softserve.format.payload): images unless the
         base images are cached, and the mix rows of a mixed set."""
         include = ["indices", "params", "hard", "soft"]
         if logits:
@@ -237,15 +235,16 @@ class LabelSet(ABC):
         # labels arrive as stored (a top-k row is a few dozen bytes) and are decoded after
         # the copy, on the job's device
         codec = get_codec(self.detail.codec)
-        names = codec.part_names("soft", self.num_classes)
-        parts = {s: t[name].to(device, non_blocking=non_blocking) for s, name in names.items()}
-        soft = codec.decode(parts, self.num_classes)
+        parts = label_parts(codec, self.num_classes, t)
         hard = t["hard"].to(device, non_blocking=non_blocking)
-        logits = None
-        if "norm" in t:
-            norm = t["norm"].to(device, non_blocking=non_blocking)
-            refinement = self.detail.refinement
-            logits = recover_logits(soft, hard, norm, refinement.alpha, refinement.beta)
+        norm = t.get(NORM)
+        refinement = self.detail.refinement
+        soft, logits = decode_labels(
+            codec, self.num_classes,
+            {s: v.to(device, non_blocking=non_blocking) for s, v in parts.items()},
+            hard=hard, norm=None if norm is None else norm.to(device, non_blocking=non_blocking),
+            alpha=refinement.alpha, beta=refinement.beta,
+        )  # fmt: skip
         return Batch(
             epoch=raw.epoch,
             index=raw.index,

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from softserve.client.labelset import LabelSet, RawBatch
-from softserve.client.remote import ClientError
-from softserve.client.sampling import Sharding
+from softserve.errors import ClientError
+from softserve.format.sampling import Sharding
 
 if TYPE_CHECKING:
     from softserve.storage.open_set import OpenLabelSet

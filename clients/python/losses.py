@@ -31,12 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softserve.client.refinement import DEFAULT_ALPHA, DEFAULT_BETA, flat_labels, refine_labels
-
-# the refinement's public names, re-exported: the losses are where users look for them
-from softserve.client.refinement import beta_from_gamma as beta_from_gamma
-from softserve.client.refinement import recover_logits as recover_logits
-from softserve.client.refinement import smooth_labels as smooth_labels
+from softserve.format.refinement import DEFAULT_ALPHA, DEFAULT_BETA, flat_labels, refine_labels
 
 DEFAULT_KL_TEMPERATURE = 20.0
 DEFAULT_CE_WEIGHT = 0.1

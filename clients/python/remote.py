@@ -31,17 +31,16 @@ from tenacity import (
 )
 
 from softserve.client.labelset import LabelSet, RawBatch
-from softserve.client.payload import (
+from softserve.errors import ClientError, PayloadError, ServerError
+from softserve.format.payload import (
     CHECKSUM_HEADER,
     STREAM_MEDIA_TYPE,
-    PayloadError,
     check_crc32,
     decode,
     read_frames,
 )
-from softserve.client.sampling import Sharding
-from softserve.client.schema import LabelSetDetail, LabelSetSummary
-from softserve.errors import SoftserveError
+from softserve.format.sampling import Sharding
+from softserve.format.schema import LabelSetDetail, LabelSetSummary
 
 log = logging.getLogger("softserve.client")
 
@@ -66,24 +65,6 @@ class Patience:
         self.failures = self.store_failures = 0
 
 
-class ClientError(SoftserveError):
-    """The server refused a request (4xx), or could not be reached after every retry."""
-
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class _ServerError(Exception):
-    """A 5xx answer: worth a retry, on this server or another (after ``retry_after``
-    seconds, when the server said so)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 _STORE_CODES = ("store_error", "withdrawn")
 
 
@@ -97,7 +78,7 @@ def _store_failure(exc: BaseException | None) -> bool:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, PayloadError):  # a cut stream is worth a retry, a server's report not
         return not exc.from_server
-    return isinstance(exc, (httpx.TransportError, _ServerError))
+    return isinstance(exc, (httpx.TransportError, ServerError))
 
 
 def _check_url(url: str) -> None:
@@ -127,7 +108,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def _raise_for_status(response: httpx.Response) -> None:
-    """ClientError for a 4xx or a store error (retrying cannot help), _ServerError for
+    """ClientError for a 4xx or a store error (retrying cannot help), ServerError for
     other 5xx (it might)."""
     if response.status_code < 400:
         return
@@ -137,7 +118,7 @@ def _raise_for_status(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         message, code = response.text[:200], None
     if response.status_code >= 500 and code not in _STORE_CODES:
-        raise _ServerError(
+        raise ServerError(
             f"{response.status_code} from {response.request.url}: {message}",
             _retry_after(response),
         )

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from softserve.client.codecs import CODECS, get_codec
 from softserve.errors import StoreError
+from softserve.format.codecs import CODECS, get_codec
 from softserve.report.source import EpochRows, LabelSource, SetInfo
 from softserve.storage.manifest import FORMAT_VERSION
 from softserve.storage.shards import bytes_per_row
@@ -290,7 +290,7 @@ def compute_report(
 ) -> ReportData:  # fmt: skip
     """Read every stored epoch of ``source`` once and compute the report's numbers;
     ``progress`` is called after each epoch."""
-    from softserve.client.mixing import stored_views
+    from softserve.pixels import stored_views
 
     opts = opts or ReportOptions()
     acc = _Accumulator(source, opts)

@@ -17,8 +17,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from softserve.client.codecs import Codec, TopKCodec, get_codec
-from softserve.client.losses import recover_logits
+from softserve.format.codecs import Codec, TopKCodec, get_codec
+from softserve.format.labels import decode_labels
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,14 @@ def decode_rows(
     """An epoch's rows from the codec's stored parts (by suffix) and the logits' norms."""
     codec: Codec = get_codec(info.codec)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in parts.items()}
-    refined = codec.decode(tensors, info.num_classes)
     order = np.asarray(order, dtype=np.int64)
-    logits = recover_logits(
-        refined, torch.from_numpy(hard[order]), torch.from_numpy(np.asarray(norm)),
-        info.alpha, info.beta,
+    soft, logits = decode_labels(
+        codec, info.num_classes, tensors, hard=torch.from_numpy(hard[order]),
+        norm=torch.from_numpy(np.asarray(norm)), alpha=info.alpha, beta=info.beta,
     )  # fmt: skip
     kept = np.asarray(parts["index"], dtype=np.int64) if isinstance(codec, TopKCodec) else None
     return EpochRows(
-        order, np.asarray(params), refined.numpy(), logits.numpy(), kept, mix, partner_params
+        order, np.asarray(params), soft.numpy(), logits.numpy(), kept, mix, partner_params
     )
 
 
@@ -166,7 +165,7 @@ class RemoteSource:
 
     def _fetch_images(self) -> tuple[np.ndarray, np.ndarray]:
         """Every base image and hard label, from the images route, pinned to the digest."""
-        from softserve.client.payload import decode
+        from softserve.format.payload import decode
 
         images, hard = [], []
         n = self.info.num_samples

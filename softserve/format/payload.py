@@ -12,7 +12,7 @@ hard            int64    (B,)        hard labels
 soft            float32  (B,K)       GIFT-refined labels, decoded from the stored codec
 logits          float32  (B,K)       raw teacher logits on the same views (when asked)
 mix             float32  (B,6)       mixed sets only: partner id, λ, CutMix box top,
-                                     left, height, width (softserve.client.mixing)
+                                     left, height, width (softserve.format.augment)
 partner_params  int16    (B,5)       mixed sets only: the partner's view in this epoch
 partner_images  uint8    (B,C,H,W)   mixed sets only: the partner's base image
 ==============  =======  ==========  ==================================================
@@ -21,10 +21,10 @@ partner_images  uint8    (B,C,H,W)   mixed sets only: the partner's base image
 the bytes, and for a label set stored with the fp16 codec exactly the stored values.
 
 With ``label_encoding=stored``, labels travel as the label set stores them: ``soft`` and
-``soft_<part>`` are the codec's parts (:mod:`softserve.client.codecs`; a top-k batch of 256
+``soft_<part>`` are the codec's parts (:mod:`softserve.format.codecs`; a top-k batch of 256
 at K = 1000 is ~10 KB of labels instead of 1 MB of float32), and ``logits`` is replaced by
 ``norm`` (float32 (B,), the norm of the teacher's logits), from which the client recovers
-them (:func:`softserve.client.recover_logits`). The metadata then names the ``codec``.
+them (:func:`softserve.format.refinement.recover_logits`). The metadata then names the ``codec``.
 The Python client asks for this; a plain safetensors reader gets floats by default.
 
 and metadata ``epoch``, ``stored_epoch`` and ``batch``. A stream is a sequence of frames,
@@ -49,7 +49,8 @@ from typing import Literal
 
 import numpy as np
 
-from softserve.errors import SoftserveError
+from softserve.errors import GoingAway as GoingAway
+from softserve.errors import PayloadError as PayloadError
 
 #: Columns of a ``params`` row: crop box in base pixels, then the flip bit.
 PARAM_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
@@ -78,14 +79,6 @@ _DTYPES = {
     "F16": np.float16, "F32": np.float32, "F64": np.float64,
 }  # fmt: skip
 _NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
-
-
-class PayloadError(SoftserveError, ValueError):
-    """A payload or stream that cannot be decoded, or an error the server sent in-stream."""
-
-    def __init__(self, message: str, from_server: bool = False) -> None:
-        super().__init__(message)
-        self.from_server = from_server
 
 
 def encode_parts(
@@ -164,10 +157,6 @@ def error_frame(message: str) -> bytes:
 def going_away_frame(message: str) -> bytes:
     """A frame that ends a stream cleanly because the server is shutting down."""
     return frame(encode({}, {"going_away": message}))
-
-
-class GoingAway(PayloadError):
-    """The server ended the stream because it is shutting down: resume, here or elsewhere."""
 
 
 def decode(payload: bytes | bytearray) -> tuple[dict[str, np.ndarray], dict[str, str]]:

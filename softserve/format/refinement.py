@@ -1,13 +1,13 @@
 """GIFT's label refinement r = t/‖t‖ + β·s/‖s‖ and its inverse, for NumPy and torch.
 
-Written once against :mod:`softserve.client.arrays`: the worker refines with torch, a
+Written once against :mod:`softserve.format.arrays`: the worker refines with torch, a
 training job recovers logits with torch on its device, and the server recovers them with
 NumPy (it imports no torch). :mod:`softserve.client.losses` builds the losses on these.
 """
 
 from __future__ import annotations
 
-from softserve.client.arrays import Array, ops_for
+from softserve.format.arrays import Array, ops_for
 
 DEFAULT_ALPHA = 0.1
 DEFAULT_BETA = 0.1

@@ -4,7 +4,7 @@ Each codec names the parts it stores (HDF5 datasets ``<field>`` plus ``<field>_<
 its bytes per label row, and its worst-case error, which ``bench/relabel_bench.py``
 measures on real labels and on the GIFT and KL losses. Encoding is NumPy (the worker and
 transcode); decoding is one formula per codec, written against
-:mod:`softserve.client.arrays`: a training job receives labels in their stored form and
+:mod:`softserve.format.arrays`: a training job receives labels in their stored form and
 decodes them with torch on its own device, and the server decodes them with NumPy, without
 torch. This module is part of the client package: it needs no h5py, and no torch.
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from softserve.client.arrays import Array, ops_for
 from softserve.errors import InputError
+from softserve.format.arrays import Array, ops_for
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 

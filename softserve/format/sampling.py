@@ -8,12 +8,31 @@ differ by at most one), and when it holds fewer samples than there are ranks, ea
 gets one and the last ranks repeat its first samples, as DistributedSampler pads: an empty
 batch would make a loss's mean NaN. Either way every rank gets the same number of batches,
 so no DDP rank waits on a batch that never comes.
+
+Every epoch has a fixed sample order π_e drawn from the label set's seed
+(:func:`epoch_order`); the view and mix parameters of :mod:`softserve.format.augment` come
+from their own streams of the same seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import numpy as np
+
+#: Independent random streams of one (seed, epoch): the order, the views and the mixes.
+ORDER_STREAM, VIEW_STREAM, MIX_STREAM = 0, 1, 2
+
+
+def seeded_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    """The generator of one stream of one epoch of a label set's seed."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, stream])))
+
+
+def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The fixed sample order π_e of one epoch (int64, a permutation of range(num_samples))."""
+    return seeded_rng(seed, epoch, ORDER_STREAM).permutation(num_samples)
 
 
 @dataclass(frozen=True)
@@ -70,3 +89,17 @@ class Sharding:
         end = (epoch + epochs) * per_epoch
         for position in range(epoch * per_epoch + start, end, step):
             yield divmod(position, per_epoch)
+
+
+def starved_ranks(sharding: Sharding, name: str | None = None) -> str | None:
+    """Why ``sharding`` leaves some rank without a batch (more ranks than samples, or no
+    batch an epoch), or None when every rank gets one; the server and the client both refuse
+    such a request with this message."""
+    if sharding.world_size > sharding.num_samples or len(sharding) == 0:
+        return (
+            f"batch_size {sharding.batch_size} on {sharding.world_size} rank(s) leaves no batch "
+            f"of the {sharding.num_samples} samples{'' if name is None else f' of {name!r}'} "
+            "for every rank; lower batch_size "
+            "(or world_size)"
+        )
+    return None

@@ -1,98 +1,25 @@
-"""Augmented views: explicit per-sample parameters, their seeded sampling, and one apply function.
+"""Views and mixes as pixels: the one function the teacher's and the student's inputs
+come from.
 
-A view is a RandomResizedCrop box (top, left, height, width, in base-image pixels) plus a
-horizontal-flip bit. Parameters are drawn per (epoch, sample) from the label set's seed and
-stored, so a label never depends on the batch size, the world size or an RNG state. The
-worker builds the teacher's input with :func:`apply_views`; the client builds the student's
-input with the same function, so both see the same pixels.
+The worker builds the teacher's input with :func:`mixed_views`; the client builds the
+student's input with the same function from the stored rows
+(:mod:`softserve.format.augment`), so both see the same pixels. The server's view previews
+use it too.
 
 Resampling is bilinear with ``align_corners=False`` and no antialiasing, exactly what
 ``F.interpolate(crop, size, mode="bilinear", align_corners=False)`` does to the cropped box
 (edge pixels clamp to the box, never bleed in from outside it), followed by the flip.
+CutMix pastes the partner's box into the view; Mixup blends λ·view + (1 − λ)·partner.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-# a parameter row's columns: defined with the wire format, which the server shares (no torch)
-from softserve.client.payload import NUM_PARAMS as NUM_PARAMS
-from softserve.client.payload import PARAM_FIELDS as PARAM_FIELDS
-
-_ORDER_STREAM = 0
-_VIEW_STREAM = 1
-_CROP_TRIES = 10
-
-
-@dataclass(frozen=True)
-class ViewPolicy:
-    """How views are drawn: RandomResizedCrop's scale and ratio ranges, and flipping."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-
-    def __post_init__(self) -> None:
-        lo, hi = self.scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop scale range must satisfy 0 < min <= max <= 1, got {self.scale}")
-        rlo, rhi = self.ratio
-        if not 0 < rlo <= rhi:
-            raise ValueError(f"crop ratio range must satisfy 0 < min <= max, got {self.ratio}")
-
-
-def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, stream])))
-
-
-def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The fixed sample order π_e of one epoch (int64, a permutation of range(num_samples))."""
-    return _rng(seed, epoch, _ORDER_STREAM).permutation(num_samples)
-
-
-def sample_views(
-    policy: ViewPolicy, seed: int, epoch: int, num_samples: int, height: int, width: int
-) -> np.ndarray:
-    """View parameters of every sample for one epoch, indexed by sample id: int32 (N, 5).
-
-    Follows torchvision's RandomResizedCrop: up to ten tries for a box of random area and
-    log-uniform aspect ratio that fits, else the whole image clamped to the ratio range.
-    """
-    rng = _rng(seed, epoch, _VIEW_STREAM)
-    area = float(height * width)
-    shape = (num_samples, _CROP_TRIES)
-    target = area * rng.uniform(policy.scale[0], policy.scale[1], size=shape)
-    log_ratio = rng.uniform(math.log(policy.ratio[0]), math.log(policy.ratio[1]), size=shape)
-    aspect = np.exp(log_ratio)
-    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
-    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = np.argmax(fits, axis=1)
-    rows = np.arange(num_samples)
-    ok = fits[rows, first]
-    h = np.where(ok, h[rows, first], 0)
-    w = np.where(ok, w[rows, first], 0)
-
-    whole_ratio = width / height
-    if whole_ratio < policy.ratio[0]:
-        fw, fh = width, max(1, int(round(width / policy.ratio[0])))
-    elif whole_ratio > policy.ratio[1]:
-        fh, fw = height, max(1, int(round(height * policy.ratio[1])))
-    else:
-        fh, fw = height, width
-    h = np.where(ok, h, fh)
-    w = np.where(ok, w, fw)
-
-    unit = rng.random(size=(num_samples, 3))
-    top = np.where(ok, np.floor(unit[:, 0] * (height - h + 1)), (height - h) // 2)
-    left = np.where(ok, np.floor(unit[:, 1] * (width - w + 1)), (width - w) // 2)
-    flip = (unit[:, 2] < 0.5) if policy.flip else np.zeros(num_samples, dtype=bool)
-    return np.stack([top, left, h, w, flip], axis=1).astype(np.int32)
+from softserve.format.augment import MIX_KINDS, NUM_MIX, NUM_PARAMS, MixKind
 
 
 def _taps(params: torch.Tensor, out_h: int, out_w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,3 +96,75 @@ def apply_views(
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return x.mul_(scale / s).sub_(m / s)
+
+
+def apply_mix(
+    kind: MixKind, views: torch.Tensor, partner_views: torch.Tensor, mix: torch.Tensor
+) -> torch.Tensor:
+    """Mix a batch of views (B, C, H, W) with their partners' views by mix rows (B, 6).
+
+    CutMix pastes the partner's box into the view; Mixup blends λ·view + (1 − λ)·partner.
+    """
+    if views.shape != partner_views.shape:
+        raise ValueError(
+            f"views {tuple(views.shape)} and partner views {tuple(partner_views.shape)} differ"
+        )
+    if mix.ndim != 2 or mix.shape != (views.shape[0], NUM_MIX):
+        raise ValueError(f"mix must be ({views.shape[0]}, {NUM_MIX}), got {tuple(mix.shape)}")
+    mix = mix.to(device=views.device, dtype=torch.float32)
+    if kind == "mixup":
+        lam = mix[:, 1].view(-1, 1, 1, 1)
+        return views * lam + partner_views * (1.0 - lam)
+    if kind != "cutmix":
+        raise ValueError(f"mix must be one of {', '.join(MIX_KINDS)}, got {kind!r}")
+    _, _, h, w = views.shape
+    box = mix[:, 2:6].to(torch.long)
+    rows = torch.arange(h, device=views.device)
+    cols = torch.arange(w, device=views.device)
+    in_rows = (rows >= box[:, 0:1]) & (rows < box[:, 0:1] + box[:, 2:3])
+    in_cols = (cols >= box[:, 1:2]) & (cols < box[:, 1:2] + box[:, 3:4])
+    inside = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    return torch.where(inside, partner_views, views)
+
+
+def mixed_views(
+    kind: MixKind | None,
+    images: torch.Tensor,
+    params: torch.Tensor,
+    size: int | Sequence[int],
+    *,
+    partner_images: torch.Tensor | None = None,
+    partner_params: torch.Tensor | None = None,
+    mix: torch.Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """The teacher's (and the student's) input: the views, mixed with their partners' views
+    when ``kind`` is set. What the worker labels and the client trains on."""
+    views = apply_views(images, params, size, mean=mean, std=std)
+    if kind is None:
+        return views
+    if partner_images is None or partner_params is None or mix is None:
+        raise ValueError("a mixed set needs partner_images, partner_params and mix")
+    partner = apply_views(partner_images, partner_params, size, mean=mean, std=std)
+    return apply_mix(kind, views, partner, mix)
+
+
+def stored_views(
+    kind: MixKind | None, images_of: Callable[[np.ndarray], np.ndarray], ids: np.ndarray,
+    params: np.ndarray, size: int | Sequence[int], mix: np.ndarray | None = None,
+    partner_params: np.ndarray | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Stored rows as pictures: samples ``ids`` through their view ``params``, mixed by their
+    stored ``mix`` rows with their partners' views, unnormalized in [0, 1]. ``images_of``
+    gives the base images (uint8) of sample ids."""
+
+    def tensor(a: np.ndarray | None, dtype: type = np.int64) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+
+    partners = None if mix is None else torch.from_numpy(images_of(mix[:, 0].astype(np.int64)))
+    return mixed_views(
+        kind, torch.from_numpy(images_of(np.asarray(ids, dtype=np.int64))), tensor(params),
+        size, partner_images=partners, partner_params=tensor(partner_params),
+        mix=tensor(mix, np.float32),
+    )  # fmt: skip
