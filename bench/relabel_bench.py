@@ -357,10 +357,10 @@ def read_labels(out: Path) -> dict[str, np.ndarray]:
     with LabelSetReader(out) as reader:
         n, epochs = reader.config.num_samples, reader.config.epochs
         rows = [
-            reader.read(e, 0, n, fields=("order", "refined", "logits", NORM)) for e in range(epochs)
+            reader.read(e, 0, n, fields=("order", "soft", "logits", NORM)) for e in range(epochs)
         ]
         hard = reader.hard_labels()
-    stacked = {f: np.stack([r[f] for r in rows]) for f in ("order", "refined", "logits", NORM)}
+    stacked = {f: np.stack([r[f] for r in rows]) for f in ("order", "soft", "logits", NORM)}
     stacked["hard"] = hard[stacked.pop("order")]
     return stacked
 
@@ -375,7 +375,7 @@ def loss_errors(
     are standard normal from ``seed``, the same for every codec.
     """
     gen = torch.Generator().manual_seed(seed)
-    epochs, n, k = reference["refined"].shape
+    epochs, n, k = reference["soft"].shape
     gift, kl = get_loss("gift"), get_loss("kl")
     diffs: dict[str, list[float]] = {"gift": [], "kl": []}
     for e in range(epochs):
@@ -384,7 +384,7 @@ def loss_errors(
             s = slice(pos, pos + batch_size)
             exact, approx = (
                 Targets(
-                    soft=torch.from_numpy(x["refined"][e, s]).double(),
+                    soft=torch.from_numpy(x["soft"][e, s]).double(),
                     hard=torch.from_numpy(reference["hard"][e, s]),
                     logits=torch.from_numpy(x["logits"][e, s]).double(),
                 )
@@ -445,16 +445,16 @@ def measure_codecs(
             transcode(TranscodeOptions(source, out, codec=name, progress=False))
         stored = read_labels(out)
         codec = get_codec(name)
-        roundtrip = codec.decode(codec.encode(reference["refined"]), scenario.num_classes)
+        roundtrip = codec.decode(codec.encode(reference["soft"]), scenario.num_classes)
         results.append(
             CodecResult(
                 codec=name,
                 bytes_per_label=codec.bytes_per_label(scenario.num_classes),
                 stored_bytes_per_epoch_sample=stored_label_bytes(out) / samples,
-                max_abs_refined_error=float(np.abs(stored["refined"] - reference["refined"]).max()),
+                max_abs_refined_error=float(np.abs(stored["soft"] - reference["soft"]).max()),
                 max_abs_logits_error=float(np.abs(stored["logits"] - reference["logits"]).max()),
                 **loss_errors(reference, stored, args.batch_size, args.seed),
-                max_abs_stored_vs_roundtrip=float(np.abs(stored["refined"] - roundtrip).max()),
+                max_abs_stored_vs_roundtrip=float(np.abs(stored["soft"] - roundtrip).max()),
             )
         )
     return results

@@ -262,14 +262,14 @@ def in_process(src: Sources) -> Iterator[Tensors]:
     for epoch, index in src.positions():
         start, stop = src.sharding.positions(index)
         stored = epoch % src.stored_epochs
-        rows = src.reader.read(stored, start, stop, ("order", "params", "refined"))
+        rows = src.reader.read(stored, start, stop, ("order", "params", "soft"))
         ids = rows["order"].astype(np.int64)
         yield {
             "indices": torch.from_numpy(ids),
             "images": torch.from_numpy(src.images[ids]),
             "params": torch.from_numpy(rows["params"]),
             "hard": torch.from_numpy(src.hard[ids]),
-            "soft": torch.from_numpy(rows["refined"]),
+            "soft": torch.from_numpy(rows["soft"]),
         }
 
 
@@ -583,7 +583,7 @@ def diagnostics(src: Sources, calls: int) -> dict[str, float]:
         "empty_stream": median_ms(lambda: list(remote.raw_batches(0, src.sharding, last)), calls),
         "server_batch": median_ms(lambda: batch_payload(request, 0), calls),
         "reader_read": median_ms(
-            lambda: src.reader.read(0, 0, src.sharding.batch_size, ("order", "params", "refined")),
+            lambda: src.reader.read(0, 0, src.sharding.batch_size, ("order", "params", "soft")),
             calls,
         ),
         "gather": median_ms(lambda: cache.index_select(0, idx), calls),

@@ -17,7 +17,7 @@ from softserve.format.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
 #: Written today: one stored label per view (see softserve.storage.shards); 1 still reads.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class _Model(BaseModel):
@@ -51,7 +51,7 @@ class MixInfo(_Model):
 
 
 class RefinementInfo(_Model):
-    """GIFT refinement parameters of the stored ``refined`` labels (and of recovering the
+    """GIFT refinement parameters of the stored ``soft`` labels (and of recovering the
     teacher's logits from them)."""
 
     method: Literal["gift"] = "gift"
@@ -144,7 +144,7 @@ class ProducerInfo(_Model):
 class Manifest(_Model):
     """The manifest of a complete label set."""
 
-    format_version: Literal[1, 2] = FORMAT_VERSION
+    format_version: Literal[1, 2, 3] = FORMAT_VERSION
     name: str
     created: datetime
     config: LabelSetConfig

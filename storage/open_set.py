@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from softserve.format.codecs import part_name
+from softserve.format.labels import NORM, SOFT
 from softserve.format.payload import LabelDtype
 from softserve.format.sampling import Sharding
 from softserve.format.schema import (
@@ -28,10 +28,9 @@ from softserve.format.schema import (
 from softserve.storage.manifest import Manifest
 from softserve.storage.reader import LabelSetReader
 
-#: Payload tensor -> reader field: labels decoded to floats.
-LABEL_FIELDS = {"soft": "refined", "logits": "logits"}
-#: The same with labels as stored: soft as the codec's parts, logits as their norms.
-STORED_FIELDS = {"soft": "refined", "logits": "norm"}
+#: Payload tensor -> reader field with labels as stored: soft as the codec's parts, logits
+#: as their norms (decoded, each is the reader field of its name).
+STORED_FIELDS = {SOFT: SOFT, "logits": NORM}
 
 _Set = TypeVar("_Set", bound="OpenLabelSet")
 
@@ -106,8 +105,7 @@ class OpenLabelSet:
             fields.append("mix")
         if "partner_params" in include:
             fields.append("partner_params")
-        labels = STORED_FIELDS if stored_labels else LABEL_FIELDS
-        fields += [stored for name, stored in labels.items() if name in include]
+        fields += [STORED_FIELDS[n] if stored_labels else n for n in STORED_FIELDS if n in include]
         spans = [(self.stored_epoch(epoch), *sharding.positions(i)) for epoch, i in batches]
         for run in _contiguous_runs(spans):
             stored, first, last = run[0][0], run[0][1], run[-1][2]
@@ -134,14 +132,14 @@ class OpenLabelSet:
                 out[name] = rows[name]
             elif name == "partner_images":
                 out[name] = self.base_images(rows["mix"][:, 0].astype(np.int64))
-            elif stored_labels and name == "soft":
+            elif stored_labels and name == SOFT:
                 codec, classes = self.reader.codec, self.manifest.config.num_classes
-                for suffix, key in codec.part_names("refined", classes).items():
-                    out[part_name("soft", suffix)] = rows[key]
+                for key in codec.part_names(SOFT, classes).values():
+                    out[key] = rows[key]
             elif stored_labels:
-                out["norm"] = rows["norm"]
+                out[NORM] = rows[NORM]
             else:
-                out[name] = rows[LABEL_FIELDS[name]]
+                out[name] = rows[name]
         return out
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from softserve.errors import StoreChanged, StoreError, brief
 from softserve.format.codecs import get_codec, part_name
-from softserve.format.labels import decode_labels
+from softserve.format.labels import NORM, SOFT, decode_labels
 from softserve.storage.integrity import (
     H5_ERRORS,
     PinnedFile,
@@ -33,15 +33,15 @@ from softserve.storage.manifest import FileInfo, load_manifest
 from softserve.storage.shards import (
     CODEC_FIELDS,
     MIX_DATASETS,
-    NORM,
     Layout,
     dataset_layout,
     shard_layout,
 )
 
-#: What :meth:`LabelSetReader.read` returns: sample ids, views, refined labels, teacher
-#: logits, the logits' norms, and (mixed sets only) the mix rows and partners' views.
-ROW_FIELDS = ("order", "params", "refined", "logits", NORM, *MIX_DATASETS)
+#: What :meth:`LabelSetReader.read` returns: sample ids, views, soft (refined) labels,
+#: teacher logits, the logits' norms, and (mixed sets only) the mix rows and partners' views.
+#: The names are the same for every format version, whatever the datasets are called.
+ROW_FIELDS = ("order", "params", SOFT, "logits", NORM, *MIX_DATASETS)
 #: Opens of a set that is replaced each time before its files are all open, before giving up.
 _OPEN_ATTEMPTS = 3
 
@@ -94,6 +94,8 @@ class LabelSetReader:
         self.config = self.manifest.config
         self.codec = get_codec(self.config.codec)
         self.version = self.manifest.format_version
+        #: the soft labels' dataset in this version's files
+        self._soft = CODEC_FIELDS[self.version][0]
 
     def _layouts(self) -> Iterable[tuple[FileInfo, Layout]]:
         """Every file the manifest lists, with the datasets its format gives it."""
@@ -212,8 +214,8 @@ class LabelSetReader:
         """Rows [start, stop) of an epoch's order: any of :data:`ROW_FIELDS`, with labels
         decoded to ``label_dtype`` (float32, or float16: the fp16 codec's labels as stored).
 
-        With ``stored_labels``, ``refined`` comes in its codec's parts as stored (keys
-        ``refined`` and ``refined_<part>``, see :func:`part_name`), for the job to decode.
+        With ``stored_labels``, ``soft`` comes in its codec's parts as stored (keys
+        ``soft`` and ``soft_<part>``, see :func:`part_name`), for the job to decode.
         By default every field the set has (the mix rows only when it is mixed).
         """
         if fields is None:
@@ -248,11 +250,11 @@ class LabelSetReader:
         index = (local, slice(start, stop))
         if stored_labels:
             rest = self._rows(
-                epoch, start, stop, [f for f in fields if f != "refined"], label_dtype, False
+                epoch, start, stop, [f for f in fields if f != SOFT], label_dtype, False
             )
-            if "refined" in fields:
-                parts = self._parts(name, "refined", index)
-                rest.update({part_name("refined", k): v for k, v in parts.items()})
+            if SOFT in fields:
+                parts = self._parts(name, self._soft, index)
+                rest.update({part_name(SOFT, k): v for k, v in parts.items()})
             return rest
         stored = {"order", "params", *MIX_DATASETS}
         if self.version >= 2:
@@ -262,13 +264,15 @@ class LabelSetReader:
             self._check_order(out["order"], name)
         if "mix" in out:
             self._check_order(out["mix"][:, 0], name)
-        if self.version == 1:  # the logits stored in the codec beside the refined labels
-            for field in set(fields) & set(CODEC_FIELDS[1]):
-                out[field] = self._decode(name, field, index, label_dtype)
+        if self.version == 1:  # the logits stored in the codec beside the soft labels
+            if SOFT in fields:
+                out[SOFT] = self._decode(name, self._soft, index, label_dtype)
+            if "logits" in fields:
+                out["logits"] = self._decode(name, "logits", index, label_dtype)
             if NORM in fields:
                 logits = self._decode(name, "logits", index, np.float32)
                 out[NORM] = np.linalg.norm(logits, axis=-1).astype(np.float32)
-        elif {"refined", "logits"} & set(fields):
+        elif {SOFT, "logits"} & set(fields):
             out.update(self._labels(name, index, label_dtype, "logits" in fields, out))
         return {field: out[field] for field in fields}
 
@@ -293,7 +297,7 @@ class LabelSetReader:
         self, name: str, index: tuple, dtype: np.dtype | type, logits: bool,
         have: dict[str, np.ndarray],
     ) -> dict[str, np.ndarray]:  # fmt: skip
-        """Refined labels, and with ``logits`` the teacher's logits t = ‖t‖·(r − β·s/‖s‖)
+        """Soft labels, and with ``logits`` the teacher's logits t = ‖t‖·(r − β·s/‖s‖)
         recovered from them, their norms and the rows' hard labels."""
         norm = hard = None
         if logits:
@@ -303,10 +307,10 @@ class LabelSetReader:
             hard = self.hard_labels()[order]
         refinement = self.config.refinement
         soft, teacher = decode_labels(
-            self.codec, self.config.num_classes, self._parts(name, "refined", index),
+            self.codec, self.config.num_classes, self._parts(name, self._soft, index),
             hard=hard, norm=norm, alpha=refinement.alpha, beta=refinement.beta, dtype=dtype,
         )  # fmt: skip
-        return {"refined": soft} if teacher is None else {"refined": soft, "logits": teacher}
+        return {SOFT: soft} if teacher is None else {SOFT: soft, "logits": teacher}
 
     def close(self) -> None:
         for pinned in self._files.values():

@@ -1,9 +1,11 @@
 """What a label shard holds, by format version: its datasets, their shapes and dtypes.
 
-Format 2 (written today) stores one label per view, GIFT's refined label r, in the label
-set's codec, plus ``norm``, the float32 norm ‖t‖ of the teacher's logits, from which the
-logits are exact: t = ‖t‖·(r − β·s/‖s‖) (:func:`softserve.format.refinement.recover_logits`).
-Format 1 stored r and t both, each in the codec; its sets still open and serve.
+Format 3 (written today) stores one label per view, GIFT's refined soft label r, in the
+label set's codec as ``soft`` (and ``soft_<part>``), plus ``norm``, the float32 norm ‖t‖ of
+the teacher's logits, from which the logits are exact: t = ‖t‖·(r − β·s/‖s‖)
+(:func:`softserve.format.refinement.recover_logits`). Format 2 is the same with r stored as
+``refined``; format 1 stored r and t both, each in the codec. Their sets still open and
+serve, under the same names as format 3 (:mod:`softserve.format.labels`).
 
 Every shard also holds ``order`` (int32 (E_s, N)) and ``params`` (int16 (E_s, N, 5)): row j
 of epoch e is sample order[e, j], seen through the view params[e, j]. A set relabelled with
@@ -21,17 +23,21 @@ import numpy as np
 
 from softserve.errors import StoreError, brief
 from softserve.format.codecs import Codec, part_name
+from softserve.format.labels import NORM, SOFT
 from softserve.format.payload import NUM_MIX, NUM_PARAMS
 
 ORDER_DTYPE = np.dtype(np.int32)
 PARAMS_DTYPE = np.dtype(np.int16)
 NORM_DTYPE = np.dtype(np.float32)
 MIX_DTYPE = np.dtype(np.float32)
-NORM = "norm"
 #: Datasets of a mixed set only, beside the view params.
 MIX_DATASETS: tuple[str, ...] = ("mix", "partner_params")
-#: Label fields stored in the codec, by format version.
-CODEC_FIELDS: dict[int, tuple[str, ...]] = {1: ("refined", "logits"), 2: ("refined",)}
+#: Label fields stored in the codec, by format version: the soft label's first.
+CODEC_FIELDS: dict[int, tuple[str, ...]] = {
+    1: ("refined", "logits"),
+    2: ("refined",),
+    3: (SOFT,),
+}
 
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 

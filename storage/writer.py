@@ -24,6 +24,7 @@ import numpy as np
 
 from softserve.errors import InputError
 from softserve.format.codecs import Codec, part_name
+from softserve.format.labels import SOFT
 from softserve.storage.layout import commit, sha256_file, tmp_path
 from softserve.storage.manifest import FORMAT_VERSION, FileInfo, ShardInfo
 from softserve.storage.shards import NORM, bytes_per_row, shard_layout
@@ -150,12 +151,12 @@ class ShardWriter:
         for name, rows in (mix or {}).items():
             self._arrays[name][local] = rows
 
-    def write_labels(self, position: int, refined: np.ndarray, norm: np.ndarray) -> None:
+    def write_labels(self, position: int, soft: np.ndarray, norm: np.ndarray) -> None:
         """Store label rows from flat ``position`` (local epoch · N + row) on: GIFT's refined
         labels, float32 (rows, K), encoded in the codec, and the norms ‖t‖ of the teacher's
         logits, (rows,). Rows may span epochs. A row that is not finite is refused: it would
         be served as a target, checksummed and verified like any other."""
-        bad = ~(np.isfinite(norm) & np.isfinite(refined).all(axis=1))
+        bad = ~(np.isfinite(norm) & np.isfinite(soft).all(axis=1))
         if bad.any():
             epoch, row = divmod(position + int(np.argmax(bad)), self.num_samples)
             count = "1 label row is" if bad.sum() == 1 else f"{int(bad.sum())} label rows are"
@@ -164,7 +165,7 @@ class ShardWriter:
                 f"{self.epoch_start + epoch}: the teacher's logits are NaN or overflow (a "
                 "half-precision teacher can overflow: relabel in bf16 or fp32)"
             )
-        parts = {part_name("refined", k): v for k, v in self.codec.encode(refined).items()}
+        parts = {part_name(SOFT, k): v for k, v in self.codec.encode(soft).items()}
         for name, values in {**parts, NORM: np.asarray(norm, dtype=np.float32)}.items():
             flat = self._arrays[name].reshape(-1, *values.shape[1:])
             flat[position : position + len(values)] = values

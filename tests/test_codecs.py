@@ -271,7 +271,7 @@ def build_label_set(root: Path, codec_name: str, seed: int = 0) -> dict[str, np.
     )
     write_model(root / MANIFEST_FILE, manifest)
     return {
-        "images": images, "hard": hard, "order": orders, "params": params, "refined": refined,
+        "images": images, "hard": hard, "order": orders, "params": params, "soft": refined,
         "logits": logits, NORM: norm,
     }  # fmt: skip
 
@@ -291,9 +291,9 @@ def test_shard_roundtrip_through_reader(tmp_path: Path, name: str) -> None:
                 assert np.array_equal(got["order"], truth["order"][epoch, start:stop])
                 assert np.array_equal(got["params"], truth["params"][epoch, start:stop])
                 assert np.array_equal(got[NORM], truth[NORM][epoch, start:stop])
-                x = truth["refined"][epoch, start:stop].astype(np.float64)
+                x = truth["soft"][epoch, start:stop].astype(np.float64)
                 bound = error_bound(name, x)
-                for field, scale in (("refined", 1), ("logits", got[NORM][:, None])):
+                for field, scale in (("soft", 1), ("logits", got[NORM][:, None])):
                     y = got[field]
                     assert y.dtype == np.float32 and y.shape == (stop - start, K)
                     exact = truth[field][epoch, start:stop].astype(np.float64)
@@ -353,15 +353,15 @@ def test_shard_stores_one_label_field(tmp_path: Path) -> None:
     with h5py.File(tmp_path / shard_file(1), "r") as f:
         e = EPOCHS - SHARD_EPOCHS
         parts = CODECS["int8"].parts(K)
-        assert set(f) == {"order", "params", NORM} | {part_name("refined", p.suffix) for p in parts}
+        assert set(f) == {"order", "params", NORM} | {part_name("soft", p.suffix) for p in parts}
         assert f["order"].shape == (e, N)
         assert f["params"].shape == (e, N, NUM_PARAMS)
         assert f[NORM].shape == (e, N) and f[NORM].dtype == np.float32
         for part in parts:
-            ds = f[part_name("refined", part.suffix)]
+            ds = f[part_name("soft", part.suffix)]
             assert ds.shape == (e, N, *part.row_shape(K))
             assert ds.dtype == part.dtype
-        assert int(f.attrs["format_version"]) == 2
+        assert int(f.attrs["format_version"]) == 3
         assert int(f.attrs["epoch_start"]) == SHARD_EPOCHS
         assert int(f.attrs["epoch_stop"]) == EPOCHS
 

@@ -85,13 +85,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         targets = torch.from_numpy(hard[rows["order"]]).long()
         ref = config.refinement
         refined = refine_labels(logits, targets, ref.alpha, ref.beta).double().numpy()
-        err = np.abs(rows["refined"].astype(np.float64) - refined)
+        err = np.abs(rows["soft"].astype(np.float64) - refined)
         assert (err <= error_bound(config.codec, refined) + 1e-5).all()
         # chosen by confidence: the teacher gets every base image right, most views too
         base = (torch.from_numpy(reader.images()).float() / 255 - config.mean[0]) / config.std[0]
         with torch.no_grad():
             assert (teacher(base).argmax(1).numpy() == hard).all()
-        assert (rows["refined"].argmax(1) == hard[rows["order"]]).mean() > 0.5
+        assert (rows["soft"].argmax(1) == hard[rows["order"]]).mean() > 0.5
 
     again = run_cli(
         "demo", "prepare", "--workdir", workdir, "--store", store, "--label-epochs", 30,

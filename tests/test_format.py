@@ -1,4 +1,5 @@
-"""Label-set format versions: format 2 stores one label field per view; format 1 still serves."""
+"""Label-set format versions: format 3 stores one label field per view as ``soft``; format 2
+(the same field named ``refined``) and format 1 still serve."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def downgrade_to_format_1(root: Path) -> dict[str, dict[str, np.ndarray]]:
                            epoch_stop=shard.epoch_stop, codec=config.codec)  # fmt: skip
             for key in ("order", "params"):
                 f[key] = np.stack([r[key] for r in epochs])
-            for field in ("refined", "logits"):
-                encoded = codec.encode(np.stack([r[field] for r in epochs]))
+            for field, key in (("refined", "soft"), ("logits", "logits")):
+                encoded = codec.encode(np.stack([r[key] for r in epochs]))
                 for suffix, array in encoded.items():
                     f[part_name(field, suffix)] = array
                 stored[shard.file][field] = codec.decode(encoded, config.num_classes)
@@ -66,8 +67,8 @@ def test_format_1_label_sets_open_verify_and_serve(tmp_path: Path) -> None:
     with LabelSetReader(root) as reader:
         assert reader.version == 1
         first = reader.manifest.shards[0].file
-        got = reader.read(0, 0, 20, fields=["refined", "logits", NORM])
-        np.testing.assert_array_equal(got["refined"], stored[first]["refined"][0])
+        got = reader.read(0, 0, 20, fields=["soft", "logits", NORM])
+        np.testing.assert_array_equal(got["soft"], stored[first]["refined"][0])
         np.testing.assert_array_equal(got["logits"], stored[first]["logits"][0])
         np.testing.assert_allclose(got[NORM], np.linalg.norm(got["logits"], axis=1), rtol=1e-6)
 
@@ -84,6 +85,59 @@ def test_format_1_label_sets_open_verify_and_serve(tmp_path: Path) -> None:
         with Client(server.url) as client:
             (b,) = client.labelset("old").batches(2, 20, logits=True)
             torch.testing.assert_close(b.soft, refine_labels(b.logits, b.hard), atol=1e-6, rtol=0)
+    finally:
+        server.stop()
+
+
+def downgrade_to_format_2(root: Path) -> None:
+    """Rewrite a label set as format 2 wrote it: the soft labels' datasets named
+    ``refined``."""
+    manifest = read_manifest(root)
+    shards = []
+    for shard in manifest.shards:
+        path = root / shard.file
+        with h5py.File(path, "a") as f:
+            for name in [k for k in f if k == "soft" or k.startswith("soft_")]:
+                f.move(name, "refined" + name[len("soft") :])
+            f.attrs["format_version"] = 2
+        shards.append(shard_info(path, shard.epoch_start, shard.epoch_stop))
+    old = manifest.model_copy(update={"format_version": 2, "shards": shards})
+    write_model(root / "manifest.json", old)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "topk:2"])
+def test_format_2_label_sets_read_and_serve_under_format_3_names(
+    tmp_path: Path, codec: str
+) -> None:
+    """A format-2 set (labels stored as ``refined``) verifies, reads and serves the same
+    soft labels and logits, under the names format 3 gives them."""
+    root = build_label_set(tmp_path / "store" / "old", codec=codec, n=20)
+    with LabelSetReader(root) as reader:
+        want = reader.read(1, 0, 20, ["soft", "logits"])
+        want_stored = reader.read(1, 0, 20, ["soft"], stored_labels=True)
+    downgrade_to_format_2(root)
+    assert verify_label_set(root) == []
+    with LabelSetReader(root) as reader:
+        assert reader.version == 2
+        got = reader.read(1, 0, 20, ["soft", "logits"])
+        got_stored = reader.read(1, 0, 20, ["soft"], stored_labels=True)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert set(got_stored) == set(want_stored)
+    for key in want_stored:
+        np.testing.assert_array_equal(got_stored[key], want_stored[key])
+    server = Server(tmp_path / "store").start()
+    try:
+        with Client(server.url) as client:
+            (b,) = client.labelset("old").batches(1, 20, logits=True)
+            order = b.indices.numpy()
+            with LabelSetReader(root) as reader:
+                rows = reader.read(1, 0, 20, ["order", "soft", "logits"])
+            assert np.array_equal(rows["order"], order)
+            torch.testing.assert_close(b.soft, torch.from_numpy(rows["soft"]), rtol=0, atol=0)
+            torch.testing.assert_close(
+                b.logits, torch.from_numpy(rows["logits"]), rtol=1e-6, atol=1e-5
+            )
     finally:
         server.stop()
 
@@ -214,15 +268,15 @@ def test_a_flipped_byte_is_an_error_not_a_label(tmp_path: Path) -> None:
     chunk's fletcher32 checksum still makes it a StoreError on read (a JSON error from the
     server), never a wrong label."""
     root = build_label_set(tmp_path / "store" / "s", n=20, epochs=2, shard_epochs=2)
-    flip_byte_in_chunk(root / "labels-00000.h5", "refined")
+    flip_byte_in_chunk(root / "labels-00000.h5", "soft")
     with pytest.raises(StoreError, match="labels-00000.h5: sha256 .*manifest says"):
         LabelSetReader(root)
     shards = [shard_info(root / "labels-00000.h5", 0, 2)]
     write_model(root / "manifest.json", read_manifest(root).model_copy(update={"shards": shards}))
     with LabelSetReader(root) as reader:
         assert reader.read(0, 0, 20, ["order", "params"])["order"].shape == (20,)
-        with pytest.raises(StoreError, match="cannot read 'refined'"):
-            reader.read(0, 0, 20, ["refined"])
+        with pytest.raises(StoreError, match="cannot read 'soft'"):
+            reader.read(0, 0, 20, ["soft"])
     server = Server(tmp_path / "store").start()
     try:
         response = httpx.get(server.url + "/v1/labelsets/s/epochs/0/batches/0?batch_size=10")

@@ -222,7 +222,7 @@ def test_a_zeroed_block_is_an_error_before_or_after_open(tmp_path: Path) -> None
     open set, never zero labels."""
     built = build_label_set(tmp_path / "built", n=N, epochs=64, shard_epochs=64)
     with h5py.File(built / "labels-00000.h5", "r") as f:
-        chunks = [f["refined"].id.get_chunk_info(i) for i in range(64)]
+        chunks = [f["soft"].id.get_chunk_info(i) for i in range(64)]
     start = -(-min(c.byte_offset for c in chunks) // 4096) * 4096
     assert start + 4096 <= max(c.byte_offset + c.size for c in chunks)  # all label chunks
 
@@ -237,7 +237,7 @@ def test_a_zeroed_block_is_an_error_before_or_after_open(tmp_path: Path) -> None
         LabelSetReader(before)
     after = copy(built, tmp_path / "after")
     with LabelSetReader(after) as reader:
-        want = [reader.read(e, 0, N)["refined"] for e in range(64)]
+        want = [reader.read(e, 0, N)["soft"] for e in range(64)]
         zero(after / "labels-00000.h5")
         for e in range(64):
             with pytest.raises(StoreError, match="changed on disk since the set was opened"):
@@ -260,7 +260,7 @@ def test_only_what_changes_content_withdraws_an_open_set(
         want = reader.read(1, 0, N)
         shard.chmod(0o400)
         shard.unlink()
-        np.testing.assert_array_equal(reader.read(1, 0, N)["refined"], want["refined"])
+        np.testing.assert_array_equal(reader.read(1, 0, N)["soft"], want["soft"])
         np.testing.assert_array_equal(reader.read(0, 0, N)["order"], every_row(a)[0]["order"])
     root = copy(a, tmp_path / "t")
     shard = root / "labels-00000.h5"
@@ -322,9 +322,9 @@ def _stream_through(
 
 def _stored_rows(root: Path) -> list[dict[str, np.ndarray]]:
     with LabelSetReader(root) as reader:
-        rows = [reader.read(e, 0, N, ["order", "refined"], stored_labels=True)
+        rows = [reader.read(e, 0, N, ["order", "soft"], stored_labels=True)
                 for e in range(reader.config.epochs)]  # fmt: skip
-    return [{"order": r["order"], "soft": r[part_name("refined", "")]} for r in rows]
+    return [{"order": r["order"], "soft": r[part_name("soft", "")]} for r in rows]
 
 
 def test_a_set_overwritten_in_place_mid_stream_is_never_served_as_itself(
@@ -414,7 +414,7 @@ def _hard_label(value: int) -> Callable[[Path], None]:
 
 def _nan_label(root: Path) -> None:
     with h5py.File(root / "labels-00000.h5", "r+") as f:
-        f["refined"][1, 3, 0] = np.nan
+        f["soft"][1, 3, 0] = np.nan
 
 
 def _class_names(root: Path) -> None:
@@ -429,7 +429,7 @@ def _flip_64(root: Path) -> None:
 #: name -> (edit, what verify says, what the reader says). Each edited set is resealed (its
 #: manifest made to match its bytes) unless the edit is the damage itself.
 BAD_SETS: dict[str, tuple[Callable[[Path], None], str, str]] = {
-    "nan-label": (_nan_label, "'refined' holds 1 non-finite values (NaN or inf), the first in "
+    "nan-label": (_nan_label, "'soft' holds 1 non-finite values (NaN or inf), the first in "
                   "stored epoch 1", "non-finite labels in stored epoch 1"),
     "hard-negative": (_hard_label(-1), "hard labels outside [0, 3), the first -1 at sample 5",
                       "hard label -1 at sample 5, outside [0, 3)"),

@@ -52,7 +52,7 @@ def test_labels_are_the_teacher_on_the_stored_views(make_options) -> None:
                 logits = model(views)
             torch.testing.assert_close(torch.from_numpy(rows["logits"]), logits)
             refined = refine_labels(logits, hard[ids], 0.1, 0.1)
-            torch.testing.assert_close(torch.from_numpy(rows["refined"]), refined)
+            torch.testing.assert_close(torch.from_numpy(rows["soft"]), refined)
 
 
 def test_manifest_describes_the_set(make_options) -> None:

@@ -35,7 +35,7 @@ def independent(root: Path) -> dict:
         cosine_sum, per_epoch, p_hard = np.zeros(k), [], np.zeros(n)
         rows_by_epoch = {}
         for epoch in range(epochs):
-            rows = reader.read(epoch, 0, n, ["order", "params", "logits", "refined"])
+            rows = reader.read(epoch, 0, n, ["order", "params", "logits", "soft"])
             rows_by_epoch[epoch] = rows
             y = hard[rows["order"]]
             t = rows["logits"].astype(np.float64)
@@ -48,7 +48,7 @@ def independent(root: Path) -> dict:
                 views_class[c] += (y == c).sum()
                 counts, _ = np.histogram(entropy[y == c], bins=40, range=(0, math.log(k)))
                 entropy_counts[c] += counts
-            r = rows["refined"].astype(np.float64)
+            r = rows["soft"].astype(np.float64)
             cos = (t * r).sum(1) / np.sqrt((t * t).sum(1) * (r * r).sum(1))
             cosine_sum += np.array([cos[y == c].sum() for c in range(k)])
             p_hard[rows["order"]] += p[np.arange(n), y]
@@ -145,7 +145,7 @@ def test_topk_mass_is_the_teacher_mass_on_the_stored_classes(tmp_path: Path) -> 
     masses = []
     with LabelSetReader(root) as reader:
         for epoch in range(2):
-            kept = reader.read(epoch, 0, 12, ["refined"], stored_labels=True)["refined_index"]
+            kept = reader.read(epoch, 0, 12, ["soft"], stored_labels=True)["soft_index"]
             t = reader.read(epoch, 0, 12, ["logits"])["logits"].astype(np.float64)
             p = np.exp(t) / np.exp(t).sum(1, keepdims=True)
             masses.append(np.take_along_axis(p, kept.astype(np.int64), 1).sum(1))
@@ -239,7 +239,7 @@ def _report_of(root: Path, opts: ReportOptions | None = None) -> ReportData:
 
 def _nan_label(root: Path) -> None:
     with h5py.File(root / "labels-00000.h5", "r+") as f:
-        name = next(k for k in f if k.startswith("refined"))
+        name = next(k for k in f if k.startswith("soft"))
         rows = f[name][...]
         rows[0, 1] = np.nan
         f[name][...] = rows

@@ -75,7 +75,7 @@ def test_batch_is_plain_safetensors(server: Server, store: Path) -> None:
         rows = reader.read(1, 16, 24)
         np.testing.assert_array_equal(tensors["indices"], rows["order"])
         np.testing.assert_array_equal(tensors["params"], rows["params"])
-        np.testing.assert_array_equal(tensors["soft"], rows["refined"])
+        np.testing.assert_array_equal(tensors["soft"], rows["soft"])
         np.testing.assert_array_equal(tensors["images"], reader.images()[rows["order"]])
         np.testing.assert_array_equal(tensors["hard"], reader.hard_labels()[rows["order"]])
     assert response.headers["x-softserve-batches"] == "6"
@@ -114,14 +114,14 @@ def test_client_receives_labels_as_stored_and_decodes_them(
         names = codec.part_names("soft", remote.num_classes)
         assert set(raw.tensors) == {"indices", "params", "hard", "norm", *names.values()}
         with LabelSetReader(store / name) as reader:
-            stored = reader.read(0, 0, 8, ["refined"], stored_labels=True)
-            rows = reader.read(0, 0, 8, ["refined", "logits", "norm"])
+            stored = reader.read(0, 0, 8, ["soft"], stored_labels=True)
+            rows = reader.read(0, 0, 8, ["soft", "logits", "norm"])
         for suffix, key in names.items():
-            np.testing.assert_array_equal(raw.tensors[key], stored[part_name("refined", suffix)])
+            np.testing.assert_array_equal(raw.tensors[key], stored[part_name("soft", suffix)])
         np.testing.assert_array_equal(raw.tensors["norm"], rows["norm"])
         batch = remote.to_batch(raw, "cpu")
         assert batch.soft.dtype == batch.logits.dtype == torch.float32
-        torch.testing.assert_close(batch.soft, torch.from_numpy(rows["refined"]), rtol=0, atol=0)
+        torch.testing.assert_close(batch.soft, torch.from_numpy(rows["soft"]), rtol=0, atol=0)
         torch.testing.assert_close(batch.logits, torch.from_numpy(rows["logits"]))
 
 

@@ -77,10 +77,10 @@ def test_replacing_a_set_mid_stream_never_mixes_versions(tmp_path: Path) -> None
             for raw in received:
                 start, stop = sharding.positions(raw.index)
                 rows = old.read(
-                    raw.epoch % 4, start, stop, ["order", "refined"], stored_labels=True
+                    raw.epoch % 4, start, stop, ["order", "soft"], stored_labels=True
                 )
                 assert np.array_equal(raw.tensors["indices"].numpy(), rows["order"])
-                assert np.array_equal(raw.tensors["soft"].numpy(), rows[part_name("refined", "")])
+                assert np.array_equal(raw.tensors["soft"].numpy(), rows[part_name("soft", "")])
             with pytest.raises(ClientError, match="rebuilt, or this server holds another build"):
                 list(remote.batches(0, BATCH))
             assert client.labelset("s").digest == new_digest != old.digest
@@ -146,7 +146,7 @@ def test_a_set_replaced_while_it_opens_is_one_build(
     build_label_set(store / "s", seed=0)
     build_label_set(tmp_path / "next" / "s", seed=1)
     with LabelSetReader(store / "s") as first, LabelSetReader(tmp_path / "next" / "s") as second:
-        builds = {r.digest: r.read(1, 0, 50)["refined"] for r in (first, second)}
+        builds = {r.digest: r.read(1, 0, 50)["soft"] for r in (first, second)}
     assert len(builds) == 2
     opened = LabelSetReader._open
     swaps = [tmp_path / "next" / "s"]
@@ -158,7 +158,7 @@ def test_a_set_replaced_while_it_opens_is_one_build(
 
     monkeypatch.setattr(LabelSetReader, "_open", swap_then_open)
     with LabelSetReader(store / "s") as reader:
-        np.testing.assert_array_equal(reader.read(1, 0, 50)["refined"], builds[reader.digest])
+        np.testing.assert_array_equal(reader.read(1, 0, 50)["soft"], builds[reader.digest])
         assert reader.digest == second.digest
 
     def always_swapping(self, *args, **kwargs):  # type: ignore[no-untyped-def]

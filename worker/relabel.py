@@ -28,6 +28,7 @@ import softserve
 from softserve.errors import InputError, StoreError, brief
 from softserve.format.augment import MixPolicy, ViewPolicy, sample_mix, sample_views
 from softserve.format.codecs import DEFAULT_CODEC, get_codec
+from softserve.format.labels import NORM, SOFT
 from softserve.format.refinement import refine_labels
 from softserve.format.sampling import epoch_order
 from softserve.pixels import mixed_views
@@ -305,7 +306,7 @@ class _Writer(threading.Thread):
 def _store_rows(shard: ShardWriter, position: int, rows: dict[str, torch.Tensor], event) -> None:
     if event is not None:
         event.synchronize()
-    shard.write_labels(position, rows["refined"].numpy(), rows["norm"].numpy())
+    shard.write_labels(position, rows[SOFT].numpy(), rows[NORM].numpy())
 
 
 def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -398,8 +399,8 @@ class _Labeler:
     def label(self, ids: torch.Tensor, plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What a shard stores of each input: GIFT's refined label and the logits' norm."""
         logits = self.logits(ids, plan)
-        refined = refine_labels(logits, self.hard[ids.to(self.device)], self.alpha, self.beta)
-        return {"refined": refined, "norm": torch.linalg.vector_norm(logits, dim=1)}
+        soft = refine_labels(logits, self.hard[ids.to(self.device)], self.alpha, self.beta)
+        return {SOFT: soft, NORM: torch.linalg.vector_norm(logits, dim=1)}
 
 
 def _shard_plan(

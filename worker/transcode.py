@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from softserve.errors import InputError
 from softserve.format.codecs import get_codec
+from softserve.format.labels import NORM, SOFT
 from softserve.storage.layout import DATASET_FILE, PLAN_FILE, commit, shard_file, tmp_path
 from softserve.storage.manifest import LabelSetConfig, Manifest, RelabelPlan, write_model
 from softserve.storage.reader import LabelSetReader
-from softserve.storage.shards import MIX_DATASETS, NORM
+from softserve.storage.shards import MIX_DATASETS
 from softserve.storage.writer import ShardWriter
 from softserve.worker.relabel import (
     check_format,
@@ -117,9 +118,9 @@ def _write_shard(
         target.chunk_rows, mixed,
     )  # fmt: skip
     for epoch in range(start, stop):
-        rows = reader.read(epoch, 0, n, ("order", "params", "refined", NORM, *mix_fields))
+        rows = reader.read(epoch, 0, n, ("order", "params", SOFT, NORM, *mix_fields))
         mix = {k: rows[k] for k in mix_fields}
         shard.write_epoch_plan(epoch, rows["order"], rows["params"], mix)
-        shard.write_labels((epoch - start) * n, rows["refined"], rows[NORM])
+        shard.write_labels((epoch - start) * n, rows[SOFT], rows[NORM])
         advance(n)
     shard.commit()

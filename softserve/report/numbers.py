@@ -179,14 +179,14 @@ class _Accumulator:
 
     def add(self, epoch: int, rows: EpochRows) -> None:
         k, b = self.info.num_classes, self.opts.bins
-        for what, values in (("labels", rows.refined), ("logits", rows.logits)):
+        for what, values in (("labels", rows.soft), ("logits", rows.logits)):
             if not np.isfinite(values).all():
                 raise StoreError(
                     f"label set {self.info.name} has non-finite {what} in stored epoch "
                     f"{epoch}; run 'softserve verify' on it and relabel"
                 )
         hard = self.hard[rows.order]
-        stats = view_stats(rows.logits, rows.refined, hard)
+        stats = view_stats(rows.logits, rows.soft, hard)
         agree = stats.top == hard
         self.views_per_class += np.bincount(hard, minlength=k)
         self.agree_per_class += np.bincount(hard[agree], minlength=k)

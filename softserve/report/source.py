@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from softserve.format.codecs import Codec, TopKCodec, get_codec
-from softserve.format.labels import decode_labels
+from softserve.format.labels import NORM, SOFT, decode_labels, label_parts
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class EpochRows:
 
     order: np.ndarray  # int64 (N,)
     params: np.ndarray  # (N, 5)
-    refined: np.ndarray  # float32 (N, K): GIFT's refined labels, as served
+    soft: np.ndarray  # float32 (N, K): GIFT's refined soft labels, as served
     logits: np.ndarray  # float32 (N, K): the teacher's logits
     kept: np.ndarray | None  # (N, k) classes a top-k codec stored; None for other codecs
     mix: np.ndarray | None = None  # float32 (N, 6) mix rows of a mixed set
@@ -74,12 +74,13 @@ class LabelSource(Protocol):
 
 
 def decode_rows(
-    info: SetInfo, order: np.ndarray, params: np.ndarray, parts: Mapping[str, np.ndarray],
+    info: SetInfo, order: np.ndarray, params: np.ndarray, arrays: Mapping[str, np.ndarray],
     norm: np.ndarray, hard: np.ndarray, mix: np.ndarray | None = None,
     partner_params: np.ndarray | None = None,
 ) -> EpochRows:  # fmt: skip
     """An epoch's rows from the codec's stored parts (by suffix) and the logits' norms."""
     codec: Codec = get_codec(info.codec)
+    parts = label_parts(codec, info.num_classes, arrays)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in parts.items()}
     order = np.asarray(order, dtype=np.int64)
     soft, logits = decode_labels(
@@ -123,13 +124,10 @@ class StoreSource:
         n = self.info.num_samples
         mixed = [] if self.info.mix is None else ["mix", "partner_params"]
         rows = self.reader.read(
-            epoch, 0, n, ["order", "params", "refined", "norm", *mixed], stored_labels=True
+            epoch, 0, n, ["order", "params", SOFT, NORM, *mixed], stored_labels=True
         )
-        prefix = "refined_"
-        parts = {k[len(prefix) :] if k.startswith(prefix) else "": v for k, v in rows.items()
-                 if k == "refined" or k.startswith(prefix)}  # fmt: skip
         return decode_rows(
-            self.info, rows["order"], rows["params"], parts, rows["norm"], self.hard_labels(),
+            self.info, rows["order"], rows["params"], rows, rows["norm"], self.hard_labels(),
             rows.get("mix"), rows.get("partner_params"),
         )  # fmt: skip
 
@@ -189,10 +187,8 @@ class RemoteSource:
         sharding = self.remote.sharding(min(n, self.batch_rows), 0, 1, drop_last=False)
         batches = [raw.tensors for raw in self.remote.raw_batches(epoch, sharding, logits=True)]
         joined = {k: np.concatenate([b[k].numpy() for b in batches]) for k in batches[0]}
-        parts = {k[len("soft_") :] if k != "soft" else "": v for k, v in joined.items()
-                 if k == "soft" or k.startswith("soft_")}  # fmt: skip
         return decode_rows(
-            self.info, joined["indices"], joined["params"], parts, joined["norm"], self._hard,
+            self.info, joined["indices"], joined["params"], joined, joined["norm"], self._hard,
             joined.get("mix"), joined.get("partner_params"),
         )  # fmt: skip
 
