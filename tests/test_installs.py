@@ -33,8 +33,9 @@ def run_lean(python: Path, *args: object) -> subprocess.CompletedProcess[str]:
 def test_roles_install_what_they_need() -> None:
     """The base install is the client's set; the server's extra brings no vision stack."""
     base = closure(set())
-    for needed in ("torch", "numpy", "httpx", "tenacity", "pydantic", "safetensors"):
+    for needed in ("torch", "numpy", "httpx", "tenacity", "pydantic"):
         assert needed in base
+    assert "safetensors" not in closure({"all"})  # only the tests use the reference reader
     for server_side in ("h5py", "fastapi", "uvicorn", "typer", "rich", "prometheus-client"):
         assert server_side not in base
     assert closure({"client"}) == base
