@@ -28,7 +28,7 @@ from softserve.format.payload import (
 )
 from softserve.format.sampling import Sharding
 from softserve.service import metrics
-from softserve.service.catalog import LabelSet
+from softserve.service.catalog import CatalogEntry
 from softserve.service.limits import Limits
 
 log = logging.getLogger("softserve.service")
@@ -40,7 +40,7 @@ _INDEX_BYTES = {"indices": 8, "hard": 8, "params": 10, "partner_params": 10, "mi
 
 
 def sample_bytes(
-    entry: LabelSet, include: Iterable[str], label_dtype: LabelDtype = "float32"
+    entry: CatalogEntry, include: Iterable[str], label_dtype: LabelDtype = "float32"
 ) -> int:
     """An upper bound on the bytes one sample adds to a batch with these tensors (labels
     counted as decoded floats: stored codecs take at most that)."""
@@ -52,7 +52,7 @@ def sample_bytes(
     return sum(sizes[name] for name in include)
 
 
-def max_batch_size(entry: LabelSet, batch_bytes: int, cap: int) -> int:
+def max_batch_size(entry: CatalogEntry, batch_bytes: int, cap: int) -> int:
     """The largest batch_size served with every tensor included: ``batch_bytes`` over the
     bytes of a sample, at most ``cap`` (and at least 1)."""
     served = (*TENSORS, *MIX_TENSORS) if entry.manifest.config.mix else TENSORS
@@ -63,7 +63,7 @@ def max_batch_size(entry: LabelSet, batch_bytes: int, cap: int) -> int:
 class BatchRequest:
     """A validated request for batches of one epoch, on one rank."""
 
-    entry: LabelSet
+    entry: CatalogEntry
     epoch: int
     sharding: Sharding
     include: tuple[str, ...]
@@ -125,7 +125,7 @@ def batch_payload(request: BatchRequest, index: int) -> bytes:
     return b"".join(_parts(request, request.epoch, index, tensors))
 
 
-def image_payload(entry: LabelSet, start: int, stop: int) -> bytes:
+def image_payload(entry: CatalogEntry, start: int, stop: int) -> bytes:
     """Base images and hard labels of sample ids [start, stop) as safetensors bytes."""
     ids = np.arange(start, stop)
     tensors = {"images": entry.base_images(ids), "hard": entry.hard[start:stop]}

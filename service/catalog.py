@@ -31,7 +31,7 @@ log = logging.getLogger("softserve.catalog")
 
 
 @dataclass
-class LabelSet(OpenLabelSet):
+class CatalogEntry(OpenLabelSet):
     """An open label set as served: withdrawn when a read finds it damaged."""
 
     failure: str | None = None
@@ -61,7 +61,7 @@ class Catalog:
         self.image_cache_bytes = image_cache_bytes
         self.locking = locking
         self.ready = False
-        self._sets: dict[str, LabelSet] = {}
+        self._sets: dict[str, CatalogEntry] = {}
         self._skipped: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -111,13 +111,13 @@ class Catalog:
         self._sets, self._skipped = sets, {n: e for n, e in skipped.items() if n in names}
         return True
 
-    def _cache_left(self, sets: dict[str, LabelSet]) -> int:
+    def _cache_left(self, sets: dict[str, CatalogEntry]) -> int:
         """What the process's image cache budget leaves after the images ``sets`` hold."""
         held = sum(entry.images.nbytes for entry in sets.values() if entry.images is not None)
         return self.image_cache_bytes - held
 
-    def _open(self, root: Path, image_cache_bytes: int) -> LabelSet:
-        return LabelSet.open(root, image_cache_bytes=image_cache_bytes, locking=self.locking)
+    def _open(self, root: Path, image_cache_bytes: int) -> CatalogEntry:
+        return CatalogEntry.open(root, image_cache_bytes=image_cache_bytes, locking=self.locking)
 
     def names(self) -> list[str]:
         """Label sets being served: open, and not withdrawn."""
@@ -136,7 +136,7 @@ class Catalog:
         withdrawn = {n: e.failure for n, e in self._sets.items() if e.failure is not None}
         return {**self._skipped, **withdrawn}
 
-    def get(self, name: str) -> LabelSet | None:
+    def get(self, name: str) -> CatalogEntry | None:
         return self._sets.get(name)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from softserve.errors import SoftserveError
+from softserve.format.schema import ErrorResponse
 
 log = logging.getLogger("softserve.service")
 
@@ -25,6 +26,12 @@ class ApiError(SoftserveError):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+def openapi_errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries of the JSON errors a route can answer: 401, 404 and 500, and
+    ``statuses``."""
+    return {status: {"model": ErrorResponse} for status in (401, 404, 500, *statuses)}
 
 
 def error_response(

@@ -14,11 +14,11 @@ import io
 import numpy as np
 
 from softserve.errors import StoreError
-from softserve.service.catalog import LabelSet
+from softserve.service.catalog import CatalogEntry
 from softserve.service.errors import ApiError
 
 
-def _row_of(entry: LabelSet, stored_epoch: int, sample: int) -> dict[str, np.ndarray]:
+def _row_of(entry: CatalogEntry, stored_epoch: int, sample: int) -> dict[str, np.ndarray]:
     """How sample ``sample`` was seen in a stored epoch: its view parameters, and in a mixed
     set its mix row and its partner's view parameters (one row each)."""
     config = entry.manifest.config
@@ -39,7 +39,7 @@ def _row_of(entry: LabelSet, stored_epoch: int, sample: int) -> dict[str, np.nda
         raise
 
 
-def view_png(entry: LabelSet, epoch: int, sample: int) -> bytes:
+def view_png(entry: CatalogEntry, epoch: int, sample: int) -> bytes:
     """PNG of sample ``sample``'s view in epoch ``epoch`` (wrapping modulo the stored
     epochs), at the label set's output size, 8-bit grey or RGB."""
     try:
