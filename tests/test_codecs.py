@@ -36,6 +36,8 @@ DOCUMENTED_BYTES = {
     "fp16": lambda k: 2 * k,
     "int8": lambda k: k + 8,
     "topk:3": lambda k: 2 * 3 + 3 * (1 if k <= 256 else 2) + 2,
+    "topk:3+int2": lambda k: 2 * 3 + 3 * (1 if k <= 256 else 2) + -(-k * 2 // 8) + 8,
+    "topk:3+int4": lambda k: 2 * 3 + 3 * (1 if k <= 256 else 2) + -(-k * 4 // 8) + 8,
 }
 #: Every codec under test: the fixed ones and a member of the top-k family.
 ALL_CODECS = sorted(DOCUMENTED_BYTES)
@@ -75,6 +77,13 @@ def error_bound(name: str, x: np.ndarray) -> np.ndarray:
         hi = x.max(axis=-1, keepdims=True)
         mag = np.maximum(np.abs(lo), np.abs(hi))
         return (hi - lo) / 510.0 * (1 + 1e-5) + 4 * FP32_EPS * mag + 1e-6 + np.zeros_like(x)
+    if name.startswith("topk:") and "+int" in name:  # the largest k to fp16; the rest on a grid
+        k, bits = (int(v) for v in name.removeprefix("topk:").split("+int"))
+        rest = np.sort(x, axis=-1)[..., :-k]  # every entry but the k largest
+        lo, hi = rest.min(axis=-1, keepdims=True), rest.max(axis=-1, keepdims=True)
+        mag = np.abs(x).max(axis=-1, keepdims=True)
+        grid = (hi - lo) / (2 * ((1 << bits) - 1)) * (1 + 1e-5) + 4 * FP32_EPS * mag + 1e-6
+        return np.maximum(grid, 2.0**-11 * np.abs(x) + 2.0**-25)
     if name.startswith("topk:"):  # the largest k to fp16; the rest by at most the row's range
         spread = x.max(axis=-1, keepdims=True) - x.min(axis=-1, keepdims=True)
         mag = np.abs(x).max(axis=-1, keepdims=True)
@@ -84,7 +93,7 @@ def error_bound(name: str, x: np.ndarray) -> np.ndarray:
 
 def test_every_codec_has_a_bound() -> None:
     """Each registered codec is covered by this file's bounds and documented sizes."""
-    assert set(CODECS) | {"topk:3"} == set(DOCUMENTED_BYTES)
+    assert set(CODECS) | {"topk:3", "topk:3+int2", "topk:3+int4"} == set(DOCUMENTED_BYTES)
 
 
 @pytest.mark.parametrize("name", ALL_CODECS)
@@ -176,6 +185,37 @@ def test_topk_keeps_the_largest_exactly_and_the_mean_of_the_rest(k: int, classes
     assert parts["index"].dtype == (np.uint8 if classes <= 256 else np.uint16)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize(("k", "classes"), [(1, 10), (3, 7), (10, 1000)])
+def test_topk_tail_keeps_the_top_k_and_every_other_class_on_its_grid(
+    k: int, classes: int, bits: int
+) -> None:
+    """topk:k+intb keeps what topk:k keeps, exactly as it does; every other class decodes to
+    a point of its row's (2^b)-level grid over the rest's range, the nearest one; NumPy and
+    torch decode bit for bit alike."""
+    x = realistic_logits((40, classes), seed=k + bits)
+    codec = get_codec(f"topk:{k}+int{bits}")
+    parts = codec.encode(x)
+    plain = TopKCodec(k).encode(x)
+    assert np.array_equal(parts["index"], plain["index"])
+    assert np.array_equal(parts[""], plain[""])
+    decoded = codec.decode(parts, classes)
+    tensors = {s: torch.from_numpy(a) for s, a in parts.items()}
+    assert np.array_equal(codec.decode(tensors, classes).numpy(), decoded)
+    levels = (1 << bits) - 1
+    for row, out, index in zip(x, decoded, parts["index"], strict=True):
+        assert np.array_equal(out[index], row[index].astype(np.float16).astype(np.float32))
+        others = np.setdiff1d(np.arange(classes), index)
+        rest = row[others].astype(np.float64)
+        lo, step = rest.min(), (rest.max() - rest.min()) / levels
+        if step == 0:
+            assert np.array_equal(out[others], row[others])
+            continue
+        grid = lo + step * np.arange(levels + 1)
+        nearest = grid[np.abs(rest[:, None] - grid[None, :]).argmin(axis=1)]
+        assert np.allclose(out[others], nearest, rtol=0, atol=1e-4 * max(1.0, np.abs(rest).max()))
+
+
 def test_topk_ties_go_to_the_lower_class() -> None:
     """Equal values: the lower class index is kept, the same way every time."""
     x = np.array([[1.0, 2.0, 2.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0]], dtype=np.float32)
@@ -194,7 +234,11 @@ def test_topk_needs_fewer_kept_than_classes(classes: int) -> None:
         TopKCodec(4).encode(np.zeros((2, classes), np.float32))
 
 
-@pytest.mark.parametrize("name", ["topk:0", "topk:x", "top:3", "topk:", "fp8", "topk:²", "topk:٣"])
+@pytest.mark.parametrize(
+    "name",
+    ["topk:0", "topk:x", "top:3", "topk:", "fp8", "topk:²", "topk:٣", "topk:3+int3",
+     "topk:3+int", "topk:3+fp2", "topk:3+int²", "topk:0+int2", "topk:3+int2+int2"],
+)  # fmt: skip
 def test_bad_codec_names_are_refused(name: str) -> None:
     with pytest.raises(InputError, match="codec"):
         get_codec(name)
@@ -276,7 +320,7 @@ def build_label_set(root: Path, codec_name: str, seed: int = 0) -> dict[str, np.
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", [*sorted(CODECS), "topk:3"])
+@pytest.mark.parametrize("name", [*sorted(CODECS), "topk:3", "topk:3+int2"])
 def test_shard_roundtrip_through_reader(tmp_path: Path, name: str) -> None:
     """read(epoch, start, stop) returns orders, params and norms exactly, refined labels
     within the codec's bound, and logits recovered from them within that bound times ‖t‖."""

@@ -52,6 +52,14 @@ class NumpyOps:
         return out
 
     @staticmethod
+    def unpack_last(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+        """The first ``n`` ``bits``-bit fields of each row of bytes, low bits first, as
+        float32 (…, n)."""
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        fields = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+        return fields.reshape(*packed.shape[:-1], -1)[..., :n].astype(np.float32)
+
+    @staticmethod
     def normalize_last(x: np.ndarray) -> np.ndarray:
         """Rows divided by their L2 norm (at least :data:`NORM_EPS`)."""
         norm = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -86,6 +94,12 @@ class TorchOps:
 
     def scatter_last(self, out: torch.Tensor, index: torch.Tensor, values: Any) -> torch.Tensor:
         return out.scatter_(-1, index.long(), values)
+
+    def unpack_last(self, packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+        torch = self._torch
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        fields = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+        return fields.reshape(*packed.shape[:-1], -1)[..., :n].float()
 
     def normalize_last(self, x: torch.Tensor) -> torch.Tensor:
         return self._F.normalize(x, dim=-1, eps=NORM_EPS)
