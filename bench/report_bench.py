@@ -30,6 +30,7 @@ from softserve.format.codecs import get_codec
 from softserve.format.sampling import epoch_order
 from softserve.report import ReportOptions, StoreSource, compute_report
 from softserve.report.page import write_report
+from softserve.storage.build import finalize, storage_fields
 from softserve.storage.layout import DATASET_FILE, shard_file
 from softserve.storage.manifest import (
     LabelSetConfig,
@@ -39,7 +40,6 @@ from softserve.storage.manifest import (
     ViewInfo,
 )
 from softserve.storage.writer import ShardWriter, write_dataset
-from softserve.worker.relabel import finalize, storage_fields
 
 
 def write_synthetic_set(out: Path, n: int, k: int, epochs: int, codec: str, seed: int = 0):

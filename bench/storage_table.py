@@ -24,9 +24,9 @@ import torch
 from softserve.client import refine_labels
 from softserve.format.augment import NUM_PARAMS
 from softserve.format.codecs import get_codec
+from softserve.storage.build import storage_fields
 from softserve.storage.manifest import LabelSetConfig
 from softserve.storage.writer import ShardWriter
-from softserve.worker.relabel import storage_fields
 
 CODECS = ("fp32", "fp16", "int8", "topk:10", "topk:5", "topk:1")
 EPOCHS = (300, 30)

@@ -10,14 +10,12 @@ command skips the complete shards, and the result equals an uninterrupted run.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import functools
 import queue
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +23,24 @@ import torch
 from tqdm.auto import tqdm
 
 import softserve
-from softserve.errors import InputError, StoreError, brief
-from softserve.format.augment import MixPolicy, ViewPolicy, sample_mix, sample_views
+from softserve.errors import InputError, StoreError
+from softserve.format.augment import MixPolicy
 from softserve.format.codecs import DEFAULT_CODEC, get_codec
 from softserve.format.labels import NORM, SOFT
 from softserve.format.refinement import refine_labels
-from softserve.format.sampling import epoch_order
 from softserve.pixels import mixed_views
-from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
+from softserve.storage.build import (
+    check_format,
+    check_out_dir,
+    describe_write_error,
+    finalize,
+    low_space_warning,
+    shard_plan,
+    storage_fields,
+    write_error,
+)
+from softserve.storage.layout import DATASET_FILE, PLAN_FILE, TMP_SUFFIX, shard_file
 from softserve.storage.manifest import (
-    FORMAT_VERSION,
     LabelSetConfig,
     Manifest,
     MixInfo,
@@ -44,19 +50,9 @@ from softserve.storage.manifest import (
     RelabelPlan,
     TeacherInfo,
     ViewInfo,
-    read_manifest,
-    read_plan,
     write_model,
 )
-from softserve.storage.shards import stored_version
-from softserve.storage.writer import (
-    ShardWriter,
-    bytes_per_epoch,
-    chunk_rows_for,
-    file_info,
-    shard_info,
-    write_dataset,
-)
+from softserve.storage.writer import ShardWriter, write_dataset
 from softserve.worker.runtime import (
     PRECISIONS,
     Ranks,
@@ -74,11 +70,17 @@ from softserve.worker.sources import (
 )
 from softserve.worker.teacher import Teacher, check_teacher_output, load_teacher_of
 
-_SHARD_MIN_BYTES = 4 << 20
-_SHARD_MAX_BYTES = 256 << 20
-_MIN_SHARDS = 16
 _QUEUE_DEPTH = 4
 _DEVICE_IMAGE_BUDGET = 2 << 30
+
+
+#: A phase timer: called with a phase's name, it returns the context that phase runs in.
+PhaseTiming = Callable[[str], contextlib.AbstractContextManager[object]]
+
+
+def no_timing(phase: str) -> contextlib.AbstractContextManager[object]:
+    """The default ``PhaseTiming``: times nothing."""
+    return contextlib.nullcontext()
 
 
 @dataclass(kw_only=True)
@@ -105,16 +107,6 @@ class RelabelResult:
     manifest: Manifest | None
     computed_shards: int
     reused_shards: int
-
-
-def default_shard_epochs(epochs: int, bytes_per_epoch: int) -> int:
-    """Epochs per shard: up to 16 shards (for parallel ranks and resume granularity), fewer
-    when they would be under 4 MiB, more when they would be over 256 MiB."""
-    per_epoch = max(1, bytes_per_epoch)
-    by_count = -(-epochs // _MIN_SHARDS)
-    smallest = -(-_SHARD_MIN_BYTES // per_epoch)
-    largest = max(1, _SHARD_MAX_BYTES // per_epoch)
-    return max(1, min(epochs, largest, max(by_count, smallest)))
 
 
 def _validate(opts: RelabelOptions) -> None:
@@ -179,83 +171,6 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
         **storage_fields(
             n, data.num_classes, opts.codec, opts.epochs, opts.shard_epochs, opts.mix is not None
         ),
-    )
-
-
-def storage_fields(
-    num_samples: int, num_classes: int, codec_name: str, epochs: int, shard_epochs: int | None,
-    mixed: bool = False,
-) -> dict[str, object]:  # fmt: skip
-    """The config fields that fix how labels are stored: codec, epochs, shard and chunk sizes
-    (the shard size by default from the bytes an epoch takes)."""
-    codec = get_codec(codec_name)
-    codec.check(num_classes)
-    epoch_bytes = bytes_per_epoch(num_samples, num_classes, codec, mixed)
-    return {
-        "epochs": epochs,
-        "codec": codec_name,
-        "shard_epochs": shard_epochs or default_shard_epochs(epochs, epoch_bytes),
-        "chunk_rows": chunk_rows_for(num_samples, codec.bytes_per_label(num_classes)),
-    }
-
-
-def _check_folder_path(out: Path) -> None:
-    """Refuse an --out that is a file, or lies under one, before anything is written."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "is" if path == out else f"lies under {path}, which is"
-                raise StoreError(f"--out {out} {where} a file; choose a folder")
-            return
-
-
-def check_out_dir(
-    out: Path, config: LabelSetConfig, producer: PlanProducer | None = None
-) -> Manifest | None:
-    """The existing manifest if ``out`` already holds this label set; raise if another, or
-    if the relabel that started it ran with another batch size or device (a resume must
-    write the bytes an uninterrupted run would)."""
-    _check_folder_path(out)
-    if (out / MANIFEST_FILE).exists():
-        existing = read_manifest(out)
-        if existing.config == config:
-            return existing
-        found = existing.config
-    else:
-        plan = read_plan(out)
-        if plan is None:
-            if out.exists() and (not out.is_dir() or any(out.iterdir())):
-                raise StoreError(f"--out {out} exists and is not a label set; choose a new path")
-            return None
-        found = plan.config
-        if found == config:
-            started = plan.producer
-            if started is None or producer is None or started == producer:
-                return None
-            raise StoreError(
-                f"--out {out} was started with --batch-size {started.batch_size} on "
-                f"{started.device}; resume it with the same (the labels' bytes depend on "
-                "them), or relabel into a new folder"
-            )
-    changed = ", ".join(config.differences(found))
-    raise StoreError(
-        f"--out {out} holds a different label set (differs in: {changed}); "
-        "choose a new --out or delete the old one"
-    )
-
-
-def _describe_write_error(exc: OSError, out: Path) -> str:
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(exc)
-    reason = "the disk is full" if full else brief(exc)
-    return f"writing labels into {out} failed: {reason}"
-
-
-def write_error(exc: OSError, out: Path) -> StoreError:
-    """A failed write into ``out`` as one line: what failed, and that a rerun resumes
-    (complete shards are kept, a partial one is dropped)."""
-    return StoreError(
-        _describe_write_error(exc, out)
-        + "; free space (or fix the path) and rerun the same command to resume"
     )
 
 
@@ -403,33 +318,11 @@ class _Labeler:
         return {SOFT: soft, NORM: torch.linalg.vector_norm(logits, dim=1)}
 
 
-def _shard_plan(
-    config: LabelSetConfig, start: int, stop: int
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Orders (E_s, N) for a range of epochs, and in that order their view ``params``
-    (E_s, N, 5) and, for mixed sets, ``mix`` (E_s, N, 6) and ``partner_params`` (E_s, N, 5)."""
-    n, (_, h, w) = config.num_samples, config.image_shape
-    policy = ViewPolicy(scale=config.views.scale, ratio=config.views.ratio, flip=config.views.flip)
-    orders, plans = [], []
-    for epoch in range(start, stop):
-        order = epoch_order(config.seed, epoch, n)
-        orders.append(order)
-        views = sample_views(policy, config.seed, epoch, n, h, w)
-        plan = {"params": views[order]}
-        if config.mix is not None:
-            mix = sample_mix(MixPolicy(**config.mix.model_dump()), config.seed, epoch, n,
-                             *config.views.output_size)  # fmt: skip
-            plan["mix"] = mix[order]
-            plan["partner_params"] = views[mix[order, 0].astype(np.int64)]
-        plans.append(plan)
-    return np.stack(orders), {k: np.stack([p[k] for p in plans]) for k in plans[0]}
-
-
 def _write_shard(
     labeler: _Labeler, writer: _Writer, config: LabelSetConfig, shard: ShardWriter, bar: tqdm
 ) -> None:
     start, stop = shard.epoch_start, shard.epoch_stop
-    orders, plan = _shard_plan(config, start, stop)
+    orders, plan = shard_plan(config, start, stop)
     mix = {k: v for k, v in plan.items() if k != "params"}
 
     def store_plan() -> None:
@@ -454,34 +347,20 @@ def _write_shard(
     writer.put(shard, shard.commit)
 
 
-def finalize(out: Path, config: LabelSetConfig, producer: ProducerInfo) -> Manifest:
-    """Write the manifest of a set whose shards are all complete, and drop the plan."""
-    shards = []
-    for index, (start, stop) in enumerate(config.shard_ranges()):
-        path = out / shard_file(index)
-        if not path.exists():
-            raise StoreError(f"{path} is missing after all ranks finished; rerun the same command")
-        shards.append(shard_info(path, start, stop))
-    manifest = Manifest(
-        name=out.name,
-        created=datetime.now(timezone.utc),
-        config=config,
-        dataset=file_info(out / DATASET_FILE),
-        shards=shards,
-        producer=producer,
-    )
-    write_model(out / MANIFEST_FILE, manifest)
-    (out / PLAN_FILE).unlink(missing_ok=True)
-    return manifest
+def relabel(opts: RelabelOptions, timing: PhaseTiming | None = None) -> RelabelResult:
+    """Compute (or finish) the label set ``opts.out``; see the module docstring.
 
-
-def relabel(opts: RelabelOptions) -> RelabelResult:
-    """Compute (or finish) the label set ``opts.out``; see the module docstring."""
+    ``timing``, if given, wraps each phase: "load images", "build teacher", "probe",
+    "write dataset", "label loop" and "manifest" (a benchmark's timer; nothing by default).
+    """
+    phase = timing or no_timing
     _validate(opts)
     device = resolve_device(opts.device)
     check_precision(device, opts.precision)
-    data = load_image_set(opts.images, opts.num_classes)
-    teacher = load_teacher_of(opts)
+    with phase("load images"):
+        data = load_image_set(opts.images, opts.num_classes)
+    with phase("build teacher"):
+        teacher = load_teacher_of(opts)
     tqdm.write(describe_run(teacher, device, opts.precision))
     config = build_config(opts, data, teacher)
     out = opts.out
@@ -492,47 +371,45 @@ def relabel(opts: RelabelOptions) -> RelabelResult:
         if existing is not None:
             return RelabelResult(existing, computed_shards=0, reused_shards=len(existing.shards))
         labeler = _Labeler(teacher, data, config, opts, device)
-        labeler.probe()
+        with phase("probe"):
+            labeler.probe()
         ranges = config.shard_ranges()
         done = {i for i in range(len(ranges)) if (out / shard_file(i)).exists()}
         check_format(out, done)
         # every rank has looked at the folder before rank 0 writes the plan and the dataset
         ranks.barrier()
-        _claim(out, plan, data, ranks)
+        with phase("write dataset"):
+            _claim(out, plan, data, ranks)
         pending = [
             i for i in range(len(ranges)) if i % ranks.world_size == ranks.rank and i not in done
         ]
-        _warn_if_low_space(out, config, len(ranges) - len(done), ranks)
-        _run_shards(labeler, config, out, pending, ranks, opts.progress)
+        warning = low_space_warning(out, config, len(ranges) - len(done))
+        if ranks.is_main and warning is not None:
+            tqdm.write(warning)
+        with phase("label loop"):
+            _run_shards(labeler, config, out, pending, ranks, opts.progress)
         ranks.barrier()
         manifest = None
         if ranks.is_main:
-            producer = ProducerInfo(
-                softserve_version=softserve.__version__,
-                torch_version=torch.__version__,
-                device=str(device),
-                batch_size=opts.batch_size,
-                world_size=ranks.world_size,
-            )
+            producer = _producer(opts, device, ranks)
             try:
-                manifest = finalize(out, config, producer)
+                with phase("manifest"):
+                    manifest = finalize(out, config, producer)
             except OSError as exc:
                 raise write_error(exc, out) from None
         ranks.barrier()
         return RelabelResult(manifest, len(ranges) - len(done), len(done))
 
 
-def check_format(out: Path, done: set[int]) -> None:
-    """Refuse to resume a relabel whose complete shards an older format wrote."""
-    for index in sorted(done):
-        path = out / shard_file(index)
-        version = stored_version(path)
-        if version != FORMAT_VERSION:
-            raise InputError(
-                f"{path} was written in label-set format {version}, this softserve writes "
-                f"{FORMAT_VERSION}; finish the relabel with the softserve that started it, or "
-                "relabel into a new folder"
-            )
+def _producer(opts: RelabelOptions, device: torch.device, ranks: Ranks) -> ProducerInfo:
+    """Who wrote the set: softserve's and torch's versions, the device, batch and ranks."""
+    return ProducerInfo(
+        softserve_version=softserve.__version__,
+        torch_version=torch.__version__,
+        device=str(device),
+        batch_size=opts.batch_size,
+        world_size=ranks.world_size,
+    )
 
 
 def _claim(out: Path, plan: RelabelPlan, data: ImageSet, ranks: Ranks) -> None:
@@ -552,23 +429,11 @@ def _claim(out: Path, plan: RelabelPlan, data: ImageSet, ranks: Ranks) -> None:
                     config.std,
                 )
         except OSError as exc:
-            raise StoreError(_describe_write_error(exc, out) + "; fix it and rerun") from None
+            raise StoreError(describe_write_error(exc, out) + "; fix it and rerun") from None
     ranks.barrier()
     for index in range(len(config.shard_ranges())):
         if index % ranks.world_size == ranks.rank:
             (out / (shard_file(index) + TMP_SUFFIX)).unlink(missing_ok=True)
-
-
-def _warn_if_low_space(out: Path, config: LabelSetConfig, pending: int, ranks: Ranks) -> None:
-    codec = get_codec(config.codec)
-    epoch = bytes_per_epoch(config.num_samples, config.num_classes, codec, config.mix is not None)
-    need = pending * config.shard_epochs * epoch
-    free = shutil.disk_usage(out).free
-    if ranks.is_main and need > free:
-        tqdm.write(
-            f"warning: about {need / 2**20:.0f} MiB of labels to write and {free / 2**20:.0f} MiB "
-            f"free under {out}; the run stops cleanly when the disk fills and can be resumed"
-        )
 
 
 def _run_shards(

@@ -19,18 +19,18 @@ from tqdm.auto import tqdm
 from softserve.errors import InputError
 from softserve.format.codecs import get_codec
 from softserve.format.labels import NORM, SOFT
-from softserve.storage.layout import DATASET_FILE, PLAN_FILE, commit, shard_file, tmp_path
-from softserve.storage.manifest import LabelSetConfig, Manifest, RelabelPlan, write_model
-from softserve.storage.reader import LabelSetReader
-from softserve.storage.shards import MIX_DATASETS
-from softserve.storage.writer import ShardWriter
-from softserve.worker.relabel import (
+from softserve.storage.build import (
     check_format,
     check_out_dir,
     finalize,
     storage_fields,
     write_error,
 )
+from softserve.storage.layout import DATASET_FILE, PLAN_FILE, commit, shard_file, tmp_path
+from softserve.storage.manifest import LabelSetConfig, Manifest, RelabelPlan, write_model
+from softserve.storage.reader import LabelSetReader
+from softserve.storage.shards import MIX_DATASETS
+from softserve.storage.writer import ShardWriter
 
 
 @dataclass
