@@ -7,9 +7,9 @@ In one run on one machine, for each configuration (a synthetic image set and a t
    ``epoch_order`` / ``sample_views`` / ``apply_views``, batch size and normalization; only
    ``model(views)`` is timed). Measurements are repeated, interleaved, and the median is
    reported, since the machine may be shared. The pipeline's time is also split into phases
-   (load, probe, dataset write, label loop, manifest) by wrapping the worker's internal
-   functions, so the steady-state ratio (label loop vs bare forward) is reported beside the
-   end-to-end one. The project's goal is a ratio of at least 0.9.
+   (load images, build teacher, probe, dataset write, label loop, manifest) by relabel's
+   ``timing`` hook, so the steady-state ratio (label loop vs bare forward) is reported
+   beside the end-to-end one. The project's goal is a ratio of at least 0.9.
 2. **Storage.** The set is relabelled once at fp32 and transcoded to every codec (fp16, int8,
    and top-k with k of 1, 3, 5, 10 below K): bytes per label, and the stored bytes per
    (epoch, sample) of the shards (the refined label, its norm, the order and the view).
@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import softserve.worker.relabel as relabel_mod
 from softserve.client.losses import Targets, get_loss
 from softserve.errors import InputError
 from softserve.format.augment import ViewPolicy, sample_views
@@ -82,15 +81,6 @@ QUICK: dict[str, dict[str, int]] = {
 #: k of the top-k codecs measured (those below the class count).
 TOPK = (1, 3, 5, 10)
 
-#: Worker functions whose time is reported as a phase of the pipeline (skipped if absent).
-_PHASES: dict[str, str] = {
-    "load_image_set": "load images",
-    "load_teacher": "build teacher",
-    "_claim": "write dataset",
-    "_run_shards": "label loop",
-    "finalize": "manifest",
-}
-
 
 # --------------------------------------------------------------------------- inputs
 
@@ -133,38 +123,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def phase_timer(device: torch.device) -> Iterator[dict[str, float]]:
-    """Wrap the worker's phase functions (and the probe) and sum their wall times."""
-    times: dict[str, float] = {}
-    patched: list[tuple[object, str, Any]] = []
+class PhaseTimer:
+    """relabel's ``timing`` hook: sums the wall time of each phase it wraps (the probe
+    included), waiting for queued CUDA work at each phase's end."""
 
-    def wrap(owner: object, attr: str, label: str) -> None:
-        original = getattr(owner, attr, None)
-        if original is None:
-            return
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, float] = {}
 
-        def timed(*a: Any, **kw: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                _sync(device)
-                times[label] = times.get(label, 0.0) + time.perf_counter() - start
-
-        setattr(owner, attr, timed)
-        patched.append((owner, attr, original))
-
-    for attr, label in _PHASES.items():
-        wrap(relabel_mod, attr, label)
-    labeler = getattr(relabel_mod, "_Labeler", None)
-    if labeler is not None:
-        wrap(labeler, "probe", "probe")
-    try:
-        yield times
-    finally:
-        for owner, attr, original in reversed(patched):
-            setattr(owner, attr, original)
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -178,12 +152,12 @@ class PipelineRun:
 def run_pipeline(opts: RelabelOptions, seed: int, device: torch.device) -> PipelineRun:
     """Relabel into a fresh ``opts.out``, timed end to end and by phase."""
     torch.manual_seed(seed)  # the teacher's random init: same weights in every run
-    with phase_timer(device) as phases:
-        start = time.perf_counter()
-        relabel(opts)
-        _sync(device)
-        total = time.perf_counter() - start
-    phases = dict(phases)
+    timer = PhaseTimer(device)
+    start = time.perf_counter()
+    relabel(opts, timing=timer)
+    _sync(device)
+    total = time.perf_counter() - start
+    phases = dict(timer.times)
     phases["other"] = total - sum(phases.values())
     return PipelineRun(total, phases)
 
