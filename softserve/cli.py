@@ -3,10 +3,16 @@ serve them, train students on them, and run the demo."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import signal
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -96,42 +102,88 @@ TeacherOption = Annotated[
 ImagesOption = Annotated[
     Path, typer.Option(help="ImageFolder tree (ROOT/CLASS/IMG.png) or a .pt {data, label}.")
 ]
-WeightsOption = Annotated[
-    Path | None, typer.Option(help="State dict to load (plain, or under 'state_dict'/'model').")
-]
-NumClassesOption = Annotated[
-    int | None, typer.Option(help="Classes (torchvision teachers; tensor files).")
-]
-MeanOption = Annotated[
-    str | None, typer.Option(help="Per-channel mean in [0,1] units, e.g. 0.485,0.456,0.406.")
-]
-StdOption = Annotated[str | None, typer.Option(help="Per-channel std, like --mean.")]
-SizeOption = Annotated[
-    str | None, typer.Option(help="Output view size N or HxW [default: base size].")
-]
-MinScaleOption = Annotated[float, typer.Option(help="Smallest crop area fraction.")]
-MaxScaleOption = Annotated[float, typer.Option(help="Largest crop area fraction.")]
-MinRatioOption = Annotated[
-    float, typer.Option(help="Smallest crop aspect ratio [default: 3/4].", show_default=False)
-]
-MaxRatioOption = Annotated[
-    float, typer.Option(help="Largest crop aspect ratio [default: 4/3].", show_default=False)
-]
-FlipOption = Annotated[bool, typer.Option(help="Random horizontal flips.")]
-AlphaOption = Annotated[float, typer.Option(help="GIFT label smoothing α.")]
-BetaOption = Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")]
-AllowPickleOption = Annotated[
-    bool,
-    typer.Option(
-        help="Trust a .pt2 teacher: torch may unpickle and run code from it; trusted files only."
-    ),
-]
-RandomTeacherOption = Annotated[
-    bool,
-    typer.Option(
-        help="Accept a torchvision teacher without --weights: random labels, for tests only."
-    ),
-]
+@dataclass(frozen=True)
+class _TeacherOptions:
+    """The teacher, view and GIFT options ``relabel`` and ``train --teacher`` share, as
+    typed on the command line."""
+
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="State dict to load (plain, or under 'state_dict'/'model')."),
+    ] = None
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classes (torchvision teachers; tensor files).")
+    ] = None
+    mean: Annotated[
+        str | None, typer.Option(help="Per-channel mean in [0,1] units, e.g. 0.485,0.456,0.406.")
+    ] = None
+    std: Annotated[str | None, typer.Option(help="Per-channel std, like --mean.")] = None
+    size: Annotated[
+        str | None, typer.Option(help="Output view size N or HxW [default: base size].")
+    ] = None
+    min_scale: Annotated[float, typer.Option(help="Smallest crop area fraction.")] = 0.08
+    max_scale: Annotated[float, typer.Option(help="Largest crop area fraction.")] = 1.0
+    min_ratio: Annotated[
+        float, typer.Option(help="Smallest crop aspect ratio [default: 3/4].", show_default=False)
+    ] = 3 / 4
+    max_ratio: Annotated[
+        float, typer.Option(help="Largest crop aspect ratio [default: 4/3].", show_default=False)
+    ] = 4 / 3
+    flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True
+    alpha: Annotated[float, typer.Option(help="GIFT label smoothing α.")] = 0.1
+    beta: Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")] = 0.1
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Trust a .pt2 teacher: torch may unpickle and run code from it; trusted "
+            "files only."
+        ),
+    ] = False
+    random_teacher: Annotated[
+        bool,
+        typer.Option(
+            help="Accept a torchvision teacher without --weights: random labels, for tests only."
+        ),
+    ] = False
+
+    def inputs(self) -> dict[str, Any]:
+        """These options as ``TeacherInputs`` fields, checked and parsed."""
+        return {
+            "weights": self.weights, "num_classes": self.num_classes,
+            "mean": _floats(self.mean, "--mean"), "std": _floats(self.std, "--std"),
+            "size": _size(self.size),
+            "policy": _policy(self.min_scale, self.max_scale, self.min_ratio, self.max_ratio,
+                              self.flip),
+            "alpha": self.alpha, "beta": self.beta, "allow_pickle": self.allow_pickle,
+            "random_teacher": self.random_teacher,
+        }  # fmt: skip
+
+
+def _with_teacher_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with the shared teacher options (:class:`_TeacherOptions`, declared once)
+    as options of its own, before its last one (``--progress``); it receives them as one
+    ``teacher_options`` argument."""
+    own = [p for p in Signature.from_callable(command).parameters.values()
+           if p.name != "teacher_options"]  # fmt: skip
+    hints = typing.get_type_hints(_TeacherOptions, include_extras=True)
+    shared = [
+        Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in dataclasses.fields(_TeacherOptions)
+    ]  # fmt: skip
+    names = [p.name for p in shared]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        options = _TeacherOptions(**{name: kwargs.pop(name) for name in names})
+        command(**kwargs, teacher_options=options)
+
+    own_hints = typing.get_type_hints(command, include_extras=True)
+    keyword = [p.replace(kind=Parameter.KEYWORD_ONLY, annotation=own_hints[p.name]) for p in own]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*keyword, *shared]}
+    wrapper.__signature__ = Signature([*keyword[:-1], *shared, keyword[-1]])  # type: ignore[attr-defined]
+    return wrapper
+
+
 DeviceOption = Annotated[
     str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank's own GPU) or cuda:N.")
 ]
@@ -163,20 +215,11 @@ def _mix(kind: str | None, prob: float, alpha: float) -> MixPolicy | None:
 
 
 @app.command()
+@_with_teacher_options
 def relabel(
     images: ImagesOption,
     teacher: TeacherOption,
     out: Annotated[Path, typer.Option(help="Label set directory to write: STORE/NAME.")],
-    weights: WeightsOption = None,
-    num_classes: NumClassesOption = None,
-    mean: MeanOption = None,
-    std: StdOption = None,
-    size: SizeOption = None,
-    min_scale: MinScaleOption = 0.08,
-    max_scale: MaxScaleOption = 1.0,
-    min_ratio: MinRatioOption = 3 / 4,
-    max_ratio: MaxRatioOption = 4 / 3,
-    flip: FlipOption = True,
     epochs: Annotated[int, typer.Option(help="Epochs of views to label.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the orders and views.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 256,
@@ -185,8 +228,6 @@ def relabel(
     codec: Annotated[
         str, typer.Option(help="Label codec: fp32, fp16, int8 or topk:k (k largest).")
     ] = DEFAULT_CODEC,
-    alpha: AlphaOption = 0.1,
-    beta: BetaOption = 0.1,
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
@@ -203,9 +244,9 @@ def relabel(
     mix_alpha: Annotated[
         float, typer.Option(help="λ ~ Beta(α, α) of the mix (with --mix); α > 0.")
     ] = 1.0,
-    allow_pickle: AllowPickleOption = False,
-    random_teacher: RandomTeacherOption = False,
     progress: ProgressOption = True,
+    *,
+    teacher_options: _TeacherOptions,
 ) -> None:
     """Label a synthetic image set with a teacher: E epochs of views, logits and GIFT labels.
 
@@ -216,30 +257,20 @@ def relabel(
     from softserve.worker.relabel import RelabelOptions
     from softserve.worker.relabel import relabel as run_relabel
 
-    policy = _policy(min_scale, max_scale, min_ratio, max_ratio, flip)
     mixing = _mix(mix, mix_prob, mix_alpha)
     opts = RelabelOptions(
         images=images,
         teacher=teacher,
         out=out,
-        weights=weights,
-        num_classes=num_classes,
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        size=_size(size),
-        policy=policy,
+        **teacher_options.inputs(),
         epochs=epochs,
         seed=seed,
         batch_size=batch_size,
         device=device,
         precision=precision,
         codec=codec,
-        alpha=alpha,
-        beta=beta,
         shard_epochs=shard_epochs,
         mix=mixing,
-        allow_pickle=allow_pickle,
-        random_teacher=random_teacher,
         progress=progress,
     )
     try:
@@ -436,6 +467,7 @@ def serve(
 
 
 @app.command()
+@_with_teacher_options
 def train(
     url: Annotated[
         list[str] | None, typer.Option(help="Server URL; repeat for failover. Served runs.")
@@ -452,20 +484,6 @@ def train(
     images: Annotated[
         Path | None, typer.Option(help="Online runs: the image set (ImageFolder or .pt).")
     ] = None,
-    weights: WeightsOption = None,
-    num_classes: NumClassesOption = None,
-    mean: MeanOption = None,
-    std: StdOption = None,
-    size: SizeOption = None,
-    min_scale: MinScaleOption = 0.08,
-    max_scale: MaxScaleOption = 1.0,
-    min_ratio: MinRatioOption = 3 / 4,
-    max_ratio: MaxRatioOption = 4 / 3,
-    flip: FlipOption = True,
-    alpha: AlphaOption = 0.1,
-    beta: BetaOption = 0.1,
-    allow_pickle: AllowPickleOption = False,
-    random_teacher: RandomTeacherOption = False,
     model: Annotated[
         str,
         typer.Option(
@@ -503,6 +521,8 @@ def train(
     ] = 60.0,
     seed: Annotated[int, typer.Option(help="Seed of the student (and of online views).")] = 0,
     progress: ProgressOption = True,
+    *,
+    teacher_options: _TeacherOptions,
 ) -> None:
     """Train a student and report top-1 on a real test split; prints one JSON result line.
 
@@ -524,12 +544,7 @@ def train(
     if teacher is not None or images is not None:
         if teacher is None or images is None:
             raise InputError("an online run needs both --teacher and --images")
-        online = TeacherInputs(
-            teacher=teacher, images=images, weights=weights, num_classes=num_classes,
-            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
-            policy=_policy(min_scale, max_scale, min_ratio, max_ratio, flip),
-            alpha=alpha, beta=beta, allow_pickle=allow_pickle, random_teacher=random_teacher,
-        )  # fmt: skip
+        online = TeacherInputs(teacher=teacher, images=images, **teacher_options.inputs())
     opts = TrainOptions(
         urls=url or (), store=store, labelset=labelset, online=online, model=model, width=width,
         loss=loss,
