@@ -97,7 +97,10 @@ def _interrupted(what: str) -> NoReturn:
 
 
 TeacherOption = Annotated[
-    str, typer.Option(help="torchvision:ARCH, module.path:callable, or a torch.export .pt2 file.")
+    str,
+    typer.Option(
+        help="torchvision:ARCH, timm:ARCH, module.path:callable, or a torch.export .pt2 file."
+    ),
 ]
 ImagesOption = Annotated[
     Path, typer.Option(help="ImageFolder tree (ROOT/CLASS/IMG.png) or a .pt {data, label}.")

@@ -304,7 +304,7 @@ def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
     n, c, h, w = data.images.shape
     mean, std = default_normalization(c, online.mean, online.std)
     size = online.size or (h, w)
-    model = load_teacher_of(online).model.to(device)
+    model = load_teacher_of(online, data).model.to(device)
     probe = torch.from_numpy(data.images[:2]).to(device)
     whole = torch.tensor([[0, 0, h, w, 0]], dtype=torch.int32, device=device)
 

@@ -320,3 +320,37 @@ def test_exported_teacher_runs_no_pickled_code(make_options, tmp_path: Path) -> 
     with pytest.raises(InputError):  # trusted: the pickle runs (and is no tensor)
         relabel(replace(opts, allow_pickle=True))
     assert target.exists()
+
+
+def test_a_timm_teacher_labels_with_its_weights(make_options, tmp_path: Path) -> None:
+    """timm:ARCH is built for the set's classes and channels, takes --weights as torchvision
+    does (refused without them unless --random-teacher), and its logits are what is stored."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3, in_chans=3).eval()
+    weights = tmp_path / "resnet18.pt"
+    torch.save(model.state_dict(), weights)
+    with pytest.raises(InputError, match="without --weights"):
+        relabel(make_options(teacher="timm:resnet18", out=tmp_path / "none"))
+    with pytest.raises(InputError, match="timm has no model 'resnet-nope'"):
+        relabel(make_options(teacher="timm:resnet-nope", weights=weights))
+    opts = make_options(teacher="timm:resnet18", weights=weights, epochs=2, shard_epochs=1)
+    relabel(opts)
+    manifest = read_manifest(opts.out)
+    assert manifest.config.teacher.spec == "timm:resnet18"
+    assert manifest.config.teacher.weights_sha256 == sha256_file(weights)
+    with LabelSetReader(opts.out) as reader:
+        config = reader.config
+        images = torch.from_numpy(reader.images())
+        for epoch in range(config.epochs):
+            rows = reader.read(epoch, 0, config.num_samples)
+            ids = torch.from_numpy(rows["order"].astype(np.int64))
+            views = apply_views(
+                images[ids], torch.from_numpy(rows["params"]), config.views.output_size,
+                mean=config.mean, std=config.std,
+            )  # fmt: skip
+            with torch.no_grad():
+                logits = model(views)
+            torch.testing.assert_close(torch.from_numpy(rows["logits"]), logits)
+    gray = load_teacher("timm:resnet18", num_classes=4, random_teacher=True, in_chans=1)
+    assert gray.model(torch.zeros(2, 1, 32, 32)).shape == (2, 4)

@@ -360,7 +360,7 @@ def relabel(opts: RelabelOptions, timing: PhaseTiming | None = None) -> RelabelR
     with phase("load images"):
         data = load_image_set(opts.images, opts.num_classes)
     with phase("build teacher"):
-        teacher = load_teacher_of(opts)
+        teacher = load_teacher_of(opts, data)
     tqdm.write(describe_run(teacher, device, opts.precision))
     config = build_config(opts, data, teacher)
     out = opts.out

@@ -1,4 +1,5 @@
-"""Teachers by spec: ``torchvision:ARCH``, ``module.path:callable`` or a torch.export ``.pt2``."""
+"""Teachers by spec: ``torchvision:ARCH``, ``timm:ARCH``, ``module.path:callable`` or a
+torch.export ``.pt2``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from softserve.errors import InputError, brief
 from softserve.storage.layout import sha256_file
 from softserve.worker.exported import load_exported
-from softserve.worker.sources import TeacherInputs
+from softserve.worker.sources import ImageSet, TeacherInputs
 
 #: Seed of a teacher's initial weights, for those no weights file replaces.
 TEACHER_INIT_SEED = 0
@@ -34,13 +35,14 @@ class Teacher:
 
 def load_teacher(
     spec: str, weights: Path | None = None, num_classes: int | None = None,
-    allow_pickle: bool = False, random_teacher: bool = False,
+    allow_pickle: bool = False, random_teacher: bool = False, in_chans: int = 3,
 ) -> Teacher:  # fmt: skip
     """Build the teacher named by ``spec`` and load ``weights`` into it (on the CPU).
 
-    A torchvision architecture without ``weights`` is refused unless ``random_teacher``:
-    softserve never downloads weights, so it would label with random ones, which is never
-    what a user means outside tests and benchmarks.
+    A torchvision or timm architecture without ``weights`` is refused unless
+    ``random_teacher``: softserve never downloads weights, so it would label with random
+    ones, which is never what a user means outside tests and benchmarks. timm models are
+    built for ``num_classes`` and ``in_chans`` (the images' channels).
 
     A ``.pt2`` file is data unless ``allow_pickle``: loading one can run code from the
     file, so :mod:`softserve.worker.exported` refuses any that is more than tensors and
@@ -51,9 +53,13 @@ def load_teacher(
         model = load_exported(Path(spec), allow_pickle)
         if weights is None:
             digest = sha256_file(Path(spec))
-    elif spec.startswith("torchvision:"):
+    elif spec.startswith(("torchvision:", "timm:")):
+        zoo, _, arch = spec.partition(":")
         with _seeded_init():
-            model = _load_torchvision(spec.removeprefix("torchvision:"), num_classes)
+            if zoo == "timm":
+                model = _load_timm(arch, num_classes, in_chans)
+            else:
+                model = _load_torchvision(arch, num_classes)
         if weights is None and not random_teacher:
             raise InputError(
                 f"{spec} without --weights would label with random weights (softserve never "
@@ -65,7 +71,7 @@ def load_teacher(
             model = _load_factory(spec, num_classes)
     else:
         raise InputError(
-            f"teacher spec {spec!r} not understood; use torchvision:ARCH, "
+            f"teacher spec {spec!r} not understood; use torchvision:ARCH, timm:ARCH, "
             "module.path:callable, or a .pt2 file from torch.export"
         )
     if weights is not None:
@@ -90,12 +96,15 @@ def _seeded_init() -> Iterator[None]:
         yield
 
 
-def load_teacher_of(inputs: TeacherInputs) -> Teacher:
-    """The teacher of a relabel or an online training run. --num-classes reaches it only
-    when given, so a factory without a num_classes argument works for both."""
+def load_teacher_of(inputs: TeacherInputs, data: ImageSet) -> Teacher:
+    """The teacher of a relabel or an online training run over ``data``. --num-classes
+    reaches a factory or torchvision only when given, so a factory without a num_classes
+    argument works for both; a timm model takes the set's classes and channels."""
+    timm = inputs.teacher.startswith("timm:")
     return load_teacher(
-        inputs.teacher, inputs.weights, inputs.num_classes, inputs.allow_pickle,
-        inputs.random_teacher,
+        inputs.teacher, inputs.weights,
+        inputs.num_classes or (data.num_classes if timm else None),
+        inputs.allow_pickle, inputs.random_teacher, in_chans=data.images.shape[1],
     )  # fmt: skip
 
 
@@ -137,6 +146,23 @@ def _load_torchvision(arch: str, num_classes: int | None) -> nn.Module:
     if num_classes is None:
         raise InputError(f"torchvision:{arch} needs --num-classes")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _load_timm(arch: str, num_classes: int | None, in_chans: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise InputError(
+            f"timm:{arch} needs timm; pip install 'softserve[worker]' (or pip install timm)"
+        ) from None
+    if not timm.is_model(arch):
+        raise InputError(
+            f"timm has no model {arch!r}; list them with python -c 'import timm; "
+            "print(timm.list_models())'"
+        )
+    if num_classes is None:
+        raise InputError(f"timm:{arch} needs --num-classes")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
 def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
