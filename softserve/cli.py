@@ -229,8 +229,13 @@ def relabel(
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 autocast on CUDA.")] = "fp32",
     codec: Annotated[
-        str, typer.Option(help="Label codec: fp32, fp16, int8 or topk:k (k largest).")
-    ] = DEFAULT_CODEC,
+        str | None,
+        typer.Option(
+            help="Label codec: fp32, fp16, int8, topk:k (k largest) or topk:k+intb (and the "
+            "rest at b bits) [default: int8; fp16 for 8 classes or fewer].",
+            show_default=False,
+        ),
+    ] = None,
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,

@@ -354,3 +354,21 @@ def test_a_timm_teacher_labels_with_its_weights(make_options, tmp_path: Path) ->
             torch.testing.assert_close(torch.from_numpy(rows["logits"]), logits)
     gray = load_teacher("timm:resnet18", num_classes=4, random_teacher=True, in_chans=1)
     assert gray.model(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
+
+
+def test_without_a_codec_relabel_chooses_by_class_count_and_says_so(
+    make_options, capsys
+) -> None:
+    """No --codec: fp16 for 3 classes (6 bytes a label against int8's 11), int8 from 9
+    classes on, the choice printed."""
+    from softserve.format.codecs import default_codec
+
+    assert [default_codec(k) for k in (2, 8, 9, 10, 1000)] == [
+        "fp16", "fp16", "int8", "int8", "int8"
+    ]  # fmt: skip
+    opts = make_options(codec=None, epochs=2)
+    relabel(opts)
+    assert read_manifest(opts.out).config.codec == "fp16"
+    assert "codec fp16, the default for 3 classes (6 bytes a label" in capsys.readouterr().out
+    relabel(opts)  # resumes: the same choice, nothing to redo
+    assert read_manifest(opts.out).config.codec == "fp16"

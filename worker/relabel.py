@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import softserve
 from softserve.errors import InputError, StoreError
 from softserve.format.augment import MixPolicy
-from softserve.format.codecs import DEFAULT_CODEC, get_codec
+from softserve.format.codecs import default_codec, get_codec
 from softserve.format.labels import NORM, SOFT
 from softserve.format.refinement import refine_labels
 from softserve.pixels import mixed_views
@@ -93,7 +93,7 @@ class RelabelOptions(TeacherInputs):
     batch_size: int = 256
     device: str = "auto"
     precision: str = "fp32"
-    codec: str = DEFAULT_CODEC
+    codec: str | None = None  # by class count (default_codec) when not given
     shard_epochs: int | None = None
     #: CutMix or Mixup per (epoch, sample) on top of the views; None: views only
     mix: MixPolicy | None = None
@@ -119,7 +119,8 @@ def _validate(opts: RelabelOptions) -> None:
         if not ok:
             raise InputError(message)
     check_teacher_inputs(opts)
-    get_codec(opts.codec)
+    if opts.codec is not None:
+        get_codec(opts.codec)
 
 
 def describe_run(teacher: Teacher, device: torch.device, precision: str) -> str:
@@ -169,7 +170,8 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
         seed=opts.seed,
         precision=opts.precision,  # type: ignore[arg-type]
         **storage_fields(
-            n, data.num_classes, opts.codec, opts.epochs, opts.shard_epochs, opts.mix is not None
+            n, data.num_classes, opts.codec or default_codec(data.num_classes), opts.epochs,
+            opts.shard_epochs, opts.mix is not None,
         ),
     )
 
@@ -363,6 +365,12 @@ def relabel(opts: RelabelOptions, timing: PhaseTiming | None = None) -> RelabelR
         teacher = load_teacher_of(opts, data)
     tqdm.write(describe_run(teacher, device, opts.precision))
     config = build_config(opts, data, teacher)
+    if opts.codec is None:
+        tqdm.write(
+            f"relabel: codec {config.codec}, the default for {config.num_classes} classes "
+            f"({get_codec(config.codec).bytes_per_label(config.num_classes)} bytes a label; "
+            "--codec to choose another)"
+        )
     out = opts.out
     plan = RelabelPlan(config=config, producer=PlanProducer(batch_size=opts.batch_size,
                                                             device=device.type))  # fmt: skip

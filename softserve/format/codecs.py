@@ -294,9 +294,19 @@ CODECS: dict[str, Codec] = {
 }
 #: Codec names to show users: the fixed ones, and the top-k family.
 CODEC_NAMES = (*CODECS, "topk:k", "topk:k+intb")
-#: What ``relabel`` and the demo store unless told otherwise: the smallest codec with no
-#: measured accuracy cost in ``bench/label_budget.py`` (README, "Label budget").
+#: The smallest codec with no measured accuracy cost in ``bench/label_budget.py`` at K = 10
+#: and K = 1000 (README, "Label budget"); :func:`default_codec` applies it per class count.
 DEFAULT_CODEC = "int8"
+
+
+def default_codec(num_classes: int) -> str:
+    """What ``relabel`` stores for ``num_classes`` classes unless told otherwise: of fp16 and
+    :data:`DEFAULT_CODEC`, neither of which costs measurable accuracy, the one with fewer
+    bytes a label, fp16 on a tie (up to K = 8, where int8's scale and offset outweigh its
+    savings)."""
+    fp16, chosen = CODECS["fp16"], get_codec(DEFAULT_CODEC)
+    smaller = fp16.bytes_per_label(num_classes) <= chosen.bytes_per_label(num_classes)
+    return fp16.name if smaller else chosen.name
 
 
 def get_codec(name: str) -> Codec:
