@@ -16,4 +16,4 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/relabel_bench.py
-	.venv/bin/python bench/serve_bench.py
+	.venv/bin/python -m bench.serve_bench

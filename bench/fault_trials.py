@@ -60,18 +60,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench.harness import TEACHER, Server, make_image_set
+from softserve.client import Client
+from softserve.errors import SoftserveError
+from softserve.storage.layout import MANIFEST_FILE, sha256_file
+from softserve.storage.manifest import read_manifest, write_model
+from softserve.storage.writer import file_info
+from softserve.worker.relabel import RelabelOptions, relabel
+
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from serve_bench import TEACHER, make_image_set  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
-
-from softserve.client import Client  # noqa: E402
-from softserve.errors import SoftserveError  # noqa: E402
-from softserve.storage.layout import MANIFEST_FILE, sha256_file  # noqa: E402
-from softserve.storage.manifest import read_manifest, write_model  # noqa: E402
-from softserve.storage.writer import file_info  # noqa: E402
-from softserve.worker.relabel import RelabelOptions, relabel  # noqa: E402
 
 KINDS = ("flip_byte", "kill_worker", "kill_server", "sigterm_server", "replace_set",
          "flip_metadata", "zero_block", "overwrite_in_place", "truncate_stream")  # fmt: skip
@@ -98,7 +95,7 @@ class Bench:
     ref_root: Path
     alt_root: Path
     relabel_seconds: float
-    server: ServerProcess
+    server: Server
     stored: Batches  # every stored epoch once
     long: Batches  # a long stream: ``--stream-epochs`` epochs, wrapping
 
@@ -159,7 +156,7 @@ def read_all(url: str, name: str, epochs: int, args: argparse.Namespace,
     return got
 
 
-def wait_listed(server: ServerProcess, name: str, present: bool = True) -> None:
+def wait_listed(server: Server, name: str, present: bool = True) -> None:
     """Until the server's rescan lists ``name`` (or no longer does)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -184,7 +181,7 @@ def setup(args: argparse.Namespace, work: Path) -> Bench:
     shutil.copytree(ref_root, store / REF)
     shutil.copytree(ref_root, store / SWAP)
     env = {"SOFTSERVE_RESCAN_SECONDS": "0.1", "SOFTSERVE_STREAM_READ_MB": "1"}
-    server = ServerProcess(store, work / "server.log", env=env).start()
+    server = Server(store, "--log-level", "warning", log=work / "server.log", env=env).start()
     stored = read_all(server.url, REF, args.epochs, args)
     long = read_all(server.url, REF, args.stream_epochs, args)
     return Bench(args, work, images, ref_root, alt_root, relabel_seconds, server, stored, long)

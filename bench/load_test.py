@@ -26,13 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.harness import LABEL_SET, Server, build_label_set
+from softserve.client import Client
+
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from serve_bench import LABEL_SET, build_label_set  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
-
-from softserve.client import Client  # noqa: E402
 
 
 def server_rss(pid: int) -> int:
@@ -157,13 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="softserve-load-") as tmp:
         work = Path(tmp)
-        build_label_set(args, work)
-        server = ServerProcess(work / "store", work / "server.log",
-                               args=("--workers", str(args.workers))).start()  # fmt: skip
-        try:
+        build_label_set(work, args.samples, args.classes, args.epochs, args.codec, args.seed)
+        server = Server(work / "store", "--log-level", "warning", "--workers", args.workers,
+                        log=work / "server.log")  # fmt: skip
+        with server:
             record = run_load(server.url, server.pid, args)
-        finally:
-            server.stop()
     record["config"] = {k: str(v) for k, v in vars(args).items()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -2,9 +2,9 @@
 
 Setup (untimed): a random 32×32 RGB image set (``--samples`` images, ``--classes`` classes)
 is relabelled for ``--epochs`` epochs with ``--codec`` (fp16 by default; ``topk:k`` for the
-compact sets) by ``softserve.worker.relabel.relabel``
-and a cheap teacher (``bench/serve_teacher.py``), and ``python -m softserve serve`` is
-started on a free loopback port (stopped at the end, also on errors).
+compact sets) by ``softserve.worker.relabel.relabel`` and a cheap teacher
+(``bench/serve_teacher.py``), and ``python -m softserve serve`` is started on a free
+loopback port (stopped at the end, also on errors): ``bench.harness`` does both.
 
 Throughput, in samples/s at ``--batch-size`` per rank, world size 1 (``drop_last``, so an
 epoch is ``samples // batch_size`` batches). One measurement is a training run's worth of
@@ -65,7 +65,7 @@ fraction of a millisecond of work).
 Measurements are repeated (``--repeats``), interleaved with a rotating order, and medians
 reported; "paired" ratios are the median over repeats of the ratio within a repeat, robust to
 load that drifts between repeats, and goals are judged on them. Run
-``python bench/serve_bench.py --help`` for options; the default run takes three to
+``python -m bench.serve_bench --help`` for options; the default run takes three to
 four minutes on 2 cores, ``--quick`` (fewer repeats and steps) well under one.
 """
 
@@ -77,7 +77,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,7 @@ import httpx
 import numpy as np
 import torch
 
+from bench.harness import LABEL_SET, TEACHER, Server, build_label_set, paired_ratio
 from softserve.client import Client, RemoteLabelSet, Sharding, Targets, apply_views, get_loss
 from softserve.format.codecs import get_codec
 from softserve.format.payload import crc32, decode
@@ -100,98 +100,11 @@ from softserve.service.batches import BatchRequest, batch_payload, read_batches,
 from softserve.service.catalog import Catalog
 from softserve.service.settings import ServiceSettings
 from softserve.storage import LabelSetReader
-from softserve.worker.relabel import RelabelOptions, relabel
 
-BENCH_DIR = Path(__file__).resolve().parent
-TEACHER = "serve_teacher:tiny_convnet"
-LABEL_SET = "bench"
 INCLUDE = "indices,params,hard,soft"
 Tensors = dict[str, torch.Tensor]
 
-# --------------------------------------------------------------------------- setup
-
-
-def make_image_set(path: Path, samples: int, classes: int, seed: int) -> None:
-    """Random uint8 3×32×32 images with balanced labels, as a ``{"data", "label"}`` file."""
-    gen = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, 256, (samples, 3, 32, 32), generator=gen, dtype=torch.uint8)
-    label = (torch.arange(samples) % classes)[torch.randperm(samples, generator=gen)]
-    torch.save({"data": data, "label": label}, path)
-
-
-def build_label_set(args: argparse.Namespace, work: Path) -> Path:
-    """Relabel the random image set into ``work/store/bench``; returns the label set root."""
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))  # the teacher spec serve_teacher:tiny_convnet
-    images = work / "images.pt"
-    make_image_set(images, args.samples, args.classes, args.seed)
-    out = work / "store" / LABEL_SET
-    torch.manual_seed(args.seed)
-    relabel(
-        RelabelOptions(
-            images=images, teacher=TEACHER, out=out, num_classes=args.classes,
-            epochs=args.epochs, seed=args.seed, batch_size=256, device="cpu", codec=args.codec,
-            progress=False,
-        )
-    )  # fmt: skip
-    return out
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_env() -> dict[str, str]:
-    """The environment of the server: bench/ importable, as for the relabel."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
-    return env
-
-
-@contextlib.contextmanager
-def running_server(store: Path, log_path: Path) -> Iterator[tuple[str, int]]:
-    """``softserve serve`` on a free loopback port until the block ends: (url, pid)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "softserve", "serve", "--store", str(store), "--port", str(port)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [*cmd, "--log-level", "warning"], env=server_env(), stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_ready(proc, url, log_path)
-        yield url, proc.pid
-    finally:
-        stop_process(proc)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 60) -> None:
-    """Poll ``/readyz`` until the server answers 200; fail with its log if it dies or stalls."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{log_path.read_text()}")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Terminate, then kill after 30 s."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
+# --------------------------------------------------------------------------- server process
 
 
 def rss_mib(pid: int) -> float | None:
@@ -210,9 +123,9 @@ def server_memory(work: Path) -> dict[str, float | None]:
     else, which is what every server process carried while the server imported torch."""
     store = work / "empty-store"
     store.mkdir()
-    with running_server(store, work / "empty-server.log") as (url, pid):
-        httpx.get(url + "/v1/labelsets", timeout=10).raise_for_status()
-        empty = rss_mib(pid)
+    with Server(store, "--log-level", "warning", log=work / "empty-server.log") as server:
+        httpx.get(server.url + "/v1/labelsets", timeout=10).raise_for_status()
+        empty = rss_mib(server.pid)
     code = "import os, torch; print(open(f'/proc/{os.getpid()}/status').read())"
     status = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     torch_kib = [int(line.split()[1]) for line in status.stdout.splitlines() if "VmRSS:" in line]
@@ -395,6 +308,11 @@ class PathResult:
     def rate(self) -> float:
         return self.samples / statistics.median(self.seconds)
 
+    @property
+    def rates(self) -> list[float]:
+        """Samples per second of each repeat."""
+        return [self.samples / s for s in self.seconds]
+
     def cpu_ms_per_batch(self, values: list[float]) -> float | None:
         return 1000 * statistics.median(values) / self.batches if values else None
 
@@ -434,14 +352,6 @@ def measure_paths(src: Sources, args: argparse.Namespace, server_pid: int) -> di
             if server is not None:
                 r.server_cpu_s.append(server)
     return results
-
-
-def paired_ratio(num: PathResult, den: PathResult) -> float:
-    """Median over repeats of rate(num)/rate(den) within the same repeat."""
-    return statistics.median(
-        (num.samples / tn) / (den.samples / td)
-        for tn, td in zip(num.seconds, den.seconds, strict=True)
-    )
 
 
 # --------------------------------------------------------------------------- student
@@ -611,28 +521,24 @@ def goals(
     """The benchmark's ratios against the project's goals."""
     a, b, c, e = (paths[k] for k in ("in_process", "per_batch", "stream", "files"))
     a1, c1, d = paths["in_process_grouped"], paths["stream_per_epoch"], paths["stream_views"]
+
+    def vs(name: str, num: PathResult, den: PathResult, target: str) -> Goal:
+        return Goal(name, num.rate / den.rate, paired_ratio(num.rates, den.rates), target, None)
+
     out = [
-        Goal("stream / in-process", c.rate / a.rate, paired_ratio(c, a), ">= 0.5", None),
-        Goal("per-batch / in-process", b.rate / a.rate, paired_ratio(b, a), "naive ~0.1", None),
-        Goal("stream / torch.load files", c.rate / e.rate, paired_ratio(c, e), ">= 1.0", None),
-        Goal(
-            "stream / in-process server's reads",
-            c.rate / a1.rate,
-            paired_ratio(c, a1),
-            "info",
-            None,
-        ),  # fmt: skip
-        Goal("stream per epoch / in-process", c1.rate / a.rate, paired_ratio(c1, a), "info", None),
-        Goal("stream+views / in-process", d.rate / a.rate, paired_ratio(d, a), "info", None),
+        vs("stream / in-process", c, a, ">= 0.5"),
+        vs("per-batch / in-process", b, a, "naive ~0.1"),
+        vs("stream / torch.load files", c, e, ">= 1.0"),
+        vs("stream / in-process server's reads", c, a1, "info"),
+        vs("stream per epoch / in-process", c1, a, "info"),
+        vs("stream+views / in-process", d, a, "info"),
     ]
     out[0].met = out[0].paired >= 0.5
     out[2].met = out[2].paired >= 1.0
     for i, (width, student) in enumerate(students.items()):
         mem, rem = student["in_memory"], student["remote_loader"]
         ratio = statistics.median(rem.total_s) / statistics.median(mem.total_s)
-        paired = statistics.median(
-            r / m for r, m in zip(rem.total_s, mem.total_s, strict=True)
-        )  # fmt: skip
+        paired = paired_ratio(rem.total_s, mem.total_s)
         name = f"student step remote / in-memory w{width}"
         if i == 0:
             out.append(Goal(name, ratio, paired, "<= 1.05", paired <= 1.05))
@@ -859,21 +765,22 @@ def payload_bytes(src: Sources) -> int:
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Build, serve, measure; returns the JSON record (and prints the report)."""
     started = time.perf_counter()
-    root = build_label_set(args, work)
+    root = build_label_set(work, args.samples, args.classes, args.epochs, args.codec, args.seed)
     info: dict[str, Any] = {
         "setup_relabel_s": time.perf_counter() - started,
         "loadavg_start": os.getloadavg()[0],
     }
     with contextlib.ExitStack() as stack:
-        url, pid = stack.enter_context(running_server(root.parent, work / "server.log"))
-        src = open_sources(root, url, args, stack)
+        server = Server(root.parent, "--log-level", "warning", log=work / "server.log")
+        stack.enter_context(server)
+        src = open_sources(root, server.url, args, stack)
         src.files = write_files(src, work / "files")
         remote = src.remote
         check_paths(src, remote.output_size, remote.mean, remote.std)
         info.update(checked="yes", payload_bytes=payload_bytes(src),
                     file_bytes=src.files[0].stat().st_size)  # fmt: skip
-        paths = measure_paths(src, args, pid)
-        info["server_rss_mib"] = {"serving": rss_mib(pid), **server_memory(work)}
+        paths = measure_paths(src, args, server.pid)
+        info["server_rss_mib"] = {"serving": rss_mib(server.pid), **server_memory(work)}
         info["diagnostics"] = diagnostics(src, args.diag_calls)
         widths = [] if args.no_student else args.student_widths
         students = {w: measure_student(remote, args, w) for w in widths}

@@ -1,7 +1,7 @@
-"""A cheap teacher for ``bench/serve_bench.py``: the serving benchmark needs labels, not quality.
+"""A cheap teacher for the serving benchmarks: they need labels, not quality.
 
-Importable as the teacher spec ``serve_teacher:tiny_convnet`` once ``bench/`` is on
-``sys.path`` (the benchmark puts it there, and on ``PYTHONPATH`` for its subprocesses).
+The teacher spec ``bench.serve_teacher:tiny_convnet`` (``bench.harness.TEACHER``), importable
+wherever ``bench`` is: from the repository root.
 """
 
 from __future__ import annotations

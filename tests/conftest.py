@@ -1,25 +1,25 @@
-"""Shared fixtures: tiny synthetic image sets, a CLI runner, and relabel helpers."""
+"""Shared fixtures: tiny synthetic image sets, a CLI runner, relabel helpers, and the
+benchmarks' server (``bench.harness``) in the tests' environment."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from bench import harness
+from bench.harness import free_port as free_port  # re-exported: tests import it from here
 from softserve.storage.layout import sha256_file
 from softserve.worker.relabel import RelabelOptions, relabel
 
@@ -136,13 +136,6 @@ def _quiet_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_bytes(pid: int) -> int:
     """Resident memory of process ``pid`` (VmRSS of /proc/PID/status), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -151,54 +144,17 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-class Server:
-    """``softserve serve`` in a subprocess on loopback: started for real, talked to over HTTP."""
+class Server(harness.Server):
+    """:class:`bench.harness.Server` with the CLI's test environment (:func:`cli_env`: the
+    test teachers importable) and a rescan every 0.2 s; its log beside the store."""
 
     def __init__(
         self, store: Path, *args: object, port: int | None = None, env: dict | None = None,
         command: list[str] | None = None,
     ):  # fmt: skip
         """``command`` runs the CLI (default ``python -m softserve``), e.g. in a lean env."""
-        self.store = store
-        self.command = command or softserve_cmd()
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [str(a) for a in args]
-        self.env = {**cli_env(), "SOFTSERVE_RESCAN_SECONDS": "0.2", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.log = store.parent / f"server-{self.port}.log"
-
-    def start(self, probe: str = "/readyz") -> Server:
-        """Start, and wait until ``probe`` answers 200 (``/healthz``: up, maybe not ready)."""
-        log = open(self.log, "ab")  # noqa: SIM115 - the subprocess owns it
-        self.proc = subprocess.Popen(
-            [*self.command, "serve", "--store", str(self.store), "--port", str(self.port),
-             *self.args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(self.url + probe, timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server did not become ready:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        env = {**cli_env(), "SOFTSERVE_RESCAN_SECONDS": "0.2", **(env or {})}
+        super().__init__(store, *args, port=port, env=env, command=command)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The benchmarks still run end to end, and their paths still deliver identical data.
 
 Timings are not asserted here (shared, noisy machines): these are smoke runs at tiny sizes
-that catch a benchmark broken by a change in the code it measures.
+that catch a benchmark broken by a change in the code it measures. Each runs as a module
+from the repository root (``python -m bench.serve_bench``), as the README says.
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
 
-def run_bench(script: str, *args: object, out: Path) -> dict:
-    cmd = [sys.executable, str(BENCH / script), *map(str, args), "--json", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def bench(module: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.MODULE ARGS`` from the repository root, its output captured."""
+    cmd = [sys.executable, "-m", f"bench.{module}", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def run_bench(module: str, *args: object, out: Path) -> dict:
+    done = bench(module, *args, "--json", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 def test_serve_bench_paths_agree(tmp_path: Path) -> None:
     record = run_bench(
-        "serve_bench.py", "--quick", "--samples", 200, "--classes", 10, "--batch-size", 64,
+        "serve_bench", "--quick", "--samples", 200, "--classes", 10, "--batch-size", 64,
         "--repeats", 1, "--passes", 2, "--student-widths", "16,8",
         "--student-steps", 4, "--student-block", 2, "--student-repeats", 1,
         "--diag-calls", 3, out=tmp_path / "serve.json",
@@ -56,7 +62,7 @@ def test_serve_bench_paths_agree(tmp_path: Path) -> None:
 
 def test_relabel_bench_runs(tmp_path: Path) -> None:
     record = run_bench(
-        "relabel_bench.py", "--quick", "--config", "fashion-mnist-like", "--repeats", 1,
+        "relabel_bench", "--quick", "--config", "fashion-mnist-like", "--repeats", 1,
         out=tmp_path / "relabel.json",
     )  # fmt: skip
     (config,) = record["configs"]
@@ -77,11 +83,7 @@ def test_relabel_bench_runs(tmp_path: Path) -> None:
 def test_storage_table_runs(tmp_path: Path) -> None:
     """The ImageNet-shaped storage table at a tiny size: every codec and epoch count, the
     sizes ordered as the codecs' bytes per label say."""
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "storage_table.py"), "--samples", "64", "--classes", "40",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = bench("storage_table", "--samples", 64, "--classes", 40, "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "storage_table.json").read_text())
     per_view = {(r["codec"], r["epochs"]): r["bytes_per_view"] for r in rows}
@@ -94,11 +96,8 @@ def test_storage_table_runs(tmp_path: Path) -> None:
 
 def test_report_bench_runs_on_a_set_by_the_real_writer(tmp_path: Path) -> None:
     """A tiny synthetic top-k set: the report sees every view and the top-k mass."""
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "report_bench.py"), "--samples", "40", "--epochs", "3",
-         "--classes", "12", "--codec", "topk:3", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = bench("report_bench", "--samples", 40, "--epochs", 3, "--classes", 12,
+                 "--codec", "topk:3", "--out", tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "report_bench.json").read_text())
     assert (record["samples"], record["epochs"], record["codec"]) == (40, 3, "topk:3")
@@ -108,7 +107,7 @@ def test_report_bench_runs_on_a_set_by_the_real_writer(tmp_path: Path) -> None:
 def test_fault_trials_deliver_right_labels_or_clear_errors(tmp_path: Path) -> None:
     """One trial of each fault at a tiny size: no wrong label, no unexplained failure."""
     record = run_bench(
-        "fault_trials.py", "--rounds", 1, "--samples", 32, "--epochs", 2, "--stream-epochs", 12,
+        "fault_trials", "--rounds", 1, "--samples", 32, "--epochs", 2, "--stream-epochs", 12,
         out=tmp_path / "faults.json",
     )  # fmt: skip
     assert record["trials"] == 9
@@ -124,7 +123,7 @@ def test_load_test_runs_without_errors(tmp_path: Path) -> None:
     """A few seconds of 4 clients against 2 server processes: every client streamed, none
     failed, and the report has its fields (timings are reported, never asserted)."""
     record = run_bench(
-        "load_test.py", "--clients", 4, "--seconds", 3, "--samples", 200, "--classes", 10,
+        "load_test", "--clients", 4, "--seconds", 3, "--samples", 200, "--classes", 10,
         "--batch-size", 32, "--codec", "fp16", out=tmp_path / "load.json",
     )  # fmt: skip
     assert record["errors"] == 0, record["error_messages"]
@@ -136,7 +135,7 @@ def test_load_test_runs_without_errors(tmp_path: Path) -> None:
 
 
 def test_online_cost_times_both_arms(tmp_path: Path) -> None:
-    record = run_bench("online_cost.py", "--epochs", 2, "--repeats", 2, out=tmp_path / "o.json")
+    record = run_bench("online_cost", "--epochs", 2, "--repeats", 2, out=tmp_path / "o.json")
     assert len(record["results"]) == 2
     for r in record["results"]:
         assert len(r["served_s"]) == len(r["online_s"]) == 2 and r["relabel_s"] > 0

@@ -7,7 +7,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,16 +17,13 @@ import numpy as np
 import pytest
 from conftest import Server, build_label_set, reseal_manifest, run_cli
 
+from bench.fault_trials import outside_chunks
 from softserve.client import Client, ClientError, PayloadError
 from softserve.errors import StoreError
 from softserve.format.codecs import part_name
 from softserve.storage import LabelSetReader, integrity
 from softserve.storage.manifest import load_manifest
 from softserve.storage.open_set import OpenLabelSet
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-from fault_trials import outside_chunks  # noqa: E402
 
 N, EPOCHS, BATCH = 20, 4, 5
 #: What the outside file holds: bytes no image of the set has in a row.
