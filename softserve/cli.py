@@ -666,6 +666,66 @@ def demo_run(
     run(settings)
 
 
+cache_app = typer.Typer(
+    help="The node's base-image cache: one file per label-set version, mapped by every "
+    "process of the machine (SOFTSERVE_CACHE_DIR, default ~/.cache/softserve).",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+def _cache_folder() -> Path:
+    from softserve.client.cache import ENV, cache_dir
+
+    directory = cache_dir()
+    if directory is None:
+        stdout.print(f"the node's image cache is off ({ENV}=off)")
+        raise typer.Exit()
+    return directory
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """Each cached version: label set, digests, size, last use; 'changed' when the file was
+    written since it was hashed (it is hashed again, or fetched again, on its next use)."""
+    import time
+
+    from softserve.client.cache import entries
+
+    directory = _cache_folder()
+    found = entries(directory)
+    table = Table("label set", "version", "images", "MiB", "last use", "state", box=None)
+    for e in found:
+        when = e.last_used and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
+        table.add_row(
+            escape(e.name or "?"), (e.digest or "?")[:12], (e.dataset_sha256 or "?")[:12],
+            f"{e.bytes / 2**20:.1f}", when or "never", "verified" if e.verified else "changed",
+        )  # fmt: skip
+    total = sum(e.bytes for e in found) / 2**20
+    plural = "" if len(found) == 1 else "s"
+    stdout.print(f"{escape(str(directory))}: {len(found)} version{plural}, {total:.1f} MiB")
+    if found:
+        stdout.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    name: Annotated[
+        str | None, typer.Argument(help="Only this label set's versions [default: all].")
+    ] = None,
+) -> None:
+    """Remove cached versions; one a process is writing now is left. Jobs that have a file
+    mapped keep reading it (its space is freed when they end)."""
+    from softserve.client.cache import clear
+
+    directory = _cache_folder()
+    removed, busy = clear(directory, name)
+    for stem in busy:
+        err.print(f"[yellow]skipped[/] {stem}: a process is writing it")
+    plural = "" if len(removed) == 1 else "s"
+    stdout.print(f"removed {len(removed)} version{plural} from {escape(str(directory))}")
+
+
 def _terminate(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
