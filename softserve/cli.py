@@ -335,6 +335,96 @@ def transcode(
     )
 
 
+import_app = typer.Typer(
+    help="Import soft labels another method's relabel wrote, as a label set.",
+    no_args_is_help=True,
+)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("sre2l")
+def import_sre2l(
+    labels: Annotated[
+        Path,
+        typer.Argument(
+            help="The relabel's folder (its --fkd-path): epoch_E/batch_B.tar, or LPQLD's "
+            "batch_N.tar."
+        ),
+    ],
+    images: Annotated[Path, typer.Option(help="The ImageFolder tree the relabel read.")],
+    out: Annotated[Path, typer.Option(help="Label set directory to write: STORE/NAME.")],
+    seed: Annotated[int, typer.Option(help="Seed of the relabel's sampler (its --fkd-seed).")] = 42,
+    size: Annotated[
+        str | None,
+        typer.Option(help="The relabel's --input-size: N or HxW [default: the base size]."),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option(help="Per-channel mean in [0,1] units [default: ImageNet's for RGB]."),
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, like --mean.")] = None,
+    codec: Annotated[
+        str | None,
+        typer.Option(
+            help="Label codec, as for relabel [default: int8; fp16 for 8 classes or fewer].",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Import the first E epochs [default: all].")
+    ] = None,
+    mix_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="The relabel's λ ~ Beta(α, α), for the manifest (the files omit it) "
+            "[default: SRe2L's: 1 for CutMix, 0.8 for Mixup].",
+            show_default=False,
+        ),
+    ] = None,
+    shard_epochs: Annotated[
+        int | None, typer.Option(help="Epochs per shard [default: as relabel picks].")
+    ] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Import an SRe2L-family relabel (SRe2L, CDA, LPLD, LPQLD) as a label set.
+
+    Each batch file's crops, flips, CutMix or Mixup and teacher logits, mapped to their
+    images by replaying the relabel's sampler, become per-sample views, mixes and GIFT
+    labels that serve at any batch size and world size. Every file is checked before
+    anything is written, loaded weights-only (a file holding code is refused). Resumable:
+    rerun the same command after an interruption.
+    """
+    from softserve.worker.sre2l import ImportOptions
+    from softserve.worker.sre2l import import_sre2l as run_import
+
+    opts = ImportOptions(
+        labels=labels, images=images, out=out, seed=seed, size=_size(size),
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), codec=codec, epochs=epochs,
+        mix_alpha=mix_alpha, shard_epochs=shard_epochs, progress=progress,
+    )  # fmt: skip
+    try:
+        result = run_import(opts)
+    except KeyboardInterrupt:
+        _interrupted(f"complete shards in {out} are kept; rerun the same command to resume")
+    config = result.manifest.config
+    if result.computed_shards == 0:
+        stdout.print(f"{out} is already complete; nothing to do")
+    else:
+        mix = config.mix.kind if config.mix is not None else "no mix"
+        stdout.print(
+            f"wrote {out}: {config.epochs} epochs of {config.num_samples} samples ({mix}), "
+            f"{config.codec}, {result.manifest.label_bytes() / 2**20:.2f} MiB of labels"
+        )
+    if result.downscaled:
+        err.print(
+            f"[yellow]warning:[/] {result.downscaled} of {result.views} views crop more "
+            "pixels than --size: SRe2L's teacher saw them antialiased (PIL), the client "
+            "resamples without; those inputs differ by more than one gray level (README: "
+            "Coming from SRe2L)",
+            soft_wrap=True,
+        )
+
+
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="Label set directory STORE/NAME.")],
