@@ -208,11 +208,13 @@ def _check_count(source: _Source, data: ImageSet, images: Path) -> None:
     """Refuse an --images tree whose sample count is not the one the relabel's epoch 0 ran
     over (or an epoch that dropped its last partial batch, which no set can store)."""
     layout, n, b = source.layout, source.num_samples, source.batch_size
-    dropped = (
-        f"; or each epoch dropped its last partial batch (a relabel with drop_last, as LPLD's "
-        f"and LPQLD's --prune_ratio > 0 run): {n % b} images then have no label in each "
-        "epoch, which a softserve set cannot store"
-    ) if n % b else ""  # fmt: skip
+    dropped = ""
+    if n % b:
+        dropped = (
+            "; or each epoch dropped its last partial batch (a relabel with drop_last, as "
+            f"LPLD's and LPQLD's --prune_ratio > 0 run): {n % b} images then have no label in "
+            "each epoch, which a softserve set cannot store"
+        )
     if layout.flat:
         path = layout.path(0, source.per_epoch - 1, source.per_epoch)
         if n % b and path.is_file():
@@ -251,11 +253,13 @@ def _check_epoch_files(source: _Source, epoch: int, last: int, cut_hint: bool) -
     present = layout.present(epoch, nb)
     missing = sorted(set(range(nb)) - present)
     if missing:
-        hint = (
-            f"; epoch {epoch} is cut short ({len(present)} of {nb} batches, as a pruned LPLD or "
-            f"LPQLD relabel leaves its last epoch): import the {epoch} complete epochs with "
-            f"--epochs {epoch}"
-        ) if cut_hint and epoch == last and epoch > 0 else ""  # fmt: skip
+        hint = ""
+        if cut_hint and epoch == last and epoch > 0:
+            hint = (
+                f"; epoch {epoch} is cut short ({len(present)} of {nb} batches, as a pruned "
+                f"LPLD or LPQLD relabel leaves its last epoch): import the {epoch} complete "
+                f"epochs with --epochs {epoch}"
+            )
         raise InputError(f"missing batch file {layout.path(epoch, missing[0], nb)}{hint}")
     extra = sorted(present - set(range(nb)))
     if extra:
@@ -283,8 +287,14 @@ def _check_record(source: _Source, epochs: int) -> None:
             )
 
 
-def _note(survey: _Survey, batch: BatchFile, params: np.ndarray, data: ImageSet,
-          out: tuple[int, int], where: str) -> None:  # fmt: skip
+def _note(
+    survey: _Survey,
+    batch: BatchFile,
+    params: np.ndarray,
+    data: ImageSet,
+    out: tuple[int, int],
+    where: str,
+) -> None:
     """Check a batch against the first one (classes, mix) and add its views to the ranges."""
     if survey.views == 0:
         survey.num_classes, survey.kind = batch.logits.shape[1], batch.kind
@@ -322,8 +332,13 @@ def _survey(source: _Source, data: ImageSet, opts: ImportOptions, out: tuple[int
         _check_epoch_files(source, epoch, survey.epochs - 1, opts.epochs is None)
     _check_record(source, survey.epochs)
     height, width = data.images.shape[2:]
-    bar = tqdm(total=survey.epochs * source.per_epoch, unit="file", desc=f"check {opts.labels}",
-               disable=not opts.progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=survey.epochs * source.per_epoch,
+        unit="file",
+        desc=f"check {opts.labels}",
+        disable=not opts.progress,
+        dynamic_ncols=True,
+    )
     with bar:
         for _, batches in source.epochs(survey.epochs):
             for path, ids in batches:
@@ -346,9 +361,12 @@ def _survey(source: _Source, data: ImageSet, opts: ImportOptions, out: tuple[int
 
 
 def _config(
-    opts: ImportOptions, data: ImageSet, survey: _Survey, out: tuple[int, int],
+    opts: ImportOptions,
+    data: ImageSet,
+    survey: _Survey,
+    out: tuple[int, int],
     normalization: tuple[tuple[float, ...], tuple[float, ...]],
-) -> LabelSetConfig:  # fmt: skip
+) -> LabelSetConfig:
     """The imported set's identity: the images, the files' digest, their views and mix."""
     n, c, h, w = data.images.shape
     mean, std = normalization
@@ -367,23 +385,31 @@ def _config(
         teacher=TeacherInfo(
             spec="sre2l", weights=str(opts.labels), weights_sha256=survey.digest(opts.labels)
         ),
-        views=ViewInfo(scale=tuple(survey.scale), ratio=tuple(survey.ratio), flip=survey.flip,
-                       output_size=out),  # fmt: skip
+        views=ViewInfo(
+            scale=tuple(survey.scale), ratio=tuple(survey.ratio), flip=survey.flip, output_size=out
+        ),
         mix=mix,
         refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),
         seed=opts.seed,
         precision=_PRECISION.get(survey.logits_dtype, "fp32"),  # type: ignore[arg-type]
         **storage_fields(
-            n, survey.num_classes, opts.codec or default_codec(survey.num_classes),
-            survey.epochs, opts.shard_epochs, mix is not None,
-        ),  # fmt: skip
+            n,
+            survey.num_classes,
+            opts.codec or default_codec(survey.num_classes),
+            survey.epochs,
+            opts.shard_epochs,
+            mix is not None,
+        ),
     )
 
 
 def _epoch_rows(
-    source: _Source, batches: list[tuple[Path, np.ndarray]], data: ImageSet,
-    config: LabelSetConfig, survey: _Survey,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    source: _Source,
+    batches: list[tuple[Path, np.ndarray]],
+    data: ImageSet,
+    config: LabelSetConfig,
+    survey: _Survey,
+) -> dict[str, np.ndarray]:
     """One epoch's rows in its order: order, view params, mix rows, GIFT labels, norms."""
     height, width = config.image_shape[1:]
     parts: list[dict[str, np.ndarray]] = []
@@ -396,11 +422,15 @@ def _epoch_rows(
         logits = batch.logits.float()
         hard = torch.from_numpy(data.labels[ids])
         soft = refine_labels(logits, hard, config.refinement.alpha, config.refinement.beta)
-        parts.append({
-            "order": ids, "params": params,
-            **_mixes(batch, ids, params, config.views.output_size, str(path)),
-            "soft": soft.numpy(), "norm": torch.linalg.vector_norm(logits, dim=1).numpy(),
-        })  # fmt: skip
+        parts.append(
+            {
+                "order": ids,
+                "params": params,
+                **_mixes(batch, ids, params, config.views.output_size, str(path)),
+                "soft": soft.numpy(),
+                "norm": torch.linalg.vector_norm(logits, dim=1).numpy(),
+            }
+        )
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -415,19 +445,33 @@ def _write(
     out.mkdir(parents=True, exist_ok=True)
     write_model(out / PLAN_FILE, RelabelPlan(config=config))
     if not (out / DATASET_FILE).exists():
-        write_dataset(out / DATASET_FILE, data.images, data.labels, data.class_names,
-                      config.mean, config.std)  # fmt: skip
+        write_dataset(
+            out / DATASET_FILE, data.images, data.labels, data.class_names, config.mean, config.std
+        )
     pending = [i for i in range(len(ranges)) if i not in done]
-    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in pending) * n, unit="label",
-               unit_scale=True, desc=f"import {out.name}", disable=not opts.progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=sum(ranges[i][1] - ranges[i][0] for i in pending) * n,
+        unit="label",
+        unit_scale=True,
+        desc=f"import {out.name}",
+        disable=not opts.progress,
+        dynamic_ncols=True,
+    )
     mixed = config.mix is not None
     with bar:
         for index in pending:
             start, stop = ranges[index]
             tmp_path(out / shard_file(index)).unlink(missing_ok=True)
-            shard = ShardWriter(out / shard_file(index), start, stop, n, config.num_classes,
-                                get_codec(config.codec), config.chunk_rows, mixed)  # fmt: skip
+            shard = ShardWriter(
+                out / shard_file(index),
+                start,
+                stop,
+                n,
+                config.num_classes,
+                get_codec(config.codec),
+                config.chunk_rows,
+                mixed,
+            )
             for epoch, batches in source.epochs(stop):
                 if epoch < start:
                     continue
@@ -463,6 +507,11 @@ def import_sre2l(opts: ImportOptions) -> ImportResult:
     layout = scan_layout(opts.labels)
     data = load_image_set(opts.images)
     channels, height, width = data.images.shape[1:]
+    if channels != 3:
+        raise InputError(
+            f"--images {opts.images} holds gray images, which SRe2L's ImageFolder read as RGB; "
+            "convert the tree to RGB"
+        )
     normalization = default_normalization(channels, opts.mean, opts.std)
     out = opts.size or (height, width)
     source = _Source(layout, len(data.labels), _first_rows(layout), opts.seed)
@@ -474,9 +523,12 @@ def import_sre2l(opts: ImportOptions) -> ImportResult:
     try:
         computed = _write(source, data, config, survey, opts)
         producer = ProducerInfo(
-            softserve_version=softserve.__version__, torch_version=torch.__version__,
-            device="cpu", batch_size=source.batch_size, world_size=1,
-        )  # fmt: skip
+            softserve_version=softserve.__version__,
+            torch_version=torch.__version__,
+            device="cpu",
+            batch_size=source.batch_size,
+            world_size=1,
+        )
         manifest = finalize(opts.out, config, producer)
     except OSError as exc:
         raise write_error(exc, opts.out) from None

@@ -234,8 +234,12 @@ def _number(value: object, integer: bool) -> float | int | None:
 
 
 def _coords(value: object, where: str) -> tuple[np.ndarray, bool]:
-    if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim == 2
-            and value.shape[1] == 4):  # fmt: skip
+    if not (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.ndim == 2
+        and value.shape[1] == 4
+    ):
         raise InputError(f"{where}: the crop coords are not a float (B, 4) tensor")
     coords = value.double().numpy()
     if not (np.isfinite(coords).all() and (coords >= 0).all() and (coords <= 1).all()):
@@ -244,8 +248,9 @@ def _coords(value: object, where: str) -> tuple[np.ndarray, bool]:
 
 
 def _flip(value: object, rows: int, where: str) -> np.ndarray:
-    if not (isinstance(value, torch.Tensor) and value.shape == (rows,)
-            and not value.is_floating_point()):  # fmt: skip
+    if not (
+        isinstance(value, torch.Tensor) and value.shape == (rows,) and not value.is_floating_point()
+    ):
         raise InputError(f"{where}: the flips are not a bool or integer ({rows},) tensor")
     flip = value.long().numpy()
     if not np.isin(flip, (0, 1)).all():
@@ -259,8 +264,9 @@ def _mix(
     """The permutation, λ and box, or three Nones; refused unless a CutMix, a Mixup or none."""
     if perm is None and lam is None and box is None:
         return None, None, None
-    if not (isinstance(perm, torch.Tensor) and perm.shape == (rows,)
-            and not perm.is_floating_point()):  # fmt: skip
+    if not (
+        isinstance(perm, torch.Tensor) and perm.shape == (rows,) and not perm.is_floating_point()
+    ):
         raise InputError(f"{where}: the mix permutation is not an integer ({rows},) tensor")
     permutation = perm.long().numpy()
     if not np.array_equal(np.sort(permutation), np.arange(rows)):
@@ -294,8 +300,13 @@ def parse_batch(obj: object, where: str) -> BatchFile:
     flip = _flip(obj[1], rows, where)
     permutation, lam, box = _mix(obj[2], obj[3], obj[4], rows, where)
     logits = obj[5]
-    if not (isinstance(logits, torch.Tensor) and logits.is_floating_point()
-            and logits.ndim == 2 and logits.shape[0] == rows and logits.shape[1] >= 2):  # fmt: skip
+    if not (
+        isinstance(logits, torch.Tensor)
+        and logits.is_floating_point()
+        and logits.ndim == 2
+        and logits.shape[0] == rows
+        and logits.shape[1] >= 2
+    ):
         raise InputError(f"{where}: the logits are not a float ({rows}, K) tensor, K ≥ 2")
     if not bool(torch.isfinite(logits).all()):
         raise InputError(f"{where}: the logits hold NaN or infinite values")
@@ -337,8 +348,7 @@ def recorded_epochs(
             ids = np.asarray([i for part in lists for i in part], dtype=np.int64)
         except (KeyError, TypeError, ValueError, OverflowError):
             raise InputError(
-                f"{layout.indices} does not record epoch {epoch}'s sample ids as lists of "
-                "integers"
+                f"{layout.indices} does not record epoch {epoch}'s sample ids as lists of integers"
             ) from None
         if ids.ndim != 1 or ((ids < 0) | (ids >= num_samples)).any():
             raise InputError(
