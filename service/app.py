@@ -22,7 +22,14 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import softserve
-from softserve.service import metrics, routes_health, routes_labelsets, routes_previews, ui
+from softserve.service import (
+    metrics,
+    routes_files,
+    routes_health,
+    routes_labelsets,
+    routes_previews,
+    ui,
+)
 from softserve.service.errors import install_error_handlers
 from softserve.service.requests import document_batch_size
 from softserve.service.settings import ServiceSettings
@@ -47,7 +54,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     install_error_handlers(app)
     metrics.install(app)
-    for module in (routes_labelsets, routes_previews, ui, routes_health):
+    for module in (routes_labelsets, routes_files, routes_previews, ui, routes_health):
         app.include_router(module.router)
     return app
 

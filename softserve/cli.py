@@ -510,6 +510,52 @@ def report(
     stdout.print(f"report written: {page}")
 
 
+@app.command()
+def pull(
+    url: Annotated[str, typer.Argument(help="Server URL, e.g. http://host:8000.")],
+    labelset: Annotated[str, typer.Option(help="Label set name on the server.")],
+    out: Annotated[Path, typer.Option(help="Label set directory to write: STORE/NAME.")],
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="SOFTSERVE_TOKEN", help="Bearer token (or SOFTSERVE_TOKEN)."),
+    ] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Mirror a served label set into a local store, every file checked against its
+    manifest's sha256.
+
+    Files are fetched into STORE/.NAME.pull/ (never listed or served) and the set renamed
+    into place once complete, its manifest written last. Rerun the same command after a cut
+    to fetch only what is missing; an --out that already holds the server's version is left
+    as it is.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from softserve.client.pull import pull as run_pull
+    from softserve.client.pull import staging_folder
+
+    columns = (f"pulling {escape(labelset)}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err, disable=not progress, transient=True) as bar:
+        task = bar.add_task("pull", total=None)
+        try:
+            result = run_pull(
+                url, labelset, out, token=token,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            _interrupted(f"what was fetched is kept in {staging_folder(out)}; rerun to resume")
+    if result.up_to_date:
+        stdout.print(f"{escape(str(out))} is already up to date (version {result.digest[:12]})")
+        return
+    restarted = " (the server's set had changed since the last try: started over)"
+    stdout.print(
+        f"pulled {escape(labelset)} into {escape(str(out))}: version {result.digest[:12]}, "
+        f"{result.files} files, {result.fetched_bytes / 2**20:.2f} MiB fetched"
+        f"{restarted if result.restarted else ''}",
+        soft_wrap=True,
+    )
+
+
 def _server_settings(**flags: object) -> ServiceSettings:
     """Server settings from the flags given (None: not given) over ``SOFTSERVE_*``; a bad
     value is one line naming the setting, before anything else runs."""
