@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.studies import label_budget_report
 from softserve.worker import fashion_mnist
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-
-import label_budget_report  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HAVE_DATA = (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
 SIZES = {("fp32", 300): 3_000_000, ("fp16", 300): 1_500_000, ("topk:1", 300): 200_000,
@@ -113,7 +111,7 @@ def test_default_codec_is_the_committed_studys_verdict() -> None:
     fails here."""
     from softserve.format.codecs import DEFAULT_CODEC
 
-    records = label_budget_report.load(BENCH / "results" / "label_budget.jsonl")
+    records = label_budget_report.load(ROOT / "bench" / "results" / "label_budget.jsonl")
     chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
     assert chosen is not None, "the committed study has not decided a default codec"
     assert chosen.codec == DEFAULT_CODEC
@@ -129,9 +127,10 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
 def test_label_budget_smoke_transcodes_serves_and_resumes(tmp_path: Path) -> None:
     """fp32@2 relabelled, topk:1@2 and fp32@1 transcoded, each trained through a server."""
     results, out = tmp_path / "results.jsonl", tmp_path / "out"
-    cmd = [sys.executable, str(BENCH / "label_budget.py"), "--smoke", "--workdir", tmp_path / "w",
-           "--results", results, "--out", out]  # fmt: skip
-    done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "bench.studies.label_budget", "--smoke",
+           "--workdir", tmp_path / "w", "--results", results, "--out", out]  # fmt: skip
+    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert {(r["job"]["codec"], r["job"]["stored_epochs"]) for r in records} == {
@@ -148,7 +147,8 @@ def test_label_budget_smoke_transcodes_serves_and_resumes(tmp_path: Path) -> Non
     page = (out / "label_budget.md").read_text()
     assert "| `topk:1` | 2 |" in page
 
-    rerun = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "3 runs planned, 3 already in" in rerun.stdout
     assert results.read_text().count("\n") == len(records)

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.studies import loss_report
 from softserve.worker import fashion_mnist
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-
-import loss_report  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HAVE_DATA = (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
 
@@ -94,9 +92,10 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
 def test_loss_study_smoke_runs_through_a_server_and_resumes(tmp_path: Path) -> None:
     """2 epochs, gift and kl, AdamW and SGD, seed 0, IPC 1 and 10, served and online."""
     results, out = tmp_path / "results.jsonl", tmp_path / "out"
-    cmd = [sys.executable, str(BENCH / "loss_study.py"), "--smoke", "--workdir", tmp_path / "w",
+    cmd = [sys.executable, "-m", "bench.studies.loss_study", "--smoke", "--workdir", tmp_path / "w",
            "--results", results, "--out", out]  # fmt: skip
-    done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(line) for line in results.read_text().splitlines()]
     keys = {(r["job"]["ipc"], r["job"]["feed"], r["job"]["loss"], r["job"]["optimizer"])
@@ -115,7 +114,8 @@ def test_loss_study_smoke_runs_through_a_server_and_resumes(tmp_path: Path) -> N
             == (10, "served", "gift", "adamw")]  # fmt: skip
     assert f"| `gift` | {gift[0]:.3f} (1) |" in page
 
-    rerun = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "12 runs planned, 12 already in" in rerun.stdout
     assert results.read_text().count("\n") == len(records)

@@ -8,7 +8,7 @@
 3. Serve the variants and train the ConvNet-3 student on each for 300 epochs with GIFT and
    KL, AdamW and SGD, over seeds; CE (hard labels only) runs on the fp32 reference as the
    floor soft labels should beat.
-4. Write the table, the Pareto plot and the README section (``bench/label_budget_report.py``).
+4. Write the table, the Pareto plot and the README section (``bench.studies.label_budget_report``).
 
 ``--task triplets`` runs the same study at K = 1000 on Fashion-MNIST triplets
 (:mod:`softserve.worker.garments`): IPC 1, a ConvNet-3 of width 32, into
@@ -20,10 +20,10 @@ command, code version, the label bytes of their variant and the provenance of it
 first: the first ``--lead`` variants under each optimizer in turn (seed-major), then the
 rest, so a partial run answers the question that decides the default codec.
 
-    python bench/label_budget.py                   # the K = 10 study (hours on 2 CPU cores)
-    python bench/label_budget.py --task triplets   # the K = 1000 study
-    python bench/label_budget.py --smoke           # CI: 2 epochs, 3 variants, GIFT, 1 seed
-    python bench/label_budget.py --device cuda     # on a GPU host
+    python -m bench.studies.label_budget                   # the K = 10 study (hours on 2 CPU cores)
+    python -m bench.studies.label_budget --task triplets   # the K = 1000 study
+    python -m bench.studies.label_budget --smoke           # CI: 2 epochs, 3 variants, GIFT, 1 seed
+    python -m bench.studies.label_budget --device cuda     # on a GPU host
 """
 
 from __future__ import annotations
@@ -35,15 +35,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-import label_budget_report  # noqa: E402
-from study import Runner, Server, add_common_arguments, provenance, small_eval_set  # noqa: E402
-
-from softserve.storage.manifest import read_manifest  # noqa: E402
-from softserve.worker.demo import DemoOptions, prepare_demo  # noqa: E402
-from softserve.worker.transcode import TranscodeOptions, transcode  # noqa: E402
+from bench.harness import Server
+from bench.studies import label_budget_report
+from bench.studies.study import RESULTS, Runner, add_common_arguments, provenance, small_eval_set
+from softserve.storage.manifest import read_manifest
+from softserve.worker.demo import DemoOptions, prepare_demo
+from softserve.worker.transcode import TranscodeOptions, transcode
 
 #: (codec, stored epochs) by task; the first is the reference every other one is compared
 #: with, and the first four are the decisive ones (--lead).
@@ -187,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.results is None:
-        args.results = BENCH / "results" / f"{label_budget_report.TASKS[args.task].stem}.jsonl"
+        args.results = RESULTS / f"{label_budget_report.TASKS[args.task].stem}.jsonl"
     args.variants = args.variants or VARIANTS[args.task]
     if args.smoke:
         args.epochs, args.seeds, args.variants = 2, "0", "fp32@2,topk:1@2,fp32@1"
@@ -211,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         if args.eval_limit and args.task == "fashion-mnist":
             evaluation = str(small_eval_set(args.workdir, args.eval_limit))
-        with Server(store, args.workdir / "budget-server.log") as server:
+        server = Server(store, "--log-level", "warning", log=args.workdir / "budget-server.log")
+        with server:
             ctx = Context(server.url, evaluation, args.device, sizes, store)
             runner = Runner(
                 args.results, ctx.command, args.workers, args.threads, "label budget",

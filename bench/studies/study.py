@@ -1,4 +1,5 @@
-"""What every training study in ``bench/`` shares: a server, a pool of runs, a results file.
+"""What every training study in ``bench/studies/`` shares: a pool of runs, a results file
+(the server is :class:`bench.harness.Server`).
 
 A study is a list of jobs (frozen dataclasses with a ``key``), each one ``softserve train``
 command. Finished runs are appended to a JSON-lines results file with their command and
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parents[1]
+#: Where the studies' results files, tables and plots are committed.
+RESULTS = BENCH / "results"
 
 
 def code_version() -> str:
@@ -46,68 +48,12 @@ def code_version() -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``softserve serve`` over a study's store, for the length of the study."""
-
-    def __init__(self, store: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "softserve", "serve", "--store", str(store),
-                 "--port", str(self.port), "--log-level", "warning"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"softserve serve exited; see {self.log}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"softserve serve did not become ready; see {self.log}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def __enter__(self) -> Server:
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 def add_common_arguments(parser: argparse.ArgumentParser, results: str | None) -> None:
     """The options every study takes: where things go, the seeds, how runs are spread
     (``results`` None: the study picks its results file from its other options)."""
     parser.add_argument("--workdir", type=Path, default=Path("study"), help="teacher, sets, store")
-    parser.add_argument(
-        "--results", type=Path, default=BENCH / "results" / results if results else None
-    )
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="tables and plots")
+    parser.add_argument("--results", type=Path, default=RESULTS / results if results else None)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="tables and plots")
     parser.add_argument("--readme", type=Path, default=None, help="README to update in place")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)

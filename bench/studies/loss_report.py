@@ -1,6 +1,7 @@
 """Tables, claims and plots of the loss study, from its JSON-lines results file alone.
 
-    python bench/loss_report.py [--results bench/results/loss_study.jsonl] [--readme README.md]
+    python -m bench.studies.loss_report [--results bench/results/loss_study.jsonl]
+                                        [--readme README.md]
 
 Writes ``loss_study.md`` and PNG plots into the output folder, and, with ``--readme``,
 replaces the README's section between ``<!-- loss-study:begin -->`` and
@@ -11,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.studies.study import RESULTS, Cell, cells_by, load, pyplot, save_figure, write_pages
+from softserve.format.codecs import DEFAULT_CODEC, get_codec
+from softserve.storage.manifest import FORMAT_VERSION
+from softserve.storage.shards import bytes_per_row
 
-from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
-
-from softserve.format.codecs import DEFAULT_CODEC, get_codec  # noqa: E402
-from softserve.storage.manifest import FORMAT_VERSION  # noqa: E402
-from softserve.storage.shards import bytes_per_row  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
 PAPER_ORDER = ("gift", "cosine", "kl", "softce", "softce_ce", "mse", "mse_ce", "ce")
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
 BEGIN, END = "<!-- loss-study:begin -->", "<!-- loss-study:end -->"
@@ -162,7 +158,7 @@ def claims(table: dict[tuple, Cell], ipc: int) -> list[str]:
 def stored_bytes(codec: str, epochs: int) -> tuple[float, str]:
     """Bytes per view of the IPC-10 set in ``codec``: as the label-budget study measured its
     files (the same set, relabelled at E = 300), else the label data alone."""
-    for record in load(BENCH / "results" / "label_budget.jsonl"):
+    for record in load(RESULTS / "label_budget.jsonl"):
         job = record["job"]
         if (job["codec"], job["stored_epochs"]) == (codec, epochs):
             return record["labels"]["bytes_per_view"], "on disk, as `label_budget.jsonl` measures"
@@ -328,8 +324,8 @@ def render(records: list[dict], main_ipc: int, plots: list[str], link: str) -> s
         f"{', '.join(f'`{v}`' for v in versions)}; {'/'.join(map(str, epochs))} epochs; "
         f"student {models}, top-1 on {tested}, as mean ± sample std [population std, as the "
         f"evaluator reports] (seeds). Reproduce: "
-        f"`python bench/loss_study.py`; every run's exact `softserve train` command is in "
-        f"`{link}loss_study.jsonl`. `python bench/loss_report.py --readme README.md` "
+        f"`python -m bench.studies.loss_study`; every run's exact `softserve train` command is "
+        f"in `{link}loss_study.jsonl`. `python -m bench.studies.loss_report --readme README.md` "
         f"rewrites this section, its tables and plots from that file alone.",
         f"**IPC {main_ipc}, served labels, loss × optimizer**\n\n{grid_table(table, main_ipc)}",
     ]
@@ -372,10 +368,9 @@ def write_report(results: Path, out: Path, readme: Path | None = None, main_ipc:
 
 
 def main() -> None:
-    bench = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=bench / "results" / "loss_study.jsonl")
-    parser.add_argument("--out", type=Path, default=bench / "results")
+    parser.add_argument("--results", type=Path, default=RESULTS / "loss_study.jsonl")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--readme", type=Path, default=None)
     parser.add_argument("--main-ipc", type=int, default=10)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Table, Pareto plot and default-codec verdict of the label-budget study, from its results.
 
-    python bench/label_budget_report.py [--results FILE.jsonl] [--readme README.md]
+    python -m bench.studies.label_budget_report [--results FILE.jsonl] [--readme README.md]
 
 Writes ``label_budget.md`` and ``label_budget.png`` into the output folder and, with
 ``--readme``, replaces the README's section between ``<!-- label-budget:begin -->`` and
@@ -10,13 +10,10 @@ Writes ``label_budget.md`` and ``label_budget.png`` into the output folder and, 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from study import Cell, cells_by, load, pyplot, save_figure, write_pages  # noqa: E402
+from bench.studies.study import RESULTS, Cell, cells_by, load, pyplot, save_figure, write_pages
 
 
 @dataclass(frozen=True)
@@ -33,14 +30,14 @@ class BudgetTask:
         return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 
 
-#: The label-budget study by --task of bench/label_budget.py.
+#: The label-budget study by --task of bench.studies.label_budget.
 TASKS = {
     "fashion-mnist": BudgetTask(
-        "label_budget", "Fashion-MNIST IPC 10", "python bench/label_budget.py"
+        "label_budget", "Fashion-MNIST IPC 10", "python -m bench.studies.label_budget"
     ),
     "triplets": BudgetTask(
         "label_budget_k1000", "Fashion-MNIST triplets (K = 1000) IPC 1",
-        "python bench/label_budget.py --task triplets",
+        "python -m bench.studies.label_budget --task triplets",
     ),
 }  # fmt: skip
 LOSSES = ("gift", "kl")
@@ -255,14 +252,13 @@ def write_report(
 
 
 def main() -> None:
-    bench = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=TASKS, default="fashion-mnist")
     parser.add_argument("--results", type=Path, default=None, help="[default: the task's]")
-    parser.add_argument("--out", type=Path, default=bench / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--readme", type=Path, default=None)
     args = parser.parse_args()
-    results = args.results or bench / "results" / f"{TASKS[args.task].stem}.jsonl"
+    results = args.results or RESULTS / f"{TASKS[args.task].stem}.jsonl"
     print(write_report(results, args.out, args.readme, args.task))
 
 

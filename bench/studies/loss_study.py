@@ -6,15 +6,15 @@
 3. Run ``softserve train`` jobs in a worker pool sized to the cores: at IPC 10 every loss
    × optimizer × seed, served; the online-teacher arm (GIFT and KL, AdamW and SGD) beside
    it; then IPC 1 and IPC 50 for GIFT, KL and CE.
-4. Write the tables and plots (``bench/loss_report.py``).
+4. Write the tables and plots (``bench.studies.loss_report``).
 
 Resumable: every finished run is appended to a JSON-lines results file, with its command
 and code version, and skipped on the next run; the file is the source of every table.
 Jobs are ordered seed-major, so a partial run already covers every cell once.
 
-    python bench/loss_study.py                 # the full study (hours on 2 CPU cores)
-    python bench/loss_study.py --smoke         # CI: 2 epochs, 2 losses, 1 seed, small eval
-    python bench/loss_study.py --device cuda   # on a GPU host
+    python -m bench.studies.loss_study                 # the full study (hours on 2 CPU cores)
+    python -m bench.studies.loss_study --smoke         # CI: 2 epochs, 2 losses, 1 seed, small eval
+    python -m bench.studies.loss_study --device cuda   # on a GPU host
 """
 
 from __future__ import annotations
@@ -27,15 +27,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-import loss_report  # noqa: E402
-from study import Runner, Server, add_common_arguments, small_eval_set  # noqa: E402
-
-from softserve.client import LOSS_NAMES  # noqa: E402
-from softserve.worker import fashion_mnist  # noqa: E402
-from softserve.worker.demo import DEMO_POLICY, TEACHER_SPEC, DemoOptions, prepare_demo  # noqa: E402
+from bench.harness import Server
+from bench.studies import loss_report
+from bench.studies.study import Runner, add_common_arguments, small_eval_set
+from softserve.client import LOSS_NAMES
+from softserve.worker import fashion_mnist
+from softserve.worker.demo import DEMO_POLICY, TEACHER_SPEC, DemoOptions, prepare_demo
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 #: Losses run at every IPC; at the main IPC every loss of the paper runs.
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = "fashion-mnist"
         if args.eval_limit:
             evaluation = str(small_eval_set(args.workdir, args.eval_limit))
-        with Server(store, args.workdir / "server.log") as server:
+        with Server(store, "--log-level", "warning", log=args.workdir / "server.log") as server:
             ctx = Context(server.url, args.workdir, evaluation, args.device)
             runner = Runner(args.results, ctx.command, args.workers, args.threads, "loss study")
             failures = runner.run(jobs)
