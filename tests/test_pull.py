@@ -267,3 +267,21 @@ def test_an_out_that_holds_something_else_or_has_no_room_is_refused(
     with pytest.raises(StoreError, match=r"MiB more, and .* MiB are free"):
         pull(server.url, "tiny", small_disk / "tiny")
     assert not (small_disk / "tiny").exists()
+
+
+def test_a_disk_that_fills_mid_pull_is_one_line_and_a_rerun_resumes(
+    server: Server, store: Path, small_disk: Path
+) -> None:
+    """Room (in 4 KiB pages) for every file but the last shard's last page: the free-space
+    check passes, and the disk fills while the last shard is written."""
+    sizes = listed(store / "tiny")
+    pages = sum(-(-n // 4096) for n in sizes.values())  # the set's files, a page each at least
+    (small_disk / "filler").write_bytes(bytes(shutil.disk_usage(small_disk).free - pages * 4096))
+    out = small_disk / "tiny"
+    with pytest.raises(StoreError, match="the disk is full; what was fetched is kept"):
+        pull(server.url, "tiny", out)  # source.json takes the page the last shard lacks
+    assert not out.exists()
+    (small_disk / "filler").unlink()
+    result = pull(server.url, "tiny", out)
+    assert 0 < result.fetched_bytes <= sizes["labels-00001.h5"]
+    assert set_files(out) == set_files(store / "tiny")

@@ -327,8 +327,9 @@ class _Remote:
                 failures = 1 if position() > mark else failures + 1
                 if failures > self.retries:
                     raise ClientError(
-                        f"lost {self.url} while pulling {self.name!r} ({brief(exc)}); what was "
-                        "fetched is kept: rerun the same command to resume"
+                        f"{self.url} failed {failures} times in a row while pulling "
+                        f"{self.name!r} ({brief(exc)}); what was fetched is kept: rerun the "
+                        "same command to resume"
                     ) from None
                 wait = exc.retry_after if isinstance(exc, ServerError) else None
                 time.sleep(min(wait or 2.0 ** (failures - 1), 10.0))
