@@ -13,7 +13,7 @@ run spends more). Scenarios: the demo's narrow teacher (1×28×28, ConvNet width
 teacher as large as the student (3×32×32, ConvNet-3 width 128), both for the ConvNet-3
 student. Timings are ratios within one run; the machine may be shared.
 
-    python bench/online_cost.py [--epochs 30] [--repeats 3] [--json bench/results/online_cost.json]
+    python -m bench.online_cost [--epochs 30] [--repeats 3] [--json bench/results/online_cost.json]
 """
 
 from __future__ import annotations
