@@ -179,7 +179,7 @@ def _open_pinned(entry: CatalogEntry, file: str) -> tuple[PinnedFile, int]:
         raise ApiError(503, "withdrawn", f"label set {entry.name!r} is withdrawn: {entry.failure}")
     with entry.lock:
         # The reader keeps its files private; this route reads the very inodes it verified.
-        pinned = entry.reader._file(file)
+        pinned = entry.reader.pinned_file(file)
         return pinned, os.dup(pinned.handle.id.get_vfd_handle())
 
 

@@ -21,6 +21,9 @@ COMMAND_EXTRAS = {
     "train": "worker",
     "report": "report",
     "demo": "all",
+    "pull": "server",
+    "import": "worker",
+    "cache": "server",
 }
 
 

@@ -137,6 +137,11 @@ class LabelSetReader:
     def _open(self, entry: FileInfo, locking: bool | None) -> PinnedFile:
         return PinnedFile.open(self.root, entry, locking)
 
+    def pinned_file(self, name: str) -> PinnedFile:
+        """The open, verified file ``name`` of this version (what the server sends when a
+        set's files are pulled)."""
+        return self._file(name)
+
     def _file(self, name: str) -> PinnedFile:
         pinned = self._files.get(name)
         if pinned is None:
