@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.harness import make_image_set, paired_ratio
 from softserve.client.losses import Targets, get_loss
 from softserve.errors import InputError
 from softserve.format.augment import ViewPolicy, sample_views
@@ -83,16 +84,6 @@ TOPK = (1, 3, 5, 10)
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def make_image_set(path: Path, scenario: Scenario, seed: int) -> None:
-    """Random uint8 images and balanced random labels, saved as a ``{"data", "label"}`` file."""
-    gen = torch.Generator().manual_seed(seed)
-    n, c, s = scenario.num_samples, scenario.channels, scenario.size
-    data = torch.randint(0, 256, (n, c, s, s), generator=gen, dtype=torch.uint8)
-    label = torch.arange(n) % scenario.num_classes
-    label = label[torch.randperm(n, generator=gen)]
-    torch.save({"data": data, "label": label}, path)
 
 
 def relabel_options(
@@ -265,17 +256,14 @@ class Throughput:
             "loop_samples_per_s": loop,
             "ratio_pipeline_over_bare": pipe / bare if bare and pipe else None,
             "ratio_loop_over_bare": loop / bare if bare and loop else None,
-            "paired_ratio_pipeline_over_bare": _paired_ratio(self.bare_s, self.pipeline_s),
-            "paired_ratio_loop_over_bare": _paired_ratio(self.bare_s, self.loop_s),
+            # bare time over the other's, per repeat: the other's rate over the bare one's
+            "paired_ratio_pipeline_over_bare": _paired(self.bare_s, self.pipeline_s),
+            "paired_ratio_loop_over_bare": _paired(self.bare_s, self.loop_s),
         }
 
 
-def _paired_ratio(bare_s: list[float], other_s: list[float]) -> float | None:
-    """Median over repeats of bare time / other time: robust to load drifting between repeats."""
-    if len(bare_s) != len(other_s):
-        return None
-    pairs = [b / o for b, o in zip(bare_s, other_s, strict=True) if o > 0]
-    return statistics.median(pairs) if pairs else None
+def _paired(bare_s: list[float], other_s: list[float]) -> float | None:
+    return paired_ratio(bare_s, other_s) if bare_s and len(bare_s) == len(other_s) else None
 
 
 def measure_throughput(
@@ -564,7 +552,10 @@ def run_scenario(
 ) -> dict[str, Any]:
     """Measure one configuration, print its tables, and return its JSON record."""
     images = work / f"{scenario.name}.pt"
-    make_image_set(images, scenario, args.seed)
+    make_image_set(
+        images, scenario.num_samples, scenario.num_classes, args.seed,
+        channels=scenario.channels, size=scenario.size,
+    )  # fmt: skip
     tp, last_out = measure_throughput(args, scenario, images, work, device)
     codecs = measure_codecs(args, scenario, images, work, device, {args.codec: last_out})
     print(format_report(scenario, args, device, tp, codecs), flush=True)

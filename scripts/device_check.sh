@@ -22,6 +22,9 @@ export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 PYTHONPATH=/tmp/softserve-site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$PYTHONPATH" .whl/*.whl || exit 1
 mkdir -p /usr/share/datasets/fashion-mnist && cp .data/*.gz /usr/share/datasets/fashion-mnist/
+# the benchmarks run as modules of the bench package: this folder after the installed site,
+# so that `softserve` still resolves to the installed package
+BENCH_PATH="$PYTHONPATH:$PWD"
 { nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } \
   | tee "$OUT/gpu.txt"
 
@@ -32,15 +35,15 @@ for phase in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_views.py \
         2>&1 | tee "$OUT/cuda_tests.log" || status=1 ;;
     bench)
-      python3 bench/relabel_bench.py --device cuda --precision bf16 \
+      PYTHONPATH=$BENCH_PATH python3 -m bench.relabel_bench --device cuda --precision bf16 \
         --json "$OUT/relabel_bench_bf16.json" 2>&1 | tail -n 60 || status=1 ;;
     loss)
-      timeout "$STUDY_SECONDS" python3 bench/loss_study.py --device cuda --workers 8 \
+      PYTHONPATH=$BENCH_PATH timeout "$STUDY_SECONDS" python3 -m bench.studies.loss_study --device cuda --workers 8 \
         --threads 2 --workdir /tmp/study --out /tmp/study/out \
         --results "$OUT/loss_study_cuda.jsonl" > "$OUT/loss_study.log" 2>&1
       tail -n 5 "$OUT/loss_study.log" ;;
     budget)
-      timeout "$STUDY_SECONDS" python3 bench/label_budget.py --device cuda --workers 8 \
+      PYTHONPATH=$BENCH_PATH timeout "$STUDY_SECONDS" python3 -m bench.studies.label_budget --device cuda --workers 8 \
         --threads 2 --workdir /tmp/study --out /tmp/study/out \
         --results "$OUT/label_budget_cuda.jsonl" > "$OUT/label_budget.log" 2>&1
       tail -n 5 "$OUT/label_budget.log" ;;
