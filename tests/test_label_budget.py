@@ -106,6 +106,29 @@ def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> 
     assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.900 (1) | – |" in page
 
 
+def test_default_codec_ignores_larger_undecided_codecs_and_single_seed_optimizers(
+    tmp_path: Path,
+) -> None:
+    """A codec larger than the chosen one cannot change the choice, so it may still lack
+    seeds; an optimizer whose reference has one seed (no std) is left out of the verdict,
+    which names the optimizers it rests on."""
+    top1 = {("fp32", 300, "gift", "adamw"): [0.80, 0.82],
+            ("fp32", 300, "gift", "sgd"): [0.20],
+            ("topk:1", 300, "gift", "adamw"): [0.81, 0.80],
+            ("topk:1", 300, "gift", "sgd"): [0.05],
+            ("fp16", 300, "gift", "adamw"): [0.81]}  # fmt: skip
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "**Default codec:** `topk:1`, 6.7 bytes per view: the smallest with no GIFT or KL " \
+        "top-1 under adamw more than" in page
+
+    top1[("topk:1", 300, "gift", "adamw")] = [0.81]  # now the smallest is undecided
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "**Default codec:** not decided yet" in page
+
+
 def test_default_codec_is_the_committed_studys_verdict() -> None:
     """DEFAULT_CODEC is what bench/results/label_budget.jsonl chose: changing either alone
     fails here."""
@@ -115,6 +138,18 @@ def test_default_codec_is_the_committed_studys_verdict() -> None:
     chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
     assert chosen is not None, "the committed study has not decided a default codec"
     assert chosen.codec == DEFAULT_CODEC
+
+
+def test_relabels_default_at_k1000_is_the_k1000_studys_verdict_once_decided() -> None:
+    """default_codec(1000) agrees with bench/results/label_budget_k1000.jsonl's verdict
+    whenever that study has decided one."""
+    from softserve.format.codecs import default_codec
+
+    records = label_budget_report.load(ROOT / "bench" / "results" / "label_budget_k1000.jsonl")
+    chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
+    if chosen is None:
+        pytest.skip("the K = 1000 study has not decided a default codec yet")
+    assert chosen.codec == default_codec(1000)
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:

@@ -101,36 +101,51 @@ def within(row: Row, reference: Row, cols: list[tuple[str, str]]) -> bool | None
     return all(verdicts) if verdicts else None
 
 
+def verdict_columns(table: list[Row]) -> list[tuple[str, str]]:
+    """The columns a verdict rests on: those where the reference has a std (2+ seeds)."""
+    cells = table[0].cells
+    return [c for c in columns(table) if c in cells and len(cells[c].values) > 1]
+
+
 def verdicts(table: list[Row]) -> dict[str, bool | None]:
     """Each full-epoch codec: no measured cost against the reference (None: undecided)."""
     reference = table[0]
-    cols = columns(table)
+    cols = verdict_columns(table)
     return {row.codec: within(row, reference, cols) for row in table
             if row.stored_epochs == reference.stored_epochs}  # fmt: skip
 
 
 def chosen_codec(table: list[Row]) -> Row | None:
-    """The smallest full-epoch codec with no measured cost; None until every one is decided."""
+    """The smallest full-epoch codec with no measured cost; None while it or a smaller codec
+    is undecided (larger ones cannot change the choice)."""
     found = verdicts(table)
-    if any(v is None for v in found.values()):
-        return None
     full = [row for row in table if row.stored_epochs == table[0].stored_epochs]
-    return min((row for row in full if found[row.codec]), key=lambda row: row.label_bytes)
+    for row in sorted(full, key=lambda row: row.label_bytes):
+        if found[row.codec] is None:
+            return None
+        if found[row.codec]:
+            return row
+    return None
 
 
 def default_codec(table: list[Row]) -> str:
     """The verdict on the default codec, as a sentence."""
     reference, best = table[0], chosen_codec(table)
+    cols = verdict_columns(table)
+    optimizers = ", ".join(dict.fromkeys(o for _, o in cols)) or "any optimizer"
     if best is None:
-        optimizers = ", ".join(sorted({o for _, o in columns(table)}))
         return (
-            "**Default codec:** not decided yet: every full-epoch codec needs GIFT and KL "
-            f"under {optimizers} with as many seeds as `{reference.codec}`, at least 2."
+            "**Default codec:** not decided yet: every codec smaller than the smallest with no "
+            f"measured cost needs GIFT and KL under {optimizers} with as many seeds as "
+            f"`{reference.codec}`, at least 2."
         )
-    failing = [codec for codec, ok in verdicts(table).items() if not ok]
+    found = verdicts(table)
+    failing = [row.codec for row in table if found.get(row.codec) is False
+               and row.label_bytes < best.label_bytes]  # fmt: skip
     return (
         f"**Default codec:** `{best.codec}`, {best.bytes_per_view:.1f} bytes per view: the "
-        f"smallest with no GIFT or KL top-1 more than one seed std below `{reference.codec}`"
+        f"smallest with no GIFT or KL top-1 under {optimizers} more than one seed std below "
+        f"`{reference.codec}`"
         + (f" (below it: {', '.join(f'`{c}`' for c in failing)})." if failing else ".")
     )
 
