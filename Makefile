@@ -15,5 +15,5 @@ test: setup
 	SOFTSERVE_TEST_DEVICE=cpu .venv/bin/pytest -q tests/test_cuda.py
 
 bench: setup
-	.venv/bin/python bench/relabel_bench.py
+	.venv/bin/python -m bench.relabel_bench
 	.venv/bin/python -m bench.serve_bench
