@@ -1,28 +1,34 @@
 """A label set as a training job sees it, wherever its batches come from.
 
-:class:`LabelSet` is everything a job uses (metadata, :meth:`~LabelSet.batches`,
-:meth:`~LabelSet.loader`) over one small source protocol: ``base_images()`` and
-``raw_batches()``. A server (:class:`softserve.client.RemoteLabelSet`) and a local store
-(:class:`softserve.client.LocalLabelSet`) implement only those two, so views, label decoding,
-batch planning and the loader are one implementation, and a batch is the same tensors
-either way.
+:class:`LabelSet` is everything a job uses (metadata, :meth:`~LabelSet.base_images`,
+:meth:`~LabelSet.batches`, :meth:`~LabelSet.loader`) over one small source protocol:
+``image_chunks()`` and ``raw_batches()``. A server (:class:`softserve.client.RemoteLabelSet`)
+and a local store (:class:`softserve.client.LocalLabelSet`) implement only those two, so the
+node's image cache, views, label decoding, batch planning and the loader are one
+implementation, and a batch is the same tensors either way.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
+from softserve.client.cache import Version, mapped_images
 from softserve.client.loader import Loader
 from softserve.format.codecs import get_codec
 from softserve.format.labels import NORM, decode_labels, label_parts
 from softserve.format.sampling import Sharding, starved_ranks
 from softserve.format.schema import LabelSetDetail
 from softserve.pixels import mixed_views
+
+#: Base images per read when a source gives them all (requests, reads of the store).
+_IMAGE_CHUNK_BYTES = 32 << 20
 
 
 @dataclass
@@ -103,11 +109,17 @@ class LabelSet(ABC):
     """A label set: metadata, and batches as views plus labels.
 
     It is pinned to one version of the set (``digest``): a source that meets another build
-    raises rather than mix two versions into one run.
+    raises rather than mix two versions into one run. Its base images are held per process
+    and never pickled: a DataLoader worker, forked or spawned, maps them itself.
     """
 
-    def __init__(self, detail: LabelSetDetail) -> None:
+    def __init__(self, detail: LabelSetDetail, image_cache_mb: int) -> None:
         self.detail = detail
+        self.image_cache_bytes = image_cache_mb << 20
+        self._images: tuple[int, torch.Tensor | None] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_images": None}
 
     @property
     def name(self) -> str:
@@ -153,10 +165,42 @@ class LabelSet(ABC):
         """sha256 of the set's manifest: the version every batch comes from."""
         return self.detail.digest
 
-    @abstractmethod
     def base_images(self) -> torch.Tensor | None:
-        """All base images (uint8 N×C×H×W), read once; None when over the cache budget (then
-        every batch carries its images)."""
+        """All base images (uint8 N×C×H×W) when they fit ``image_cache_mb``, once per
+        process: mapped read-only from the node's cache (:mod:`softserve.client.cache`), or
+        read into memory where the cache cannot hold them. None over the budget: then every
+        batch carries its images."""
+        if self._images is None or self._images[0] != os.getpid():
+            self._images = (os.getpid(), self._load_images())
+        return self._images[1]
+
+    def _load_images(self) -> torch.Tensor | None:
+        """The base images as :meth:`base_images` gives them, loaded in this process."""
+        if int(np.prod(self.image_shape)) * self.num_samples > self.image_cache_bytes:
+            return None
+        version = Version(
+            self.name, self.digest, self.detail.dataset_sha256,
+            (self.num_samples, *self.image_shape), tuple(self.class_names),
+        )  # fmt: skip
+        mapped = mapped_images(version, self.image_chunks)
+        if mapped is None:
+            return torch.from_numpy(np.concatenate([x for x, _ in self.image_chunks()]))
+        with warnings.catch_warnings():  # read-only by design: batches index it, never write
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(mapped)
+
+    @abstractmethod
+    def image_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Base images (uint8 n×C×H×W) and hard labels (int64 n) of consecutive sample ids,
+        from id 0 to the last, a chunk (:meth:`_image_spans`) at a time."""
+
+    def _image_spans(self, most: int | None = None) -> Iterator[tuple[int, int]]:
+        """Sample ids [start, stop) of 32 MiB of base images each, and at most ``most``."""
+        step = max(1, _IMAGE_CHUNK_BYTES // int(np.prod(self.image_shape)))
+        if most is not None:
+            step = min(step, most)
+        for start in range(0, self.num_samples, step):
+            yield start, min(start + step, self.num_samples)
 
     @abstractmethod
     def raw_batches(

@@ -13,7 +13,8 @@ In a ``torch.utils.data.DataLoader`` with ``num_workers`` n (``batch_size=None``
 loader's items are batches already), worker w takes batches w, w + n, w + 2n, ... of the
 rank's sequence, so the DataLoader, which takes one item from each worker in turn, yields
 the rank's batches exactly once and in the order a loader iterated directly would. The
-loader pickles (``spawn``) and reopens its connection or files in each worker. Each worker's
+loader pickles (``spawn``) and reopens its connection or files in each worker, where it maps
+the base images from the node's image cache (:mod:`softserve.client.cache`). Each worker's
 ``state_dict()`` is its own next batch; torchdata's ``StatefulDataLoader`` keeps one per
 worker and resumes exactly (with the same ``num_workers``).
 """

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from softserve.client.labelset import LabelSet, RawBatch
@@ -28,10 +29,12 @@ if TYPE_CHECKING:
 _BATCHES_PER_READ = 8
 
 
-def _open(root: Path, image_cache_bytes: int, locking: bool | None) -> OpenLabelSet:
+def _open(root: Path, locking: bool | None) -> OpenLabelSet:
+    """The set's files, open; base images stay on disk (:meth:`LabelSet.base_images` holds
+    them, mapped from the node's cache)."""
     from softserve.storage.open_set import OpenLabelSet
 
-    return OpenLabelSet.open(root, image_cache_bytes=image_cache_bytes, locking=locking)
+    return OpenLabelSet.open(root, image_cache_bytes=0, locking=locking)
 
 
 class LocalLabelSet(LabelSet):
@@ -48,17 +51,16 @@ class LocalLabelSet(LabelSet):
         from softserve.storage.open_set import detail
 
         self.path = Path(path)
-        self.image_cache_bytes = image_cache_mb << 20
         self.locking = locking
-        entry = _open(self.path, self.image_cache_bytes, locking)
-        super().__init__(detail(entry))
+        entry = _open(self.path, locking)
+        super().__init__(detail(entry), image_cache_mb)
         self._opened: tuple[int, OpenLabelSet] | None = (os.getpid(), entry)
 
     @property
     def _entry(self) -> OpenLabelSet:
         """This process's open files (h5py handles never cross a fork)."""
         if self._opened is None or self._opened[0] != os.getpid():
-            entry = _open(self.path, self.image_cache_bytes, self.locking)
+            entry = _open(self.path, self.locking)
             if entry.digest != self.digest:
                 entry.close()
                 raise ClientError(
@@ -72,7 +74,7 @@ class LocalLabelSet(LabelSet):
 
     def __getstate__(self) -> dict[str, object]:
         """Path and pinned version: the unpickled set (in a spawned worker) reopens."""
-        return {**self.__dict__, "_opened": None}
+        return {**super().__getstate__(), "_opened": None}
 
     def __repr__(self) -> str:
         d = self.detail
@@ -81,10 +83,19 @@ class LocalLabelSet(LabelSet):
             f"epochs={d.epochs}, image_shape={d.image_shape}, path={str(self.path)!r})"
         )
 
-    def base_images(self) -> torch.Tensor | None:
-        """All base images (uint8 N×C×H×W), read once; None when over the cache budget."""
-        images = self._entry.images
-        return None if images is None else torch.from_numpy(images)
+    def _load_images(self) -> torch.Tensor | None:
+        """This process's files are opened first, so that a set rebuilt since it was pinned
+        is refused here too, not served from the cache of the old version."""
+        self._entry.reader.check_files()
+        return super()._load_images()
+
+    def image_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Base images and hard labels read from the store's dataset file."""
+        entry = self._entry
+        for start, stop in self._image_spans():
+            with entry.lock:
+                images = entry.reader.images(start, stop)
+            yield images, entry.hard[start:stop]
 
     def raw_batches(
         self, epoch: int, sharding: Sharding, start: int = 0, logits: bool = False,
@@ -118,7 +129,8 @@ def open_local(
     """The label set at ``path`` (``STORE/NAME``, as ``relabel --out`` wrote it), read
     directly from its files: the remote label set's API, with no server.
 
-    Base images are read into memory once when they fit ``image_cache_mb``; ``locking=False``
-    for stores on network file systems without locks.
+    Base images that fit ``image_cache_mb`` are copied once per node into its image cache
+    and mapped from there (or, where that cannot be written, read into memory once per
+    process); ``locking=False`` for stores on network file systems without locks.
     """
     return LocalLabelSet(path, image_cache_mb, locking)

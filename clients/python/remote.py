@@ -44,8 +44,6 @@ from softserve.format.schema import LabelSetDetail, LabelSetSummary
 
 log = logging.getLogger("softserve.client")
 
-_IMAGE_CHUNK_BYTES = 32 << 20
-
 
 @dataclass
 class Patience:
@@ -245,8 +243,9 @@ class Client:
     def labelset(self, name: str, image_cache_mb: int = 2048) -> RemoteLabelSet:
         """One label set by name, with its metadata.
 
-        Base images are fetched once and cached when they fit ``image_cache_mb``; otherwise
-        every batch carries its images.
+        Base images are fetched once per node into its image cache (or, where that cannot
+        be written, once per process into memory) when they fit ``image_cache_mb``;
+        otherwise every batch carries its images.
         """
         detail = LabelSetDetail.model_validate(self.get(f"/v1/labelsets/{name}").json())
         return RemoteLabelSet(self, detail, image_cache_mb)
@@ -269,18 +268,13 @@ class RemoteLabelSet(LabelSet):
     It is pinned to the version first seen (``digest``): every request names it, and a
     server that holds another build of the set (rebuilt, or a failover target with other
     labels) answers 409, raised as a :class:`ClientError`, never served silently.
-    Pickling keeps the connection settings and drops the base-image cache (a DataLoader
-    worker started by ``spawn`` fetches its own).
+    Pickling keeps the connection settings; base images are asked for once per node (the
+    node's image cache), and a DataLoader worker maps them from there.
     """
 
     def __init__(self, client: Client, detail: LabelSetDetail, image_cache_mb: int = 2048) -> None:
-        super().__init__(detail)
+        super().__init__(detail, image_cache_mb)
         self.client = client
-        self.image_cache_bytes = image_cache_mb << 20
-        self._images: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_images": None}
 
     def __repr__(self) -> str:
         d = self.detail
@@ -293,24 +287,14 @@ class RemoteLabelSet(LabelSet):
     def _path(self) -> str:
         return f"/v1/labelsets/{self.detail.name}"
 
-    def base_images(self) -> torch.Tensor | None:
-        """All base images (uint8 N×C×H×W), fetched once; None when over the cache budget."""
-        if self._images is not None:
-            return self._images
-        per_image = int(np.prod(self.image_shape))
-        if per_image * self.num_samples > self.image_cache_bytes:
-            return None
-        step = max(1, _IMAGE_CHUNK_BYTES // per_image)
-        if self.detail.max_batch_size is not None:  # the server's limit per response
-            step = min(step, self.detail.max_batch_size)
-        parts = []
-        for start in range(0, self.num_samples, step):
-            stop = min(start + step, self.num_samples)
+    def image_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Base images and hard labels, one ``GET …/images`` a chunk (at most the server's
+        largest batch)."""
+        for start, stop in self._image_spans(self.detail.max_batch_size):
             query = {"start": start, "stop": stop, "digest": self.digest}
             response = self.client.get(f"{self._path}/images", query, payload=True)
-            parts.append(self._checked(response.content)["images"])
-        self._images = torch.from_numpy(np.concatenate(parts))
-        return self._images
+            tensors = self._checked(response.content)
+            yield tensors["images"], tensors["hard"]
 
     def raw_batches(
         self, epoch: int, sharding: Sharding, start: int = 0, logits: bool = False,
