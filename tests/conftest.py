@@ -130,6 +130,14 @@ def relabel_args(opts: RelabelOptions) -> list[str]:
     return [str(a) for a in args]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_image_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test, and every process it starts, caches base images in a folder of the test
+    session's, never in the user's ~/.cache/softserve (tests that test the cache set their
+    own)."""
+    os.environ["SOFTSERVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("softserve-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads() -> None:
     """Keep torch to the machine's two cores, as CI has."""
