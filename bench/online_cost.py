@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from bench.harness import make_image_set
 from softserve.client import get_loss, open_local
 from softserve.train import TrainOptions, build_student, fit, online_feed, served_feed
 from softserve.worker.relabel import RelabelOptions, relabel
@@ -56,21 +56,14 @@ SCENARIOS = (
 )  # fmt: skip
 
 
-def write_images(path: Path, scenario: Scenario, seed: int) -> Path:
-    """A random uint8 image set as a tensor file, ``ipc`` images per class."""
-    rng = np.random.default_rng(seed)
-    n = scenario.ipc * scenario.classes
-    shape = (n, scenario.channels, scenario.size, scenario.size)
-    data = torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8))
-    torch.save({"data": data, "label": torch.arange(n) % scenario.classes}, path)
-    return path
-
-
 def measure(scenario: Scenario, work: Path, args: argparse.Namespace) -> dict:
     """Relabel once, then time served and online training, interleaved."""
     device = resolve_device(args.device)
-    inputs = TeacherInputs(images=write_images(work / "images.pt", scenario, args.seed),
-                           teacher=scenario.teacher)  # fmt: skip
+    images = make_image_set(
+        work / "images.pt", scenario.ipc * scenario.classes, scenario.classes, args.seed,
+        channels=scenario.channels, size=scenario.size,
+    )  # fmt: skip
+    inputs = TeacherInputs(images=images, teacher=scenario.teacher)
     out = work / "store" / "set"
     started = time.perf_counter()
     relabel(RelabelOptions(**vars(inputs), out=out, epochs=args.epochs, device=args.device,
