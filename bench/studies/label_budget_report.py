@@ -161,7 +161,7 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def markdown_table(table: list[Row]) -> str:
-    cols = columns(table)
+    cols, decisive = columns(table), verdict_columns(table)
     reference = table[0]
     lines = [
         "| codec | stored epochs | label bytes | bytes per view | "
@@ -171,7 +171,7 @@ def markdown_table(table: list[Row]) -> str:
     for row in table:
         texts = [row.cells[c].text() if c in row.cells else "–" for c in cols]
         verdict = "(reference)" if row is reference else {
-            True: "yes", False: "no", None: "–"}[within(row, reference, cols)]  # fmt: skip
+            True: "yes", False: "no", None: "–"}[within(row, reference, decisive)]  # fmt: skip
         lines.append(
             f"| `{row.codec}` | {row.stored_epochs} | {row.label_bytes / 1e6:.3f} MB | "
             f"{row.bytes_per_view:.1f} | " + " | ".join(texts) + f" | {verdict} |"
