@@ -48,12 +48,15 @@ class Server:
     warning``); ``env``: added to this process's environment (``SOFTSERVE_*`` settings);
     ``command``: the CLI (default ``python -m softserve``; another venv's, a wrapper). The
     port stays the same across restarts, and the log (default ``server-PORT.log`` beside
-    the store) is appended to. As a context manager: started on entry, stopped on exit.
+    the store) is appended to. ``ready_timeout``: how long a start may take (a store of
+    large sets hashes every file before ``/readyz``). As a context manager: started on
+    entry, stopped on exit.
     """
 
     def __init__(
         self, store: Path, *args: object, log: Path | None = None, port: int | None = None,
         env: Mapping[str, str] | None = None, command: Sequence[str] | None = None,
+        ready_timeout: float = 60,
     ) -> None:  # fmt: skip
         self.store = store
         self.args = [str(a) for a in args]
@@ -62,9 +65,10 @@ class Server:
         self.log = log or store.parent / f"server-{self.port}.log"
         self.env = {**os.environ, **(env or {})}
         self.command = list(command or [sys.executable, "-m", "softserve"])
+        self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
 
-    def start(self, probe: str = "/readyz", timeout: float = 60) -> Server:
+    def start(self, probe: str = "/readyz", timeout: float | None = None) -> Server:
         """Start, and wait until ``probe`` answers 200 (``/healthz``: up, maybe not ready);
         a RuntimeError with the log if the server exits first or is not ready in time."""
         cmd = [*self.command, "serve", "--store", str(self.store), "--port", str(self.port)]
@@ -72,6 +76,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [*cmd, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
+        timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         if args.eval_limit and args.task == "fashion-mnist":
             evaluation = str(small_eval_set(args.workdir, args.eval_limit))
-        server = Server(store, "--log-level", "warning", log=args.workdir / "budget-server.log")
+        log = args.workdir / "budget-server.log"
+        server = Server(store, "--log-level", "warning", log=log, ready_timeout=1800)
         with server:
             ctx = Context(server.url, evaluation, args.device, sizes, store)
             runner = Runner(

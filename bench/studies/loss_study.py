@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = "fashion-mnist"
         if args.eval_limit:
             evaluation = str(small_eval_set(args.workdir, args.eval_limit))
-        with Server(store, "--log-level", "warning", log=args.workdir / "server.log") as server:
+        with Server(
+            store, "--log-level", "warning", log=args.workdir / "server.log", ready_timeout=1800
+        ) as server:
             ctx = Context(server.url, args.workdir, evaluation, args.device)
             runner = Runner(args.results, ctx.command, args.workers, args.threads, "loss study")
             failures = runner.run(jobs)
