@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -254,9 +255,11 @@ class _Labeler:
         self.precision = opts.precision
         self.alpha, self.beta = config.refinement.alpha, config.refinement.beta
         self.size = config.views.output_size
+        # shares the set's memory on the CPU; a set too large for the GPU stays there too
+        # (unpinned: a batch is gathered from it into a new tensor anyway)
         on_device = device.type != "cuda" or data.images.nbytes <= _DEVICE_IMAGE_BUDGET
         images = torch.from_numpy(data.images)
-        self.images = images.to(device) if on_device else images.pin_memory()
+        self.images = images.to(device) if on_device else images
         self.hard = torch.from_numpy(data.labels).to(device)
         self.model = teacher.model.to(device)
         if device.type == "cuda":
@@ -360,7 +363,7 @@ def relabel(opts: RelabelOptions, timing: PhaseTiming | None = None) -> RelabelR
     device = resolve_device(opts.device)
     check_precision(device, opts.precision)
     with phase("load images"):
-        data = load_image_set(opts.images, opts.num_classes)
+        data = load_image_set(opts.images, opts.num_classes, progress=opts.progress and _rank0())
     with phase("build teacher"):
         teacher = load_teacher_of(opts, data)
     tqdm.write(describe_run(teacher, device, opts.precision))
@@ -407,6 +410,11 @@ def relabel(opts: RelabelOptions, timing: PhaseTiming | None = None) -> RelabelR
                 raise write_error(exc, out) from None
         ranks.barrier()
         return RelabelResult(manifest, len(ranges) - len(done), len(done))
+
+
+def _rank0() -> bool:
+    """Whether this process is rank 0 of its torchrun job (or runs alone), before it joins."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _producer(opts: RelabelOptions, device: torch.device, ranks: Ranks) -> ProducerInfo:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from softserve.errors import InputError, brief
 from softserve.format.augment import ViewPolicy
@@ -49,6 +53,11 @@ _GRAY_MODES = {"1", "L"}
 #: Gray modes of more than 8 bits a pixel: PIL's convert("L") clips them, never scales.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
+#: About the bytes the hash and the float-to-uint8 conversion take at a time.
+SLAB_BYTES = 64 << 20
+#: Most threads that decode an ImageFolder tree (PIL decodes with the GIL released).
+_MAX_DECODERS = 16
+
 #: Normalization used when none is given, by channel count (ImageNet's for RGB).
 DEFAULT_NORMALIZATION: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
     1: ((0.5,), (0.5,)),
@@ -69,22 +78,35 @@ class ImageSet:
         return len(self.class_names)
 
     def sha256(self) -> str:
-        """Digest of the content (pixels, labels, class names), independent of the file format."""
+        """Digest of the content (pixels, labels, class names), independent of the file format.
+
+        The pixels are hashed in place, a slab of images at a time (no copy of the set)."""
         digest = hashlib.sha256()
         digest.update(json.dumps([list(self.images.shape), self.class_names]).encode())
-        digest.update(np.ascontiguousarray(self.images).tobytes())
+        step = slab_rows(self.images[0].nbytes)
+        for start in range(0, self.images.shape[0], step):
+            digest.update(np.ascontiguousarray(self.images[start : start + step]))
         digest.update(self.labels.astype("<i8").tobytes())
         return digest.hexdigest()
 
 
+def slab_rows(row_bytes: int) -> int:
+    """Rows of ``row_bytes`` each that fill about ``SLAB_BYTES``; at least 1."""
+    return max(1, SLAB_BYTES // max(1, row_bytes))
+
+
 def load_image_set(
-    path: Path, num_classes: int | None = None, option: str = "--images"
+    path: Path, num_classes: int | None = None, option: str = "--images", progress: bool = False
 ) -> ImageSet:
-    """Load an ImageFolder tree or a ``{"data", "label"}`` tensor file; errors name the
-    ``option`` that gave ``path``."""
+    """Load an ImageFolder tree or a ``{"data", "label"}`` tensor file into one uint8 array;
+    errors name the ``option`` that gave ``path``; ``progress`` shows a bar while a tree
+    decodes."""
     if not path.exists():
         raise InputError(f"{option} {path} does not exist; pass an ImageFolder tree or a .pt file")
-    result = _load_image_folder(path) if path.is_dir() else _load_tensor_file(path, num_classes)
+    if path.is_dir():
+        result = _load_image_folder(path, progress)
+    else:
+        result = _load_tensor_file(path, num_classes)
     if num_classes is not None and num_classes != result.num_classes and path.is_dir():
         raise InputError(
             f"--num-classes {num_classes} but {path} has {result.num_classes} class folders"
@@ -121,7 +143,9 @@ def _narrowed(pixels: np.ndarray, file: Path) -> np.ndarray:
     )
 
 
-def _load_image_folder(root: Path) -> ImageSet:
+def _image_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """An ImageFolder tree's image files and their labels, in sorted class and file order,
+    and its class names."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise InputError(
@@ -137,21 +161,63 @@ def _load_image_folder(root: Path) -> ImageSet:
             )
         files.extend(found)
         labels.extend([label] * len(found))
-    arrays = [_read_image(f) for f in files]
-    size = arrays[0].shape[1:]
-    for array, file in zip(arrays, files, strict=True):
-        if array.shape[1:] != size:
-            raise InputError(
-                f"images differ in size: {file} is {array.shape[1]}x{array.shape[2]}, "
-                f"{files[0]} is {size[0]}x{size[1]}; resize the set to one size first"
-            )
-    if any(a.shape[0] == 3 for a in arrays):
-        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    return files, labels, [d.name for d in class_dirs]
+
+
+def _decoders() -> int:
+    """Threads to decode with: the CPUs this process may use, at most ``_MAX_DECODERS``."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(_MAX_DECODERS, cpus or 1))
+
+
+def _load_image_folder(root: Path, progress: bool = False) -> ImageSet:
+    """Decode a tree in parallel into one preallocated (N, C, H, W) array, in file order.
+
+    A bounded window of images is decoding at any time and each is copied into its row
+    as it arrives, so memory is the array plus that window; gray images in a set with
+    RGB ones are repeated to 3 channels, as a sequential decode does."""
+    files, labels, class_names = _image_files(root)
+    workers = _decoders()
+    images: np.ndarray | None = None
+    bar = tqdm(total=len(files), unit="image", desc=f"decode {root.name}", disable=not progress)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="softserve-decode")
+    try:
+        window: deque[Future[np.ndarray]] = deque()
+        upcoming = iter(files)
+        for index, file in enumerate(files):
+            while len(window) < 4 * workers and (ahead := next(upcoming, None)) is not None:
+                window.append(pool.submit(_read_image, ahead))
+            array = window.popleft().result()
+            images = _placed(images, index, array, file, files)
+            bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)
+        bar.close()
+    assert images is not None  # a tree has at least one image (_image_files)
     return ImageSet(
-        images=np.stack(arrays),
-        labels=np.asarray(labels, dtype=np.int64),
-        class_names=[d.name for d in class_dirs],
+        images=images, labels=np.asarray(labels, dtype=np.int64), class_names=class_names
     )
+
+
+def _placed(
+    images: np.ndarray | None, index: int, array: np.ndarray, file: Path, files: list[Path]
+) -> np.ndarray:
+    """``images`` with row ``index`` set to ``array``: allocated at the first image, widened
+    to 3 channels (earlier gray rows repeated) at the first RGB image after gray ones."""
+    if images is None:
+        images = np.empty((len(files), *array.shape), dtype=np.uint8)
+    size = images.shape[2:]
+    if array.shape[1:] != size:
+        raise InputError(
+            f"images differ in size: {file} is {array.shape[1]}x{array.shape[2]}, "
+            f"{files[0]} is {size[0]}x{size[1]}; resize the set to one size first"
+        )
+    if array.shape[0] > images.shape[1]:
+        wide = np.empty((len(files), array.shape[0], *size), dtype=np.uint8)
+        wide[:index] = images[:index]
+        images = wide
+    images[index] = array  # a gray image broadcasts to 3 channels, as np.repeat would
+    return images
 
 
 def _load_tensor_file(path: Path, num_classes: int | None) -> ImageSet:
@@ -171,15 +237,7 @@ def _load_tensor_file(path: Path, num_classes: int | None) -> ImageSet:
     if data.dtype == torch.uint8:
         images = data.numpy()
     elif data.is_floating_point():
-        if not bool(data.isfinite().all()):
-            raise InputError(f"{path}: data holds NaN or infinite values")
-        lo, hi = float(data.min()), float(data.max())
-        if lo < 0 or hi > 1:
-            raise InputError(
-                f"{path}: float data must be in [0, 1], found [{lo:.3g}, {hi:.3g}]; "
-                "undo the normalization before saving (the worker applies --mean/--std)"
-            )
-        images = (data.float() * 255).round().to(torch.uint8).numpy()
+        images = _float_to_uint8(data, path)
     else:
         raise InputError(f"{path}: data must be uint8 or float in [0, 1], got {data.dtype}")
     labels = label.reshape(-1).long().numpy()
@@ -195,6 +253,30 @@ def _load_tensor_file(path: Path, num_classes: int | None) -> ImageSet:
     if len(class_names) != k:
         raise InputError(f"{path}: {len(class_names)} class names for {k} classes")
     return ImageSet(images=np.ascontiguousarray(images), labels=labels, class_names=class_names)
+
+
+def _float_to_uint8(data: torch.Tensor, path: Path) -> np.ndarray:
+    """Float pixels in [0, 1] as uint8 (x·255 rounded), checked and converted a slab at a
+    time into one preallocated array, so no full-size float temporary exists."""
+    step = slab_rows(data[0].numel() * data.element_size())
+    finite, lo, hi = True, float("inf"), float("-inf")
+    for start in range(0, len(data), step):
+        part = data[start : start + step]
+        finite = finite and bool(part.isfinite().all())
+        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    if not finite:
+        raise InputError(f"{path}: data holds NaN or infinite values")
+    if lo < 0 or hi > 1:
+        raise InputError(
+            f"{path}: float data must be in [0, 1], found [{lo:.3g}, {hi:.3g}]; "
+            "undo the normalization before saving (the worker applies --mean/--std)"
+        )
+    images = np.empty(tuple(data.shape), dtype=np.uint8)
+    out = torch.from_numpy(images)
+    for start in range(0, len(data), step):
+        part = data[start : start + step].float()
+        out[start : start + step] = (part * 255).round().to(torch.uint8)
+    return images
 
 
 def default_normalization(
