@@ -274,6 +274,7 @@ class LabelSet(ABC):
             mix=mix,
             mean=self.mean,
             std=self.std,
+            views=self.detail.views.policy,
         )
 
         # labels arrive as stored (a top-k row is a few dozen bytes) and are decoded after

@@ -137,6 +137,18 @@ class DsaPolicy:
             raise ValueError("DSA brightness, saturation, contrast and rotate must be >= 0")
 
 
+def identity_view(views: ViewKind, height: int, width: int) -> np.ndarray:
+    """The one view row that leaves an image as it is (resized to the output size): the whole
+    crop unflipped, or a DSA row that changes nothing. ``height`` and ``width`` are the base
+    image's."""
+    if views == "rrc":
+        return np.array([0, 0, height, width, 0], dtype=np.int32)
+    row = np.zeros(NUM_DSA, dtype=np.float32)
+    for name in ("saturation", "contrast", "scale_x", "scale_y"):
+        row[DSA_FIELDS.index(name)] = 1.0
+    return row
+
+
 def _round_half_up(x: float) -> int:
     """``int(x + 0.5)``: how DSA rounds a fraction of a side to pixels."""
     return int(x + 0.5)

@@ -1,0 +1,161 @@
+"""Label sets of DSA views (``relabel --views dsa``): stored rows, the client's input equal to
+the teacher's bit for bit, locally and over HTTP, for several batch and world sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import teachers
+import torch
+from conftest import Server, random_set, relabel_args, run_cli, shard_digests, write_folder
+from test_errors import assert_one_line_error
+
+from softserve.client import Client, MixPolicy, open_local, refine_labels
+from softserve.format.augment import NUM_DSA, DsaPolicy, sample_dsa
+from softserve.format.sampling import epoch_order
+from softserve.storage import LabelSetReader, verify_label_set
+from softserve.worker.relabel import RelabelOptions, relabel
+from softserve.worker.transcode import TranscodeOptions, transcode
+
+
+@pytest.fixture(scope="module", params=[None, "cutmix"], ids=["dsa", "dsa-cutmix"])
+def dsa_set(request, tmp_path_factory) -> tuple[Path, list[torch.Tensor]]:
+    """A set relabelled with DSA views (and CutMix on top) by a teacher that records its
+    inputs: (path, inputs)."""
+    root = tmp_path_factory.mktemp("dsa")
+    teachers.RECORDED.clear()
+    mix = None if request.param is None else MixPolicy(request.param, prob=0.8, alpha=1.0)
+    opts = RelabelOptions(
+        images=write_folder(root / "images", *random_set()), teacher="teachers:recorder",
+        out=root / "store" / "set", epochs=3, shard_epochs=2, batch_size=5, device="cpu",
+        codec="fp32", progress=False, dsa=DsaPolicy(), mix=mix,
+    )  # fmt: skip
+    relabel(opts)
+    return opts.out, list(teachers.RECORDED[1:])  # the first batch is the worker's probe
+
+
+def test_dsa_rows_are_stored_and_named(dsa_set) -> None:
+    """The manifest names the policy and its ranges; each epoch's rows are sample_dsa's of
+    the seed, in the epoch's order, float32 on disk."""
+    path, _ = dsa_set
+    views = json.loads((path / "manifest.json").read_text())["config"]["views"]
+    assert views["policy"] == "dsa"
+    assert views["dsa"]["strategy"] == "color_crop_cutout_flip_scale_rotate"
+    assert views["dsa"]["rotate"] == 15.0 and views["dsa"]["crop"] == 0.125
+    assert verify_label_set(path) == []
+    with LabelSetReader(path) as reader:
+        config, n = reader.config, reader.config.num_samples
+        for epoch in range(config.epochs):
+            rows = reader.read(epoch, 0, n, ["order", "params"])
+            order = epoch_order(config.seed, epoch, n)
+            assert rows["params"].dtype == np.float32 and rows["params"].shape == (n, NUM_DSA)
+            drawn = sample_dsa(DsaPolicy(), config.seed, epoch, n, *config.views.output_size)
+            assert np.array_equal(rows["params"], drawn[order])
+            if config.mix is not None:
+                partner = reader.read(epoch, 0, n, ["mix", "partner_params"])
+                ids = partner["mix"][:, 0].astype(np.int64)
+                assert np.array_equal(partner["partner_params"], drawn[ids])
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached-images", "images-in-batch"])
+def test_client_input_is_the_teacher_input_bit_for_bit(dsa_set, cache: bool) -> None:
+    """For several batch and world sizes, every student input is the teacher's, exactly, and
+    the served label is the teacher on it."""
+    path, recorded = dsa_set
+    seen = torch.cat(recorded)
+    model = teachers.tiny_rgb()
+    with open_local(path, image_cache_mb=2048 if cache else 0) as labels:
+        assert labels.detail.views.policy == "dsa"
+        n, refinement = labels.num_samples, labels.detail.refinement
+        for batch_size in (1, 5, 12):
+            for world_size in (1, 2, 3):
+                covered = 0
+                for rank in range(world_size):
+                    sharding = labels.sharding(batch_size, rank, world_size, drop_last=False)
+                    for epoch in range(labels.epochs):
+                        for batch in labels.batches(
+                            epoch, batch_size, rank, world_size, drop_last=False
+                        ):
+                            start, stop = sharding.positions(batch.index)
+                            teacher_input = seen[epoch * n + start : epoch * n + stop]
+                            assert torch.equal(batch.images, teacher_input)
+                            assert batch.params.shape == (len(batch), NUM_DSA)
+                            with torch.no_grad():
+                                logits = model(batch.images)
+                            expected = refine_labels(
+                                logits, batch.hard, refinement.alpha, refinement.beta
+                            )
+                            assert torch.allclose(batch.soft, expected, atol=1e-5, rtol=1e-5)
+                            covered += len(batch)
+                assert covered == n * labels.epochs
+
+
+def test_served_dsa_batches_equal_local_ones(dsa_set) -> None:
+    """Over HTTP, with images in the batch or from the cache, the same inputs and labels."""
+    path, recorded = dsa_set
+    server = Server(path.parent).start()
+    try:
+        with open_local(path) as local:
+            expected = [(b.images, b.soft) for b in local.batches(1, 5, 1, 2)]
+        for cache_mb in (2048, 0):
+            remote = Client(server.url).labelset(path.name, image_cache_mb=cache_mb)
+            assert remote.detail.views.policy == "dsa" and remote.detail.views.dsa is not None
+            got = [(b.images, b.soft) for b in remote.batches(1, 5, 1, 2)]
+            assert len(got) == len(expected)
+            for (xi, xs), (yi, ys) in zip(got, expected, strict=True):
+                assert torch.equal(xi, yi) and torch.equal(xs, ys)
+        # and the served inputs are the teacher's
+        n, seen = 12, torch.cat(recorded)
+        remote = Client(server.url).labelset(path.name)
+        for batch in remote.batches(2, 4):
+            start = 2 * n + 4 * batch.index
+            assert torch.equal(batch.images, seen[start : start + 4])
+    finally:
+        server.stop()
+
+
+def test_transcode_keeps_the_dsa_rows(dsa_set, tmp_path: Path) -> None:
+    path, _ = dsa_set
+    out = tmp_path / "store" / "fp16"
+    transcode(TranscodeOptions(path, out, codec="fp16", progress=False))
+    assert verify_label_set(out) == []
+    with LabelSetReader(path) as source, LabelSetReader(out) as copy:
+        assert copy.config.views == source.config.views
+        for epoch in range(3):
+            a, b = (r.read(epoch, 0, 12, ["order", "params"]) for r in (source, copy))
+            assert np.array_equal(a["params"], b["params"])
+
+
+def test_relabel_views_flag(make_options, tmp_path: Path) -> None:
+    """``--views dsa`` writes the DSA set that RelabelOptions(dsa=...) writes; ``--views
+    rrc`` (the default) writes the crop set, whose manifest has no ``policy`` key (softserve
+    versions before DSA read it)."""
+    opts = make_options(epochs=2, shard_epochs=1, dsa=DsaPolicy())
+    done = run_cli(*relabel_args(opts))
+    assert done.returncode == 0, done.stderr
+    direct = make_options(epochs=2, shard_epochs=1, dsa=DsaPolicy(), out=tmp_path / "direct")
+    relabel(direct)
+    assert shard_digests(opts.out) == shard_digests(direct.out)
+    with LabelSetReader(opts.out) as reader:
+        assert reader.config.views.policy == "dsa"
+    crops = make_options(epochs=2, shard_epochs=1, out=tmp_path / "store" / "crops")
+    done = run_cli(*relabel_args(crops))
+    assert done.returncode == 0, done.stderr
+    views = json.loads((crops.out / "manifest.json").read_text())["config"]["views"]
+    assert "policy" not in views and views["flip"] is True
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--views", "jitter"], "--views must be one of rrc, dsa"),
+        (["--views", "dsa", "--min-scale", "0.5"], "--views dsa draws the DSA views"),
+    ],
+)
+def test_relabel_refuses_bad_view_flags(make_options, flags: list[str], message: str) -> None:
+    opts = make_options()
+    assert_one_line_error(run_cli(*relabel_args(opts), *flags), message)
+    assert not opts.out.exists()
