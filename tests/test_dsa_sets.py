@@ -3,19 +3,24 @@ the teacher's bit for bit, locally and over HTTP, for several batch and world si
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import teachers
 import torch
 from conftest import Server, random_set, relabel_args, run_cli, shard_digests, write_folder
+from PIL import Image
 from test_errors import assert_one_line_error
 
 from softserve.client import Client, MixPolicy, open_local, refine_labels
-from softserve.format.augment import NUM_DSA, DsaPolicy, sample_dsa
+from softserve.format.augment import DSA_FIELDS, DSA_ROTATE, NUM_DSA, DsaPolicy, sample_dsa
 from softserve.format.sampling import epoch_order
+from softserve.report import RemoteSource, StoreSource, compute_report
 from softserve.storage import LabelSetReader, verify_label_set
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.transcode import TranscodeOptions, transcode
@@ -159,3 +164,82 @@ def test_relabel_refuses_bad_view_flags(make_options, flags: list[str], message:
     opts = make_options()
     assert_one_line_error(run_cli(*relabel_args(opts), *flags), message)
     assert not opts.out.exists()
+
+
+def test_pictures_show_the_dsa_input(dsa_set) -> None:
+    """The view PNG, and the report's grid from disk and through a server, show what the
+    teacher saw: its recorded input with the normalization undone, clipped to [0, 1] (DSA's
+    brightness and contrast leave it)."""
+    path, recorded = dsa_set
+    with LabelSetReader(path) as reader:
+        config, n = reader.config, reader.config.num_samples
+        orders = [reader.read(e, 0, n, ["order"])["order"] for e in range(config.epochs)]
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (config.mean, config.std))
+    seen = (torch.cat(recorded) * std + mean).clamp(0, 1)
+    assert (torch.cat(recorded) * std + mean).gt(1).any()  # clipping is exercised
+
+    def teacher_view(epoch: int, sample: int) -> torch.Tensor:
+        return seen[epoch * n + int(np.flatnonzero(orders[epoch] == sample)[0])]
+
+    server = Server(path.parent).start()
+    try:
+        for epoch in range(config.epochs):
+            for sample in range(n):
+                url = f"{server.url}/v1/labelsets/{path.name}/views/{epoch}/{sample}.png"
+                png = httpx.get(url)
+                assert png.status_code == 200
+                pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+                shown = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()
+                assert (shown - teacher_view(epoch, sample) * 255).abs().max() < 0.501
+        for source in (StoreSource(path), RemoteSource(server.url, path.name)):
+            data = compute_report(source)
+            source.close()
+            assert data.numbers["label_set"]["views"] == "dsa"
+            fp32 = next(r for r in data.numbers["storage"]["codecs"] if r["codec"] == "fp32")
+            # order (int32), the DSA row (14 float32), 3 fp32 labels and the norm
+            assert fp32["bytes_per_view"] == 4 + 14 * 4 + 3 * 4 + 4
+            cells = data.numbers["grid"]["cells"]
+            assert all(len(cell["params"]) == NUM_DSA for cell in cells)
+            for cell, image in zip(cells, data.grid_images, strict=True):
+                expected = teacher_view(cell["epoch"], cell["sample"])
+                torch.testing.assert_close(torch.from_numpy(image), expected, atol=1e-5, rtol=0)
+    finally:
+        server.stop()
+
+
+def test_inspect_names_the_view_policy(dsa_set, make_options) -> None:
+    path, _ = dsa_set
+    result = run_cli("inspect", path)
+    assert result.returncode == 0, result.stderr
+    assert "dsa color_crop_cutout_flip_scale_rotate" in result.stdout
+    assert "rotate 15.0°" in result.stdout
+    crops = make_options(epochs=2, shard_epochs=1)
+    relabel(crops)
+    result = run_cli("inspect", crops.out)
+    assert result.returncode == 0, result.stderr
+    assert "rrc: crop scale (0.08, 1.0)" in result.stdout
+
+
+@pytest.mark.slow
+def test_ui_says_what_a_dsa_view_went_through(dsa_set, browser_page) -> None:
+    path, _ = dsa_set
+    with LabelSetReader(path) as reader:
+        n = reader.config.num_samples
+        rows = reader.read(1, 0, n, ["order", "params"])
+    kinds = rows["params"][:, DSA_FIELDS.index("transform")]
+    j = int(np.flatnonzero(kinds == DSA_ROTATE)[0])
+    sample, angle = int(rows["order"][j]), float(rows["params"][j, DSA_FIELDS.index("angle")])
+    server = Server(path.parent).start()
+    try:
+        page = browser_page
+        page.goto(f"{server.url}/ui?set={path.name}&epoch=1&sample={sample}")
+        page.wait_for_selector("#facts dt:text-is('DSA')")
+        facts = dict(
+            zip(page.locator("#facts dt").all_inner_texts(),
+                page.locator("#facts dd").all_inner_texts(), strict=True)
+        )  # fmt: skip
+        assert facts["views"] == "DSA (color_crop_cutout_flip_scale_rotate)"
+        assert f"rotate {math.degrees(angle):.1f}°" in facts["DSA"]
+        assert "cutout" in facts["DSA"]
+    finally:
+        server.stop()
