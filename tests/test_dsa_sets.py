@@ -243,3 +243,18 @@ def test_ui_says_what_a_dsa_view_went_through(dsa_set, browser_page) -> None:
         assert "cutout" in facts["DSA"]
     finally:
         server.stop()
+
+
+def test_train_runs_on_a_dsa_set(dsa_set, tmp_path: Path) -> None:
+    """``softserve train --store`` takes the DSA inputs through the same LabelSet path."""
+    path, _ = dsa_set
+    images, labels = random_set(n=9, seed=3)
+    eval_set = tmp_path / "test.pt"
+    torch.save({"data": torch.from_numpy(images), "label": torch.from_numpy(labels)}, eval_set)
+    done = run_cli(
+        "train", "--store", path.parent, "--labelset", path.name, "--epochs", 2,
+        "--batch-size", 4, "--eval", eval_set, "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 2 * 3 and 0.0 <= result["top1"] <= 1.0
