@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from softserve.format.augment import (
     DSA_CROP,
+    DSA_FIELDS,
     MIX_KINDS,
     NUM_DSA,
     NUM_MIX,
@@ -135,13 +136,22 @@ def apply_mix(
     if kind != "cutmix":
         raise ValueError(f"mix must be one of {', '.join(MIX_KINDS)}, got {kind!r}")
     _, _, h, w = views.shape
-    box = mix[:, 2:6].to(torch.long)
-    rows = torch.arange(h, device=views.device)
-    cols = torch.arange(w, device=views.device)
+    return torch.where(_inside(mix[:, 2:6], h, w), partner_views, views)
+
+
+def _inside(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Which pixels of an (h, w) view lie in each sample's box (top, left, height, width)
+    (B, 4): a bool mask (B, 1, h, w)."""
+    box = box.to(torch.long)
+    rows = torch.arange(h, device=box.device)
+    cols = torch.arange(w, device=box.device)
     in_rows = (rows >= box[:, 0:1]) & (rows < box[:, 0:1] + box[:, 2:3])
     in_cols = (cols >= box[:, 1:2]) & (cols < box[:, 1:2] + box[:, 3:4])
-    inside = in_rows[:, None, :, None] & in_cols[:, None, None, :]
-    return torch.where(inside, partner_views, views)
+    return in_rows[:, None, :, None] & in_cols[:, None, None, :]
+
+
+#: Column of each DSA field in a row.
+_DSA = {name: i for i, name in enumerate(DSA_FIELDS)}
 
 
 def _sample_means(x: torch.Tensor) -> torch.Tensor:
@@ -158,21 +168,20 @@ def _shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     rows = torch.arange(h, device=x.device) + shift[:, 0:1]  # output row i reads row i + dy
     cols = torch.arange(w, device=x.device) + shift[:, 1:2]
-    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[
-        :, None, None, :
-    ]
+    in_rows, in_cols = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+    inside = in_rows[:, None, :, None] & in_cols[:, None, None, :]
     x = torch.gather(x, 2, rows.clamp(0, h - 1)[:, None, :, None].expand(b, c, h, w))
     x = torch.gather(x, 3, cols.clamp(0, w - 1)[:, None, None, :].expand(b, c, h, w))
     return torch.where(inside, x, 0.0)
 
 
 def _affine(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Scale then rotate each sample about its centre by DSA rows (b, 14), as
+    """Scale or rotate each sample about its centre by DSA rows (b, 14), as
     ``F.affine_grid(theta)`` + ``F.grid_sample`` with theta = diag(sx, sy)·R(angle): the grid
     built elementwise (affine_grid's batched matmul could round by batch size)."""
     _, _, h, w = x.shape
     device = x.device
-    sx, sy, angle = (rows[:, i].view(-1, 1, 1) for i in (7, 8, 9))
+    sx, sy, angle = (rows[:, _DSA[k]].view(-1, 1, 1) for k in ("scale_x", "scale_y", "angle"))
     cos, sin = torch.cos(angle), torch.sin(angle)
     xs = ((torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1).view(1, 1, w)
     ys = ((torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1).view(1, h, 1)
@@ -206,25 +215,25 @@ def apply_dsa(
     rows = params.to(device=device, dtype=torch.float32)
     _, _, h_in, w_in = images.shape
     whole = torch.tensor([0, 0, h_in, w_in, 0], dtype=torch.long, device=device).repeat(b, 1)
-    whole[:, 4] = rows[:, 0].to(torch.long)
+    whole[:, 4] = rows[:, _DSA["flip"]].to(torch.long)
     x = apply_views(images, whole, size, mean=mean, std=std)
-    col = lambda i: rows[:, i].view(-1, 1, 1, 1)  # noqa: E731
-    x = x.add_(col(1))
+
+    def factor(name: str) -> torch.Tensor:
+        return rows[:, _DSA[name], None, None, None]
+
+    x = x.add_(factor("brightness"))
     grey = x.mean(dim=1, keepdim=True)
-    x = (x - grey).mul_(col(2)).add_(grey)
+    x = (x - grey).mul_(factor("saturation")).add_(grey)
     level = _sample_means(x)
-    x = (x - level).mul_(col(3)).add_(level)
-    x = _shift(x, rows[:, 5:7].to(torch.long))
-    warped = torch.nonzero(rows[:, 4] != DSA_CROP).squeeze(1)
+    x = (x - level).mul_(factor("contrast")).add_(level)
+    # the crop's shift is zero unless the row chose it; scale or rotate for the others
+    x = _shift(x, rows[:, _DSA["shift_y"] : _DSA["shift_x"] + 1].to(torch.long))
+    warped = torch.nonzero(rows[:, _DSA["transform"]] != DSA_CROP).squeeze(1)
     if warped.numel():
         x = x.index_copy(0, warped, _affine(x.index_select(0, warped), rows[warped]))
     _, _, out_h, out_w = x.shape
-    box = rows[:, 10:14].to(torch.long)
-    r = torch.arange(out_h, device=device)
-    c = torch.arange(out_w, device=device)
-    in_rows = (r >= box[:, 0:1]) & (r < box[:, 0:1] + box[:, 2:3])
-    in_cols = (c >= box[:, 1:2]) & (c < box[:, 1:2] + box[:, 3:4])
-    return torch.where(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0, x)
+    cutout = rows[:, _DSA["cut_top"] : _DSA["cut_width"] + 1]
+    return torch.where(_inside(cutout, out_h, out_w), 0.0, x)
 
 
 def views_of(

@@ -3,24 +3,27 @@ the teacher's bit for bit, locally and over HTTP, for several batch and world si
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import teachers
 import torch
 from conftest import Server, random_set, relabel_args, run_cli, shard_digests, write_folder
-from PIL import Image
+from recorded import (
+    check_pictures,
+    check_served_batches_equal_local,
+    check_train_runs,
+    client_batches,
+)
 from test_errors import assert_one_line_error
 
-from softserve.client import Client, MixPolicy, open_local, refine_labels
+from softserve.client import Client, MixPolicy, open_local
 from softserve.format.augment import DSA_FIELDS, DSA_ROTATE, NUM_DSA, DsaPolicy, sample_dsa
 from softserve.format.sampling import epoch_order
-from softserve.report import RemoteSource, StoreSource, compute_report
+from softserve.report.numbers import ReportData
 from softserve.storage import LabelSetReader, verify_label_set
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.transcode import TranscodeOptions, transcode
@@ -70,54 +73,22 @@ def test_client_input_is_the_teacher_input_bit_for_bit(dsa_set, cache: bool) -> 
     """For several batch and world sizes, every student input is the teacher's, exactly, and
     the served label is the teacher on it."""
     path, recorded = dsa_set
-    seen = torch.cat(recorded)
-    model = teachers.tiny_rgb()
-    with open_local(path, image_cache_mb=2048 if cache else 0) as labels:
+    for batch in client_batches(path, recorded, cache, world_sizes=(1, 2, 3)):
+        assert batch.params.dtype == torch.float32 and batch.params.shape[1] == NUM_DSA
+    with open_local(path) as labels:
         assert labels.detail.views.policy == "dsa"
-        n, refinement = labels.num_samples, labels.detail.refinement
-        for batch_size in (1, 5, 12):
-            for world_size in (1, 2, 3):
-                covered = 0
-                for rank in range(world_size):
-                    sharding = labels.sharding(batch_size, rank, world_size, drop_last=False)
-                    for epoch in range(labels.epochs):
-                        for batch in labels.batches(
-                            epoch, batch_size, rank, world_size, drop_last=False
-                        ):
-                            start, stop = sharding.positions(batch.index)
-                            teacher_input = seen[epoch * n + start : epoch * n + stop]
-                            assert torch.equal(batch.images, teacher_input)
-                            assert batch.params.shape == (len(batch), NUM_DSA)
-                            with torch.no_grad():
-                                logits = model(batch.images)
-                            expected = refine_labels(
-                                logits, batch.hard, refinement.alpha, refinement.beta
-                            )
-                            assert torch.allclose(batch.soft, expected, atol=1e-5, rtol=1e-5)
-                            covered += len(batch)
-                assert covered == n * labels.epochs
 
 
 def test_served_dsa_batches_equal_local_ones(dsa_set) -> None:
-    """Over HTTP, with images in the batch or from the cache, the same inputs and labels."""
-    path, recorded = dsa_set
+    """Over HTTP, with images in the batch or from the cache, the same inputs and labels;
+    the served detail names the policy."""
+    path, _ = dsa_set
+    check_served_batches_equal_local(path)
     server = Server(path.parent).start()
     try:
-        with open_local(path) as local:
-            expected = [(b.images, b.soft) for b in local.batches(1, 5, 1, 2)]
-        for cache_mb in (2048, 0):
-            remote = Client(server.url).labelset(path.name, image_cache_mb=cache_mb)
-            assert remote.detail.views.policy == "dsa" and remote.detail.views.dsa is not None
-            got = [(b.images, b.soft) for b in remote.batches(1, 5, 1, 2)]
-            assert len(got) == len(expected)
-            for (xi, xs), (yi, ys) in zip(got, expected, strict=True):
-                assert torch.equal(xi, yi) and torch.equal(xs, ys)
-        # and the served inputs are the teacher's
-        n, seen = 12, torch.cat(recorded)
-        remote = Client(server.url).labelset(path.name)
-        for batch in remote.batches(2, 4):
-            start = 2 * n + 4 * batch.index
-            assert torch.equal(batch.images, seen[start : start + 4])
+        views = Client(server.url).labelset(path.name).detail.views
+        assert views.policy == "dsa" and views.dsa is not None and views.dsa.rotate == 15.0
+        assert views.scale is None
     finally:
         server.stop()
 
@@ -169,42 +140,21 @@ def test_relabel_refuses_bad_view_flags(make_options, flags: list[str], message:
 def test_pictures_show_the_dsa_input(dsa_set) -> None:
     """The view PNG, and the report's grid from disk and through a server, show what the
     teacher saw: its recorded input with the normalization undone, clipped to [0, 1] (DSA's
-    brightness and contrast leave it)."""
+    brightness and contrast leave it); the report names the policy and counts DSA rows."""
     path, recorded = dsa_set
     with LabelSetReader(path) as reader:
-        config, n = reader.config, reader.config.num_samples
-        orders = [reader.read(e, 0, n, ["order"])["order"] for e in range(config.epochs)]
+        config = reader.config
     mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (config.mean, config.std))
-    seen = (torch.cat(recorded) * std + mean).clamp(0, 1)
     assert (torch.cat(recorded) * std + mean).gt(1).any()  # clipping is exercised
 
-    def teacher_view(epoch: int, sample: int) -> torch.Tensor:
-        return seen[epoch * n + int(np.flatnonzero(orders[epoch] == sample)[0])]
+    def counts_dsa_rows(data: ReportData) -> None:
+        assert data.numbers["label_set"]["views"] == "dsa"
+        fp32 = next(r for r in data.numbers["storage"]["codecs"] if r["codec"] == "fp32")
+        # order (int32), the DSA row (14 float32), 3 fp32 labels and the norm
+        assert fp32["bytes_per_view"] == 4 + 14 * 4 + 3 * 4 + 4
+        assert all(len(cell["params"]) == NUM_DSA for cell in data.numbers["grid"]["cells"])
 
-    server = Server(path.parent).start()
-    try:
-        for epoch in range(config.epochs):
-            for sample in range(n):
-                url = f"{server.url}/v1/labelsets/{path.name}/views/{epoch}/{sample}.png"
-                png = httpx.get(url)
-                assert png.status_code == 200
-                pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
-                shown = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()
-                assert (shown - teacher_view(epoch, sample) * 255).abs().max() < 0.501
-        for source in (StoreSource(path), RemoteSource(server.url, path.name)):
-            data = compute_report(source)
-            source.close()
-            assert data.numbers["label_set"]["views"] == "dsa"
-            fp32 = next(r for r in data.numbers["storage"]["codecs"] if r["codec"] == "fp32")
-            # order (int32), the DSA row (14 float32), 3 fp32 labels and the norm
-            assert fp32["bytes_per_view"] == 4 + 14 * 4 + 3 * 4 + 4
-            cells = data.numbers["grid"]["cells"]
-            assert all(len(cell["params"]) == NUM_DSA for cell in cells)
-            for cell, image in zip(cells, data.grid_images, strict=True):
-                expected = teacher_view(cell["epoch"], cell["sample"])
-                torch.testing.assert_close(torch.from_numpy(image), expected, atol=1e-5, rtol=0)
-    finally:
-        server.stop()
+    check_pictures(path, recorded, counts_dsa_rows)
 
 
 def test_inspect_names_the_view_policy(dsa_set, make_options) -> None:
@@ -247,14 +197,4 @@ def test_ui_says_what_a_dsa_view_went_through(dsa_set, browser_page) -> None:
 
 def test_train_runs_on_a_dsa_set(dsa_set, tmp_path: Path) -> None:
     """``softserve train --store`` takes the DSA inputs through the same LabelSet path."""
-    path, _ = dsa_set
-    images, labels = random_set(n=9, seed=3)
-    eval_set = tmp_path / "test.pt"
-    torch.save({"data": torch.from_numpy(images), "label": torch.from_numpy(labels)}, eval_set)
-    done = run_cli(
-        "train", "--store", path.parent, "--labelset", path.name, "--epochs", 2,
-        "--batch-size", 4, "--eval", eval_set, "--device", "cpu", "--no-progress",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 2 * 3 and 0.0 <= result["top1"] <= 1.0
+    check_train_runs(dsa_set[0], tmp_path)
