@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.studies import label_budget_report
+from bench.studies import label_budget, label_budget_report
 from softserve.worker import fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +155,15 @@ def test_relabels_default_at_k1000_is_the_k1000_studys_verdict_once_decided() ->
 def test_pareto_front_keeps_only_undominated_points() -> None:
     points = [(10, 0.5), (20, 0.4), (30, 0.7), (40, 0.7), (5, 0.2), (30, 0.6)]
     assert label_budget_report.pareto(points) == [(5, 0.2), (10, 0.5), (30, 0.7)]
+
+
+def test_an_optimizer_at_a_learning_rate_trains_with_it(tmp_path: Path) -> None:
+    """``sgd@0.1`` is SGD at lr 0.1 in the run's command; a bare name passes no --lr."""
+    ctx = label_budget.Context("http://x", "test.pt", "cpu", {}, tmp_path)
+    swept = ctx.command(label_budget.Job("fp32", 300, "gift", "sgd@0.1", 0, 100))
+    at = swept.index("--optimizer")
+    assert swept[at : at + 4] == ["--optimizer", "sgd", "--lr", "0.1"]
+    assert "--lr" not in ctx.command(label_budget.Job("fp32", 300, "gift", "sgd", 0, 100))
 
 
 @pytest.mark.slow
