@@ -371,7 +371,7 @@ def import_sre2l(
         ),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Import the first E epochs [default: all].")
+        int | None, typer.Option(help="Import the files' first E epochs [default: all].")
     ] = None,
     mix_alpha: Annotated[
         float | None,
@@ -414,6 +414,13 @@ def import_sre2l(
         stdout.print(
             f"wrote {out}: {config.epochs} epochs of {config.num_samples} samples ({mix}), "
             f"{config.codec}, {result.manifest.label_bytes() / 2**20:.2f} MiB of labels"
+        )
+    if result.left_out:
+        err.print(
+            f"note: the relabel dropped each epoch's last partial batch; epoch k of the set "
+            f"holds each image's k-th view, and {result.left_out} of {result.views} views, "
+            "beyond the fewest an image has, are left out (README: Coming from SRe2L)",
+            soft_wrap=True,
         )
     if result.downscaled:
         err.print(
