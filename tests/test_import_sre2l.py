@@ -406,6 +406,16 @@ def test_the_cli_imports_and_refuses_in_one_line(
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and "cutmix" in done.stdout
     assert open_local(out).num_samples == N
+    dropped = relabels["dropped-lpld"]
+    views = sum(len(order) for order in dropped.orders.values())
+    left = views - kth_views(dropped)[0] * N
+    noted = run_cli(
+        "import", "sre2l", dropped.root, "--images", images, "--out", tmp_path / "store" / "d",
+        "--no-progress",
+    )  # fmt: skip
+    assert noted.returncode == 0, noted.stderr
+    assert "2 epochs of 20 samples" in noted.stdout
+    assert f"{left} of {views} views" in " ".join(noted.stderr.split())
     refused = run_cli(
         "import",
         "sre2l",
