@@ -423,11 +423,10 @@ def import_sre2l(
             soft_wrap=True,
         )
     if result.downscaled:
-        err.print(
-            f"[yellow]warning:[/] {result.downscaled} of {result.views} views crop more "
-            "pixels than --size: SRe2L's teacher saw them antialiased (PIL), the client "
-            "resamples without; those inputs differ by more than one gray level (README: "
-            "Coming from SRe2L)",
+        stdout.print(
+            f"{result.downscaled} of {result.views} views crop more pixels than --size: SRe2L's "
+            "teacher saw them antialiased (PIL), and the set's views are antialiased bilinear "
+            "(interpolation bilinear-antialias)",
             soft_wrap=True,
         )
 

@@ -19,7 +19,9 @@ from sre2l_files import IMAGENET, Relabelled, write_relabel
 
 from softserve.client import Client, open_local
 from softserve.errors import InputError
+from softserve.pixels import stored_views
 from softserve.storage import LabelSetReader
+from softserve.worker.sources import load_image_set
 from softserve.worker.sre2l import ImportOptions, import_sre2l
 
 N, EPOCHS, BATCH, SIZE = 20, 2, 8, 16
@@ -247,29 +249,44 @@ def test_dropped_batches_import_each_images_kth_view_as_epoch_k(
     assert again.computed_shards == 0 and again.left_out == views - kept * N > 0
 
 
-def test_downscaled_views_are_counted_and_the_rest_match(tmp_path: Path) -> None:
-    """Crops of 24×24 images resized to 16: the import counts the views PIL downscaled
-    (antialiased, unlike the client's), and every other view is within one gray level."""
+def test_downscaled_views_are_antialiased_as_pil_resized_them(tmp_path: Path) -> None:
+    """Crops of 24×24 images resized to 16 with CutMix: the import counts the views PIL
+    downscaled and names the set's interpolation bilinear-antialias; then every served view
+    (each row's and its partner's crop) is within one gray level of PIL's, the teacher's
+    input, and the teacher on it gives the file's logits. Plain bilinear views of the same
+    rows, as before antialiased views, are many levels off where a crop was downscaled."""
     folder = write_folder(tmp_path / "images", *random_set(n=N, h=24, w=24, seed=3))
-    relabel = write_relabel(folder, tmp_path / "labels", teacher(), mix=None, size=SIZE)
-    result = import_sre2l(
-        ImportOptions(
-            labels=relabel.root,
-            images=folder,
-            size=(SIZE, SIZE),
-            out=tmp_path / "store" / "down",
-            progress=False,
-        )
-    )
+    relabel = write_relabel(folder, tmp_path / "labels", teacher(), size=SIZE)
+    out = tmp_path / "store" / "down"
+    opts = ImportOptions(labels=relabel.root, images=folder, size=(SIZE, SIZE), out=out)
+    opts.progress = False
+    result = import_sre2l(opts)
     downscaled = {k for k, v in relabel.views.items() if v[2] > SIZE or v[3] > SIZE}
     assert result.views == N * EPOCHS and result.downscaled == len(downscaled) > 0
-    labels = open_local(tmp_path / "store" / "down")
-    for epoch in range(EPOCHS):
-        for batch in labels.batches(epoch, batch_size=N):
-            for row, sample in enumerate(batch.indices.tolist()):
-                if (epoch, sample) not in downscaled:
-                    gap = (batch.images[row] - relabel.inputs[(epoch, sample)]).abs() * STD
-                    assert gap.max() <= ONE_LEVEL
+    labels = open_local(out)
+    assert labels.detail.views.interpolation == "bilinear-antialias"
+    model, mean = teacher(), torch.tensor(IMAGENET[0]).view(3, 1, 1)
+    base = load_image_set(folder).images
+    plain_gap = 0.0
+    with LabelSetReader(out) as reader:
+        for epoch in range(EPOCHS):
+            rows = reader.read(epoch, 0, N, ("order", "params", "mix", "partner_params"))
+            teacher_saw = torch.stack([relabel.inputs[(epoch, i)] for i in rows["order"]])
+            plain = stored_views(
+                "cutmix", base.__getitem__, rows["order"], rows["params"], SIZE, rows["mix"],
+                rows["partner_params"],
+            )  # fmt: skip
+            plain_gap = max(plain_gap, ((plain - (teacher_saw * STD + mean)).abs()).max().item())
+            for batch in labels.batches(epoch, batch_size=N, logits=True):
+                keys = [(epoch, i) for i in batch.indices.tolist()]
+                inputs = torch.stack([relabel.inputs[k] for k in keys])
+                assert ((batch.images - inputs).abs() * STD).max() <= ONE_LEVEL
+                files = torch.stack([relabel.logits[k] for k in keys])
+                with torch.no_grad():
+                    again = model(batch.images)
+                scale = files.abs().max(1, keepdim=True).values
+                assert ((again - files).abs() / scale).max() <= TEACHER_RTOL
+    assert plain_gap > 10 / 255
 
 
 def test_a_rerun_finds_the_set_complete(relabels: dict[str, Relabelled], images: Path) -> None:

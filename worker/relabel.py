@@ -290,6 +290,7 @@ class _Labeler:
             mix=plan.get("mix"),
             mean=self.config.mean,
             std=self.config.std,
+            interpolation=self.config.views.interpolation,
         )
         if self.device.type == "cuda":
             views = views.contiguous(memory_format=torch.channels_last)

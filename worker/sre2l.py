@@ -8,7 +8,10 @@ image and stores each (epoch, sample)'s view (the crop in base-image pixels, the
 its mix (partner: the sample at the batch's permuted row, λ, the box in output pixels)
 and the logits refined into GIFT's labels with their norms, as a relabel would have stored
 them; the set then serves at any batch size and world size, each sample with the input
-and label SRe2L's teacher had.
+and label SRe2L's teacher had. SRe2L's teacher saw PIL's bilinear resize, antialiased
+where a crop is larger than the output: a set with such a crop names the view policy's
+interpolation "bilinear-antialias" (the client then resamples as PIL does), any other
+"bilinear" (the two are the same filter when no axis shrinks).
 
 A relabel whose DataLoader dropped each epoch's last partial batch (LPLD's and LPQLD's
 ``--prune_ratio > 0``) leaves N mod B images without a label in each of its epochs, which a
@@ -104,8 +107,8 @@ class ImportOptions:
 @dataclass
 class ImportResult:
     """The label set; how many views the files hold, how many of them SRe2L's teacher saw
-    downscaled (the crop larger than the output), and how many a relabel with dropped
-    batches left beyond the set's last complete epoch."""
+    downscaled (the crop larger than the output: the set's views are then antialiased), and
+    how many a relabel with dropped batches left beyond the set's last complete epoch."""
 
     manifest: Manifest
     computed_shards: int
@@ -425,7 +428,11 @@ def _config(
             spec="sre2l", weights=str(opts.labels), weights_sha256=survey.digest(opts.labels)
         ),
         views=ViewInfo(
-            scale=tuple(survey.scale), ratio=tuple(survey.ratio), flip=survey.flip, output_size=out
+            scale=tuple(survey.scale),
+            ratio=tuple(survey.ratio),
+            flip=survey.flip,
+            output_size=out,
+            interpolation="bilinear-antialias" if survey.downscaled else "bilinear",
         ),
         mix=mix,
         refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),

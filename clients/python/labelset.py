@@ -274,6 +274,7 @@ class LabelSet(ABC):
             mix=mix,
             mean=self.mean,
             std=self.std,
+            interpolation=self.detail.views.interpolation,
         )
 
         # labels arrive as stored (a top-k row is a few dozen bytes) and are decoded after

@@ -307,6 +307,7 @@ def compute_report(
         grid = stored_views(
             source.info.mix,  # type: ignore[arg-type]
             source.images, ids, params, source.info.output_size, mix, partner,
+            source.info.interpolation,
         ).numpy()
     hardest_ids = np.array([h["sample"] for h in numbers["hardest"]], dtype=np.int64)
     return ReportData(numbers, grid, source.images(hardest_ids))

@@ -40,6 +40,7 @@ class SetInfo:
     label_bytes: int
     teacher: str
     mix: str | None  # "cutmix" or "mixup" for a mixed set
+    interpolation: str = "bilinear"  # the view policy's (softserve.pixels)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class StoreSource:
             alpha=config.refinement.alpha, beta=config.refinement.beta,
             format_version=manifest.format_version, label_bytes=manifest.label_bytes(),
             teacher=config.teacher.spec, mix=None if config.mix is None else config.mix.kind,
+            interpolation=config.views.interpolation,
         )  # fmt: skip
 
     def hard_labels(self) -> np.ndarray:
@@ -155,7 +157,7 @@ class RemoteSource:
             image_shape=tuple(d.image_shape), output_size=tuple(d.output_size), codec=d.codec,
             alpha=d.refinement.alpha, beta=d.refinement.beta,
             format_version=d.format_version, label_bytes=d.label_bytes, teacher=d.teacher,
-            mix=None if d.mix is None else d.mix.kind,
+            mix=None if d.mix is None else d.mix.kind, interpolation=d.views.interpolation,
         )  # fmt: skip
         cap = d.max_batch_size or max(self.BATCH_ROWS, self.IMAGE_ROWS)
         self.batch_rows, self.image_rows = min(self.BATCH_ROWS, cap), min(self.IMAGE_ROWS, cap)
