@@ -14,9 +14,9 @@ from outside it), followed by the flip. ``"bilinear-antialias"``: PIL's bilinear
 (SRe2L's teacher's), which ``F.interpolate(crop, size, mode="bilinear", antialias=True)``
 also computes: along each axis that shrinks by s > 1, the triangle filter's half-width grows
 from 1 to s input pixels, so every input pixel counts (plain bilinear reads 2 per output
-pixel, wherever s is); along an axis that does not shrink, the two are the same filter. It is applied batched, as weighted taps along rows and
-then columns. CutMix pastes the partner's box into the view; Mixup blends
-λ·view + (1 − λ)·partner.
+pixel, wherever s is); along an axis that does not shrink, the two are the same filter. It
+is applied batched, as weighted taps along rows and then columns. CutMix pastes the
+partner's box into the view; Mixup blends λ·view + (1 − λ)·partner.
 """
 
 from __future__ import annotations
