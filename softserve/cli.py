@@ -20,12 +20,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from softserve.errors import InputError, Interrupted, SoftserveError
-from softserve.format.codecs import DEFAULT_CODEC
+from softserve.format.codecs import STUDY_VERDICTS
 
 if TYPE_CHECKING:
     from softserve.format.augment import MixPolicy, ViewPolicy
     from softserve.service.settings import ServiceSettings
     from softserve.worker.demo import DemoOptions
+
+#: The default codec as --help states it (softserve.format.codecs.default_codec).
+_DEFAULT_CODECS = (
+    "by class count: the label budget's verdict at the nearest K measured ("
+    + ", ".join(f"{codec} at K = {k}" for k, codec in sorted(STUDY_VERDICTS.items()))
+    + "), fp16 for 8 classes or fewer"
+)
 
 app = typer.Typer(
     name="softserve",
@@ -232,7 +239,7 @@ def relabel(
         str | None,
         typer.Option(
             help="Label codec: fp32, fp16, int8, topk:k (k largest) or topk:k+intb (and the "
-            "rest at b bits) [default: int8; fp16 for 8 classes or fewer].",
+            f"rest at b bits) [default: {_DEFAULT_CODECS}].",
             show_default=False,
         ),
     ] = None,
@@ -742,7 +749,10 @@ def demo_prepare(
         int | None, typer.Option(help="Train the teacher on this many images only (quick runs).")
     ] = None,
     label_epochs: LabelEpochsOption = 300,
-    codec: Annotated[str, typer.Option(help="Label codec.")] = DEFAULT_CODEC,
+    codec: Annotated[
+        str | None,
+        typer.Option(help=f"Label codec [default: {_DEFAULT_CODECS}].", show_default=False),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of teacher training, selection and views.")] = 0,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,

@@ -129,27 +129,16 @@ def test_default_codec_ignores_larger_undecided_codecs_and_single_seed_optimizer
     assert "**Default codec:** not decided yet" in page
 
 
-def test_default_codec_is_the_committed_studys_verdict() -> None:
-    """DEFAULT_CODEC is what bench/results/label_budget.jsonl chose: changing either alone
-    fails here."""
-    from softserve.format.codecs import DEFAULT_CODEC
+@pytest.mark.parametrize("task", label_budget_report.TASKS)
+def test_relabels_defaults_are_the_committed_studies_verdicts(task: str) -> None:
+    """STUDY_VERDICTS holds the verdict of each committed study that has decided one, and
+    nothing for one that has not: changing the code or the results alone fails here."""
+    from softserve.format.codecs import STUDY_VERDICTS
 
-    records = label_budget_report.load(ROOT / "bench" / "results" / "label_budget.jsonl")
+    study = label_budget_report.TASKS[task]
+    records = label_budget_report.load(ROOT / "bench" / "results" / f"{study.stem}.jsonl")
     chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
-    assert chosen is not None, "the committed study has not decided a default codec"
-    assert chosen.codec == DEFAULT_CODEC
-
-
-def test_relabels_default_at_k1000_is_the_k1000_studys_verdict_once_decided() -> None:
-    """default_codec(1000) agrees with bench/results/label_budget_k1000.jsonl's verdict
-    whenever that study has decided one."""
-    from softserve.format.codecs import default_codec
-
-    records = label_budget_report.load(ROOT / "bench" / "results" / "label_budget_k1000.jsonl")
-    chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
-    if chosen is None:
-        pytest.skip("the K = 1000 study has not decided a default codec yet")
-    assert chosen.codec == default_codec(1000)
+    assert STUDY_VERDICTS.get(study.classes) == (chosen and chosen.codec)
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:

@@ -23,6 +23,7 @@ class BudgetTask:
     stem: str
     headline: str
     command: str
+    classes: int
 
     @property
     def markers(self) -> tuple[str, str]:
@@ -33,11 +34,11 @@ class BudgetTask:
 #: The label-budget study by --task of bench.studies.label_budget.
 TASKS = {
     "fashion-mnist": BudgetTask(
-        "label_budget", "Fashion-MNIST IPC 10", "python -m bench.studies.label_budget"
+        "label_budget", "Fashion-MNIST IPC 10", "python -m bench.studies.label_budget", 10
     ),
     "triplets": BudgetTask(
         "label_budget_k1000", "Fashion-MNIST triplets (K = 1000) IPC 1",
-        "python -m bench.studies.label_budget --task triplets",
+        "python -m bench.studies.label_budget --task triplets", 1000,
     ),
 }  # fmt: skip
 LOSSES = ("gift", "kl")
