@@ -75,6 +75,9 @@ def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> Non
     assert (tmp_path / "out" / "label_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = label_budget_report.write_report(results, tmp_path / "out2").read_text()
     assert again == page
+    assert "LPQLD" not in page  # the ImageNet figures stand beside the K = 1000 study only
+    k1000 = label_budget_report.write_report(results, tmp_path / "out3", task="triplets")
+    assert label_budget_report.IMAGENET_FIGURES in k1000.read_text()
 
 
 def test_default_codec_waits_for_seeds(tmp_path: Path) -> None:
