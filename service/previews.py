@@ -64,7 +64,7 @@ def view_png(entry: CatalogEntry, epoch: int, sample: int) -> bytes:
     view = stored_views(
         None if config.mix is None else config.mix.kind, entry.base_images, np.array([sample]),
         row["params"], config.views.output_size, row.get("mix"), row.get("partner_params"),
-        views=config.views.policy, mean=config.mean, std=config.std,
+        config.views.interpolation, views=config.views.policy, mean=config.mean, std=config.std,
     )[0]  # fmt: skip
     pixels = view.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)

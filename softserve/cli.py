@@ -20,12 +20,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from softserve.errors import InputError, Interrupted, SoftserveError
-from softserve.format.codecs import DEFAULT_CODEC
+from softserve.format.codecs import STUDY_VERDICTS
 
 if TYPE_CHECKING:
     from softserve.format.augment import DsaPolicy, MixPolicy, ViewPolicy
     from softserve.service.settings import ServiceSettings
     from softserve.worker.demo import DemoOptions
+
+#: The default codec as --help states it (softserve.format.codecs.default_codec).
+_DEFAULT_CODECS = (
+    "by class count: the label budget's verdict at the nearest K measured ("
+    + ", ".join(f"{codec} at K = {k}" for k, codec in sorted(STUDY_VERDICTS.items()))
+    + "), fp16 for 8 classes or fewer"
+)
 
 app = typer.Typer(
     name="softserve",
@@ -249,7 +256,7 @@ def relabel(
         str | None,
         typer.Option(
             help="Label codec: fp32, fp16, int8, topk:k (k largest) or topk:k+intb (and the "
-            "rest at b bits) [default: int8; fp16 for 8 classes or fewer].",
+            f"rest at b bits) [default: {_DEFAULT_CODECS}].",
             show_default=False,
         ),
     ] = None,
@@ -398,7 +405,7 @@ def import_sre2l(
         ),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Import the first E epochs [default: all].")
+        int | None, typer.Option(help="Import the files' first E epochs [default: all].")
     ] = None,
     mix_alpha: Annotated[
         float | None,
@@ -442,12 +449,18 @@ def import_sre2l(
             f"wrote {out}: {config.epochs} epochs of {config.num_samples} samples ({mix}), "
             f"{config.codec}, {result.manifest.label_bytes() / 2**20:.2f} MiB of labels"
         )
-    if result.downscaled:
+    if result.left_out:
         err.print(
-            f"[yellow]warning:[/] {result.downscaled} of {result.views} views crop more "
-            "pixels than --size: SRe2L's teacher saw them antialiased (PIL), the client "
-            "resamples without; those inputs differ by more than one gray level (README: "
-            "Coming from SRe2L)",
+            f"note: the relabel dropped each epoch's last partial batch; epoch k of the set "
+            f"holds each image's k-th view, and {result.left_out} of {result.views} views, "
+            "beyond the fewest an image has, are left out (README: Coming from SRe2L)",
+            soft_wrap=True,
+        )
+    if result.downscaled:
+        stdout.print(
+            f"{result.downscaled} of {result.views} views crop more pixels than --size: SRe2L's "
+            "teacher saw them antialiased (PIL), and the set's views are antialiased bilinear "
+            "(interpolation bilinear-antialias)",
             soft_wrap=True,
         )
 
@@ -763,7 +776,10 @@ def demo_prepare(
         int | None, typer.Option(help="Train the teacher on this many images only (quick runs).")
     ] = None,
     label_epochs: LabelEpochsOption = 300,
-    codec: Annotated[str, typer.Option(help="Label codec.")] = DEFAULT_CODEC,
+    codec: Annotated[
+        str | None,
+        typer.Option(help=f"Label codec [default: {_DEFAULT_CODECS}].", show_default=False),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of teacher training, selection and views.")] = 0,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,

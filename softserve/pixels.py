@@ -6,13 +6,21 @@ student's input with the same function from the stored rows
 (:mod:`softserve.format.augment`), so both see the same pixels. The server's view previews
 use it too.
 
-Resampling is bilinear with ``align_corners=False`` and no antialiasing, exactly what
-``F.interpolate(crop, size, mode="bilinear", align_corners=False)`` does to the cropped box
-(edge pixels clamp to the box, never bleed in from outside it), followed by the flip.
-CutMix pastes the partner's box into the view; Mixup blends λ·view + (1 − λ)·partner.
+Resampling follows the label set's view policy (its ``interpolation``). ``"bilinear"``
+(every set's before antialiased views, and relabel's): bilinear with ``align_corners=False``
+and no antialiasing, exactly what ``F.interpolate(crop, size, mode="bilinear",
+align_corners=False)`` does to the cropped box (edge pixels clamp to the box, never bleed in
+from outside it), followed by the flip. ``"bilinear-antialias"``: PIL's bilinear resize
+(SRe2L's teacher's), which ``F.interpolate(crop, size, mode="bilinear", antialias=True)``
+also computes: along each axis that shrinks by s > 1, the triangle filter's half-width grows
+from 1 to s input pixels, so every input pixel counts (plain bilinear reads 2 per output
+pixel, wherever s is); along an axis that does not shrink, the two are the same filter. It
+is applied batched, as weighted taps along rows and then columns. CutMix pastes the
+partner's box into the view; Mixup blends λ·view + (1 − λ)·partner.
 
-DSA views (:func:`apply_dsa`) resize the whole image the same way (flipped by the row's
-flip bit), normalize it, and then run DSA in normalized pixels, as the GIFT evaluator does:
+DSA views (:func:`apply_dsa`) resize the whole image by the same interpolation (flipped by
+the row's flip bit), normalize it, and then run DSA in normalized pixels, as the GIFT
+evaluator does:
 brightness, saturation, contrast, one of an integer shift with zero padding or a scale or
 rotation by ``grid_sample`` (bilinear, zero padding, ``align_corners=False``, as
 ``F.affine_grid`` + ``F.grid_sample`` with their defaults), and the cutout box set to zero.
@@ -38,6 +46,9 @@ from softserve.format.augment import (
     MixKind,
     ViewKind,
 )
+
+#: a view policy's resampling (the manifest's ``views.interpolation``)
+INTERPOLATIONS = ("bilinear", "bilinear-antialias")
 
 
 def _taps(params: torch.Tensor, out_h: int, out_w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +77,54 @@ def _taps(params: torch.Tensor, out_h: int, out_w: int) -> tuple[torch.Tensor, t
     return index, frac
 
 
+def _filter_taps(
+    params: torch.Tensor, axis: int, out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Antialiased bilinear's taps along ``axis`` (0 rows, 1 columns, mirrored for flipped
+    views): source indices and weights, both (T, B, out), T the widest window of the batch.
+    Output pixel i of a crop [a, a + n) resized to m weighs input pixel x by the triangle
+    1 − |x + ½ − c| / f, c = a + (i + ½)·n/m, f = max(n/m, 1), over the crop, normalized to
+    sum 1 (PIL's ``precompute_coeffs``); a tap past the window weighs 0."""
+    device = params.device
+    start = params[:, axis, None].to(torch.float32)
+    length = params[:, axis + 2, None].to(torch.float32)
+    grid = torch.arange(out, dtype=torch.float32, device=device).expand(len(params), out)
+    if axis == 1:
+        grid = torch.where(params[:, 4, None].bool(), (out - 1) - grid, grid)
+    scale = length / out
+    support = scale.clamp(min=1.0)
+    centre = start + (grid + 0.5) * scale
+    first = torch.maximum((centre - support + 0.5).floor(), start)
+    stop = torch.minimum((centre + support + 0.5).floor(), start + length)
+    taps = int((stop - first).max().item())
+    x = first + torch.arange(taps, dtype=torch.float32, device=device).view(-1, 1, 1)
+    weight = (1 - (x + 0.5 - centre).abs() / support).clamp_(min=0.0) * (x < stop)
+    index = torch.minimum(x, start + length - 1).to(torch.long)
+    return index, weight / weight.sum(dim=0)
+
+
+def _antialiased(
+    images: torch.Tensor, params: torch.Tensor, out_h: int, out_w: int
+) -> torch.Tensor:
+    """The views resized by antialiased bilinear, float32 (B, C, out_h, out_w), unscaled:
+    rows, then columns, each a weighted sum over its taps in a fixed order (deterministic,
+    and no matrix product, whose precision a job may lower to TF32)."""
+    b, c, h_in, w_in = images.shape
+    rows, row_weight = _filter_taps(params, 0, out_h)
+    cols, col_weight = _filter_taps(params, 1, out_w)
+    planes = (torch.arange(b * c, device=images.device) * h_in).view(b, c, 1)
+    flat = images.reshape(b * c * h_in, w_in)
+    x = torch.zeros(b, c, out_h, w_in, dtype=torch.float32, device=images.device)
+    for index, weight in zip(rows, row_weight, strict=True):
+        taken = flat.index_select(0, (planes + index[:, None]).reshape(-1))
+        x += taken.view(b, c, out_h, w_in).to(torch.float32) * weight[:, None, :, None]
+    y = torch.zeros(b, c, out_h, out_w, dtype=torch.float32, device=images.device)
+    for index, weight in zip(cols, col_weight, strict=True):
+        taken = torch.gather(x, 3, index.view(b, 1, 1, out_w).expand(b, c, out_h, out_w))
+        y += taken * weight[:, None, None, :]
+    return y
+
+
 def apply_views(
     images: torch.Tensor,
     params: torch.Tensor,
@@ -73,12 +132,14 @@ def apply_views(
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Crop, resize and flip a batch of base images by their view parameters.
 
     ``images`` is (B, C, H, W), uint8 or float in [0, 1], on any device; ``params`` is
-    (B, 5) as from :func:`sample_views`. Returns float32 (B, C, *size) on the images' device,
-    in [0, 1], or normalized by ``mean``/``std`` (per channel, in [0, 1] units) when given.
+    (B, 5) as from :func:`sample_views`; ``interpolation`` one of :data:`INTERPOLATIONS`
+    (the module docstring). Returns float32 (B, C, *size) on the images' device, in [0, 1],
+    or normalized by ``mean``/``std`` (per channel, in [0, 1] units) when given.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -89,9 +150,13 @@ def apply_views(
     out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
     if (mean is None) != (std is None):
         raise ValueError("pass both mean and std, or neither")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
     device = images.device
     params = params.to(device=device, dtype=torch.long)
     b, c, h_in, w_in = images.shape
+    if interpolation == "bilinear-antialias":
+        return _normalized(_antialiased(images, params, out_h, out_w), images.dtype, mean, std)
 
     index, frac = _taps(params, out_h, out_w)
 
@@ -107,12 +172,22 @@ def apply_views(
     col_index = index[:, 1, :, :out_w].permute(1, 0, 2).reshape(b, 1, 1, 2 * out_w)
     pairs = torch.gather(x, 3, col_index.expand(b, c, out_h, 2 * out_w))
     x = torch.lerp(pairs[..., :out_w], pairs[..., out_w:], frac[1, :, None, None, :out_w])
-    # one affine pass: uint8 to [0, 1], then the normalization
-    scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
+    return _normalized(x, images.dtype, mean, std)
+
+
+def _normalized(
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> torch.Tensor:
+    """Resampled views ``x`` of images of ``dtype`` in one affine pass, in place: uint8 to
+    [0, 1], then the normalization."""
+    scale = 1 / 255 if dtype == torch.uint8 else 1.0
     if mean is None or std is None:
         return x.mul_(scale) if scale != 1.0 else x
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return x.mul_(scale / s).sub_(m / s)
 
 
@@ -198,13 +273,15 @@ def apply_dsa(
     *,
     mean: Sequence[float],
     std: Sequence[float],
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """DSA views of a batch of base images by their DSA rows.
 
     ``images`` is (B, C, H, W), uint8 or float in [0, 1], on any device; ``params`` is
     (B, 14) float32 as from :func:`softserve.format.augment.sample_dsa`, in pixels of
-    ``size``. Returns float32 (B, C, *size), normalized by ``mean``/``std`` (DSA works on
-    normalized pixels: its zeros are the mean colour).
+    ``size``, which the whole image is first resized to by ``interpolation``. Returns
+    float32 (B, C, *size), normalized by ``mean``/``std`` (DSA works on normalized pixels:
+    its zeros are the mean colour).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -216,7 +293,7 @@ def apply_dsa(
     _, _, h_in, w_in = images.shape
     whole = torch.tensor([0, 0, h_in, w_in, 0], dtype=torch.long, device=device).repeat(b, 1)
     whole[:, 4] = rows[:, _DSA["flip"]].to(torch.long)
-    x = apply_views(images, whole, size, mean=mean, std=std)
+    x = apply_views(images, whole, size, mean=mean, std=std, interpolation=interpolation)
 
     def factor(name: str) -> torch.Tensor:
         return rows[:, _DSA[name], None, None, None]
@@ -244,16 +321,17 @@ def views_of(
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """The views of a set's view policy: crops (:func:`apply_views`) or DSA
     (:func:`apply_dsa`, which needs the normalization)."""
     if views == "rrc":
-        return apply_views(images, params, size, mean=mean, std=std)
+        return apply_views(images, params, size, mean=mean, std=std, interpolation=interpolation)
     if views != "dsa":
         raise ValueError(f"views must be rrc or dsa, got {views!r}")
     if mean is None or std is None:
         raise ValueError("DSA views work on normalized pixels: pass mean and std")
-    return apply_dsa(images, params, size, mean=mean, std=std)
+    return apply_dsa(images, params, size, mean=mean, std=std, interpolation=interpolation)
 
 
 def mixed_views(
@@ -267,25 +345,28 @@ def mixed_views(
     mix: torch.Tensor | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    interpolation: str = "bilinear",
     views: ViewKind = "rrc",
 ) -> torch.Tensor:
     """The teacher's (and the student's) input: the views (of policy ``views``), mixed with
     their partners' views when ``kind`` is set. What the worker labels and the client trains
     on."""
-    out = views_of(views, images, params, size, mean=mean, std=std)
+    how = {"mean": mean, "std": std, "interpolation": interpolation}
+    out = views_of(views, images, params, size, **how)
     if kind is None:
         return out
     if partner_images is None or partner_params is None or mix is None:
         raise ValueError("a mixed set needs partner_images, partner_params and mix")
-    partner = views_of(views, partner_images, partner_params, size, mean=mean, std=std)
+    partner = views_of(views, partner_images, partner_params, size, **how)
     return apply_mix(kind, out, partner, mix)
 
 
 def stored_views(
     kind: MixKind | None, images_of: Callable[[np.ndarray], np.ndarray], ids: np.ndarray,
     params: np.ndarray, size: int | Sequence[int], mix: np.ndarray | None = None,
-    partner_params: np.ndarray | None = None, *, views: ViewKind = "rrc",
-    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+    partner_params: np.ndarray | None = None, interpolation: str = "bilinear", *,
+    views: ViewKind = "rrc", mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Stored rows as pictures: samples ``ids`` through their view ``params``, mixed by their
     stored ``mix`` rows with their partners' views, unnormalized in [0, 1]. ``images_of``
@@ -301,7 +382,7 @@ def stored_views(
         kind, torch.from_numpy(images_of(np.asarray(ids, dtype=np.int64))), tensor(params),
         size, partner_images=partners, partner_params=tensor(partner_params),
         mix=tensor(mix, np.float32), mean=mean if views == "dsa" else None,
-        std=std if views == "dsa" else None, views=views,
+        std=std if views == "dsa" else None, interpolation=interpolation, views=views,
     )  # fmt: skip
     if views == "rrc":
         return out

@@ -44,13 +44,15 @@ class TeacherInfo(_Model):
 
 class ViewInfo(_Model):
     """RandomResizedCrop + flip views (``--views rrc``, and every set before DSA views): the
-    policy and the output size; the interpolation is fixed and named here."""
+    policy, the output size, and how a crop is resized to it (:mod:`softserve.pixels`):
+    "bilinear" (every set before antialiased views, and relabel's) or "bilinear-antialias"
+    (PIL's, as SRe2L's teacher saw downscaled crops)."""
 
     scale: tuple[float, float]
     ratio: tuple[float, float]
     flip: bool
     output_size: tuple[int, int]
-    interpolation: Literal["bilinear"] = "bilinear"
+    interpolation: Literal["bilinear", "bilinear-antialias"] = "bilinear"
 
     @property
     def policy(self) -> ViewKind:

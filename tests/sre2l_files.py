@@ -94,16 +94,21 @@ def write_relabel(
     mix: str | None = "cutmix",
     flat: bool = False,
     record: bool = False,
+    drop_last: bool = False,
     seed: int = 42,
 ) -> Relabelled:
     """Relabel ``images`` into ``out`` as SRe2L does (``flat``: as LPQLD does, with its
     float16 coords, uint8 permutations and boxes and its per-batch record; ``record``
-    without ``flat``: with LPLD's per-epoch record of the sampler)."""
+    without ``flat``: with LPLD's per-epoch record of the sampler; ``drop_last``: each
+    epoch's last partial batch dropped, as LPLD and LPQLD do with --prune_ratio > 0)."""
     dataset = _CropFolder(images, size)
     generator = torch.Generator()
     generator.manual_seed(seed)
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=generator)
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, generator=generator),
+        drop_last=drop_last,
     )
     rng = np.random.RandomState(0)
     result = Relabelled(out, batch_size)

@@ -19,7 +19,9 @@ from sre2l_files import IMAGENET, Relabelled, write_relabel
 
 from softserve.client import Client, open_local
 from softserve.errors import InputError
+from softserve.pixels import stored_views
 from softserve.storage import LabelSetReader
+from softserve.worker.sources import load_image_set
 from softserve.worker.sre2l import ImportOptions, import_sre2l
 
 N, EPOCHS, BATCH, SIZE = 20, 2, 8, 16
@@ -37,6 +39,12 @@ SETS = {
     "views-lpqld": ({"mix": None, "flat": True}, "fp16"),
     "cutmix-lpqld": ({"mix": "cutmix", "flat": True}, "fp32"),
 }
+#: relabels whose epochs dropped their last partial batch (4 of the 20 images an epoch),
+#: 5 epochs of files: every image has at least 2 views (seed 42), the set 2 epochs
+DROPPED = {
+    "dropped-lpld": {"mix": "cutmix", "record": True, "drop_last": True, "epochs": 5},
+    "dropped-lpqld": {"mix": "cutmix", "flat": True, "drop_last": True, "epochs": 5},
+}
 
 
 def teacher() -> torch.nn.Module:
@@ -52,10 +60,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def relabels(tmp_path_factory: pytest.TempPathFactory, images: Path) -> dict[str, Relabelled]:
-    """Every set of SETS relabelled (2 epochs in batches of 8) and imported into one store."""
+    """Every set of SETS relabelled (2 epochs in batches of 8), and of DROPPED, imported
+    into one store."""
     root = tmp_path_factory.mktemp("sre2l")
     done = {}
-    for name, (how, codec) in SETS.items():
+    runs = {**SETS, **{name: (how, "fp32") for name, how in DROPPED.items()}}
+    for name, (how, codec) in runs.items():
         done[name] = write_relabel(images, root / "labels" / name, teacher(), **how)
         opts = ImportOptions(
             labels=done[name].root,
@@ -172,29 +182,111 @@ def test_stored_orders_views_and_mixes_are_the_relabels(
                 assert rows["mix"][j, 1] == np.float32(1 - (r1 - r0) * (c1 - c0) / SIZE**2)
 
 
-def test_downscaled_views_are_counted_and_the_rest_match(tmp_path: Path) -> None:
-    """Crops of 24×24 images resized to 16: the import counts the views PIL downscaled
-    (antialiased, unlike the client's), and every other view is within one gray level."""
-    folder = write_folder(tmp_path / "images", *random_set(n=N, h=24, w=24, seed=3))
-    relabel = write_relabel(folder, tmp_path / "labels", teacher(), mix=None, size=SIZE)
-    result = import_sre2l(
+def kth_views(relabel: Relabelled) -> tuple[int, dict[tuple[int, int], tuple[int, int]]]:
+    """The set a relabel with dropped batches imports as: its epoch count (the fewest views
+    an image has) and, per (set epoch k, sample), the files' (epoch, sample) of that image's
+    k-th view."""
+    seen: dict[int, list[int]] = {}
+    for epoch, order in sorted(relabel.orders.items()):
+        for sample in order:
+            seen.setdefault(sample, []).append(epoch)
+    kept = min(len(v) for v in seen.values())
+    return kept, {(k, i): (e[k], i) for i, e in seen.items() for k in range(kept)}
+
+
+@pytest.mark.parametrize("name", list(DROPPED))
+def test_dropped_batches_import_each_images_kth_view_as_epoch_k(
+    served: Server, relabels: dict[str, Relabelled], images: Path, name: str
+) -> None:
+    """A relabel that dropped 4 images an epoch: set epoch k serves each image's k-th view
+    of the files (logits, view, mix, order), over HTTP, for as many epochs as every image has
+    views; some views of the files are not the first ones' own epoch, and some are left out."""
+    relabel = relabels[name]
+    kept, source = kth_views(relabel)
+    assert kept == 2 and any(e != k for (k, _), (e, _) in source.items())
+    model = teacher()
+    with Client(served.url) as client:
+        remote = client.labelset(name)
+        assert remote.epochs == kept
+        for epoch in range(kept):
+            seen = []
+            for batch in remote.batches(epoch, batch_size=6, logits=True, drop_last=False):
+                keys = [source[(epoch, i)] for i in batch.indices.tolist()]
+                files = torch.stack([relabel.logits[k] for k in keys])
+                torch.testing.assert_close(batch.logits, files, **codec_tolerance("fp32", files))
+                inputs = torch.stack([relabel.inputs[k] for k in keys])
+                assert ((batch.images - inputs).abs() * STD).max() <= ONE_LEVEL
+                with torch.no_grad():
+                    again = model(batch.images)
+                scale = files.abs().max(1, keepdim=True).values
+                assert ((again - files).abs() / scale).max() <= TEACHER_RTOL
+                seen += batch.indices.tolist()
+            assert sorted(seen) == list(range(N))
+    with LabelSetReader(relabel.root.parent.parent / "store" / name) as reader:
+        for epoch in range(kept):
+            rows = reader.read(epoch, 0, N, ("order", "params", "mix"))
+            stream = [
+                i
+                for e, order in sorted(relabel.orders.items())
+                for i in order
+                if source[(epoch, i)][0] == e
+            ]
+            assert rows["order"].tolist() == stream  # the files' order
+            for j, sample in enumerate(rows["order"].tolist()):
+                key = source[(epoch, sample)]
+                assert tuple(rows["params"][j]) == relabel.views[key]
+                assert rows["mix"][j, 0] == relabel.mixes[key][0]
+    views = sum(len(order) for order in relabel.orders.values())
+    again = import_sre2l(
         ImportOptions(
             labels=relabel.root,
-            images=folder,
-            size=(SIZE, SIZE),
-            out=tmp_path / "store" / "down",
+            images=images,
+            out=relabel.root.parent.parent / "store" / name,
+            codec="fp32",
             progress=False,
         )
     )
+    assert again.computed_shards == 0 and again.left_out == views - kept * N > 0
+
+
+def test_downscaled_views_are_antialiased_as_pil_resized_them(tmp_path: Path) -> None:
+    """Crops of 24×24 images resized to 16 with CutMix: the import counts the views PIL
+    downscaled and names the set's interpolation bilinear-antialias; then every served view
+    (each row's and its partner's crop) is within one gray level of PIL's, the teacher's
+    input, and the teacher on it gives the file's logits. Plain bilinear views of the same
+    rows, as before antialiased views, are many levels off where a crop was downscaled."""
+    folder = write_folder(tmp_path / "images", *random_set(n=N, h=24, w=24, seed=3))
+    relabel = write_relabel(folder, tmp_path / "labels", teacher(), size=SIZE)
+    out = tmp_path / "store" / "down"
+    opts = ImportOptions(labels=relabel.root, images=folder, size=(SIZE, SIZE), out=out)
+    opts.progress = False
+    result = import_sre2l(opts)
     downscaled = {k for k, v in relabel.views.items() if v[2] > SIZE or v[3] > SIZE}
     assert result.views == N * EPOCHS and result.downscaled == len(downscaled) > 0
-    labels = open_local(tmp_path / "store" / "down")
-    for epoch in range(EPOCHS):
-        for batch in labels.batches(epoch, batch_size=N):
-            for row, sample in enumerate(batch.indices.tolist()):
-                if (epoch, sample) not in downscaled:
-                    gap = (batch.images[row] - relabel.inputs[(epoch, sample)]).abs() * STD
-                    assert gap.max() <= ONE_LEVEL
+    labels = open_local(out)
+    assert labels.detail.views.interpolation == "bilinear-antialias"
+    model, mean = teacher(), torch.tensor(IMAGENET[0]).view(3, 1, 1)
+    base = load_image_set(folder).images
+    plain_gap = 0.0
+    with LabelSetReader(out) as reader:
+        for epoch in range(EPOCHS):
+            rows = reader.read(epoch, 0, N, ("order", "params", "mix", "partner_params"))
+            teacher_saw = torch.stack([relabel.inputs[(epoch, i)] for i in rows["order"]])
+            plain = stored_views(
+                "cutmix", base.__getitem__, rows["order"], rows["params"], SIZE, rows["mix"],
+                rows["partner_params"],
+            )  # fmt: skip
+            plain_gap = max(plain_gap, ((plain - (teacher_saw * STD + mean)).abs()).max().item())
+            for batch in labels.batches(epoch, batch_size=N, logits=True):
+                keys = [(epoch, i) for i in batch.indices.tolist()]
+                inputs = torch.stack([relabel.inputs[k] for k in keys])
+                assert ((batch.images - inputs).abs() * STD).max() <= ONE_LEVEL
+                files = torch.stack([relabel.logits[k] for k in keys])
+                with torch.no_grad():
+                    again = model(batch.images)
+                scale = files.abs().max(1, keepdim=True).values
+                assert ((again - files).abs() / scale).max() <= TEACHER_RTOL
+    assert plain_gap > 10 / 255
 
 
 def test_a_rerun_finds_the_set_complete(relabels: dict[str, Relabelled], images: Path) -> None:
@@ -241,7 +333,7 @@ def _top_k(items: list) -> list:
         ("cut short", "epoch 1 is cut short .* --epochs 1"),
         ("seed", "records other images for epoch 0 than a RandomSampler seeded 41"),
         ("top-k", "top-k logits .*--label_quantization"),
-        ("dropped", "has 16 rows .* or each epoch dropped its last partial batch"),
+        ("no view", "sample 16 has no label in the 3 epochs imported .*each dropped 4 images"),
         ("gray", "holds gray images, which SRe2L's ImageFolder read as RGB"),
     ],
 )
@@ -249,7 +341,7 @@ def test_refused_in_one_line_and_nothing_written(
     tmp_path: Path, relabels: dict[str, Relabelled], images: Path, case: str, message: str
 ) -> None:
     labels = tmp_path / "labels"
-    shutil.copytree(relabels["mixup-lpld"].root, labels)
+    shutil.copytree(relabels["dropped-lpld" if case == "no view" else "mixup-lpld"].root, labels)
     opts = ImportOptions(labels=labels, images=images, out=tmp_path / "store" / "x", progress=False)
     if case == "layout":
         shutil.rmtree(labels)
@@ -270,9 +362,8 @@ def test_refused_in_one_line_and_nothing_written(
         opts.seed = 41
     elif case == "top-k":
         _edit(labels / "epoch_0" / "batch_0.tar", _top_k)
-    elif case == "dropped":  # a relabel with drop_last: 2 full batches an epoch, 4 left out
-        for epoch in range(EPOCHS):
-            (labels / f"epoch_{epoch}" / "batch_2.tar").unlink()
+    elif case == "no view":  # 3 of the 5 epochs that dropped 4 images each: sample 16 has none
+        opts.epochs = 3
     elif case == "gray":
         opts.images = write_folder(tmp_path / "gray", *random_set(n=N, channels=1, h=SIZE, w=SIZE))
     with pytest.raises(InputError, match=message) as caught:
@@ -332,6 +423,16 @@ def test_the_cli_imports_and_refuses_in_one_line(
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and "cutmix" in done.stdout
     assert open_local(out).num_samples == N
+    dropped = relabels["dropped-lpld"]
+    views = sum(len(order) for order in dropped.orders.values())
+    left = views - kth_views(dropped)[0] * N
+    noted = run_cli(
+        "import", "sre2l", dropped.root, "--images", images, "--out", tmp_path / "store" / "d",
+        "--no-progress",
+    )  # fmt: skip
+    assert noted.returncode == 0, noted.stderr
+    assert "2 epochs of 20 samples" in noted.stdout
+    assert f"{left} of {views} views" in " ".join(noted.stderr.split())
     refused = run_cli(
         "import",
         "sre2l",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.studies import label_budget_report
+from bench.studies import label_budget, label_budget_report
 from softserve.worker import fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +75,9 @@ def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> Non
     assert (tmp_path / "out" / "label_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = label_budget_report.write_report(results, tmp_path / "out2").read_text()
     assert again == page
+    assert "LPQLD" not in page  # the ImageNet figures stand beside the K = 1000 study only
+    k1000 = label_budget_report.write_report(results, tmp_path / "out3", task="triplets")
+    assert label_budget_report.IMAGENET_FIGURES in k1000.read_text()
 
 
 def test_default_codec_waits_for_seeds(tmp_path: Path) -> None:
@@ -129,32 +132,30 @@ def test_default_codec_ignores_larger_undecided_codecs_and_single_seed_optimizer
     assert "**Default codec:** not decided yet" in page
 
 
-def test_default_codec_is_the_committed_studys_verdict() -> None:
-    """DEFAULT_CODEC is what bench/results/label_budget.jsonl chose: changing either alone
-    fails here."""
-    from softserve.format.codecs import DEFAULT_CODEC
+@pytest.mark.parametrize("task", label_budget_report.TASKS)
+def test_relabels_defaults_are_the_committed_studies_verdicts(task: str) -> None:
+    """STUDY_VERDICTS holds the verdict of each committed study that has decided one, and
+    nothing for one that has not: changing the code or the results alone fails here."""
+    from softserve.format.codecs import STUDY_VERDICTS
 
-    records = label_budget_report.load(ROOT / "bench" / "results" / "label_budget.jsonl")
+    study = label_budget_report.TASKS[task]
+    records = label_budget_report.load(ROOT / "bench" / "results" / f"{study.stem}.jsonl")
     chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
-    assert chosen is not None, "the committed study has not decided a default codec"
-    assert chosen.codec == DEFAULT_CODEC
-
-
-def test_relabels_default_at_k1000_is_the_k1000_studys_verdict_once_decided() -> None:
-    """default_codec(1000) agrees with bench/results/label_budget_k1000.jsonl's verdict
-    whenever that study has decided one."""
-    from softserve.format.codecs import default_codec
-
-    records = label_budget_report.load(ROOT / "bench" / "results" / "label_budget_k1000.jsonl")
-    chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
-    if chosen is None:
-        pytest.skip("the K = 1000 study has not decided a default codec yet")
-    assert chosen.codec == default_codec(1000)
+    assert STUDY_VERDICTS.get(study.classes) == (chosen and chosen.codec)
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:
     points = [(10, 0.5), (20, 0.4), (30, 0.7), (40, 0.7), (5, 0.2), (30, 0.6)]
     assert label_budget_report.pareto(points) == [(5, 0.2), (10, 0.5), (30, 0.7)]
+
+
+def test_an_optimizer_at_a_learning_rate_trains_with_it(tmp_path: Path) -> None:
+    """``sgd@0.1`` is SGD at lr 0.1 in the run's command; a bare name passes no --lr."""
+    ctx = label_budget.Context("http://x", "test.pt", "cpu", {}, tmp_path)
+    swept = ctx.command(label_budget.Job("fp32", 300, "gift", "sgd@0.1", 0, 100))
+    at = swept.index("--optimizer")
+    assert swept[at : at + 4] == ["--optimizer", "sgd", "--lr", "0.1"]
+    assert "--lr" not in ctx.command(label_budget.Job("fp32", 300, "gift", "sgd", 0, 100))
 
 
 @pytest.mark.slow

@@ -356,6 +356,20 @@ def test_a_timm_teacher_labels_with_its_weights(make_options, tmp_path: Path) ->
     assert gray.model(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
 
 
+def test_the_default_codec_is_the_verdict_of_the_nearest_class_count(monkeypatch) -> None:
+    """With studies at K = 10 and K = 1000, each rules up to the midpoint on a log scale
+    (K = 100, which goes to the larger); fp16 wherever it is no larger."""
+    from softserve.format import codecs
+
+    monkeypatch.setattr(codecs, "STUDY_VERDICTS", {10: "int8", 1000: "topk:10+int4"})
+    assert [codecs.default_codec(k) for k in (8, 9, 99, 100, 1000, 50_000)] == [
+        "fp16", "int8", "int8", "topk:10+int4", "topk:10+int4", "topk:10+int4"
+    ]  # fmt: skip
+    assert codecs.default_codec_reason(1000) == (
+        "no measured accuracy cost in the label budget at K = 1000"
+    )
+
+
 def test_without_a_codec_relabel_chooses_by_class_count_and_says_so(
     make_options, capsys
 ) -> None:
@@ -369,6 +383,7 @@ def test_without_a_codec_relabel_chooses_by_class_count_and_says_so(
     opts = make_options(codec=None, epochs=2)
     relabel(opts)
     assert read_manifest(opts.out).config.codec == "fp16"
-    assert "codec fp16, the default for 3 classes (6 bytes a label" in capsys.readouterr().out
+    assert "codec fp16, the default for 3 classes: no larger than int8, the label budget's " \
+        "verdict at K = 10 (6 bytes a label" in capsys.readouterr().out
     relabel(opts)  # resumes: the same choice, nothing to redo
     assert read_manifest(opts.out).config.codec == "fp16"

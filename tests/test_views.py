@@ -1,4 +1,5 @@
-"""Views: apply_views against a per-sample F.interpolate reference, and sample_views' contract."""
+"""Views: apply_views against a per-sample F.interpolate reference (plain and antialiased
+bilinear, and PIL's for the latter), and sample_views' contract."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def reference_views(
     size: tuple[int, int],
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    antialias: bool = False,
 ) -> torch.Tensor:
     """Crop, resize and flip one sample at a time with plain torch ops (the documented recipe).
 
@@ -39,7 +41,9 @@ def reference_views(
         top, left, h, w, flip = (int(v) for v in params[i].tolist())
         crop = images[i : i + 1, :, top : top + h, left : left + w]
         crop = crop.float() / 255.0 if crop.dtype == torch.uint8 else crop.float()
-        view = F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=False)
+        view = F.interpolate(
+            crop, size=size, mode="bilinear", align_corners=False, antialias=antialias
+        )
         if flip:
             view = torch.flip(view, dims=[3])
         if mean is not None and std is not None:
@@ -90,10 +94,16 @@ GEOMETRIES = [
 ]
 
 
+#: the interpolation, and apply_views' float32 tolerance against the reference (the
+#: antialiased filter sums more taps, each weight rounded once)
+INTERPOLATIONS = [("bilinear", 1e-6), ("bilinear-antialias", 4e-6)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize(("height", "width", "size"), GEOMETRIES)
+@pytest.mark.parametrize(("interpolation", "atol"), INTERPOLATIONS)
 def test_apply_views_matches_reference(
     device: str,
     dtype: torch.dtype,
@@ -101,18 +111,52 @@ def test_apply_views_matches_reference(
     height: int,
     width: int,
     size: int | tuple[int, int],
+    interpolation: str,
+    atol: float,
 ) -> None:
-    """Batched apply_views equals per-sample crop + bilinear interpolate + flip."""
+    """Batched apply_views equals per-sample crop + bilinear interpolate (antialiased for
+    bilinear-antialias) + flip."""
     params = make_params(25, height, width)
     images = make_images(len(params), channels, height, width, dtype, device)
-    out = apply_views(images, params, size)
+    out = apply_views(images, params, size, interpolation=interpolation)
     out_hw = (size, size) if isinstance(size, int) else size
     assert out.shape == (len(params), channels, *out_hw)
     assert out.dtype == torch.float32
     assert out.device.type == torch.device(device).type
-    expected = reference_views(images, params, out_hw)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    antialias = interpolation == "bilinear-antialias"
+    expected = reference_views(images, params, out_hw, antialias=antialias)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=0)
+    assert float(out.min()) >= -atol and float(out.max()) <= 1.0 + atol
+
+
+def test_antialiased_views_are_pils_resize_and_plain_ones_where_nothing_shrinks() -> None:
+    """bilinear-antialias against PIL's bilinear resize of each crop (SRe2L's teacher's
+    input: PIL rounds to 8 bits after each pass, so within one gray level), where plain
+    bilinear of downscaled crops is many levels off; and, where no axis of any crop shrinks,
+    the same views as plain bilinear."""
+    from PIL import Image
+
+    params = make_params(25, 20, 24)
+    images = make_images(len(params), 3, 20, 24, torch.uint8, "cpu")
+    size = (9, 11)
+    pil = []
+    for image, (top, left, h, w, flip) in zip(images, params.tolist(), strict=True):
+        crop = Image.fromarray(image.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
+        view = np.asarray(crop.resize(size[::-1], Image.Resampling.BILINEAR), dtype=np.float32)
+        view = np.ascontiguousarray(view[:, ::-1] if flip else view)
+        pil.append(torch.from_numpy(view).permute(2, 0, 1) / 255)
+    pil = torch.stack(pil)
+    antialiased = apply_views(images, params, size, interpolation="bilinear-antialias")
+    assert (antialiased - pil).abs().max() <= 1.001 / 255
+    assert (apply_views(images, params, size) - pil).abs().max() > 20 / 255
+    small = make_params(25, 8, 9)  # crops of at most 8×9, resized up to 9×11
+    images = make_images(len(small), 3, 8, 9, torch.uint8, "cpu")
+    torch.testing.assert_close(
+        apply_views(images, small, size, interpolation="bilinear-antialias"),
+        apply_views(images, small, size),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -164,6 +208,8 @@ def test_apply_views_rejects_bad_shapes() -> None:
         apply_views(images, params[0], 4)
     with pytest.raises(ValueError, match="mean"):
         apply_views(images, params, 4, mean=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="interpolation"):
+        apply_views(images, params, 4, interpolation="bicubic")
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from softserve.errors import InputError
 from softserve.format.augment import ViewPolicy
-from softserve.format.codecs import DEFAULT_CODEC
 from softserve.models import fashion_mnist_teacher
 from softserve.worker import fashion_mnist, garments
 from softserve.worker.relabel import RelabelOptions, relabel
@@ -49,7 +48,7 @@ class DemoOptions:
     teacher_epochs: int = 3
     train_limit: int | None = None
     label_epochs: int = 300
-    codec: str = DEFAULT_CODEC
+    codec: str | None = None  # by class count (relabel's default_codec)
     seed: int = 0
     device: str = "auto"
     batch_size: int = 128

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 import softserve
 from softserve.errors import InputError, StoreError
 from softserve.format.augment import DsaPolicy, MixPolicy, identity_view
-from softserve.format.codecs import default_codec, get_codec
+from softserve.format.codecs import default_codec, default_codec_reason, get_codec
 from softserve.format.labels import NORM, SOFT
 from softserve.format.refinement import refine_labels
 from softserve.pixels import mixed_views
@@ -287,6 +287,7 @@ class _Labeler:
             mix=plan.get("mix"),
             mean=self.config.mean,
             std=self.config.std,
+            interpolation=self.config.views.interpolation,
             views=self.config.views.policy,
         )
         if self.device.type == "cuda":
@@ -368,7 +369,8 @@ def relabel(opts: RelabelOptions, timing: PhaseTiming | None = None) -> RelabelR
     config = build_config(opts, data, teacher)
     if opts.codec is None:
         tqdm.write(
-            f"relabel: codec {config.codec}, the default for {config.num_classes} classes "
+            f"relabel: codec {config.codec}, the default for {config.num_classes} classes: "
+            f"{default_codec_reason(config.num_classes)} "
             f"({get_codec(config.codec).bytes_per_label(config.num_classes)} bytes a label; "
             "--codec to choose another)"
         )

@@ -8,7 +8,18 @@ image and stores each (epoch, sample)'s view (the crop in base-image pixels, the
 its mix (partner: the sample at the batch's permuted row, λ, the box in output pixels)
 and the logits refined into GIFT's labels with their norms, as a relabel would have stored
 them; the set then serves at any batch size and world size, each sample with the input
-and label SRe2L's teacher had.
+and label SRe2L's teacher had. SRe2L's teacher saw PIL's bilinear resize, antialiased
+where a crop is larger than the output: a set with such a crop names the view policy's
+interpolation "bilinear-antialias" (the client then resamples as PIL does), any other
+"bilinear" (the two are the same filter when no axis shrinks).
+
+A relabel whose DataLoader dropped each epoch's last partial batch (LPLD's and LPQLD's
+``--prune_ratio > 0``) leaves N mod B images without a label in each of its epochs, which a
+label set's epoch cannot do: epoch k of the imported set holds each image's k-th labelled
+view (its row in the k-th epoch of the files that labels it), for as many epochs as every
+image has views; the views beyond are left out and counted. Without dropped batches that is
+the files' epoch k itself. Each row keeps its own mix (partner, partner's view, λ, box), so
+moving it to another epoch changes nothing it serves.
 
 Two passes: the first loads and checks every batch file (layout, sampler, batch sizes,
 class count, crops and boxes) before anything is written, so a bad input writes nothing;
@@ -95,13 +106,15 @@ class ImportOptions:
 
 @dataclass
 class ImportResult:
-    """The label set, and how many of its views SRe2L's teacher saw downscaled (the crop
-    larger than the output: PIL antialiased them, the client's views do not)."""
+    """The label set; how many views the files hold, how many of them SRe2L's teacher saw
+    downscaled (the crop larger than the output: the set's views are then antialiased), and
+    how many a relabel with dropped batches left beyond the set's last complete epoch."""
 
     manifest: Manifest
     computed_shards: int
     views: int
     downscaled: int
+    left_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,18 +125,27 @@ class _Source:
     num_samples: int
     batch_size: int
     seed: int
+    #: the relabel's DataLoader dropped each epoch's last partial batch
+    drop_last: bool = False
 
     @property
     def per_epoch(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
+
+    @property
+    def labelled(self) -> int:
+        """Rows an epoch of the files holds."""
+        return self.per_epoch * self.batch_size if self.drop_last else self.num_samples
 
     def epochs(self, stop: int) -> Iterator[tuple[int, list[tuple[Path, np.ndarray]]]]:
         """Epochs 0..stop-1, each as its batch files with the sample ids of their rows."""
-        cuts = range(self.batch_size, self.num_samples, self.batch_size)
+        cuts = range(self.batch_size, self.labelled, self.batch_size)
         epochs = itertools.islice(sampler_epochs(self.num_samples, self.seed), stop)
         for epoch, ids in enumerate(epochs):
             paths = (self.layout.path(epoch, b, self.per_epoch) for b in itertools.count())
-            yield epoch, list(zip(paths, np.split(ids, cuts), strict=False))
+            yield epoch, list(zip(paths, np.split(ids[: self.labelled], cuts), strict=False))
 
 
 @dataclass
@@ -140,6 +162,11 @@ class _Survey:
     flip: bool = False
     views: int = 0
     downscaled: int = 0
+    #: per epoch of the files, each row's epoch in the set (see the module docstring)
+    slots: list[np.ndarray] = field(default_factory=list)
+    #: the set's epochs: the views every image has
+    kept: int = 0
+    left_out: int = 0
 
     def digest(self, root: Path) -> str:
         """sha256 over every imported file's name and sha256, in import order."""
@@ -204,40 +231,36 @@ def _first_rows(layout: Layout) -> int:
     return parse_batch(load_batch_file(path)[0], str(path)).rows
 
 
-def _check_count(source: _Source, data: ImageSet, images: Path) -> None:
-    """Refuse an --images tree whose sample count is not the one the relabel's epoch 0 ran
-    over (or an epoch that dropped its last partial batch, which no set can store)."""
-    layout, n, b = source.layout, source.num_samples, source.batch_size
-    dropped = ""
-    if n % b:
-        dropped = (
-            "; or each epoch dropped its last partial batch (a relabel with drop_last, as "
-            f"LPLD's and LPQLD's --prune_ratio > 0 run): {n % b} images then have no label in "
-            "each epoch, which a softserve set cannot store"
-        )
-    if layout.flat:
-        path = layout.path(0, source.per_epoch - 1, source.per_epoch)
-        if n % b and path.is_file():
-            rows = parse_batch(load_batch_file(path)[0], str(path)).rows
-            if rows != n % b:
-                raise InputError(
-                    f"--images {images} holds {n} images, so the sampler ends epoch 0 with "
-                    f"{n % b} rows in {path.name}, which has {rows}; pass the tree the relabel "
-                    f"read{dropped}"
-                )
-        return
+def _drops_last(layout: Layout, n: int, b: int, data: ImageSet, images: Path) -> bool:
+    """Whether the relabel's epochs dropped their last partial batch (epoch 0 holds N - N mod
+    B rows in full batches: LPLD's and LPQLD's ``--prune_ratio > 0`` set drop_last); refuse
+    an --images tree whose sample count is not the one the relabel's epoch 0 ran over."""
+    short = n % b
+    if layout.flat:  # batch_{N // B} ends epoch 0 with N mod B rows, or begins epoch 1
+        path = layout.root / f"batch_{n // b}.tar"
+        if not short or not path.is_file():
+            return False
+        rows = parse_batch(load_batch_file(path)[0], str(path)).rows
+        if rows not in (short, b):
+            raise InputError(
+                f"--images {images} holds {n} images, so the sampler ends epoch 0 with "
+                f"{short} rows in {path.name} (or, dropping that partial batch, begins epoch 1 "
+                f"there with {b}), which has {rows}; pass the tree the relabel read"
+            )
+        return rows == b != short
     numbers = layout.batches[0]
     missing = min(set(range(len(numbers) + 1)) - numbers)
     if missing < len(numbers):
         raise InputError(f"missing batch file {layout.path(0, missing, 1)}")
     last = layout.path(0, len(numbers) - 1, 1)
     total = (len(numbers) - 1) * b + parse_batch(load_batch_file(last)[0], str(last)).rows
-    if total != n:
-        raise InputError(
-            f"--images {images} holds {n} images ({data.num_classes} class folders), the "
-            f"labels' epoch 0 has {total} rows ({len(numbers)} batches of up to {b}); pass the "
-            f"tree the relabel read{dropped}"
-        )
+    if total == n or (short and total == n - short):
+        return total != n
+    raise InputError(
+        f"--images {images} holds {n} images ({data.num_classes} class folders), the "
+        f"labels' epoch 0 has {total} rows ({len(numbers)} batches of up to {b}); pass the "
+        "tree the relabel read"
+    )
 
 
 def _epoch_count(source: _Source, requested: int | None) -> int:
@@ -326,7 +349,6 @@ def _note(
 def _survey(source: _Source, data: ImageSet, opts: ImportOptions, out: tuple[int, int]) -> _Survey:
     """Load and check every file to import (see the module docstring); nothing is kept of
     them but their digests and what the config records."""
-    _check_count(source, data, opts.images)
     survey = _Survey(epochs=_epoch_count(source, opts.epochs))
     for epoch in range(survey.epochs):
         _check_epoch_files(source, epoch, survey.epochs - 1, opts.epochs is None)
@@ -354,7 +376,27 @@ def _survey(source: _Source, data: ImageSet, opts: ImportOptions, out: tuple[int
                 _mixes(batch, ids, params, out, str(path))
                 _note(survey, batch, params, data, out, str(path))
                 bar.update()
+    _place(source, survey)
     return survey
+
+
+def _place(source: _Source, survey: _Survey) -> None:
+    """Each row's epoch in the set: its image's count of views in earlier rows (module
+    docstring); refused if some image has no view in the files' epochs."""
+    counts = np.zeros(source.num_samples, dtype=np.int64)
+    for _, batches in source.epochs(survey.epochs):
+        ids = np.concatenate([p for _, p in batches])
+        survey.slots.append(counts[ids])
+        counts[ids] += 1
+    survey.kept = int(counts.min())
+    survey.left_out = int((counts - survey.kept).sum())
+    if survey.kept == 0:
+        dropped = source.num_samples % source.batch_size
+        raise InputError(
+            f"{source.layout.root}: sample {int(np.argmin(counts))} has no label in the "
+            f"{survey.epochs} epochs imported (each dropped {dropped} images, its last partial "
+            "batch), and each epoch of a label set labels every sample"
+        )
 
 
 # --------------------------------------------------------------------------- config, writing
@@ -386,7 +428,11 @@ def _config(
             spec="sre2l", weights=str(opts.labels), weights_sha256=survey.digest(opts.labels)
         ),
         views=ViewInfo(
-            scale=tuple(survey.scale), ratio=tuple(survey.ratio), flip=survey.flip, output_size=out
+            scale=tuple(survey.scale),
+            ratio=tuple(survey.ratio),
+            flip=survey.flip,
+            output_size=out,
+            interpolation="bilinear-antialias" if survey.downscaled else "bilinear",
         ),
         mix=mix,
         refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),
@@ -396,7 +442,7 @@ def _config(
             n,
             survey.num_classes,
             opts.codec or default_codec(survey.num_classes),
-            survey.epochs,
+            survey.kept,
             opts.shard_epochs,
             mix is not None,
         ),
@@ -432,6 +478,30 @@ def _epoch_rows(
             }
         )
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _set_epochs(
+    source: _Source,
+    data: ImageSet,
+    config: LabelSetConfig,
+    survey: _Survey,
+    start: int,
+    stop: int,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """The set's epochs start..stop-1, each as its rows in the files' order, gathered from
+    the files' epochs that hold them (the same epochs without dropped batches)."""
+    parts: dict[int, list[dict[str, np.ndarray]]] = {k: [] for k in range(start, stop)}
+    for epoch, batches in source.epochs(survey.epochs):
+        slots = survey.slots[epoch]
+        if not ((slots >= start) & (slots < stop)).any():
+            continue
+        rows = _epoch_rows(source, batches, data, config, survey)
+        for k in range(start, stop):
+            take = slots == k
+            if take.any():
+                parts[k].append({key: value[take] for key, value in rows.items()})
+    for k in range(start, stop):
+        yield k, {key: np.concatenate([p[key] for p in parts[k]]) for key in parts[k][0]}
 
 
 def _write(
@@ -472,10 +542,7 @@ def _write(
                 config.chunk_rows,
                 mixed,
             )
-            for epoch, batches in source.epochs(stop):
-                if epoch < start:
-                    continue
-                rows = _epoch_rows(source, batches, data, config, survey)
+            for epoch, rows in _set_epochs(source, data, config, survey, start, stop):
                 plan = {k: rows[k] for k in ("mix", "partner_params") if mixed}
                 shard.write_epoch_plan(epoch, rows["order"], rows["params"], plan)
                 shard.write_labels((epoch - start) * n, rows["soft"], rows["norm"])
@@ -514,12 +581,14 @@ def import_sre2l(opts: ImportOptions) -> ImportResult:
         )
     normalization = default_normalization(channels, opts.mean, opts.std)
     out = opts.size or (height, width)
-    source = _Source(layout, len(data.labels), _first_rows(layout), opts.seed)
+    n, batch_size = len(data.labels), _first_rows(layout)
+    drop_last = _drops_last(layout, n, batch_size, data, opts.images)
+    source = _Source(layout, n, batch_size, opts.seed, drop_last)
     survey = _survey(source, data, opts, out)
     config = _config(opts, data, survey, out, normalization)
     existing = check_out_dir(opts.out, config)
     if existing is not None:
-        return ImportResult(existing, 0, survey.views, survey.downscaled)
+        return ImportResult(existing, 0, survey.views, survey.downscaled, survey.left_out)
     try:
         computed = _write(source, data, config, survey, opts)
         producer = ProducerInfo(
@@ -532,4 +601,4 @@ def import_sre2l(opts: ImportOptions) -> ImportResult:
         manifest = finalize(opts.out, config, producer)
     except OSError as exc:
         raise write_error(exc, opts.out) from None
-    return ImportResult(manifest, computed, survey.views, survey.downscaled)
+    return ImportResult(manifest, computed, survey.views, survey.downscaled, survey.left_out)

@@ -18,7 +18,9 @@ Resumable like the loss study: runs are appended to the task's results file with
 command, code version, the label bytes of their variant and the provenance of its labels
 (label-set digest, teacher and image sha256), and skipped on the next run. Decisive cells
 first: the first ``--lead`` variants under each optimizer in turn (seed-major), then the
-rest, so a partial run answers the question that decides the default codec.
+rest, so a partial run answers the question that decides the default codec. An optimizer
+``NAME@LR`` trains with that learning rate (``sgd@0.1``: ``--optimizer sgd --lr 0.1``), a
+column of its own; a bare name takes ``softserve train``'s default.
 
     python -m bench.studies.label_budget                   # the K = 10 study (hours on 2 CPU cores)
     python -m bench.studies.label_budget --task triplets   # the K = 1000 study
@@ -154,9 +156,11 @@ class Context:
 
     def command(self, job: Job) -> list[str]:
         width = [] if job.width is None else ["--width", str(job.width)]
+        optimizer, _, lr = job.optimizer.partition("@")
+        rate = ["--lr", lr] if lr else []
         return [
             "softserve", "train", "--url", self.url, "--labelset", job.variant.name,
-            "--model", job.model, *width, "--loss", job.loss, "--optimizer", job.optimizer,
+            "--model", job.model, *width, "--loss", job.loss, "--optimizer", optimizer, *rate,
             "--epochs", str(job.epochs), "--seed", str(job.seed), "--eval", self.eval,
             "--device", self.device, "--no-progress",
         ]  # fmt: skip
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-epochs", type=int, default=None,
                         help="student epochs, when fewer than --epochs")  # fmt: skip
     parser.add_argument("--losses", default=",".join(LOSSES))
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                        help="NAME or NAME@LR, comma-separated (sgd@0.1: SGD at lr 0.1)")
     parser.add_argument("--no-floor", action="store_true", help=f"no {FLOOR_LOSS} on the reference")
     parser.add_argument(
         "--smoke", action="store_true",

@@ -15,10 +15,12 @@ import statistics
 from pathlib import Path
 
 from bench.studies.study import RESULTS, Cell, cells_by, load, pyplot, save_figure, write_pages
-from softserve.format.codecs import DEFAULT_CODEC, get_codec
+from softserve.format.codecs import default_codec, get_codec
 from softserve.storage.manifest import FORMAT_VERSION
 from softserve.storage.shards import bytes_per_row
 
+#: What relabel stores for the study's Fashion-MNIST (K = 10) by default.
+DEFAULT_CODEC = default_codec(10)
 PAPER_ORDER = ("gift", "cosine", "kl", "softce", "softce_ce", "mse", "mse_ce", "ce")
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
 BEGIN, END = "<!-- loss-study:begin -->", "<!-- loss-study:end -->"

@@ -275,6 +275,7 @@ class LabelSet(ABC):
             mix=mix,
             mean=self.mean,
             std=self.std,
+            interpolation=self.detail.views.interpolation,
             views=self.detail.views.policy,
         )
 

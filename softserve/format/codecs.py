@@ -294,19 +294,33 @@ CODECS: dict[str, Codec] = {
 }
 #: Codec names to show users: the fixed ones, and the top-k family.
 CODEC_NAMES = (*CODECS, "topk:k", "topk:k+intb")
-#: The smallest codec with no measured accuracy cost in ``bench/label_budget.py`` at K = 10
-#: and K = 1000 (README, "Label budget"); :func:`default_codec` applies it per class count.
-DEFAULT_CODEC = "int8"
+#: Each label-budget study's verdict by the class count it measured (``bench/studies``;
+#: README, "Label budget"): the smallest codec whose GIFT and KL top-1 stay within one seed
+#: std of fp32. A study that has not decided has no entry; tests tie each to its results.
+STUDY_VERDICTS: dict[int, str] = {10: "int8"}
+
+
+def _nearest_study(num_classes: int) -> int:
+    """The class count measured nearest ``num_classes`` on a log scale (ties: the larger)."""
+    return min(STUDY_VERDICTS, key=lambda k: (abs(math.log(num_classes / k)), -k))
 
 
 def default_codec(num_classes: int) -> str:
-    """What ``relabel`` stores for ``num_classes`` classes unless told otherwise: of fp16 and
-    :data:`DEFAULT_CODEC`, neither of which costs measurable accuracy, the one with fewer
-    bytes a label, fp16 on a tie (up to K = 8, where int8's scale and offset outweigh its
-    savings)."""
-    fp16, chosen = CODECS["fp16"], get_codec(DEFAULT_CODEC)
+    """What ``relabel`` stores for ``num_classes`` classes unless told otherwise: the
+    verdict of the study nearest that class count, or fp16 where it is no larger (up to
+    K = 8 against int8, whose scale and offset outweigh its savings there)."""
+    fp16, chosen = CODECS["fp16"], get_codec(STUDY_VERDICTS[_nearest_study(num_classes)])
     smaller = fp16.bytes_per_label(num_classes) <= chosen.bytes_per_label(num_classes)
     return fp16.name if smaller else chosen.name
+
+
+def default_codec_reason(num_classes: int) -> str:
+    """Why :func:`default_codec` chose what it did, in a clause."""
+    measured = _nearest_study(num_classes)
+    verdict, codec = STUDY_VERDICTS[measured], default_codec(num_classes)
+    if codec != verdict:
+        return f"no larger than {verdict}, the label budget's verdict at K = {measured}"
+    return f"no measured accuracy cost in the label budget at K = {measured}"
 
 
 def get_codec(name: str) -> Codec:

@@ -312,7 +312,8 @@ def compute_report(
         grid = stored_views(
             source.info.mix,  # type: ignore[arg-type]
             source.images, ids, params, source.info.output_size, mix, partner,
-            views=source.info.views, mean=source.info.mean, std=source.info.std,  # type: ignore[arg-type]
+            source.info.interpolation, views=source.info.views,  # type: ignore[arg-type]
+            mean=source.info.mean, std=source.info.std,
         ).numpy()
     hardest_ids = np.array([h["sample"] for h in numbers["hardest"]], dtype=np.int64)
     return ReportData(numbers, grid, source.images(hardest_ids))

@@ -40,6 +40,7 @@ class SetInfo:
     label_bytes: int
     teacher: str
     mix: str | None  # "cutmix" or "mixup" for a mixed set
+    interpolation: str = "bilinear"  # the view policy's (softserve.pixels)
     views: str = "rrc"  # "dsa" for DSA views (their pictures need the normalization)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -113,7 +114,8 @@ class StoreSource:
             alpha=config.refinement.alpha, beta=config.refinement.beta,
             format_version=manifest.format_version, label_bytes=manifest.label_bytes(),
             teacher=config.teacher.spec, mix=None if config.mix is None else config.mix.kind,
-            views=config.views.policy, mean=config.mean, std=config.std,
+            interpolation=config.views.interpolation, views=config.views.policy,
+            mean=config.mean, std=config.std,
         )  # fmt: skip
 
     def hard_labels(self) -> np.ndarray:
@@ -159,8 +161,8 @@ class RemoteSource:
             image_shape=tuple(d.image_shape), output_size=tuple(d.output_size), codec=d.codec,
             alpha=d.refinement.alpha, beta=d.refinement.beta,
             format_version=d.format_version, label_bytes=d.label_bytes, teacher=d.teacher,
-            mix=None if d.mix is None else d.mix.kind, views=d.views.policy, mean=d.mean,
-            std=d.std,
+            mix=None if d.mix is None else d.mix.kind, interpolation=d.views.interpolation,
+            views=d.views.policy, mean=d.mean, std=d.std,
         )  # fmt: skip
         cap = d.max_batch_size or max(self.BATCH_ROWS, self.IMAGE_ROWS)
         self.batch_rows, self.image_rows = min(self.BATCH_ROWS, cap), min(self.IMAGE_ROWS, cap)
