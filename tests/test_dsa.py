@@ -115,8 +115,10 @@ def test_apply_dsa_resizes_before_dsa() -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_apply_dsa_does_not_depend_on_the_batch(device: str) -> None:
     """A sample's view is the same bits alone, in any sub-batch, and in the whole batch:
-    the labels made at one batch size are the labels of the client's batches of any other."""
-    n, h, w = 41, 56, 48
+    the labels made at one batch size are the labels of the client's batches of any other.
+    3×112×104 values a sample: more than torch reduces in one thread, where a lone sample's
+    mean over (C, H, W) would be split over threads (and round otherwise)."""
+    n, h, w = 41, 112, 104
     images = make_images(n, 3, h, w, seed=1).to(device)
     rows = torch.from_numpy(sample_dsa(DsaPolicy(), 5, 2, n, h, w)).to(device)
     whole = apply_dsa(images, rows, (h, w), mean=MEAN3, std=STD3)
