@@ -25,6 +25,7 @@ from softserve.format.payload import (
     error_frame,
     frame_parts,
     going_away_frame,
+    view_columns,
 )
 from softserve.format.sampling import Sharding
 from softserve.service import metrics
@@ -35,8 +36,8 @@ log = logging.getLogger("softserve.service")
 
 #: Most batches a stream reads per trip to the thread pool (serve_bench: enough to amortize it).
 _MAX_BATCHES_PER_READ = 8
-#: Bytes per sample of the small tensors: indices and hard (int64), params (5 × int16).
-_INDEX_BYTES = {"indices": 8, "hard": 8, "params": 10, "partner_params": 10, "mix": 24}
+#: Bytes per sample of the small tensors: indices and hard (int64), the mix row (6 × float32).
+_INDEX_BYTES = {"indices": 8, "hard": 8, "mix": 24}
 
 
 def sample_bytes(
@@ -47,8 +48,10 @@ def sample_bytes(
     config = entry.manifest.config
     label = (2 if label_dtype == "float16" else 4) * config.num_classes
     image = math.prod(config.image_shape)
-    sizes = {**_INDEX_BYTES, "images": image, "partner_images": image, "soft": label,
-             "logits": label}  # fmt: skip
+    columns, dtype = view_columns(config.views.policy)
+    view = len(columns) * dtype.itemsize  # 5 × int16, or 14 × float32 for DSA rows
+    sizes = {**_INDEX_BYTES, "params": view, "partner_params": view, "images": image,
+             "partner_images": image, "soft": label, "logits": label}  # fmt: skip
     return sum(sizes[name] for name in include)
 
 

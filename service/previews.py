@@ -1,7 +1,8 @@
 """One view of one sample as a PNG: what the teacher saw, for people looking at a label set.
 
 The view is built by :func:`softserve.pixels.stored_views` from the stored crop and
-flip (and, in a mixed set, the stored mix and the partner's view) with ``mixed_views``, the
+flip or DSA row (and, in a mixed set, the stored mix and the partner's view) with
+``mixed_views``, the
 function the worker and training use. It needs torch and Pillow, imported on the first
 request for a view, never when the server starts; a server installed without torch (the
 server image) answers 501 ``views_unavailable`` and serves everything else.
@@ -63,7 +64,7 @@ def view_png(entry: CatalogEntry, epoch: int, sample: int) -> bytes:
     view = stored_views(
         None if config.mix is None else config.mix.kind, entry.base_images, np.array([sample]),
         row["params"], config.views.output_size, row.get("mix"), row.get("partner_params"),
-        config.views.interpolation,
+        config.views.interpolation, views=config.views.policy, mean=config.mean, std=config.std,
     )[0]  # fmt: skip
     pixels = view.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)

@@ -29,7 +29,8 @@ async def get_view(
     sample: Annotated[int, Path(ge=0, description="Sample id")],
 ) -> Response:
     """The view a sample was seen through in an epoch, as the teacher saw it (crop, resize
-    and flip by the stored parameters, and a mixed set's stored CutMix/Mixup with its
-    partner's view; before normalization), as a PNG."""
+    and flip, or the DSA views, by the stored parameters, and a mixed set's stored
+    CutMix/Mixup with its partner's view; before normalization, DSA's clipped to [0, 1]),
+    as a PNG."""
     body = await run_in_threadpool(view_png, entry, epoch, sample)
     return Response(body, media_type="image/png", headers={"X-Softserve-Digest": entry.digest})

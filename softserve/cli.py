@@ -23,7 +23,7 @@ from softserve.errors import InputError, Interrupted, SoftserveError
 from softserve.format.codecs import STUDY_VERDICTS
 
 if TYPE_CHECKING:
-    from softserve.format.augment import MixPolicy, ViewPolicy
+    from softserve.format.augment import DsaPolicy, MixPolicy, ViewPolicy
     from softserve.service.settings import ServiceSettings
     from softserve.worker.demo import DemoOptions
 
@@ -211,6 +211,23 @@ def _policy(
         raise InputError(str(exc)) from None
 
 
+def _dsa(views: str, crops: ViewPolicy) -> DsaPolicy | None:
+    """The DSA policy of ``--views dsa``, None for crops; crop options with DSA are refused
+    (DSA has no crop box to shape)."""
+    from softserve.format.augment import VIEW_KINDS, DsaPolicy, ViewPolicy
+
+    if views not in VIEW_KINDS:
+        raise InputError(f"--views must be one of {', '.join(VIEW_KINDS)}, got {views!r}")
+    if views == "rrc":
+        return None
+    if crops != ViewPolicy():
+        raise InputError(
+            "--min-scale, --max-scale, --min-ratio, --max-ratio and --no-flip shape crop views; "
+            "--views dsa draws the DSA views of the GIFT evaluator: drop them"
+        )
+    return DsaPolicy()
+
+
 def _mix(kind: str | None, prob: float, alpha: float) -> MixPolicy | None:
     from softserve.format.augment import MixPolicy
 
@@ -246,6 +263,14 @@ def relabel(
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
+    views: Annotated[
+        str,
+        typer.Option(
+            help="rrc: RandomResizedCrop + flip (--min-scale .. --flip); dsa: the GIFT "
+            "evaluator's DSA views (flip, brightness, saturation, contrast, then one of crop, "
+            "scale, rotate, then cutout), drawn per (epoch, sample) and stored."
+        ),
+    ] = "rrc",
     mix: Annotated[
         str | None,
         typer.Option(
@@ -273,11 +298,13 @@ def relabel(
     from softserve.worker.relabel import relabel as run_relabel
 
     mixing = _mix(mix, mix_prob, mix_alpha)
+    inputs = teacher_options.inputs()
     opts = RelabelOptions(
         images=images,
         teacher=teacher,
         out=out,
-        **teacher_options.inputs(),
+        **inputs,
+        dsa=_dsa(views, inputs["policy"]),
         epochs=epochs,
         seed=seed,
         batch_size=batch_size,

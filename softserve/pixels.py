@@ -17,6 +17,15 @@ from 1 to s input pixels, so every input pixel counts (plain bilinear reads 2 pe
 pixel, wherever s is); along an axis that does not shrink, the two are the same filter. It
 is applied batched, as weighted taps along rows and then columns. CutMix pastes the
 partner's box into the view; Mixup blends λ·view + (1 − λ)·partner.
+
+DSA views (:func:`apply_dsa`) resize the whole image by the same interpolation (flipped by
+the row's flip bit), normalize it, and then run DSA in normalized pixels, as the GIFT
+evaluator does:
+brightness, saturation, contrast, one of an integer shift with zero padding or a scale or
+rotation by ``grid_sample`` (bilinear, zero padding, ``align_corners=False``, as
+``F.affine_grid`` + ``F.grid_sample`` with their defaults), and the cutout box set to zero.
+Every op is per sample and elementwise or a fixed-order reduction, so a view does not depend
+on the batch it is computed in: on one device, teacher and client get the same bits.
 """
 
 from __future__ import annotations
@@ -25,8 +34,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from softserve.format.augment import MIX_KINDS, NUM_MIX, NUM_PARAMS, MixKind
+from softserve.format.augment import (
+    DSA_CROP,
+    DSA_FIELDS,
+    MIX_KINDS,
+    NUM_DSA,
+    NUM_MIX,
+    NUM_PARAMS,
+    MixKind,
+    ViewKind,
+)
 
 #: a view policy's resampling (the manifest's ``views.interpolation``)
 INTERPOLATIONS = ("bilinear", "bilinear-antialias")
@@ -192,13 +211,127 @@ def apply_mix(
     if kind != "cutmix":
         raise ValueError(f"mix must be one of {', '.join(MIX_KINDS)}, got {kind!r}")
     _, _, h, w = views.shape
-    box = mix[:, 2:6].to(torch.long)
-    rows = torch.arange(h, device=views.device)
-    cols = torch.arange(w, device=views.device)
+    return torch.where(_inside(mix[:, 2:6], h, w), partner_views, views)
+
+
+def _inside(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Which pixels of an (h, w) view lie in each sample's box (top, left, height, width)
+    (B, 4): a bool mask (B, 1, h, w)."""
+    box = box.to(torch.long)
+    rows = torch.arange(h, device=box.device)
+    cols = torch.arange(w, device=box.device)
     in_rows = (rows >= box[:, 0:1]) & (rows < box[:, 0:1] + box[:, 2:3])
     in_cols = (cols >= box[:, 1:2]) & (cols < box[:, 1:2] + box[:, 3:4])
+    return in_rows[:, None, :, None] & in_cols[:, None, None, :]
+
+
+#: Column of each DSA field in a row.
+_DSA = {name: i for i, name in enumerate(DSA_FIELDS)}
+
+
+def _sample_means(x: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean over (C, H, W), (B, 1, 1, 1): reduced one axis at a time, so that
+    no reduction has a single output (torch splits those over threads, in an order that
+    would depend on the batch size)."""
+    _, c, h, w = x.shape
+    return x.sum(3).sum(2).sum(1).div_(c * h * w).view(-1, 1, 1, 1)
+
+
+def _shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Move each sample by whole pixels (rows, columns) (B, 2), zeros shifted in: DSA's
+    crop (pad, then crop back to size)."""
+    b, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device) + shift[:, 0:1]  # output row i reads row i + dy
+    cols = torch.arange(w, device=x.device) + shift[:, 1:2]
+    in_rows, in_cols = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
     inside = in_rows[:, None, :, None] & in_cols[:, None, None, :]
-    return torch.where(inside, partner_views, views)
+    x = torch.gather(x, 2, rows.clamp(0, h - 1)[:, None, :, None].expand(b, c, h, w))
+    x = torch.gather(x, 3, cols.clamp(0, w - 1)[:, None, None, :].expand(b, c, h, w))
+    return torch.where(inside, x, 0.0)
+
+
+def _affine(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Scale or rotate each sample about its centre by DSA rows (b, 14), as
+    ``F.affine_grid(theta)`` + ``F.grid_sample`` with theta = diag(sx, sy)·R(angle): the grid
+    built elementwise (affine_grid's batched matmul could round by batch size)."""
+    _, _, h, w = x.shape
+    device = x.device
+    sx, sy, angle = (rows[:, _DSA[k]].view(-1, 1, 1) for k in ("scale_x", "scale_y", "angle"))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    xs = ((torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1).view(1, 1, w)
+    ys = ((torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1).view(1, h, 1)
+    gx = (sx * cos) * xs - (sx * sin) * ys
+    gy = (sy * sin) * xs + (sy * cos) * ys
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def apply_dsa(
+    images: torch.Tensor,
+    params: torch.Tensor,
+    size: int | Sequence[int],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """DSA views of a batch of base images by their DSA rows.
+
+    ``images`` is (B, C, H, W), uint8 or float in [0, 1], on any device; ``params`` is
+    (B, 14) float32 as from :func:`softserve.format.augment.sample_dsa`, in pixels of
+    ``size``, which the whole image is first resized to by ``interpolation``. Returns
+    float32 (B, C, *size), normalized by ``mean``/``std`` (DSA works on normalized pixels:
+    its zeros are the mean colour).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    b = images.shape[0]
+    if params.ndim != 2 or params.shape != (b, NUM_DSA):
+        raise ValueError(f"DSA params must be ({b}, {NUM_DSA}), got {tuple(params.shape)}")
+    device = images.device
+    rows = params.to(device=device, dtype=torch.float32)
+    _, _, h_in, w_in = images.shape
+    whole = torch.tensor([0, 0, h_in, w_in, 0], dtype=torch.long, device=device).repeat(b, 1)
+    whole[:, 4] = rows[:, _DSA["flip"]].to(torch.long)
+    x = apply_views(images, whole, size, mean=mean, std=std, interpolation=interpolation)
+
+    def factor(name: str) -> torch.Tensor:
+        return rows[:, _DSA[name], None, None, None]
+
+    x = x.add_(factor("brightness"))
+    grey = x.mean(dim=1, keepdim=True)
+    x = (x - grey).mul_(factor("saturation")).add_(grey)
+    level = _sample_means(x)
+    x = (x - level).mul_(factor("contrast")).add_(level)
+    # the crop's shift is zero unless the row chose it; scale or rotate for the others
+    x = _shift(x, rows[:, _DSA["shift_y"] : _DSA["shift_x"] + 1].to(torch.long))
+    warped = torch.nonzero(rows[:, _DSA["transform"]] != DSA_CROP).squeeze(1)
+    if warped.numel():
+        x = x.index_copy(0, warped, _affine(x.index_select(0, warped), rows[warped]))
+    _, _, out_h, out_w = x.shape
+    cutout = rows[:, _DSA["cut_top"] : _DSA["cut_width"] + 1]
+    return torch.where(_inside(cutout, out_h, out_w), 0.0, x)
+
+
+def views_of(
+    views: ViewKind,
+    images: torch.Tensor,
+    params: torch.Tensor,
+    size: int | Sequence[int],
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """The views of a set's view policy: crops (:func:`apply_views`) or DSA
+    (:func:`apply_dsa`, which needs the normalization)."""
+    if views == "rrc":
+        return apply_views(images, params, size, mean=mean, std=std, interpolation=interpolation)
+    if views != "dsa":
+        raise ValueError(f"views must be rrc or dsa, got {views!r}")
+    if mean is None or std is None:
+        raise ValueError("DSA views work on normalized pixels: pass mean and std")
+    return apply_dsa(images, params, size, mean=mean, std=std, interpolation=interpolation)
 
 
 def mixed_views(
@@ -213,34 +346,47 @@ def mixed_views(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     interpolation: str = "bilinear",
+    views: ViewKind = "rrc",
 ) -> torch.Tensor:
-    """The teacher's (and the student's) input: the views, mixed with their partners' views
-    when ``kind`` is set. What the worker labels and the client trains on."""
+    """The teacher's (and the student's) input: the views (of policy ``views``), mixed with
+    their partners' views when ``kind`` is set. What the worker labels and the client trains
+    on."""
     how = {"mean": mean, "std": std, "interpolation": interpolation}
-    views = apply_views(images, params, size, **how)
+    out = views_of(views, images, params, size, **how)
     if kind is None:
-        return views
+        return out
     if partner_images is None or partner_params is None or mix is None:
         raise ValueError("a mixed set needs partner_images, partner_params and mix")
-    partner = apply_views(partner_images, partner_params, size, **how)
-    return apply_mix(kind, views, partner, mix)
+    partner = views_of(views, partner_images, partner_params, size, **how)
+    return apply_mix(kind, out, partner, mix)
 
 
 def stored_views(
     kind: MixKind | None, images_of: Callable[[np.ndarray], np.ndarray], ids: np.ndarray,
     params: np.ndarray, size: int | Sequence[int], mix: np.ndarray | None = None,
-    partner_params: np.ndarray | None = None, interpolation: str = "bilinear",
+    partner_params: np.ndarray | None = None, interpolation: str = "bilinear", *,
+    views: ViewKind = "rrc", mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Stored rows as pictures: samples ``ids`` through their view ``params``, mixed by their
     stored ``mix`` rows with their partners' views, unnormalized in [0, 1]. ``images_of``
-    gives the base images (uint8) of sample ids."""
+    gives the base images (uint8) of sample ids. DSA views need the set's ``mean`` and
+    ``std`` (they are made in normalized pixels, then shown unnormalized, clipped)."""
+    dtype = np.float32 if views == "dsa" else np.int64
 
-    def tensor(a: np.ndarray | None, dtype: type = np.int64) -> torch.Tensor | None:
+    def tensor(a: np.ndarray | None, dtype: type = dtype) -> torch.Tensor | None:
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
 
     partners = None if mix is None else torch.from_numpy(images_of(mix[:, 0].astype(np.int64)))
-    return mixed_views(
+    out = mixed_views(
         kind, torch.from_numpy(images_of(np.asarray(ids, dtype=np.int64))), tensor(params),
         size, partner_images=partners, partner_params=tensor(partner_params),
-        mix=tensor(mix, np.float32), interpolation=interpolation,
+        mix=tensor(mix, np.float32), mean=mean if views == "dsa" else None,
+        std=std if views == "dsa" else None, interpolation=interpolation, views=views,
     )  # fmt: skip
+    if views == "rrc":
+        return out
+    assert mean is not None and std is not None
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return out.mul_(s).add_(m).clamp_(0.0, 1.0)

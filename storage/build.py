@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from softserve.errors import InputError, StoreError, brief
-from softserve.format.augment import MixPolicy, ViewPolicy, sample_mix, sample_views
+from softserve.format.augment import (
+    DsaPolicy,
+    MixPolicy,
+    ViewKind,
+    sample_dsa,
+    sample_mix,
+    sample_views,
+)
 from softserve.format.codecs import get_codec
 from softserve.format.sampling import epoch_order
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, shard_file
@@ -40,6 +47,7 @@ __all__ = [
     "check_folder_path",
     "check_out_dir",
     "default_shard_epochs",
+    "epoch_views",
     "describe_write_error",
     "finalize",
     "low_space_warning",
@@ -68,13 +76,13 @@ def default_shard_epochs(epochs: int, bytes_per_epoch: int) -> int:
 
 def storage_fields(
     num_samples: int, num_classes: int, codec_name: str, epochs: int, shard_epochs: int | None,
-    mixed: bool = False,
+    mixed: bool = False, views: ViewKind = "rrc",
 ) -> dict[str, object]:  # fmt: skip
     """The config fields that fix how labels are stored: codec, epochs, shard and chunk sizes
     (the shard size by default from the bytes an epoch takes)."""
     codec = get_codec(codec_name)
     codec.check(num_classes)
-    epoch_bytes = bytes_per_epoch(num_samples, num_classes, codec, mixed)
+    epoch_bytes = bytes_per_epoch(num_samples, num_classes, codec, mixed, views)
     return {
         "epochs": epochs,
         "codec": codec_name,
@@ -87,17 +95,17 @@ def shard_plan(
     config: LabelSetConfig, start: int, stop: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Orders (E_s, N) for a range of epochs, and in that order their view ``params``
-    (E_s, N, 5) and, for mixed sets, ``mix`` (E_s, N, 6) and ``partner_params`` (E_s, N, 5).
+    (E_s, N, 5), or DSA rows (E_s, N, 14), and, for mixed sets, ``mix`` (E_s, N, 6) and
+    ``partner_params`` (like ``params``).
 
     What a shard of epochs ``start``..``stop`` stores besides its labels; a function of the
     config alone, so every writer (and a resume) draws the same rows."""
-    n, (_, h, w) = config.num_samples, config.image_shape
-    policy = ViewPolicy(scale=config.views.scale, ratio=config.views.ratio, flip=config.views.flip)
+    n = config.num_samples
     orders, plans = [], []
     for epoch in range(start, stop):
         order = epoch_order(config.seed, epoch, n)
         orders.append(order)
-        views = sample_views(policy, config.seed, epoch, n, h, w)
+        views = epoch_views(config, epoch)
         plan = {"params": views[order]}
         if config.mix is not None:
             mix = sample_mix(MixPolicy(**config.mix.model_dump()), config.seed, epoch, n,
@@ -106,6 +114,16 @@ def shard_plan(
             plan["partner_params"] = views[mix[order, 0].astype(np.int64)]
         plans.append(plan)
     return np.stack(orders), {k: np.stack([p[k] for p in plans]) for k in plans[0]}
+
+
+def epoch_views(config: LabelSetConfig, epoch: int) -> np.ndarray:
+    """The view rows of every sample of one epoch, by sample id, as the set's policy draws
+    them: crop boxes in base pixels, or DSA rows in output pixels."""
+    policy = config.views.view_policy()
+    n = config.num_samples
+    if isinstance(policy, DsaPolicy):
+        return sample_dsa(policy, config.seed, epoch, n, *config.views.output_size)
+    return sample_views(policy, config.seed, epoch, n, *config.image_shape[1:])
 
 
 # --------------------------------------------------------------------------- the output folder
@@ -174,7 +192,8 @@ def low_space_warning(out: Path, config: LabelSetConfig, pending: int) -> str | 
     """A warning when ``pending`` shards of ``config`` need more than is free under ``out``
     (a warning only: a full disk stops the build cleanly, and it resumes); else None."""
     codec = get_codec(config.codec)
-    epoch = bytes_per_epoch(config.num_samples, config.num_classes, codec, config.mix is not None)
+    epoch = bytes_per_epoch(config.num_samples, config.num_classes, codec,
+                            config.mix is not None, config.views.policy)  # fmt: skip
     need = pending * config.shard_epochs * epoch
     free = shutil.disk_usage(out).free
     if need <= free:

@@ -8,11 +8,21 @@ import os
 import stat
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from softserve.errors import InputError, StoreError, brief
+from softserve.format.augment import DSA_STRATEGY, DsaPolicy, ViewKind, ViewPolicy
 from softserve.format.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
 
@@ -33,15 +43,75 @@ class TeacherInfo(_Model):
 
 
 class ViewInfo(_Model):
-    """The view policy and the output size, and how a crop is resized to it
-    (:mod:`softserve.pixels`): "bilinear" (every set before antialiased views, and
-    relabel's) or "bilinear-antialias" (PIL's, as SRe2L's teacher saw downscaled crops)."""
+    """RandomResizedCrop + flip views (``--views rrc``, and every set before DSA views): the
+    policy, the output size, and how a crop is resized to it (:mod:`softserve.pixels`):
+    "bilinear" (every set before antialiased views, and relabel's) or "bilinear-antialias"
+    (PIL's, as SRe2L's teacher saw downscaled crops)."""
 
     scale: tuple[float, float]
     ratio: tuple[float, float]
     flip: bool
     output_size: tuple[int, int]
     interpolation: Literal["bilinear", "bilinear-antialias"] = "bilinear"
+
+    @property
+    def policy(self) -> ViewKind:
+        return "rrc"
+
+    def view_policy(self) -> ViewPolicy:
+        return ViewPolicy(scale=self.scale, ratio=self.ratio, flip=self.flip)
+
+
+class DsaInfo(_Model):
+    """DSA's ranges (:class:`softserve.format.augment.DsaPolicy`) and its strategy's name."""
+
+    strategy: Literal["color_crop_cutout_flip_scale_rotate"] = DSA_STRATEGY
+    flip: float
+    brightness: float
+    saturation: float
+    contrast: float
+    crop: float
+    scale: float
+    rotate: float
+    cutout: float
+
+
+class DsaViewInfo(_Model):
+    """DSA views (``--views dsa``): the whole image resized to the output size, then DSA in
+    normalized pixels, its parameters stored per (epoch, sample) as float32 rows."""
+
+    policy: Literal["dsa"] = "dsa"
+    dsa: DsaInfo
+    output_size: tuple[int, int]
+    interpolation: Literal["bilinear"] = "bilinear"
+
+    def view_policy(self) -> DsaPolicy:
+        return DsaPolicy(**self.dsa.model_dump(exclude={"strategy"}))
+
+
+def _view_kind(views: Any) -> str:
+    """A set's view policy: written as ``policy`` by DSA sets, absent (crops) in the rest."""
+    if isinstance(views, dict):
+        return str(views.get("policy", "rrc"))
+    return str(getattr(views, "policy", "rrc"))
+
+
+#: The views of a set: crop + flip (no ``policy`` key: what every older set has) or DSA.
+Views = Annotated[
+    Annotated[ViewInfo, Tag("rrc")] | Annotated[DsaViewInfo, Tag("dsa")],
+    Discriminator(_view_kind),
+]
+
+
+def view_info(
+    policy: ViewPolicy | DsaPolicy, output_size: tuple[int, int]
+) -> ViewInfo | DsaViewInfo:
+    """The manifest's record of a view policy at an output size."""
+    if isinstance(policy, DsaPolicy):
+        return DsaViewInfo(dsa=DsaInfo(**vars(policy)), output_size=output_size)
+    return ViewInfo(
+        scale=policy.scale, ratio=policy.ratio, flip=policy.flip, output_size=output_size
+    )
 
 
 class MixInfo(_Model):
@@ -72,7 +142,7 @@ class LabelSetConfig(_Model):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     teacher: TeacherInfo
-    views: ViewInfo
+    views: Views
     #: None: views only (every set relabelled without --mix, and all older sets); left out
     #: of the file then, so a softserve that predates mixing still reads unmixed sets
     mix: MixInfo | None = Field(None, exclude_if=lambda mix: mix is None)

@@ -188,7 +188,7 @@ def detail(entry: OpenLabelSet, max_batch_size: int | None = None) -> LabelSetDe
         mean=config.mean,
         std=config.std,
         views=ViewPolicyInfo(
-            scale=views.scale, ratio=views.ratio, flip=views.flip, interpolation=views.interpolation
+            **views.model_dump(exclude={"output_size", "policy"}), policy=views.policy
         ),
         mix=None if config.mix is None else MixPolicyInfo(**config.mix.model_dump()),
         refinement=RefinementParams(**config.refinement.model_dump()),

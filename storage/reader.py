@@ -106,7 +106,7 @@ class LabelSetReader:
             epochs = shard.epoch_stop - shard.epoch_start
             yield shard, shard_layout(
                 self.manifest.format_version, epochs, config.num_samples, config.num_classes,
-                codec, mixed,
+                codec, mixed, config.views.policy,
             )  # fmt: skip
 
     def _open_all(self, locking: bool | None) -> None:

@@ -12,6 +12,9 @@ of epoch e is sample order[e, j], seen through the view params[e, j]. A set rela
 ``--mix`` also holds, in the same order, ``mix`` (float32 (E_s, N, 6), the mix rows of
 :mod:`softserve.format.augment`) and ``partner_params`` (int16 (E_s, N, 5), each partner's
 view in that epoch); the format version is the same, and sets without them read as before.
+A set of DSA views (``--views dsa``, named so by its manifest's view policy) stores
+``params`` and ``partner_params`` as float32 (E_s, N, 14) DSA rows, in the same format
+version: the manifest says which, and crop sets read as before.
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ import numpy as np
 from softserve.errors import StoreError, brief
 from softserve.format.codecs import Codec, part_name
 from softserve.format.labels import NORM, SOFT
-from softserve.format.payload import NUM_MIX, NUM_PARAMS
+from softserve.format.payload import NUM_MIX, ViewKind, view_columns
 
 ORDER_DTYPE = np.dtype(np.int32)
-PARAMS_DTYPE = np.dtype(np.int16)
 NORM_DTYPE = np.dtype(np.float32)
 MIX_DTYPE = np.dtype(np.float32)
 #: Datasets of a mixed set only, beside the view params.
@@ -52,14 +54,16 @@ def dataset_layout(num_samples: int, image_shape: tuple[int, int, int]) -> Layou
 
 def shard_layout(
     version: int, epochs: int, num_samples: int, num_classes: int, codec: Codec,
-    mixed: bool = False,
+    mixed: bool = False, views: ViewKind = "rrc",
 ) -> Layout:  # fmt: skip
     """Every dataset of a shard of ``epochs`` epochs: name -> (shape, dtype)."""
     shape = (epochs, num_samples)
-    layout: Layout = {"order": (shape, ORDER_DTYPE), "params": ((*shape, NUM_PARAMS), PARAMS_DTYPE)}
+    columns, params_dtype = view_columns(views)
+    params = ((*shape, len(columns)), params_dtype)
+    layout: Layout = {"order": (shape, ORDER_DTYPE), "params": params}
     if mixed:
         layout["mix"] = ((*shape, NUM_MIX), MIX_DTYPE)
-        layout["partner_params"] = ((*shape, NUM_PARAMS), PARAMS_DTYPE)
+        layout["partner_params"] = params
     for field in CODEC_FIELDS[version]:
         for part in codec.parts(num_classes):
             row = part.row_shape(num_classes)
@@ -69,9 +73,11 @@ def shard_layout(
     return layout
 
 
-def bytes_per_row(version: int, num_classes: int, codec: Codec, mixed: bool = False) -> int:
+def bytes_per_row(
+    version: int, num_classes: int, codec: Codec, mixed: bool = False, views: ViewKind = "rrc"
+) -> int:
     """Stored bytes of one (epoch, sample): order, view, mix if any, and the label fields."""
-    layout = shard_layout(version, 1, 1, num_classes, codec, mixed)
+    layout = shard_layout(version, 1, 1, num_classes, codec, mixed, views)
     return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout.values())
 
 

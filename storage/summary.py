@@ -6,11 +6,33 @@ from pathlib import Path
 
 from softserve.format.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, shard_file
-from softserve.storage.manifest import RESUME_HINT, LabelSetConfig, read_manifest, read_plan
+from softserve.storage.manifest import (
+    RESUME_HINT,
+    DsaViewInfo,
+    LabelSetConfig,
+    ViewInfo,
+    read_manifest,
+    read_plan,
+)
 
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB"
+
+
+def _views(views: ViewInfo | DsaViewInfo) -> str:
+    """The view policy in a line: crop + flip and its ranges, or DSA and its."""
+    if isinstance(views, DsaViewInfo):
+        d = views.dsa
+        return (
+            f"dsa {d.strategy}, per sample: flip {d.flip}, brightness {d.brightness}, "
+            f"saturation {d.saturation}, contrast {d.contrast}, then one of crop {d.crop} / "
+            f"scale {d.scale} / rotate {d.rotate}°, cutout {d.cutout}; {views.interpolation}"
+        )
+    return (
+        f"rrc: crop scale {views.scale}, ratio ({views.ratio[0]:.3g}, {views.ratio[1]:.3g}), "
+        f"flip {'on' if views.flip else 'off'}, {views.interpolation}"
+    )
 
 
 def _config_rows(config: LabelSetConfig) -> list[tuple[str, str]]:
@@ -28,12 +50,7 @@ def _config_rows(config: LabelSetConfig) -> list[tuple[str, str]]:
             "images",
             f"{c}×{h}×{w} uint8, views {config.views.output_size[0]}×{config.views.output_size[1]}",
         ),
-        (
-            "views",
-            f"crop scale {config.views.scale}, ratio "
-            f"({config.views.ratio[0]:.3g}, {config.views.ratio[1]:.3g}), "
-            f"flip {'on' if config.views.flip else 'off'}, {config.views.interpolation}",
-        ),
+        ("views", _views(config.views)),
         (
             "mix",
             "none"

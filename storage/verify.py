@@ -93,7 +93,7 @@ def _shard_layout(manifest: Manifest, shard: ShardInfo) -> Layout:
     config = manifest.config
     return shard_layout(
         manifest.format_version, shard.epoch_stop - shard.epoch_start, config.num_samples,
-        config.num_classes, get_codec(config.codec), config.mix is not None,
+        config.num_classes, get_codec(config.codec), config.mix is not None, config.views.policy,
     )  # fmt: skip
 
 

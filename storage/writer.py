@@ -31,6 +31,7 @@ import numpy as np
 from softserve.errors import InputError, StoreError
 from softserve.format.codecs import Codec, part_name
 from softserve.format.labels import SOFT
+from softserve.format.payload import ViewKind
 from softserve.storage.layout import commit, sha256_file, tmp_path
 from softserve.storage.manifest import FORMAT_VERSION, FileInfo, ShardInfo
 from softserve.storage.shards import NORM, bytes_per_row, shard_layout
@@ -68,9 +69,11 @@ def _persist(f: h5py.File, path: Path) -> None:
     commit(tmp, path)
 
 
-def bytes_per_epoch(num_samples: int, num_classes: int, codec: Codec, mixed: bool = False) -> int:
+def bytes_per_epoch(
+    num_samples: int, num_classes: int, codec: Codec, mixed: bool = False, views: ViewKind = "rrc"
+) -> int:
     """Stored bytes of one epoch of a shard written today (order, views, mixes, labels, norms)."""
-    return num_samples * bytes_per_row(FORMAT_VERSION, num_classes, codec, mixed)
+    return num_samples * bytes_per_row(FORMAT_VERSION, num_classes, codec, mixed, views)
 
 
 def chunk_rows_for(num_samples: int, row_bytes: int) -> int:
@@ -190,6 +193,7 @@ class ShardWriter:
         codec: Codec,
         chunk_rows: int,
         mixed: bool = False,
+        views: ViewKind = "rrc",
     ) -> None:
         self.path = path
         self.epoch_start = epoch_start
@@ -199,7 +203,8 @@ class ShardWriter:
         self.chunk_rows = chunk_rows
         codec.check(num_classes)
         layout = shard_layout(
-            FORMAT_VERSION, epoch_stop - epoch_start, num_samples, num_classes, codec, mixed
+            FORMAT_VERSION, epoch_stop - epoch_start, num_samples, num_classes, codec, mixed,
+            views,
         )
         self._arrays = {name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()}
 

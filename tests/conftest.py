@@ -127,6 +127,8 @@ def relabel_args(opts: RelabelOptions) -> list[str]:
     ]  # fmt: skip
     if opts.weights is not None:
         args += ["--weights", opts.weights]
+    if opts.dsa is not None:
+        args += ["--views", "dsa"]
     return [str(a) for a in args]
 
 

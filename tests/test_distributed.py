@@ -9,6 +9,7 @@ from pathlib import Path
 
 from conftest import cli_env, relabel_args, shard_digests
 
+from softserve.format.augment import DsaPolicy
 from softserve.storage import read_manifest, verify_label_set
 from softserve.worker.relabel import relabel
 
@@ -37,6 +38,18 @@ def test_two_gloo_ranks_equal_one_process(make_options, tmp_path: Path) -> None:
     assert shard_digests(multi.out) == shard_digests(single.out)
     assert manifest.config == read_manifest(single.out).config
     assert verify_label_set(multi.out) == []
+
+
+def test_two_ranks_of_dsa_views_equal_one_process(make_options, tmp_path: Path) -> None:
+    """DSA rows are drawn per (epoch, sample): ranks that split the shards write the bytes
+    one process writes."""
+    single = make_options(epochs=4, shard_epochs=1, out=tmp_path / "single", dsa=DsaPolicy())
+    relabel(single)
+    multi = make_options(epochs=4, shard_epochs=1, out=tmp_path / "multi", dsa=DsaPolicy())
+    done = torchrun(2, relabel_args(multi))
+    assert done.returncode == 0, done.stderr
+    assert read_manifest(multi.out).config.views.policy == "dsa"
+    assert shard_digests(multi.out) == shard_digests(single.out)
 
 
 def test_ranks_resume_a_single_process_start(make_options, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -13,19 +12,22 @@ import pytest
 import teachers
 import torch
 from conftest import Server, random_set, relabel_args, run_cli, write_folder
-from PIL import Image
+from recorded import (
+    check_pictures,
+    check_served_batches_equal_local,
+    check_train_runs,
+    client_batches,
+)
 from test_errors import assert_one_line_error
 
 from softserve.client import (
-    Client,
     MixPolicy,
     apply_mix,
     open_local,
-    refine_labels,
     sample_mix,
 )
-from softserve.report import RemoteSource, StoreSource, compute_report
 from softserve.report.figures import build_figures
+from softserve.report.numbers import ReportData
 from softserve.storage import LabelSetReader, verify_label_set
 from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.transcode import TranscodeOptions, transcode
@@ -100,35 +102,13 @@ def test_client_input_is_the_teacher_input_bit_for_bit(mixed_set, cache: bool) -
     """For several batch and world sizes, every student input is the teacher's, exactly, and
     the served label is the teacher on it."""
     path, recorded = mixed_set
-    seen = torch.cat(recorded)
-    model = teachers.tiny_rgb()
-    with open_local(path, image_cache_mb=2048 if cache else 0) as labels:
-        assert (labels.base_images() is not None) == cache
-        n, refinement = labels.num_samples, labels.detail.refinement
+    for batch in client_batches(path, recorded, cache, world_sizes=(1, 2)):
+        assert batch.mix is not None and batch.partner_params is not None
+    with open_local(path) as labels:
         assert labels.detail.mix is not None and labels.detail.mix.prob == 0.8
-        for batch_size in (1, 5, 12):
-            for world_size in (1, 2):
-                covered = 0
-                for rank in range(world_size):
-                    sharding = labels.sharding(batch_size, rank, world_size, drop_last=False)
-                    for epoch in range(labels.epochs):
-                        for batch in labels.batches(
-                            epoch, batch_size, rank, world_size, drop_last=False
-                        ):
-                            start, stop = sharding.positions(batch.index)
-                            teacher_input = seen[epoch * n + start : epoch * n + stop]
-                            assert torch.equal(batch.images, teacher_input)
-                            assert batch.mix is not None and batch.partner_params is not None
-                            with torch.no_grad():
-                                logits = model(batch.images)
-                            expected = refine_labels(
-                                logits, batch.hard, refinement.alpha, refinement.beta
-                            )
-                            assert torch.allclose(batch.soft, expected, atol=1e-5, rtol=1e-5)
-                            covered += len(batch)
-                assert covered == n * labels.epochs
         # some samples are mixed, with another sample
         rows = torch.cat([b.mix for b in labels.batches(0, 12)])
+        n = labels.num_samples
         assert (rows[:, 1] < 1).any() and (rows[:, 0] != torch.arange(n)[None]).any()
 
 
@@ -165,17 +145,7 @@ def test_transcode_keeps_the_mix(mixed_set, tmp_path: Path) -> None:
 
 def test_train_runs_on_a_mixed_set(mixed_set, tmp_path: Path) -> None:
     """``softserve train --store`` takes the mixed inputs through the same LabelSet path."""
-    path, _ = mixed_set
-    images, labels = random_set(n=9, seed=3)
-    eval_set = tmp_path / "test.pt"
-    torch.save({"data": torch.from_numpy(images), "label": torch.from_numpy(labels)}, eval_set)
-    done = run_cli(
-        "train", "--store", path.parent, "--labelset", path.name, "--epochs", 2,
-        "--batch-size", 4, "--eval", eval_set, "--device", "cpu", "--no-progress",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 2 * 3 and 0.0 <= result["top1"] <= 1.0
+    check_train_runs(mixed_set[0], tmp_path)
 
 
 def test_mix_prob_zero_is_no_mixing(make_options, tmp_path: Path) -> None:
@@ -221,19 +191,7 @@ def test_relabel_refuses_bad_mix_flags(make_options, flags: list[str], message: 
 
 def test_served_mixed_batches_equal_local_ones(mixed_set) -> None:
     """Over HTTP, with partner images in the batch or from the cache, the same inputs."""
-    path, _ = mixed_set
-    server = Server(path.parent).start()
-    try:
-        with open_local(path) as local:
-            expected = [(b.images, b.soft) for b in local.batches(1, 5, 1, 2)]
-        for cache_mb in (2048, 0):
-            remote = Client(server.url).labelset(path.name, image_cache_mb=cache_mb)
-            got = [(b.images, b.soft) for b in remote.batches(1, 5, 1, 2)]
-            assert len(got) == len(expected)
-            for (xi, xs), (yi, ys) in zip(got, expected, strict=True):
-                assert torch.equal(xi, yi) and torch.equal(xs, ys)
-    finally:
-        server.stop()
+    check_served_batches_equal_local(mixed_set[0])
 
 
 def test_server_refuses_mix_tensors_of_an_unmixed_set(make_options) -> None:
@@ -253,41 +211,19 @@ def test_server_refuses_mix_tensors_of_an_unmixed_set(make_options) -> None:
 
 def test_pictures_show_the_mixed_input(mixed_set) -> None:
     """The view PNG, and the report's grid from disk and through a server, show what the
-    teacher saw: its recorded input, with the normalization undone."""
-    path, recorded = mixed_set
-    with LabelSetReader(path) as reader:
-        config, n = reader.config, reader.config.num_samples
-        orders = [reader.read(e, 0, n, ["order"])["order"] for e in range(config.epochs)]
-    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (config.mean, config.std))
-    seen = torch.cat(recorded) * std + mean
+    teacher saw: its recorded input, with the normalization undone; the grid's titles name
+    the partner and λ of the mixed views."""
 
-    def teacher_view(epoch: int, sample: int) -> torch.Tensor:
-        return seen[epoch * n + int(np.flatnonzero(orders[epoch] == sample)[0])]
+    def names_the_mixes(data: ReportData) -> None:
+        cells = data.numbers["grid"]["cells"]
+        assert any(cell["mix"]["lambda"] < 1 for cell in cells)
+        titles = [ax.get_title() for ax in build_figures(data)["views"].axes
+                  if ax.get_label().startswith("view-")]  # fmt: skip
+        for cell, title in zip(cells, titles, strict=True):
+            mix = cell["mix"]
+            assert (f"#{mix['partner']} λ {mix['lambda']:.2f}" in title) == (mix["lambda"] < 1)
 
-    server = Server(path.parent).start()
-    try:
-        for epoch in range(config.epochs):
-            for sample in range(n):
-                url = f"{server.url}/v1/labelsets/{path.name}/views/{epoch}/{sample}.png"
-                png = httpx.get(url)
-                assert png.status_code == 200
-                pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
-                shown = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()
-                assert (shown - teacher_view(epoch, sample) * 255).abs().max() < 0.501
-        for source in (StoreSource(path), RemoteSource(server.url, path.name)):
-            data = compute_report(source)
-            source.close()
-            cells = data.numbers["grid"]["cells"]
-            assert any(cell["mix"]["lambda"] < 1 for cell in cells)
-            titles = [ax.get_title() for ax in build_figures(data)["views"].axes
-                      if ax.get_label().startswith("view-")]  # fmt: skip
-            for cell, image, title in zip(cells, data.grid_images, titles, strict=True):
-                expected = teacher_view(cell["epoch"], cell["sample"])
-                torch.testing.assert_close(torch.from_numpy(image), expected, atol=1e-5, rtol=0)
-                mix = cell["mix"]
-                assert (f"#{mix['partner']} λ {mix['lambda']:.2f}" in title) == (mix["lambda"] < 1)
-    finally:
-        server.stop()
+    check_pictures(*mixed_set, names_the_mixes)
 
 
 @pytest.mark.slow

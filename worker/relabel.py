@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import softserve
 from softserve.errors import InputError, StoreError
-from softserve.format.augment import MixPolicy
+from softserve.format.augment import DsaPolicy, MixPolicy, identity_view
 from softserve.format.codecs import default_codec, default_codec_reason, get_codec
 from softserve.format.labels import NORM, SOFT
 from softserve.format.refinement import refine_labels
@@ -50,7 +50,7 @@ from softserve.storage.manifest import (
     RefinementInfo,
     RelabelPlan,
     TeacherInfo,
-    ViewInfo,
+    view_info,
     write_model,
 )
 from softserve.storage.writer import ShardWriter, write_dataset
@@ -96,6 +96,8 @@ class RelabelOptions(TeacherInputs):
     precision: str = "fp32"
     codec: str | None = None  # by class count (default_codec) when not given
     shard_epochs: int | None = None
+    #: DSA views (``--views dsa``) instead of the crops of ``policy``; None: crops
+    dsa: DsaPolicy | None = None
     #: CutMix or Mixup per (epoch, sample) on top of the views; None: views only
     mix: MixPolicy | None = None
     progress: bool = True
@@ -160,19 +162,14 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
         teacher=TeacherInfo(
             spec=teacher.spec, weights=teacher.weights, weights_sha256=teacher.weights_sha256
         ),
-        views=ViewInfo(
-            scale=opts.policy.scale,
-            ratio=opts.policy.ratio,
-            flip=opts.policy.flip,
-            output_size=size,
-        ),
+        views=view_info(opts.dsa or opts.policy, size),
         mix=None if opts.mix is None else MixInfo(**vars(opts.mix)),
         refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),
         seed=opts.seed,
         precision=opts.precision,  # type: ignore[arg-type]
         **storage_fields(
             n, data.num_classes, opts.codec or default_codec(data.num_classes), opts.epochs,
-            opts.shard_epochs, opts.mix is not None,
+            opts.shard_epochs, opts.mix is not None, "rrc" if opts.dsa is None else "dsa",
         ),
     )
 
@@ -291,6 +288,7 @@ class _Labeler:
             mean=self.config.mean,
             std=self.config.std,
             interpolation=self.config.views.interpolation,
+            views=self.config.views.policy,
         )
         if self.device.type == "cuda":
             views = views.contiguous(memory_format=torch.channels_last)
@@ -307,7 +305,7 @@ class _Labeler:
         rows = self.batch_size if self.pad else min(2, self.batch_size)
         ids = torch.zeros(rows, dtype=torch.long)
         h, w = self.config.image_shape[1:]
-        params = torch.tensor([[0, 0, h, w, 0]], dtype=torch.int32).expand(rows, -1)
+        params = torch.from_numpy(identity_view(self.config.views.policy, h, w)).expand(rows, -1)
         plan = {"params": params}
         if self.config.mix is not None:  # each sample mixed with itself, λ = 1
             plan["partner_params"] = params
@@ -487,6 +485,7 @@ def _run_shards(
                 get_codec(config.codec),
                 config.chunk_rows,
                 config.mix is not None,
+                config.views.policy,
             )
             _write_shard(labeler, writer, config, shard, bar)
         writer.finish()

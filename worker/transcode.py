@@ -70,7 +70,7 @@ def _target_config(config: LabelSetConfig, opts: TranscodeOptions) -> LabelSetCo
         raise InputError(f"--shard-epochs must be positive, got {opts.shard_epochs}")
     fields = storage_fields(
         config.num_samples, config.num_classes, opts.codec or config.codec, epochs,
-        opts.shard_epochs, config.mix is not None,
+        opts.shard_epochs, config.mix is not None, config.views.policy,
     )  # fmt: skip
     # validated, unlike model_copy: a bad field fails here, not when the set is opened
     return type(config).model_validate({**config.model_dump(), **fields})
@@ -115,7 +115,7 @@ def _write_shard(
     tmp_path(out / shard_file(index)).unlink(missing_ok=True)
     shard = ShardWriter(
         out / shard_file(index), start, stop, n, target.num_classes, get_codec(target.codec),
-        target.chunk_rows, mixed,
+        target.chunk_rows, mixed, target.views.policy,
     )  # fmt: skip
     for epoch in range(start, stop):
         rows = reader.read(epoch, 0, n, ("order", "params", SOFT, NORM, *mix_fields))

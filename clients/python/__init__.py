@@ -4,10 +4,10 @@
 server, ``open_local("store/name").loader(batch_size)`` the same batches straight from a
 store on this machine; the bundled losses take ``(student_logits, batch)``.
 
-Views (:func:`apply_views`) and the GIFT refinement come from the layers below the client,
-which the worker and the server import too, so the student sees exactly the pixels the
-teacher labelled. Importing the client never imports the server or h5py; ``open_local``
-needs h5py (it reads the store).
+Views (:func:`apply_views`, :func:`apply_dsa` for DSA sets) and the GIFT refinement come
+from the layers below the client, which the worker and the server import too, so the
+student sees exactly the pixels the teacher labelled. Importing the client never imports
+the server or h5py; ``open_local`` needs h5py (it reads the store).
 
 Names load on first use, so that ``import softserve.client`` stays cheap until a name is
 used (torch, httpx and the losses load with the first name that needs them).
@@ -49,12 +49,17 @@ _EXPORTS = {
     "epoch_order": "softserve.format.sampling",
     "LabelSetDetail": "softserve.format.schema",
     "LabelSetSummary": "softserve.format.schema",
+    "DSA_FIELDS": "softserve.format.augment",
+    "NUM_DSA": "softserve.format.augment",
     "NUM_PARAMS": "softserve.format.augment",
     "PARAM_FIELDS": "softserve.format.augment",
+    "DsaPolicy": "softserve.format.augment",
     "MixPolicy": "softserve.format.augment",
     "ViewPolicy": "softserve.format.augment",
+    "sample_dsa": "softserve.format.augment",
     "sample_mix": "softserve.format.augment",
     "sample_views": "softserve.format.augment",
+    "apply_dsa": "softserve.pixels",
     "apply_mix": "softserve.pixels",
     "apply_views": "softserve.pixels",
     "mixed_views": "softserve.pixels",
@@ -79,10 +84,14 @@ if TYPE_CHECKING:  # what type checkers read; a test checks it matches _EXPORTS
     from softserve.client.remote import Client, RemoteLabelSet
     from softserve.errors import ClientError, PayloadError
     from softserve.format.augment import (
+        DSA_FIELDS,
+        NUM_DSA,
         NUM_PARAMS,
         PARAM_FIELDS,
+        DsaPolicy,
         MixPolicy,
         ViewPolicy,
+        sample_dsa,
         sample_mix,
         sample_views,
     )
@@ -94,7 +103,7 @@ if TYPE_CHECKING:  # what type checkers read; a test checks it matches _EXPORTS
     )
     from softserve.format.sampling import Sharding, epoch_order
     from softserve.format.schema import LabelSetDetail, LabelSetSummary
-    from softserve.pixels import apply_mix, apply_views, mixed_views
+    from softserve.pixels import apply_dsa, apply_mix, apply_views, mixed_views
 
 __all__ = sorted(_EXPORTS)
 

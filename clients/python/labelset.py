@@ -44,7 +44,8 @@ class Batch:
     soft: torch.Tensor
     logits: torch.Tensor | None = None
     #: mixed sets: each sample's mix row (partner id, λ, CutMix box; see
-    #: softserve.format.augment) and its partner's view params; ``images`` are mixed already
+    #: softserve.format.augment) and its partner's view params; ``images`` are mixed already.
+    #: ``params`` (and ``partner_params``) are DSA rows (float32 (B, 14)) in a DSA set
     mix: torch.Tensor | None = None
     partner_params: torch.Tensor | None = None
 
@@ -275,6 +276,7 @@ class LabelSet(ABC):
             mean=self.mean,
             std=self.std,
             interpolation=self.detail.views.interpolation,
+            views=self.detail.views.policy,
         )
 
         # labels arrive as stored (a top-k row is a few dozen bytes) and are decoded after

@@ -7,13 +7,15 @@ name            dtype    shape       meaning
 ==============  =======  ==========  ==================================================
 indices         int64    (B,)        sample ids (rows of the base images), in epoch order
 images          uint8    (B,C,H,W)   base images of those samples (before the view)
-params          int16    (B,5)       views: top, left, height, width, flip
+params          int16    (B,5)       views: top, left, height, width, flip; float32
+                                     (B,14) for a set of DSA views (:data:`DSA_FIELDS`)
 hard            int64    (B,)        hard labels
 soft            float32  (B,K)       GIFT-refined labels, decoded from the stored codec
 logits          float32  (B,K)       raw teacher logits on the same views (when asked)
 mix             float32  (B,6)       mixed sets only: partner id, λ, CutMix box top,
                                      left, height, width (softserve.format.augment)
 partner_params  int16    (B,5)       mixed sets only: the partner's view in this epoch
+                                     (float32 (B,14) for DSA views)
 partner_images  uint8    (B,C,H,W)   mixed sets only: the partner's base image
 ==============  =======  ==========  ==================================================
 
@@ -55,6 +57,29 @@ from softserve.errors import PayloadError as PayloadError
 #: Columns of a ``params`` row: crop box in base pixels, then the flip bit.
 PARAM_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
 NUM_PARAMS = len(PARAM_FIELDS)
+#: Columns of a DSA ``params`` row (softserve.format.augment.sample_dsa), in output pixels:
+#: the flip bit, the brightness shift, the saturation and contrast factors, which of
+#: crop / scale / rotate runs (0, 1, 2), the crop's shift (rows, columns), the scale's
+#: factors (x, y), the rotation in radians, and the cutout box (top, left, height, width).
+DSA_FIELDS: tuple[str, ...] = (
+    "flip", "brightness", "saturation", "contrast", "transform", "shift_y", "shift_x",
+    "scale_x", "scale_y", "angle", "cut_top", "cut_left", "cut_height", "cut_width",
+)  # fmt: skip
+NUM_DSA = len(DSA_FIELDS)
+#: View policies: RandomResizedCrop + flip (the default), or the DSA views of the GIFT
+#: evaluator (``color_crop_cutout_flip_scale_rotate``).
+ViewKind = Literal["rrc", "dsa"]
+VIEW_KINDS: tuple[str, ...] = ("rrc", "dsa")
+
+
+def view_columns(views: ViewKind) -> tuple[tuple[str, ...], np.dtype]:
+    """The columns of a ``params`` row of a view policy, and their dtype on disk and on the
+    wire: int16 crop boxes, or float32 DSA rows."""
+    if views == "dsa":
+        return DSA_FIELDS, np.dtype(np.float32)
+    if views == "rrc":
+        return PARAM_FIELDS, np.dtype(np.int16)
+    raise ValueError(f"views must be one of {', '.join(VIEW_KINDS)}, got {views!r}")
 #: Columns of a ``mix`` row: partner sample id, λ, then the CutMix box in output pixels.
 MIX_FIELDS: tuple[str, ...] = ("partner", "lam", "top", "left", "height", "width")
 NUM_MIX = len(MIX_FIELDS)

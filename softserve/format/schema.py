@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,10 +27,29 @@ class LabelSetSummary(_Schema):
     digest: str
 
 
+class DsaPolicyInfo(_Schema):
+    """DSA's ranges, as :class:`softserve.format.augment.DsaPolicy` names them."""
+
+    strategy: str
+    flip: float
+    brightness: float
+    saturation: float
+    contrast: float
+    crop: float
+    scale: float
+    rotate: float
+    cutout: float
+
+
 class ViewPolicyInfo(_Schema):
-    scale: tuple[float, float]
-    ratio: tuple[float, float]
-    flip: bool
+    """The set's views: crops (``rrc``: scale, ratio, flip; what an older server always
+    sends) or DSA (``dsa``: its ranges), and the resampling."""
+
+    policy: Literal["rrc", "dsa"] = "rrc"
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    flip: bool | None = None
+    dsa: DsaPolicyInfo | None = None
     interpolation: str
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from softserve.errors import StoreError
 from softserve.format.codecs import CODECS, get_codec
+from softserve.format.payload import ViewKind
 from softserve.report.source import EpochRows, LabelSource, SetInfo
 from softserve.storage.manifest import FORMAT_VERSION
 from softserve.storage.shards import bytes_per_row
@@ -112,16 +113,18 @@ def grid_cells(
     return [int(c) for c in classes], samples, [int(e) for e in grid_epochs]
 
 
-def storage_table(num_samples: int, num_classes: int, epochs: int, own: str) -> list[dict]:
+def storage_table(
+    num_samples: int, num_classes: int, epochs: int, own: str, views: ViewKind = "rrc"
+) -> list[dict]:
     """Bytes per label, per stored view (order, view and norm included) and in all, for the
-    fixed codecs, a few top-k codecs, and the set's own codec."""
+    fixed codecs, a few top-k codecs, and the set's own codec, with this set's views."""
     names = [*CODECS, *(f"topk:{k}" for k in (1, 5, 10, 50) if k < num_classes)]
     if own not in names:
         names.append(own)
     table = []
     for name in names:
         codec = get_codec(name)
-        per_view = bytes_per_row(FORMAT_VERSION, num_classes, codec)
+        per_view = bytes_per_row(FORMAT_VERSION, num_classes, codec, views=views)
         table.append({
             "codec": name,
             "bytes_per_label": codec.bytes_per_label(num_classes),
@@ -216,7 +219,7 @@ class _Accumulator:
             top3 = np.argsort(-probs, kind="stable")[:3]
             self.cells.append({
                 "class": cls, "epoch": epoch, "sample": sample, "row": row,
-                "params": [int(v) for v in rows.params[row]],
+                "params": rows.params[row].tolist(),
                 "top3": [[int(c), float(probs[c])] for c in top3],
                 "hard_prob": float(probs[cls]),
             })  # fmt: skip
@@ -268,7 +271,9 @@ class _Accumulator:
                 "codec": info.codec,
                 "label_bytes": info.label_bytes,
                 "bytes_per_view": info.label_bytes / (info.num_samples * epochs),
-                "codecs": storage_table(info.num_samples, k, epochs, info.codec),
+                "codecs": storage_table(
+                    info.num_samples, k, epochs, info.codec, info.views  # type: ignore[arg-type]
+                ),
             },
             "grid": {"classes": self.classes, "samples": self.samples,
                      "epochs": self.grid_epochs, "cells": self.cells},  # fmt: skip
@@ -307,7 +312,8 @@ def compute_report(
         grid = stored_views(
             source.info.mix,  # type: ignore[arg-type]
             source.images, ids, params, source.info.output_size, mix, partner,
-            source.info.interpolation,
+            source.info.interpolation, views=source.info.views,  # type: ignore[arg-type]
+            mean=source.info.mean, std=source.info.std,
         ).numpy()
     hardest_ids = np.array([h["sample"] for h in numbers["hardest"]], dtype=np.int64)
     return ReportData(numbers, grid, source.images(hardest_ids))

@@ -25,7 +25,8 @@ img { max-width: 100%; } .note { color: #555; font-size: 0.9em; }
 _SECTIONS = {
     "views": ("Views the teacher saw",
               "For sampled classes and stored epochs: the view built with mixed_views from the "
-              "stored crop and flip (and a mixed set's stored mix with its partner's view), "
+              "stored crop and flip, or DSA row (and a mixed set's stored mix with its "
+              "partner's view), "
               "and the teacher's top-3 probabilities (hard label in red)."),
     "agreement": ("Agreement with the hard label",
                   "Share of views whose teacher class (argmax of the logits) is the hard label."),
@@ -93,7 +94,8 @@ def render_html(numbers: dict, pngs: dict[str, bytes]) -> str:
         "</head><body>",
         f"<h1>Label set <code>{escape(info['name'])}</code></h1>",
         f"<p>{info['num_samples']} samples, {info['num_classes']} classes, {info['epochs']} "
-        f"stored epochs, {numbers['views']} views; teacher <code>{escape(info['teacher'])}"
+        f"stored epochs, {numbers['views']} views (<code>{escape(info['views'])}</code>); "
+        f"teacher <code>{escape(info['teacher'])}"
         f"</code>, codec <code>{escape(info['codec'])}</code>, GIFT α={info['alpha']} "
         f"β={info['beta']}; digest <code>{escape(info['digest'][:16])}</code>.</p>",
     ]

@@ -41,6 +41,9 @@ class SetInfo:
     teacher: str
     mix: str | None  # "cutmix" or "mixup" for a mixed set
     interpolation: str = "bilinear"  # the view policy's (softserve.pixels)
+    views: str = "rrc"  # "dsa" for DSA views (their pictures need the normalization)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,12 @@ class EpochRows:
     """One stored epoch, row j being sample ``order[j]`` seen through view ``params[j]``."""
 
     order: np.ndarray  # int64 (N,)
-    params: np.ndarray  # (N, 5)
+    params: np.ndarray  # (N, 5), or (N, 14) DSA rows
     soft: np.ndarray  # float32 (N, K): GIFT's refined soft labels, as served
     logits: np.ndarray  # float32 (N, K): the teacher's logits
     kept: np.ndarray | None  # (N, k) classes a top-k codec stored; None for other codecs
     mix: np.ndarray | None = None  # float32 (N, 6) mix rows of a mixed set
-    partner_params: np.ndarray | None = None  # (N, 5) the partners' views
+    partner_params: np.ndarray | None = None  # the partners' views, like params
 
 
 class LabelSource(Protocol):
@@ -111,7 +114,8 @@ class StoreSource:
             alpha=config.refinement.alpha, beta=config.refinement.beta,
             format_version=manifest.format_version, label_bytes=manifest.label_bytes(),
             teacher=config.teacher.spec, mix=None if config.mix is None else config.mix.kind,
-            interpolation=config.views.interpolation,
+            interpolation=config.views.interpolation, views=config.views.policy,
+            mean=config.mean, std=config.std,
         )  # fmt: skip
 
     def hard_labels(self) -> np.ndarray:
@@ -158,6 +162,7 @@ class RemoteSource:
             alpha=d.refinement.alpha, beta=d.refinement.beta,
             format_version=d.format_version, label_bytes=d.label_bytes, teacher=d.teacher,
             mix=None if d.mix is None else d.mix.kind, interpolation=d.views.interpolation,
+            views=d.views.policy, mean=d.mean, std=d.std,
         )  # fmt: skip
         cap = d.max_batch_size or max(self.BATCH_ROWS, self.IMAGE_ROWS)
         self.batch_rows, self.image_rows = min(self.BATCH_ROWS, cap), min(self.IMAGE_ROWS, cap)
