@@ -24,7 +24,7 @@ goals are judged on paired ratios, the median of the ratios within each repeat):
    remote and local; with the workers alive, Pss_Anon + Pss_Shmem (``/proc/PID/
    smaps_rollup``) plus the Pss of the mapped cache file (``/proc/PID/smaps``) over the
    ranks' process trees: the memory the node holds, against the same run over the baseline
-   set, over the images' bytes.
+   set (read for as many batches), over the images' bytes.
 6. **Report.** ``softserve report`` and ``softserve verify`` on a set the real writer built
    (``bench.report_bench``: N = 10,000 × E = 300 × K = 1000, ``topk:10``) against one pass
    that decodes every epoch.
@@ -33,6 +33,7 @@ goals are judged on paired ratios, the median of the ratios within each repeat):
 
     python -m bench.scale_bench [--samples 10000] [--device auto] [--json PATH]
     python -m bench.scale_bench --smoke     # tiny sizes, well under a minute (CI)
+    python -m bench.scale_bench --sections node   # one section (the set relabelled untimed)
 """
 
 from __future__ import annotations
@@ -65,11 +66,14 @@ from bench.serve_bench import Goal, format_goals, process_cpu_s, rss_mib
 from softserve.client import Client, LabelSet, open_local
 from softserve.client.cache import ENV
 from softserve.errors import InputError
+from softserve.worker.relabel import RelabelOptions, relabel
 from softserve.worker.runtime import check_precision, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME, BASELINE = "scale", "scale-baseline"
 IMAGES_ROUTE = "/v1/labelsets/{name}/images"
+#: What a run can measure: relabel (1), serve (2 to 4), node (4, 5), report (6).
+SECTIONS = ("relabel", "serve", "node", "report")
 TEACHERS = {"cpu": "bench.serve_teacher:patch_convnet", "cuda": "bench.serve_teacher:resnet18"}
 #: The projection's workload: ImageNet-1K at IPC 50, 300 epochs, one node of 8 GPUs.
 IPC50, PROJECTED_EPOCHS, GPUS = 50_000, 300, 8
@@ -221,17 +225,17 @@ def interleaved(
 
 
 def node_rank(
-    kind: str, source: str, name: str, rank: int, args: argparse.Namespace, cache: str,
-    ready: multiprocessing.Queue, done: multiprocessing.synchronize.Event,
+    kind: str, source: str, name: str, epochs: int, rank: int, args: argparse.Namespace,
+    cache: str, ready: multiprocessing.Queue, done: multiprocessing.synchronize.Event,
 ) -> None:  # fmt: skip
     """One rank of a node (a spawned process): RANK/WORLD_SIZE set, ``--workers`` forked
-    DataLoader workers reading its share of one epoch, kept alive until ``done``."""
+    DataLoader workers reading its share of ``epochs`` epochs, kept alive until ``done``."""
     os.environ.update({ENV: cache, "RANK": str(rank), "WORLD_SIZE": str(args.ranks)})
     warnings.filterwarnings("ignore", "This DataLoader will create")  # more workers than cores
     try:
         local = kind == "local"
         labels = open_local(Path(source) / name) if local else Client(source).labelset(name)
-        loader = labels.loader(args.node_batch, epochs=1, rank=rank, world_size=args.ranks)
+        loader = labels.loader(args.node_batch, epochs=epochs, rank=rank, world_size=args.ranks)
         data = DataLoader(loader, batch_size=None, num_workers=args.workers,
                           persistent_workers=True, multiprocessing_context="fork")  # fmt: skip
         samples = sum(len(batch) for batch in data)
@@ -274,18 +278,18 @@ def pss_bytes(pid: int, mapped: Path) -> dict[str, int]:
 
 
 def node_figures(
-    kind: str, source: str, name: str, args: argparse.Namespace, work: Path,
+    kind: str, source: str, name: str, epochs: int, args: argparse.Namespace, work: Path,
     server: Server | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Memory a node of ``--ranks`` × ``--workers`` holds after one epoch of ``name``, from
-    a fresh cache folder, and (remote) the images' bytes the server sent it."""
+    """Memory a node of ``--ranks`` × ``--workers`` holds after ``epochs`` epochs of
+    ``name``, from a fresh cache folder, and (remote) the images' bytes the server sent it."""
     cache = work / f"node-{kind}-{name}"
     sent_before = route_bytes(server).get(IMAGES_ROUTE, 0.0) if server else 0.0
     context = multiprocessing.get_context("spawn")
     ready, done = context.Queue(), context.Event()
     ranks = [
         context.Process(target=node_rank,
-                        args=(kind, source, name, rank, args, str(cache), ready, done))
+                        args=(kind, source, name, epochs, rank, args, str(cache), ready, done))
         for rank in range(args.ranks)
     ]  # fmt: skip
     for proc in ranks:
@@ -311,6 +315,13 @@ def node_figures(
         "processes": len(pids), "samples": sum(s for _, s, _ in answers),
         "pss_bytes": total, "memory_bytes": sum(total.values()), "image_bytes_sent": sent,
     }  # fmt: skip
+
+
+def node_epochs(args: argparse.Namespace) -> dict[str, int]:
+    """Epochs each set is read for: one of the set, and of the baseline as many as make as
+    many batches, so that what processing batches leaves in the processes (the allocator's
+    high-water marks, torch's caches) cancels and the difference is the images'."""
+    return {NAME: 1, BASELINE: max(1, round(args.samples / args.baseline_samples))}
 
 
 def node_summary(
@@ -352,71 +363,85 @@ def projection(record: dict[str, Any], args: argparse.Namespace) -> dict[str, fl
 
 
 def goals(record: dict[str, Any], args: argparse.Namespace) -> list[Goal]:
-    """The issue's goals, as ratios, and the figures beside them for information."""
-    relabel, client, report = record["relabel"], record["client"], record["report"]
-    node = record["node"]["remote"]
-
-    def goal(name: str, value: float, paired: float, target: str, met: bool | None) -> Goal:
-        return Goal(name, value, paired, target, met)
-
-    memory = node["memory_growth_over_image_bytes"]
-    sent = node["image_bytes_sent_over_image_bytes"]
-    paired = relabel["paired_ratio_pipeline_over_bare"]
-    loader = client["loader"]["paired_remote_over_local"]
-    loader_median = (client["loader"]["remote_samples_per_s"]
-                     / client["loader"]["local_samples_per_s"])  # fmt: skip
-    stored = client["stored"]
+    """The issue's goals, as ratios, and the figures beside them for information (those of
+    the sections that ran)."""
+    out = []
     nodes = f"{args.ranks}x{args.workers}"
-    return [
-        goal("relabel / bare teacher", relabel["ratio_pipeline_over_bare"], paired, ">= 0.9",
-             paired >= 0.9),
-        goal(f"remote loader / open_local, b{args.batch_size}", loader_median, loader, ">= 0.9",
-             loader >= 0.9),
-        goal(f"node memory / image bytes, {nodes}", memory, memory, "<= 1.25", memory <= 1.25),
-        goal("image bytes sent / image bytes", sent, sent, "<= 1.1", sent <= 1.1),
-        goal("report / one decode pass", report["report_over_read"], report["report_over_read"],
-             "<= 3", report["report_over_read"] <= 3),
-        goal("relabel label loop / bare teacher", relabel["ratio_loop_over_bare"],
-             relabel["paired_ratio_loop_over_bare"], "info", None),
-        goal("remote stored / local stored batches",
-             stored["remote_samples_per_s"] / stored["local_samples_per_s"],
-             stored["paired_remote_over_local"], "info", None),
-        goal(f"local node memory / image bytes, {nodes}",
-             record["node"]["local"]["memory_growth_over_image_bytes"],
-             record["node"]["local"]["memory_growth_over_image_bytes"], "info", None),
-        goal("relabel peak RSS growth / image bytes", relabel["peak_rss_growth_over_image_bytes"],
-             relabel["peak_rss_growth_over_image_bytes"], "info", None),
-        goal("verify / one decode pass", report["verify_over_read"], report["verify_over_read"],
-             "info", None),
-    ]  # fmt: skip
+    if "relabel" in record:
+        r = record["relabel"]
+        paired, growth = r["paired_ratio_pipeline_over_bare"], r["peak_rss_growth_over_image_bytes"]
+        out += [
+            Goal("relabel / bare teacher", r["ratio_pipeline_over_bare"], paired, ">= 0.9",
+                 paired >= 0.9),
+            Goal("relabel label loop / bare teacher", r["ratio_loop_over_bare"],
+                 r["paired_ratio_loop_over_bare"], "info", None),
+            Goal("relabel peak RSS growth / image bytes", growth, growth, "info", None),
+        ]  # fmt: skip
+    if "client" in record:
+        loader, stored = record["client"]["loader"], record["client"]["stored"]
+        paired = loader["paired_remote_over_local"]
+        out += [
+            Goal(f"remote loader / open_local, b{args.batch_size}",
+                 loader["remote_samples_per_s"] / loader["local_samples_per_s"], paired,
+                 ">= 0.9", paired >= 0.9),
+            Goal("remote stored / local stored batches",
+                 stored["remote_samples_per_s"] / stored["local_samples_per_s"],
+                 stored["paired_remote_over_local"], "info", None),
+        ]  # fmt: skip
+    if "node" in record:
+        remote, local = record["node"]["remote"], record["node"]["local"]
+        memory, sent = (remote[k] for k in ("memory_growth_over_image_bytes",
+                                            "image_bytes_sent_over_image_bytes"))  # fmt: skip
+        local_memory = local["memory_growth_over_image_bytes"]
+        out += [
+            Goal(f"node memory / image bytes, {nodes}", memory, memory, "<= 1.25",
+                 memory <= 1.25),
+            Goal("image bytes sent / image bytes", sent, sent, "<= 1.1", sent <= 1.1),
+            Goal(f"local node memory / image bytes, {nodes}", local_memory, local_memory, "info",
+                 None),
+        ]  # fmt: skip
+    if "report" in record:
+        report, verify = record["report"]["report_over_read"], record["report"]["verify_over_read"]
+        out += [
+            Goal("report / one decode pass", report, report, "<= 3", report <= 3),
+            Goal("verify / one decode pass", verify, verify, "info", None),
+        ]
+    return out
 
 
 # --------------------------------------------------------------------------- report
 
 
 def format_record(record: dict[str, Any], args: argparse.Namespace) -> str:
-    """The human-readable summary: the figures, the goals, the projection."""
-    r, s, c = record["relabel"], record["server"], record["client"]
-    node, rep, p = record["node"], record["report"], record["projection"]
-    gb = 1e9
+    """The human-readable summary: the figures of the sections that ran, the goals, and the
+    projection when every section ran."""
     lines = [
         f"== scale: N={args.samples} 3x{args.size}x{args.size} K={args.classes} E={args.epochs} "
         f"codec={args.codec} teacher={args.teacher} device={record['meta']['device']} "
-        f"precision={args.precision}",
-        f"   relabel: bare {r['bare_samples_per_s']:,.0f} samples/s, pipeline "
-        f"{r['pipeline_samples_per_s']:,.0f} ({r['paired_ratio_pipeline_over_bare']:.2f} paired);"
-        f" peak RSS {r['peak_rss_bytes'] / 2**20:,.0f} MiB (baseline "
-        f"{r['peak_rss_baseline_bytes'] / 2**20:,.0f}): growth "
-        f"{r['peak_rss_growth_over_image_bytes']:.2f}x the images' bytes",
-        f"   server, one process, stored form: {s['stream_samples_per_s']:,.0f} samples/s to one "
-        f"client, {s['samples_per_server_cpu_s']:,.0f} samples per server CPU second; "
-        f"{s['wire_bytes_per_sample']:.1f} B a sample on the wire",
-        f"   client loader b{args.batch_size}: remote {c['loader']['remote_samples_per_s']:,.0f}, "
-        f"open_local {c['loader']['local_samples_per_s']:,.0f} samples/s; stored batches: remote "
-        f"{c['stored']['remote_samples_per_s']:,.0f}, local "
-        f"{c['stored']['local_samples_per_s']:,.0f}",
+        f"precision={args.precision} sections={','.join(args.sections)}",
     ]
-    for kind, n in node.items():
+    if "relabel" in record:
+        r = record["relabel"]
+        lines.append(
+            f"   relabel: bare {r['bare_samples_per_s']:,.0f} samples/s, pipeline "
+            f"{r['pipeline_samples_per_s']:,.0f} ({r['paired_ratio_pipeline_over_bare']:.2f} "
+            f"paired); peak RSS {r['peak_rss_bytes'] / 2**20:,.0f} MiB (baseline "
+            f"{r['peak_rss_baseline_bytes'] / 2**20:,.0f}): growth "
+            f"{r['peak_rss_growth_over_image_bytes']:.2f}x the images' bytes"
+        )
+    if "server" in record:
+        s, c = record["server"], record["client"]
+        lines += [
+            f"   server, one process, stored form: {s['stream_samples_per_s']:,.0f} samples/s "
+            f"to one client, {s['samples_per_server_cpu_s']:,.0f} samples per server CPU "
+            f"second; {s['wire_bytes_per_sample']:.1f} B a sample on the wire",
+            f"   client loader b{args.batch_size}: remote "
+            f"{c['loader']['remote_samples_per_s']:,.0f}, open_local "
+            f"{c['loader']['local_samples_per_s']:,.0f} samples/s; stored batches: remote "
+            f"{c['stored']['remote_samples_per_s']:,.0f}, local "
+            f"{c['stored']['local_samples_per_s']:,.0f}",
+        ]
+    for kind, n in record.get("node", {}).items():
         lines.append(
             f"   node ({kind}, {args.ranks} ranks x {args.workers} workers, "
             f"{n['set']['processes']} processes): {n['set']['memory_bytes'] / 2**20:,.0f} MiB "
@@ -424,24 +449,40 @@ def format_record(record: dict[str, Any], args: argparse.Namespace) -> str:
             f"{n['memory_growth_over_image_bytes']:.2f}x the images' bytes; images sent "
             f"{n['image_bytes_sent_over_image_bytes']:.2f}x their bytes"
         )
-    lines += [
-        f"   report set {args.report_samples} x {args.report_epochs} x {args.classes}: decode "
-        f"pass {rep['read_seconds']:.1f} s, report {rep['report_seconds']:.1f} s, verify "
-        f"{rep['verify_seconds']:.1f} s",
-        f"   projection, IPC 50 x {PROJECTED_EPOCHS} epochs, {GPUS}-GPU node: relabel "
-        f"{p['relabel_node_hours']:.1f} h on {GPUS} of this device, labels "
-        f"{p['label_store_bytes'] / gb:.2f} GB, images {p['image_bytes'] / gb:.2f} GB held as "
-        f"{p['node_image_memory_bytes'] / gb:.2f} GB and sent as "
-        f"{p['node_image_download_bytes'] / gb:.2f} GB, labels on the wire "
-        f"{p['node_label_wire_bytes'] / gb:.2f} GB, server CPU {p['server_cpu_hours']:.2f} h, "
-        f"report {p['report_seconds'] / 60:.1f} min",
-        "",
-        *format_goals([Goal(**g) for g in record["goals"]]),
-    ]
+    if "report" in record:
+        rep = record["report"]
+        lines.append(
+            f"   report set {args.report_samples} x {args.report_epochs} x {args.classes}: "
+            f"decode pass {rep['read_seconds']:.1f} s, report {rep['report_seconds']:.1f} s, "
+            f"verify {rep['verify_seconds']:.1f} s"
+        )
+    if "projection" in record:
+        p, gb = record["projection"], 1e9
+        lines.append(
+            f"   projection, IPC 50 x {PROJECTED_EPOCHS} epochs, {GPUS}-GPU node: relabel "
+            f"{p['relabel_node_hours']:.1f} h on {GPUS} of this device, labels "
+            f"{p['label_store_bytes'] / gb:.2f} GB, images {p['image_bytes'] / gb:.2f} GB held "
+            f"as {p['node_image_memory_bytes'] / gb:.2f} GB and sent as "
+            f"{p['node_image_download_bytes'] / gb:.2f} GB, labels on the wire "
+            f"{p['node_label_wire_bytes'] / gb:.2f} GB, server CPU "
+            f"{p['server_cpu_hours']:.2f} h, report {p['report_seconds'] / 60:.1f} min"
+        )
+    lines += ["", *format_goals([Goal(**g) for g in record["goals"]])]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
+
+
+def sections(text: str) -> list[str]:
+    """``relabel,node`` as a list of known sections."""
+    chosen = [part for part in text.split(",") if part]
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"sections are {', '.join(SECTIONS)}; got {text!r}"
+        )
+    return chosen
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -468,6 +509,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--stream-passes", type=int, help="passes over the stored epochs a stream (default 10)")
     add("--report-samples", type=int, help="N of the report's set (default 10,000)")
     add("--report-epochs", type=int, help="E of the report's set (default 300)")
+    add("--sections", type=sections, default=list(SECTIONS),
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default all; the "
+        "projection needs all; without relabel the set is relabelled untimed)")  # fmt: skip
     add("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     add("--seed", type=int, default=0, help="seed of images, teacher init and views")
     add("--workdir", type=Path, help="keep sets and logs in a new folder here (default: temp)")
@@ -485,55 +529,84 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def relabel_untimed(
+    args: argparse.Namespace, images: Path, out: Path, epochs: int, device: torch.device
+) -> None:  # fmt: skip
+    """The set the other sections serve, when the relabel section does not run."""
+    relabel(RelabelOptions(
+        images=images, teacher=args.teacher, out=out, num_classes=args.classes, epochs=epochs,
+        seed=args.seed, batch_size=args.batch_size, device=str(device),
+        precision=args.precision, codec=args.codec, progress=False,
+    ))  # fmt: skip
+
+
 def run(
     args: argparse.Namespace, work: Path, device: torch.device, record: dict[str, Any],
     save: Callable[[], None],
 ) -> None:  # fmt: skip
-    """Every section in turn, each added to ``record`` and saved as it ends (a long run that
-    fails late keeps what it measured)."""
+    """The chosen sections in turn, each added to ``record`` and saved as it ends (a long
+    run that fails late keeps what it measured)."""
     os.environ[ENV] = str(work / "cache")  # this process's loaders: a fresh node cache
-    images = make_image_set(work / "images.pt", args.samples, args.classes, args.seed,
-                            size=args.size)  # fmt: skip
-    baseline = make_image_set(work / "baseline.pt", args.baseline_samples, args.classes,
-                              args.seed + 1, size=args.size)  # fmt: skip
+    sections = set(args.sections)
     store = work / "store"
     store.mkdir()
-    record["relabel"], out = relabel_figures(args, images, baseline, work, device)
-    out.rename(store / NAME)
-    images.unlink()
-    save()
-    with contextlib.ExitStack() as stack:
-        server = stack.enter_context(
-            Server(store, "--workers", 1, "--log-level", "warning", log=work / "server.log",
-                   ready_timeout=1800)
-        )  # fmt: skip
-        client = stack.enter_context(Client(server.url))
-        remote = client.labelset(NAME)
-        local = stack.enter_context(open_local(store / NAME))
-        if remote.base_images() is None:  # fetched once into the cache, then mapped
-            raise RuntimeError("the base images must fit the client's image_cache_mb")
-        record["server"] = server_figures(remote, server, args)
-        sets = {"remote": remote, "local": local}
-        record["client"] = {
-            "loader": interleaved(count_loader, sets, args, device),
-            "stored": interleaved(count_stored, sets, args, device),
-        }
-        save()
-        record["node"] = {}
-        for kind, source in (("remote", server.url), ("local", str(store))):
-            runs = {
-                name: node_figures(kind, source, name, args, work, server if kind == "remote"
-                                   else None)
-                for name in (NAME, BASELINE)
-            }  # fmt: skip
-            record["node"][kind] = node_summary(runs[NAME], runs[BASELINE], args)
+    if sections & {"relabel", "serve", "node"}:
+        images = make_image_set(work / "images.pt", args.samples, args.classes, args.seed,
+                                size=args.size)  # fmt: skip
+        baseline = make_image_set(work / "baseline.pt", args.baseline_samples, args.classes,
+                                  args.seed + 1, size=args.size)  # fmt: skip
+        if "relabel" in sections:
+            record["relabel"], out = relabel_figures(args, images, baseline, work, device)
+            out.rename(store / NAME)
             save()
+        else:
+            relabel_untimed(args, images, store / NAME, args.epochs, device)
+            relabel_untimed(args, baseline, store / BASELINE, 1, device)
+        images.unlink()
+    if sections & {"serve", "node"}:
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(
+                Server(store, "--workers", 1, "--log-level", "warning",
+                       log=work / "server.log", ready_timeout=1800)
+            )  # fmt: skip
+            if "serve" in sections:
+                serve_and_load(server, store, args, device, stack, record)
+                save()
+            if "node" in sections:
+                record["node"] = {}
+                for kind, source in (("remote", server.url), ("local", str(store))):
+                    runs = {
+                        name: node_figures(kind, source, name, epochs, args, work,
+                                           server if kind == "remote" else None)
+                        for name, epochs in node_epochs(args).items()
+                    }  # fmt: skip
+                    record["node"][kind] = node_summary(runs[NAME], runs[BASELINE], args)
+                    save()
     shutil.rmtree(store)
-    report_set = work / "report-set"
-    write_synthetic_set(report_set, args.report_samples, args.classes, args.report_epochs,
-                        args.codec, args.seed)  # fmt: skip
-    record["report"] = time_report(report_set, work / "report-page")
-    shutil.rmtree(report_set)
+    if "report" in sections:
+        report_set = work / "report-set"
+        write_synthetic_set(report_set, args.report_samples, args.classes, args.report_epochs,
+                            args.codec, args.seed)  # fmt: skip
+        record["report"] = time_report(report_set, work / "report-page")
+        shutil.rmtree(report_set)
+
+
+def serve_and_load(
+    server: Server, store: Path, args: argparse.Namespace, device: torch.device,
+    stack: contextlib.ExitStack, record: dict[str, Any],
+) -> None:  # fmt: skip
+    """The server and client sections: one server process in stored form, then the remote
+    loader against ``open_local``, both over this process's node cache."""
+    remote = stack.enter_context(Client(server.url)).labelset(NAME)
+    local = stack.enter_context(open_local(store / NAME))
+    if remote.base_images() is None:  # fetched once into the cache, then mapped
+        raise RuntimeError("the base images must fit the client's image_cache_mb")
+    record["server"] = server_figures(remote, server, args)
+    sets = {"remote": remote, "local": local}
+    record["client"] = {
+        "loader": interleaved(count_loader, sets, args, device),
+        "stored": interleaved(count_stored, sets, args, device),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             args.workdir.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix="scale-bench-", dir=args.workdir))
         run(args, work, device, record, save)
-    record["projection"] = projection(record, args)
+    if set(args.sections) == set(SECTIONS):
+        record["projection"] = projection(record, args)
     record["goals"] = [asdict(g) for g in goals(record, args)]
     record["meta"]["complete"] = True
     save()
