@@ -81,7 +81,7 @@ IPC50, PROJECTED_EPOCHS, GPUS = 50_000, 300, 8
 SIZES: dict[str, tuple[int, int]] = {
     "samples": (10_000, 256), "size": (224, 64), "epochs": (3, 2), "batch_size": (256, 32),
     "repeats": (2, 1), "baseline_samples": (512, 64), "node_batch": (64, 8),
-    "report_samples": (10_000, 64), "report_epochs": (300, 3), "stream_passes": (10, 30),
+    "report_samples": (10_000, 64), "report_epochs": (300, 3), "stream_passes": (50, 30),
     "workers": (4, 2),
 }  # fmt: skip
 
@@ -506,7 +506,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ranks", type=int, default=2, help="ranks of the node (default %(default)s)")
     add("--workers", type=int, help="DataLoader workers a rank (default 4)")
     add("--node-batch", type=int, help="batch size of the node's ranks (default 64)")
-    add("--stream-passes", type=int, help="passes over the stored epochs a stream (default 10)")
+    add("--stream-passes", type=int, help="passes over the stored epochs a stream (default 50)")
     add("--report-samples", type=int, help="N of the report's set (default 10,000)")
     add("--report-epochs", type=int, help="E of the report's set (default 300)")
     add("--sections", type=sections, default=list(SECTIONS),
