@@ -5,7 +5,8 @@
 #
 #   tests   the CUDA tests (tests/test_cuda.py, tests/test_views.py)        cuda_tests.log
 #   bench   relabel_bench at bf16 on CUDA, against the bare teacher         relabel_bench_bf16.json
-#   scale   scale_bench at 224 px, K = 1000: ResNet-18 in bf16, SCALE_EPOCHS   scale_bench_cuda.json
+#   scale   scale_bench's relabel (ResNet-18, bf16, SCALE_EPOCHS) and serve   scale_bench_cuda.json
+#           sections at 224 px, K = 1000: the two a GPU changes
 #   loss    the loss study with --device cuda, for STUDY_SECONDS (420)      loss_study_cuda.jsonl
 #   budget  the label-budget study with --device cuda, for STUDY_SECONDS    label_budget_cuda.jsonl
 #
@@ -41,8 +42,8 @@ for phase in "$@"; do
         --json "$OUT/relabel_bench_bf16.json" 2>&1 | tail -n 60 || status=1 ;;
     scale)
       PYTHONPATH=$BENCH_PATH python3 -m bench.scale_bench --device cuda --epochs "$SCALE_EPOCHS" \
-        --workdir /tmp/scale --json "$OUT/scale_bench_cuda.json" > "$OUT/scale_bench.log" 2>&1 \
-        || status=1
+        --sections relabel,serve --workdir /tmp/scale --json "$OUT/scale_bench_cuda.json" \
+        > "$OUT/scale_bench.log" 2>&1 || status=1
       tail -n 30 "$OUT/scale_bench.log" ;;
     loss)
       PYTHONPATH=$BENCH_PATH timeout "$STUDY_SECONDS" python3 -m bench.studies.loss_study --device cuda --workers 8 \
