@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (set up, build and serve the demo label set)
 # and `make test` (set up, lint, run every test including the slow real-data ones).
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-scale
 
 setup:
 	./scripts/setup.sh
@@ -17,3 +17,7 @@ test: setup
 bench: setup
 	.venv/bin/python -m bench.relabel_bench
 	.venv/bin/python -m bench.serve_bench
+
+# ImageNet-shaped, end to end (N = 10,000 at 224 px, K = 1000): about an hour on two CPU cores
+bench-scale: setup
+	.venv/bin/python -m bench.scale_bench --json bench/results/scale_bench.json

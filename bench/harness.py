@@ -6,7 +6,8 @@ and paired ratios.
 - :func:`make_image_set`: random images with balanced labels as a tensor file, and
   :func:`build_label_set`: one relabelled by the cheap :data:`TEACHER`, the label set that
   ``serve_bench``, ``load_test`` and ``fault_trials`` serve;
-- :func:`paired_ratio`: two measurements compared within each repeat, then the median.
+- :func:`paired_ratio`: two measurements compared within each repeat, then the median;
+- :func:`peak_rss`: the peak RSS of a ``softserve`` command in a process of its own.
 
 torch and the worker are imported where they are used: the studies' reports import this
 module (through ``bench.studies.study``) and read results files without them.
@@ -172,3 +173,34 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     (rates; or times, for the inverse ratio): robust to load that drifts between repeats,
     as a ratio of medians is not."""
     return statistics.median(n / d for n, d in zip(num, den, strict=True))
+
+
+#: ``softserve ARGS`` in this process, then its peak RSS (VmHWM) on stdout's last line: read
+#: before exit, since torch's teardown at exit raises the peak by 100 MB or more.
+_RUN_AND_REPORT_PEAK = """
+import sys
+from pathlib import Path
+from softserve.entry import main
+sys.argv[0] = "softserve"
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+print(int(status["VmHWM"].split()[0]) << 10)
+"""
+
+
+def peak_rss(
+    args: Sequence[object], env: Mapping[str, str] | None = None, timeout: float = 3600
+) -> int:  # fmt: skip
+    """Peak RSS in bytes of ``softserve ARGS`` run in a process of its own (Linux /proc),
+    with ``env`` as its environment (default this one's); a RuntimeError with its stderr
+    when it fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_REPORT_PEAK, *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"softserve {' '.join(map(str, args))} failed:\n{done.stderr}")
+    return int(done.stdout.split()[-1])

@@ -3,8 +3,8 @@
 In one run on one machine, for each configuration (a synthetic image set and a teacher):
 
 1. **Throughput.** ``softserve.worker.relabel.relabel`` end to end, against the bare teacher
-   forward on exactly the same batches (views precomputed into memory with the same
-   ``epoch_order`` / ``sample_views`` / ``apply_views``, batch size and normalization; only
+   forward on exactly the same batches (views built with the same ``epoch_order`` /
+   ``sample_views`` / ``apply_views``, batch size and normalization, a batch at a time; only
    ``model(views)`` is timed). Measurements are repeated, interleaved, and the median is
    reported, since the machine may be shared. The pipeline's time is also split into phases
    (load images, build teacher, probe, dataset write, label loop, manifest) by relabel's
@@ -178,15 +178,15 @@ def plan_batches(config: LabelSetConfig, batch_size: int) -> list[tuple[np.ndarr
     return batches
 
 
-def precompute_views(
+def iter_views(
     images: torch.Tensor,
     batches: list[tuple[np.ndarray, np.ndarray]],
     config: LabelSetConfig,
     device: torch.device,
-) -> list[torch.Tensor]:
-    """The teacher's input of every batch, on ``device``, as the worker builds it."""
+) -> Iterator[torch.Tensor]:
+    """The teacher's input of every batch, on ``device``, as the worker builds it, one batch
+    at a time: at 224 px the views of a whole run would not fit in memory."""
     images = images.to(device)
-    views = []
     for ids, params in batches:
         x = apply_views(
             images[torch.from_numpy(ids).to(device)],
@@ -197,9 +197,7 @@ def precompute_views(
         )
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        views.append(x)
-    _sync(device)
-    return views
+        yield x
 
 
 def build_bare_teacher(scenario: Scenario, seed: int, device: torch.device) -> torch.nn.Module:
@@ -212,17 +210,22 @@ def build_bare_teacher(scenario: Scenario, seed: int, device: torch.device) -> t
 
 
 def time_bare(
-    model: torch.nn.Module, views: list[torch.Tensor], device: torch.device, precision: str
+    model: torch.nn.Module, views: Iterator[torch.Tensor], device: torch.device, precision: str
 ) -> float:
-    """Seconds for ``model(views)`` over every batch (one untimed warm-up batch first)."""
+    """Seconds in ``model(x)`` over every batch of ``views``, the views' own building not
+    counted (one untimed warm-up batch first)."""
+    total = 0.0
     with torch.inference_mode(), autocast(device, precision):
-        model(views[0])
-        _sync(device)
-        start = time.perf_counter()
-        for x in views:
+        for i, x in enumerate(views):
+            _sync(device)
+            if i == 0:
+                model(x)
+                _sync(device)
+            start = time.perf_counter()
             model(x)
-        _sync(device)
-        return time.perf_counter() - start
+            _sync(device)
+            total += time.perf_counter() - start
+    return total
 
 
 # --------------------------------------------------------------------------- measurements
@@ -287,8 +290,7 @@ def measure_throughput(
         pipeline_rows = len(batches) * args.batch_size + args.batch_size
     else:  # no padding; a 2-row probe
         pipeline_rows = samples + min(2, args.batch_size)
-    payload = torch.load(images_path, weights_only=True)
-    views = precompute_views(payload["data"], batches, config, device)
+    images = torch.load(images_path, weights_only=True)["data"]
     result = Throughput(
         samples=samples,
         teacher_rows_pipeline=pipeline_rows,
@@ -299,6 +301,7 @@ def measure_throughput(
             out = work / f"{scenario.name}-{args.codec}-{repeat}"
             opts = relabel_options(args, scenario, images_path, out, args.codec)
             runs.append(run_pipeline(opts, args.seed, device))
+        views = iter_views(images, batches, config, device)
         result.bare_s.append(time_bare(model, views, device, args.precision))
     for run in runs:
         result.pipeline_s.append(run.total_s)

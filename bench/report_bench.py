@@ -1,4 +1,5 @@
-"""Time of ``softserve report`` on a large label set, against reading its labels once.
+"""Time of ``softserve report`` and ``softserve verify`` on a large label set, against
+reading its labels once.
 
 A synthetic label set of N samples × E epochs × K classes (default 10,000 × 300 × 100,
 codec topk:10) is written by the real writer: teacher-like logits (normal noise with a peak
@@ -39,6 +40,7 @@ from softserve.storage.manifest import (
     TeacherInfo,
     ViewInfo,
 )
+from softserve.storage.verify import verify_label_set
 from softserve.storage.writer import ShardWriter, write_dataset
 
 
@@ -82,6 +84,36 @@ def write_synthetic_set(out: Path, n: int, k: int, epochs: int, codec: str, seed
     finalize(out, config, producer)
 
 
+def time_report(root: Path, page: Path) -> dict[str, float]:
+    """Seconds of one pass that reads and decodes every stored epoch of the set at ``root``
+    (the baseline), of ``softserve verify`` (every file's sha256, structure and content), and
+    of the report: its numbers, then its figures and page (written to ``page``)."""
+    source = StoreSource(root)
+    try:
+        started = time.perf_counter()
+        for epoch in range(source.info.epochs):
+            source.epoch(epoch)
+        read = time.perf_counter() - started
+        started = time.perf_counter()
+        data = compute_report(source, ReportOptions())
+        numbers = time.perf_counter() - started
+        started = time.perf_counter()
+        write_report(data, page)
+        figures = time.perf_counter() - started
+    finally:
+        source.close()
+    started = time.perf_counter()
+    problems = verify_label_set(root)
+    verify = time.perf_counter() - started
+    if problems:
+        raise RuntimeError(f"verify found problems in a set the writer built: {problems[:3]}")
+    return {
+        "read_seconds": read, "numbers_seconds": numbers, "figures_and_page_seconds": figures,
+        "report_seconds": numbers + figures, "report_over_read": (numbers + figures) / read,
+        "verify_seconds": verify, "verify_over_read": verify / read,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=10_000)
@@ -95,24 +127,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="report-bench-") as tmp:
         root = Path(tmp) / "set"
         write_synthetic_set(root, args.samples, args.classes, args.epochs, args.codec)
-        source = StoreSource(root)
-        started = time.perf_counter()
-        for epoch in range(args.epochs):
-            source.epoch(epoch)
-        read = time.perf_counter() - started
-        started = time.perf_counter()
-        data = compute_report(source, ReportOptions())
-        numbers = time.perf_counter() - started
-        started = time.perf_counter()
-        write_report(data, Path(tmp) / "report")
-        page = time.perf_counter() - started
-        source.close()
+        times = time_report(root, Path(tmp) / "report")
     result = {
         "samples": args.samples, "epochs": args.epochs, "classes": args.classes,
-        "codec": args.codec, "torch_threads": args.threads, "read_seconds": round(read, 2),
-        "numbers_seconds": round(numbers, 2), "figures_and_page_seconds": round(page, 2),
-        "report_seconds": round(numbers + page, 2),
-        "report_over_read": round((numbers + page) / read, 2),
+        "codec": args.codec, "torch_threads": args.threads,
+        **{k: round(v, 2) for k, v in times.items()},
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report_bench.json").write_text(json.dumps(result, indent=2) + "\n")

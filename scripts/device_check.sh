@@ -5,6 +5,8 @@
 #
 #   tests   the CUDA tests (tests/test_cuda.py, tests/test_views.py)        cuda_tests.log
 #   bench   relabel_bench at bf16 on CUDA, against the bare teacher         relabel_bench_bf16.json
+#   scale   scale_bench's relabel (ResNet-18, bf16, SCALE_EPOCHS) and serve   scale_bench_cuda.json
+#           sections at 224 px, K = 1000: the two a GPU changes
 #   loss    the loss study with --device cuda, for STUDY_SECONDS (420)      loss_study_cuda.jsonl
 #   budget  the label-budget study with --device cuda, for STUDY_SECONDS    label_budget_cuda.jsonl
 #
@@ -15,6 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 STUDY_SECONDS=${STUDY_SECONDS:-420}
+SCALE_EPOCHS=${SCALE_EPOCHS:-20}
 mkdir -p "$OUT"
 # PYTHONSAFEPATH: `python -m` in this folder would import ./softserve, the source folder,
 # over the installed package (whose softserve.client lives in clients/python)
@@ -37,6 +40,11 @@ for phase in "$@"; do
     bench)
       PYTHONPATH=$BENCH_PATH python3 -m bench.relabel_bench --device cuda --precision bf16 \
         --json "$OUT/relabel_bench_bf16.json" 2>&1 | tail -n 60 || status=1 ;;
+    scale)
+      PYTHONPATH=$BENCH_PATH python3 -m bench.scale_bench --device cuda --epochs "$SCALE_EPOCHS" \
+        --sections relabel,serve --workdir /tmp/scale --json "$OUT/scale_bench_cuda.json" \
+        > "$OUT/scale_bench.log" 2>&1 || status=1
+      tail -n 30 "$OUT/scale_bench.log" ;;
     loss)
       PYTHONPATH=$BENCH_PATH timeout "$STUDY_SECONDS" python3 -m bench.studies.loss_study --device cuda --workers 8 \
         --threads 2 --workdir /tmp/study --out /tmp/study/out \
@@ -47,7 +55,7 @@ for phase in "$@"; do
         --threads 2 --workdir /tmp/study --out /tmp/study/out \
         --results "$OUT/label_budget_cuda.jsonl" > "$OUT/label_budget.log" 2>&1
       tail -n 5 "$OUT/label_budget.log" ;;
-    *) echo "unknown phase $phase: tests, bench, loss or budget" >&2; exit 2 ;;
+    *) echo "unknown phase $phase: tests, bench, scale, loss or budget" >&2; exit 2 ;;
   esac
 done
 exit $status

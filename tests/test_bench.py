@@ -8,6 +8,7 @@ from the repository root (``python -m bench.serve_bench``), as the README says.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -142,3 +143,40 @@ def test_online_cost_times_both_arms(tmp_path: Path) -> None:
         assert r["online_over_served"] == pytest.approx(
             statistics.median(r["online_s"]) / statistics.median(r["served_s"]), abs=2e-3
         )
+
+
+def test_scale_bench_smoke_reports_every_figure(tmp_path: Path) -> None:
+    """The ImageNet-shaped benchmark at tiny sizes: every section and goal reported, its
+    figures finite and positive, one download of the images for a node of 2 ranks × 2
+    workers over HTTP and none for a local set."""
+    record = run_bench("scale_bench", "--smoke", out=tmp_path / "scale.json")
+    assert record["meta"]["complete"] is True
+    assert set(record) == {"meta", "relabel", "server", "client", "node", "report",
+                           "projection", "goals"}  # fmt: skip
+    relabel, server, client = record["relabel"], record["server"], record["client"]
+    assert relabel["views"] == 256 * 2  # N x E went through the pipeline
+    figures = [
+        relabel["bare_samples_per_s"], relabel["pipeline_samples_per_s"],
+        relabel["paired_ratio_pipeline_over_bare"], relabel["peak_rss_bytes"],
+        relabel["stored_label_bytes_per_view"], server["stream_samples_per_s"],
+        server["samples_per_server_cpu_s"], server["wire_bytes_per_sample"],
+        *(client[part][f"{kind}_samples_per_s"] for part in ("loader", "stored")
+          for kind in ("remote", "local")),
+        client["loader"]["paired_remote_over_local"],
+        *(record["report"][k] for k in ("read_seconds", "report_seconds", "verify_seconds")),
+        *(v for k, v in record["projection"].items()),
+    ]  # fmt: skip
+    assert all(math.isfinite(x) and x > 0 for x in figures), figures
+    for kind, node in record["node"].items():
+        assert node["set"]["processes"] == node["baseline"]["processes"] == 2 * (1 + 2)
+        assert node["set"]["samples"] == node["baseline"]["samples"] == 256  # as many batches
+        assert node["set"]["pss_bytes"]["cache_file"] > 0  # the workers map the cache file
+        assert math.isfinite(node["memory_growth_over_image_bytes"])
+        sent = node["image_bytes_sent_over_image_bytes"]
+        assert (1.0 <= sent < 1.1) if kind == "remote" else sent == 0, (kind, sent)
+    goals = {g["name"]: g for g in record["goals"]}
+    assert {g["target"] for g in goals.values() if g["met"] is not None} == {
+        ">= 0.9", "<= 1.25", "<= 1.1", "<= 3"
+    }
+    assert len([g for g in goals.values() if g["met"] is not None]) == 5
+    assert all(math.isfinite(g["value"]) and math.isfinite(g["paired"]) for g in goals.values())

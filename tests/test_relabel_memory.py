@@ -18,6 +18,7 @@ import torch
 from conftest import cli_env
 from PIL import Image
 
+from bench.harness import peak_rss
 from softserve.errors import InputError
 from softserve.storage.manifest import FORMAT_VERSION
 from softserve.storage.writer import LIBVER, chunk_rows_for, write_dataset
@@ -53,22 +54,6 @@ def _tensor_file(path: Path, images: np.ndarray) -> Path:
     return path
 
 
-#: ``softserve ARGS`` in this process, then its peak RSS (VmHWM) on stdout's last line: read
-#: before exit, since torch's teardown at exit raises the peak by 100 MB or more.
-_RELABEL_AND_REPORT = """
-import sys
-from pathlib import Path
-from softserve.entry import main
-sys.argv[0] = "softserve"
-try:
-    main()
-except SystemExit as exc:
-    assert not exc.code, exc.code
-status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-print(int(status["VmHWM"].split()[0]) << 10)
-"""
-
-
 def _peak_rss(images: Path, out: Path) -> int:
     """Peak RSS in bytes of ``softserve relabel`` of ``images`` in a process of its own."""
     args = [
@@ -76,12 +61,7 @@ def _peak_rss(images: Path, out: Path) -> int:
         "--num-classes", CLASSES, "--out", out, "--epochs", 1, "--batch-size", BATCH,
         "--codec", "fp16", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-c", _RELABEL_AND_REPORT, *map(str, args)],
-        env={**cli_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout.split()[-1])
+    return peak_rss(args, env={**cli_env(), "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 @pytest.mark.parametrize("kind", ["tensor file", "JPEG tree"])
