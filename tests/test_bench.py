@@ -164,9 +164,11 @@ def test_scale_bench_smoke_reports_every_figure(tmp_path: Path) -> None:
           for kind in ("remote", "local")),
         client["loader"]["paired_remote_over_local"],
         *(record["report"][k] for k in ("read_seconds", "report_seconds", "verify_seconds")),
-        *(v for k, v in record["projection"].items()),
+        *(v for k, v in record["projection"].items() if k != "node_image_memory_bytes"),
     ]  # fmt: skip
     assert all(math.isfinite(x) and x > 0 for x in figures), figures
+    # at smoke sizes the images' memory is within the processes' noise: it may project < 0
+    assert math.isfinite(record["projection"]["node_image_memory_bytes"])
     for kind, node in record["node"].items():
         assert node["set"]["processes"] == node["baseline"]["processes"] == 2 * (1 + 2)
         assert node["set"]["samples"] == node["baseline"]["samples"] == 256  # as many batches
