@@ -1,7 +1,7 @@
 """Tables, claims and plots of the loss study, from its JSON-lines results file alone.
 
     python -m bench.studies.loss_report [--results bench/results/loss_study.jsonl]
-                                        [--readme README.md]
+                                        [--readme README.md] [--views dsa]
 
 Writes ``loss_study.md`` and PNG plots into the output folder, and, with ``--readme``,
 replaces the README's section between ``<!-- loss-study:begin -->`` and

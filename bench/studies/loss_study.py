@@ -108,6 +108,8 @@ class Context:
     workdir: Path
     eval: str
     device: str
+    #: The store the demo sets are relabelled into and served from.
+    store: Path
 
     def annotate(self, job: Job) -> dict:
         """What labelled the run: the served set's digest, teacher, images and views (from its
@@ -117,7 +119,7 @@ class Context:
             return {"teacher_sha256": hashlib.sha256(weights).hexdigest(), "views": job.views}
         from softserve.storage.manifest import load_manifest
 
-        root = self.workdir / "store" / job.labelset
+        root = self.store / job.labelset
         return {**provenance(root), "views": load_manifest(root)[0].config.views.policy}
 
     def command(self, job: Job) -> list[str]:
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         with Server(
             store, "--log-level", "warning", log=args.workdir / "server.log", ready_timeout=1800
         ) as server:
-            ctx = Context(server.url, args.workdir, evaluation, args.device)
+            ctx = Context(server.url, args.workdir, evaluation, args.device, store)
             runner = Runner(args.results, ctx.command, args.workers, args.threads,
                             f"loss study ({args.views})", annotate=ctx.annotate)  # fmt: skip
             failures = runner.run(jobs)
