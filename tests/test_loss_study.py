@@ -117,8 +117,11 @@ def test_loss_study_smoke_runs_through_a_server_and_resumes(tmp_path: Path) -> N
                 for opt in ("adamw", "sgd")}  # fmt: skip
     expected |= {(10, "online", loss, opt) for loss in ("gift", "kl") for opt in ("adamw", "sgd")}
     assert keys == expected and len(records) == len(expected)
+    teacher = hashlib.sha256((tmp_path / "w" / "teacher.pt").read_bytes()).hexdigest()
     for r in records:
         assert r["result"]["epochs"] == 2 and r["result"]["feed"] == r["job"]["feed"]
+        assert r["views"] == r["job"]["views"] == "rrc" and r["teacher_sha256"] == teacher
+        assert ("labelset_digest" in r) == (r["job"]["feed"] == "served")
         assert 0.0 <= r["result"]["top1"] <= 1.0
         assert r["command"][:2] == ["softserve", "train"] and "--epochs" in r["command"]
     page = (out / "loss_study.md").read_text()

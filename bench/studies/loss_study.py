@@ -8,7 +8,7 @@
    it; then IPC 1 and IPC 50 for GIFT, KL and CE.
 4. Write the tables and plots (``bench.studies.loss_report``).
 
-``--views dsa`` runs the IPC-10 cell again under the GIFT evaluator's DSA views: the same
+``--views dsa`` runs the IPC-10 cell again under the GIFT evaluator's DSA views: the demo's
 teacher, images and seed relabelled into ``fashion-mnist-ipc10-dsa``, GIFT, KL and CE ×
 AdamW and SGD, served only (the online arm draws crops), into ``loss_study_dsa.jsonl``; its
 report puts the paper's questions to both protocols.
@@ -38,6 +38,7 @@ from bench.harness import Server
 from bench.studies import loss_report
 from bench.studies.study import RESULTS, Runner, add_common_arguments, provenance, small_eval_set
 from softserve.client import LOSS_NAMES
+from softserve.format.augment import VIEW_KINDS
 from softserve.worker import fashion_mnist
 from softserve.worker.demo import DEMO_POLICY, TEACHER_SPEC, DemoOptions, prepare_demo
 
@@ -50,7 +51,7 @@ ONLINE_OPTIMIZERS = ("adamw", "sgd")
 #: What ``--views dsa`` changes in the defaults: the IPC-10 cell of the paper's questions.
 DSA_DEFAULTS = {
     "ipcs": "10", "losses": ",".join(CORE_LOSSES), "optimizers": ",".join(ONLINE_OPTIMIZERS),
-    "no_online": True, "results": RESULTS / "loss_study_dsa.jsonl",
+    "results": RESULTS / "loss_study_dsa.jsonl",
 }  # fmt: skip
 
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "loss_study.jsonl")
     parser.add_argument(
-        "--views", choices=("rrc", "dsa"), default="rrc",
+        "--views", choices=VIEW_KINDS, default="rrc",
         help="rrc: the crop study; dsa: its IPC-10 cell (GIFT, KL, CE × AdamW, SGD) under DSA "
         "views, into loss_study_dsa.jsonl",
     )  # fmt: skip
