@@ -195,13 +195,13 @@ def test_dsa_report_answers_both_protocols_and_says_what_changes(tmp_path: Path)
     # KL: crops collapse (-0.530), DSA does not (-0.040)
     assert ("| yes: 0.320 with SGD against 0.850 with AdamW (-0.530) "
             "| no: 0.810 with SGD against 0.850 with AdamW (-0.040) | **yes** |") in page
-    assert "The protocol changes 3 of 3 verdicts" in page
+    assert "verdict?** Yes: DSA views change 3 of the 3 verdicts (GIFT best?; Smallest" in page
     text = readme.read_text()
     assert text.startswith("a\n") and text.endswith("b\n") and "old" not in text
 
     same = write_records(tmp_path / "same.jsonl", dsa_grid(crop, "dsa"))
     again = loss_report.write_dsa_report(same, tmp_path / "o2", None, crops).read_text()
-    assert "The protocol changes none of the three verdicts." in again
+    assert "verdict?** No: DSA views change none of the 3 verdicts." in again
 
 
 def test_dsa_report_names_the_missing_seeds_instead_of_answering(tmp_path: Path) -> None:
@@ -216,8 +216,17 @@ def test_dsa_report_names_the_missing_seeds_instead_of_answering(tmp_path: Path)
     assert ("not yet: missing `gift`/adamw seeds 1, 2; `gift`/sgd seeds 0, 1, 2; "
             "`kl`/sgd seed 2") in page  # the spread question needs gift and kl only
     assert "`ce`/adamw seeds 0, 1, 2" in page  # GIFT best? needs ce too
-    assert page.count("| not yet |") == 3 and "Not all answers are in" in page
+    assert page.count("| not yet |") == 3
+    assert "Not yet: 3 of the three questions wait for seeds (above: GIFT best?; Smallest" in page
     assert "0.450 ± 0.071" in page  # the table shows partial cells as they are
+
+    partial[("kl", "sgd")] = [0.4, 0.5, 0.45]  # KL's question can be answered; crops: no drop
+    results = write_records(tmp_path / "dsa2.jsonl", dsa_grid(partial, "dsa"))
+    page = loss_report.write_dsa_report(results, tmp_path / "out", None, crops).read_text()
+    assert "| yes: 0.450 with SGD against 0.850 with AdamW (-0.400) | **yes** |" in page
+    assert ("Not yet: 2 of the three questions wait for seeds (above: GIFT best?; Smallest "
+            "cross-optimizer spread); of those answered, DSA views change 1 of the 1 verdicts "
+            "(KL collapses under SGD?).") in page  # fmt: skip
 
 
 @pytest.mark.slow

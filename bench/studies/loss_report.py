@@ -509,12 +509,15 @@ def render_dsa(records: list[dict], crop_records: list[dict], link: str) -> str:
                 changed.append(question.split("**")[1])
         lines.append(f"| {question} | {crop_answer.text} | {dsa_answer.text} | {change} |")
     parts.append("\n".join(lines))
+    answered = len(answers["rrc"]) - len(open_)
+    change = (f"DSA views change {len(changed) or 'none'} of the {answered} verdicts"
+              + (f" ({'; '.join(changed)})" if changed else ""))  # fmt: skip
     if open_:
-        verdict = f"Not all answers are in: {', '.join(open_)} wait for seeds (above)."
-    elif changed:
-        verdict = f"The protocol changes {len(changed)} of 3 verdicts: {', '.join(changed)}"
+        verdict = (f"Not yet: {len(open_)} of the three questions wait for seeds (above: "
+                   f"{'; '.join(open_)})" + (f"; of those answered, {change}" if answered else ""))
     else:
-        verdict = "The protocol changes none of the three verdicts."
+        verdict = f"{'Yes' if changed else 'No'}: {change}"
+    verdict += "."
     parts.append(f"**Does the protocol change the verdict?** {verdict}")
     return "\n\n".join(parts) + "\n"
 
