@@ -228,6 +228,16 @@ def _dsa(views: str, crops: ViewPolicy) -> DsaPolicy | None:
     return DsaPolicy()
 
 
+ViewsOption = Annotated[
+    str,
+    typer.Option(
+        help="rrc: RandomResizedCrop + flip (--min-scale .. --flip); dsa: the GIFT "
+        "evaluator's DSA views (flip, brightness, saturation, contrast, then one of crop, "
+        "scale, rotate, then cutout), drawn per (epoch, sample) and stored."
+    ),
+]
+
+
 def _mix(kind: str | None, prob: float, alpha: float) -> MixPolicy | None:
     from softserve.format.augment import MixPolicy
 
@@ -263,14 +273,7 @@ def relabel(
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
-    views: Annotated[
-        str,
-        typer.Option(
-            help="rrc: RandomResizedCrop + flip (--min-scale .. --flip); dsa: the GIFT "
-            "evaluator's DSA views (flip, brightness, saturation, contrast, then one of crop, "
-            "scale, rotate, then cutout), drawn per (epoch, sample) and stored."
-        ),
-    ] = "rrc",
+    views: ViewsOption = "rrc",
     mix: Annotated[
         str | None,
         typer.Option(
@@ -781,6 +784,7 @@ def demo_prepare(
         typer.Option(help=f"Label codec [default: {_DEFAULT_CODECS}].", show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of teacher training, selection and views.")] = 0,
+    views: ViewsOption = "rrc",
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
@@ -788,7 +792,8 @@ def demo_prepare(
 
     With --task pairs or triplets the same tile teacher scores composites of garments
     (its logit for class abc is the sum of the tiles' logits), and the set is --ipc
-    composites per class; the test split is written beside it (train --eval PATH)."""
+    composites per class; the test split is written beside it (train --eval PATH).
+    --views dsa labels DSA views into TASK-ipcK-dsa, beside the crop set, same teacher."""
     from softserve.worker.demo import DemoOptions
 
     _prepare_demo(
@@ -802,6 +807,7 @@ def demo_prepare(
             train_limit=train_limit,
             label_epochs=label_epochs,
             codec=codec,
+            views=views,
             seed=seed,
             device=device,
             progress=progress,

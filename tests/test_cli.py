@@ -78,6 +78,15 @@ def test_demo_run_checks_server_settings_before_preparing(
     assert not (tmp_path / "demo").exists()
 
 
+def test_demo_prepare_refuses_unknown_views_before_any_work(tmp_path: Path) -> None:
+    done = run_cli(
+        "demo", "prepare", "--workdir", tmp_path / "demo", "--store", tmp_path / "store",
+        "--views", "autoaugment", timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(done, "unknown views 'autoaugment'", "rrc, dsa")
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "store").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_is_one_line_and_exit_130(sig: int) -> None:
     """Ctrl-C or SIGTERM in any command: here report, blocked waiting for a server that

@@ -7,7 +7,8 @@
 
 ``task="pairs"`` or ``"triplets"`` builds the K = 100 or K = 1000 composites of
 :mod:`softserve.worker.garments` the same way, from the same tile teacher, with their own
-test split (``DemoResult.eval_set``).
+test split (``DemoResult.eval_set``). ``views="dsa"`` relabels with the GIFT evaluator's DSA
+views instead of crops, into a set of its own (``TASK-ipcK-dsa``) beside the crop set.
 
 Every step is cached in the work folder, so rerunning continues where it stopped.
 """
@@ -26,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from softserve.errors import InputError
-from softserve.format.augment import ViewPolicy
+from softserve.format.augment import VIEW_KINDS, DsaPolicy, ViewPolicy
 from softserve.models import fashion_mnist_teacher
 from softserve.worker import fashion_mnist, garments
 from softserve.worker.relabel import RelabelOptions, relabel
@@ -49,6 +50,8 @@ class DemoOptions:
     train_limit: int | None = None
     label_epochs: int = 300
     codec: str | None = None  # by class count (relabel's default_codec)
+    #: "rrc": the task's crops + flip; "dsa": the GIFT evaluator's DSA views (a set of its own)
+    views: str = "rrc"
     seed: int = 0
     device: str = "auto"
     batch_size: int = 128
@@ -57,7 +60,13 @@ class DemoOptions:
 
     @property
     def label_set_name(self) -> str:
-        return f"{self.task}-ipc{self.ipc}"
+        """TASK-ipcK, with ``-dsa`` for DSA views: both sets can share a store and teacher."""
+        return f"{self.task}-ipc{self.ipc}" + ("-dsa" if self.views == "dsa" else "")
+
+    @property
+    def dsa(self) -> DsaPolicy | None:
+        """What relabel takes for these views: the DSA policy, or None for crops."""
+        return DsaPolicy() if self.views == "dsa" else None
 
 
 #: The tasks prepare_demo builds: Fashion-MNIST itself and its composites.
@@ -193,6 +202,8 @@ def prepare_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoR
     """Run the whole demo preparation; see the module docstring."""
     if opts.task not in TASKS:
         raise InputError(f"unknown demo task {opts.task!r}; choose one of {', '.join(TASKS)}")
+    if opts.views not in VIEW_KINDS:
+        raise InputError(f"unknown views {opts.views!r}; choose one of {', '.join(VIEW_KINDS)}")
     data_dir = fashion_mnist.find_data(opts.data)
     device = resolve_device(opts.device)
     model, acc = _teacher(opts, data_dir, device, log)
@@ -219,6 +230,7 @@ def prepare_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoR
             mean=fashion_mnist.MEAN,
             std=fashion_mnist.STD,
             policy=DEMO_POLICY,
+            dsa=opts.dsa,
             epochs=opts.label_epochs,
             seed=opts.seed,
             codec=opts.codec,
@@ -269,7 +281,7 @@ def _prepare_garments(
     relabel(
         RelabelOptions(
             images=images, teacher=task.teacher_spec, weights=weights, out=label_set,
-            mean=fashion_mnist.MEAN, std=fashion_mnist.STD, policy=task.policy,
+            mean=fashion_mnist.MEAN, std=fashion_mnist.STD, policy=task.policy, dsa=opts.dsa,
             epochs=opts.label_epochs, seed=opts.seed, codec=opts.codec, device=opts.device,
             progress=opts.progress,
         )  # fmt: skip

@@ -1,17 +1,22 @@
 """Tables, claims and plots of the loss study, from its JSON-lines results file alone.
 
     python -m bench.studies.loss_report [--results bench/results/loss_study.jsonl]
-                                        [--readme README.md]
+                                        [--readme README.md] [--views dsa]
 
 Writes ``loss_study.md`` and PNG plots into the output folder, and, with ``--readme``,
 replaces the README's section between ``<!-- loss-study:begin -->`` and
 ``<!-- loss-study:end -->``. The same results give the same bytes.
+
+``--views dsa`` reports the IPC-10 cell under DSA views instead (``loss_study_dsa.jsonl``)
+beside the crop study's numbers for the same cells, and the paper's three questions for each
+protocol (``loss_study_dsa.md``, README markers ``<!-- loss-study-dsa:begin -->`` ... end).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.studies.study import RESULTS, Cell, cells_by, load, pyplot, save_figure, write_pages
@@ -24,6 +29,7 @@ DEFAULT_CODEC = default_codec(10)
 PAPER_ORDER = ("gift", "cosine", "kl", "softce", "softce_ce", "mse", "mse_ce", "ce")
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
 BEGIN, END = "<!-- loss-study:begin -->", "<!-- loss-study:end -->"
+DSA_BEGIN, DSA_END = "<!-- loss-study-dsa:begin -->", "<!-- loss-study-dsa:end -->"
 #: KL "collapses" under SGD when its top-1 falls at least this far below its AdamW top-1
 #: (absolute top-1; the paper does not define the word, so the threshold is stated).
 COLLAPSE_DROP = 0.2
@@ -369,14 +375,184 @@ def write_report(results: Path, out: Path, readme: Path | None = None, main_ipc:
     )  # fmt: skip
 
 
+#: The cell both view protocols answer the paper's questions on: IPC 10, served labels,
+#: these losses × optimizers, every one of these seeds.
+COMPARED_IPC = 10
+COMPARED_LOSSES = ("gift", "kl", "ce")
+COMPARED_OPTIMIZERS = ("adamw", "sgd")
+COMPARED_SEEDS = (0, 1, 2)
+#: The soft-label losses among them, whose spread across optimizers the paper compares.
+SOFT_LOSSES = ("gift", "kl")
+#: The view protocols, as a record's ``views`` names them.
+PROTOCOLS = {"rrc": "crops + flip", "dsa": "DSA"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One question's answer for one protocol: its sentence, and what it says (a value two
+    protocols can be compared by; None while cells lack seeds)."""
+
+    text: str
+    verdict: object | None
+
+
+def compared_grid(records: list[dict]) -> dict[tuple[str, str], Cell]:
+    """The compared cell's top-1 by (loss, optimizer)."""
+    return {(k[2], k[3]): c for k, c in cells(records).items()
+            if k[:2] == (COMPARED_IPC, "served")}  # fmt: skip
+
+
+def missing(grid: dict[tuple[str, str], Cell], losses: tuple[str, ...]) -> list[str]:
+    """The seeds ``losses`` × the compared optimizers still lack, cell by cell."""
+    out = []
+    for loss in losses:
+        for opt in COMPARED_OPTIMIZERS:
+            have = set(grid[(loss, opt)].seeds) if (loss, opt) in grid else set()
+            lack = [str(s) for s in COMPARED_SEEDS if s not in have]
+            if lack:
+                out.append(f"`{loss}`/{opt} seed{'s' * (len(lack) > 1)} {', '.join(lack)}")
+    return out
+
+
+def _pending(grid: dict[tuple[str, str], Cell], losses: tuple[str, ...]) -> Answer | None:
+    lack = missing(grid, losses)
+    return Answer("not yet: missing " + "; ".join(lack), None) if lack else None
+
+
+def questions(grid: dict[tuple[str, str], Cell]) -> dict[str, Answer]:
+    """The paper's three questions on one protocol's compared cell, by seed means."""
+    gift = _pending(grid, COMPARED_LOSSES)
+    if gift is None:
+        parts, verdict = [], []
+        for opt in COMPARED_OPTIMIZERS:
+            row = {loss: grid[(loss, opt)].mean for loss in COMPARED_LOSSES}
+            best = max(COMPARED_LOSSES, key=lambda loss: row[loss])
+            verdict.append((opt, best == "gift"))
+            parts.append(f"{opt}: {'yes' if best == 'gift' else 'no'}, GIFT {row['gift']:.3f}"
+                         + ("" if best == "gift" else f", `{best}` {row[best]:.3f}"))  # fmt: skip
+        gift = Answer("; ".join(parts), tuple(verdict))
+    spread = _pending(grid, SOFT_LOSSES)
+    if spread is None:
+        gaps = {loss: abs(grid[(loss, "adamw")].mean - grid[(loss, "sgd")].mean)
+                for loss in SOFT_LOSSES}  # fmt: skip
+        smallest = min(SOFT_LOSSES, key=lambda loss: gaps[loss])
+        spread = Answer(
+            f"`{smallest}`" + ("" if smallest == "gift" else " (not GIFT)") + ": "
+            + ", ".join(f"`{loss}` {gaps[loss]:.3f}" for loss in SOFT_LOSSES), smallest,
+        )  # fmt: skip
+    collapse = _pending(grid, ("kl",))
+    if collapse is None:
+        sgd, adamw = grid[("kl", "sgd")].mean, grid[("kl", "adamw")].mean
+        collapsed = adamw - sgd >= COLLAPSE_DROP
+        collapse = Answer(
+            f"{'yes' if collapsed else 'no'}: {sgd:.3f} with SGD against {adamw:.3f} with "
+            f"AdamW ({sgd - adamw:+.3f})", collapsed,
+        )  # fmt: skip
+    return {
+        "**GIFT best?** (highest mean among `gift`, `kl`, `ce`, per optimizer)": gift,
+        "**Smallest cross-optimizer spread** among the soft-label losses (AdamW − SGD gap)":
+            spread,
+        f"**KL collapses under SGD?** (a drop of at least {COLLAPSE_DROP:.2f})": collapse,
+    }
+
+
+def protocol_table(crop: dict[tuple[str, str], Cell], dsa: dict[tuple[str, str], Cell]) -> str:
+    """The compared cell under both protocols, with each loss's spread across optimizers."""
+    head = [f"{PROTOCOLS[p]} {opt}" for p in PROTOCOLS for opt in COMPARED_OPTIMIZERS]
+    lines = [
+        "| loss | " + " | ".join(head[:2]) + " | spread | " + " | ".join(head[2:]) + " | spread |",
+        "| --- |" + " --- |" * 6,
+    ]
+    for loss in COMPARED_LOSSES:
+        row = []
+        for grid in (crop, dsa):
+            found = [grid.get((loss, opt)) for opt in COMPARED_OPTIMIZERS]
+            row += [c.text() if c else "–" for c in found]
+            means = [c.mean for c in found if c is not None]
+            row.append(f"{max(means) - min(means):.3f}" if len(means) == 2 else "–")
+        lines.append(f"| `{loss}` | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_dsa(records: list[dict], crop_records: list[dict], link: str) -> str:
+    """The DSA cell's markdown: provenance, both protocols' table, the questions, the verdict."""
+    crop, dsa = compared_grid(crop_records), compared_grid(records)
+    versions = sorted({r["code_version"] for r in records})
+    views = sorted({r.get("views", r["job"].get("views", "rrc")) for r in records})
+    digests = sorted({r["labelset_digest"] for r in records if "labelset_digest" in r})
+    teachers = sorted({r["teacher_sha256"] for r in records if "teacher_sha256" in r})
+    planned = len(COMPARED_LOSSES) * len(COMPARED_OPTIMIZERS) * len(COMPARED_SEEDS)
+    short = lambda values: ", ".join(f"`{v[:12]}`" for v in values) or "–"  # noqa: E731
+    parts = [
+        f"{len(records)} of {planned} runs under views {', '.join(f'`{v}`' for v in views) or '–'}"
+        f"; code version{'s' * (len(versions) > 1)} {', '.join(f'`{v}`' for v in versions) or '–'}"
+        f"; label set {short(digests)}, teacher sha256 {short(teachers)}. IPC {COMPARED_IPC}, "
+        f"served labels, top-1 as mean ± sample std [population std] (seeds), beside the crop "
+        f"study's runs of the same cells (`{link}loss_study.jsonl`). Reproduce: "
+        f"`python -m bench.studies.loss_study --views dsa` (every run's command is in "
+        f"`{link}loss_study_dsa.jsonl`); `python -m bench.studies.loss_report --views dsa "
+        f"--readme README.md` rewrites this section from the two files alone.",
+        protocol_table(crop, dsa),
+    ]
+    answers = {p: questions(grid) for p, grid in (("rrc", crop), ("dsa", dsa))}
+    lines = ["| question | " + " | ".join(PROTOCOLS.values()) + " | protocol changes it? |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    changed, open_ = [], []
+    for question in answers["rrc"]:
+        crop_answer, dsa_answer = answers["rrc"][question], answers["dsa"][question]
+        if crop_answer.verdict is None or dsa_answer.verdict is None:
+            change = "not yet"
+            open_.append(question.split("**")[1])
+        else:
+            change = "no" if crop_answer.verdict == dsa_answer.verdict else "**yes**"
+            if change != "no":
+                changed.append(question.split("**")[1])
+        lines.append(f"| {question} | {crop_answer.text} | {dsa_answer.text} | {change} |")
+    parts.append("\n".join(lines))
+    answered = len(answers["rrc"]) - len(open_)
+    change = (f"DSA views change {len(changed) or 'none'} of the {answered} verdicts"
+              + (f" ({'; '.join(changed)})" if changed else ""))  # fmt: skip
+    if open_:
+        verdict = (f"Not yet: {len(open_)} of the three questions wait for seeds (above: "
+                   f"{'; '.join(open_)})" + (f"; of those answered, {change}" if answered else ""))
+    else:
+        verdict = f"{'Yes' if changed else 'No'}: {change}"
+    verdict += "."
+    parts.append(f"**Does the protocol change the verdict?** {verdict}")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_dsa_report(
+    results: Path, out: Path, readme: Path | None = None,
+    crop_results: Path = RESULTS / "loss_study.jsonl",
+) -> Path:  # fmt: skip
+    """Write ``loss_study_dsa.md`` into ``out``; update ``readme``'s DSA section if given."""
+    records, crop_records = load(results), load(crop_results)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_pages(
+        out, "loss_study_dsa", "Loss study under DSA views",
+        lambda link: render_dsa(records, crop_records, link), readme, (DSA_BEGIN, DSA_END),
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS / "loss_study.jsonl")
+    parser.add_argument("--views", choices=tuple(PROTOCOLS), default="rrc",
+                        help="dsa: the DSA cell beside the crop study's")  # fmt: skip
+    parser.add_argument("--results", type=Path, default=None,
+                        help="[default: loss_study.jsonl, or loss_study_dsa.jsonl]")  # fmt: skip
+    parser.add_argument("--crop-results", type=Path, default=RESULTS / "loss_study.jsonl",
+                        help="the crop study's records (with --views dsa)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--readme", type=Path, default=None)
     parser.add_argument("--main-ipc", type=int, default=10)
     args = parser.parse_args()
-    print(write_report(args.results, args.out, args.readme, args.main_ipc))
+    if args.views == "dsa":
+        results = args.results or RESULTS / "loss_study_dsa.jsonl"
+        print(write_dsa_report(results, args.out, args.readme, args.crop_results))
+    else:
+        results = args.results or RESULTS / "loss_study.jsonl"
+        print(write_report(results, args.out, args.readme, args.main_ipc))
 
 
 if __name__ == "__main__":
