@@ -378,7 +378,7 @@ def test_without_a_codec_relabel_chooses_by_class_count_and_says_so(
     from softserve.format.codecs import default_codec
 
     assert [default_codec(k) for k in (2, 8, 9, 10, 1000)] == [
-        "fp16", "fp16", "int8", "int8", "int8"
+        "fp16", "fp16", "int8", "int8", "topk:10+int4"
     ]  # fmt: skip
     opts = make_options(codec=None, epochs=2)
     relabel(opts)

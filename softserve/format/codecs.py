@@ -297,7 +297,7 @@ CODEC_NAMES = (*CODECS, "topk:k", "topk:k+intb")
 #: Each label-budget study's verdict by the class count it measured (``bench/studies``;
 #: README, "Label budget"): the smallest codec whose GIFT and KL top-1 stay within one seed
 #: std of fp32. A study that has not decided has no entry; tests tie each to its results.
-STUDY_VERDICTS: dict[int, str] = {10: "int8"}
+STUDY_VERDICTS: dict[int, str] = {10: "int8", 1000: "topk:10+int4"}
 
 
 def _nearest_study(num_classes: int) -> int:
