@@ -8,6 +8,7 @@ import itertools
 import os
 import shlex
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from conftest import Server, random_set, run_cli, write_folder
 from sre2l_files import IMAGENET, Relabelled, write_relabel
 
 from softserve.client import Client, open_local
+from softserve.client.remote import RemoteLabelSet
 from softserve.errors import InputError
 from softserve.pixels import stored_views
 from softserve.storage import LabelSetReader
@@ -99,6 +101,28 @@ def codec_tolerance(codec: str, logits: torch.Tensor) -> dict[str, float]:
     return {"rtol": 0, "atol": (bound * norm * 1.01).max().item() + 1e-6}
 
 
+def check_served_epoch(
+    remote: RemoteLabelSet, epoch: int, relabel: Relabelled, model: torch.nn.Module, codec: str,
+    file_key: Callable[[tuple[int, int]], tuple[int, int]],
+) -> None:  # fmt: skip
+    """Every sample of ``epoch`` served once: the file's logits (at ``file_key`` of its
+    (epoch, sample)) within the codec's bound, a view within one gray level of the teacher's
+    input, and the teacher on it gives the logits."""
+    seen = []
+    for batch in remote.batches(epoch, batch_size=6, logits=True, drop_last=False):
+        keys = [file_key((epoch, i)) for i in batch.indices.tolist()]
+        files = torch.stack([relabel.logits[k] for k in keys])
+        torch.testing.assert_close(batch.logits, files, **codec_tolerance(codec, files))
+        inputs = torch.stack([relabel.inputs[k] for k in keys])
+        assert ((batch.images - inputs).abs() * STD).max() <= ONE_LEVEL
+        with torch.no_grad():
+            again = model(batch.images)
+        scale = files.abs().max(1, keepdim=True).values
+        assert ((again - files).abs() / scale).max() <= TEACHER_RTOL
+        seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(N))
+
+
 @pytest.mark.parametrize("name", list(SETS))
 def test_served_labels_are_the_files_and_the_teacher_on_the_client_views(
     served: Server, relabels: dict[str, Relabelled], name: str
@@ -110,19 +134,7 @@ def test_served_labels_are_the_files_and_the_teacher_on_the_client_views(
     with Client(served.url) as client:
         remote = client.labelset(name)
         for epoch in range(EPOCHS):
-            seen = []
-            for batch in remote.batches(epoch, batch_size=6, logits=True, drop_last=False):
-                keys = [(epoch, i) for i in batch.indices.tolist()]
-                files = torch.stack([relabel.logits[k] for k in keys])
-                torch.testing.assert_close(batch.logits, files, **codec_tolerance(codec, files))
-                inputs = torch.stack([relabel.inputs[k] for k in keys])
-                assert ((batch.images - inputs).abs() * STD).max() <= ONE_LEVEL
-                with torch.no_grad():
-                    again = model(batch.images)
-                scale = files.abs().max(1, keepdim=True).values
-                assert ((again - files).abs() / scale).max() <= TEACHER_RTOL
-                seen += batch.indices.tolist()
-            assert sorted(seen) == list(range(N))
+            check_served_epoch(remote, epoch, relabel, model, codec, lambda key: key)
 
 
 def test_any_batch_size_and_world_size(served: Server, relabels: dict[str, Relabelled]) -> None:
@@ -209,19 +221,7 @@ def test_dropped_batches_import_each_images_kth_view_as_epoch_k(
         remote = client.labelset(name)
         assert remote.epochs == kept
         for epoch in range(kept):
-            seen = []
-            for batch in remote.batches(epoch, batch_size=6, logits=True, drop_last=False):
-                keys = [source[(epoch, i)] for i in batch.indices.tolist()]
-                files = torch.stack([relabel.logits[k] for k in keys])
-                torch.testing.assert_close(batch.logits, files, **codec_tolerance("fp32", files))
-                inputs = torch.stack([relabel.inputs[k] for k in keys])
-                assert ((batch.images - inputs).abs() * STD).max() <= ONE_LEVEL
-                with torch.no_grad():
-                    again = model(batch.images)
-                scale = files.abs().max(1, keepdim=True).values
-                assert ((again - files).abs() / scale).max() <= TEACHER_RTOL
-                seen += batch.indices.tolist()
-            assert sorted(seen) == list(range(N))
+            check_served_epoch(remote, epoch, relabel, model, "fp32", source.__getitem__)
     with LabelSetReader(relabel.root.parent.parent / "store" / name) as reader:
         for epoch in range(kept):
             rows = reader.read(epoch, 0, N, ("order", "params", "mix"))
