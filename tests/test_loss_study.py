@@ -100,19 +100,30 @@ def test_report_tables_and_claims_from_known_records(tmp_path: Path) -> None:
     assert again == page  # deterministic
 
 
+def run_smoke(work: Path, results: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``loss_study --smoke`` in a subprocess, as CI runs it; asserts it succeeded."""
+    cmd = [sys.executable, "-m", "bench.studies.loss_study", "--smoke", *extra, "--workdir", work,
+           "--results", results, "--out", out]  # fmt: skip
+    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def cell_key(record: dict) -> tuple:
+    """A record's (ipc, feed, loss, optimizer)."""
+    job = record["job"]
+    return job["ipc"], job["feed"], job["loss"], job["optimizer"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_DATA, reason="needs Debian's dataset-fashion-mnist")
 def test_loss_study_smoke_runs_through_a_server_and_resumes(tmp_path: Path) -> None:
     """2 epochs, gift and kl, AdamW and SGD, seed 0, IPC 1 and 10, served and online."""
     results, out = tmp_path / "results.jsonl", tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench.studies.loss_study", "--smoke", "--workdir", tmp_path / "w",
-           "--results", results, "--out", out]  # fmt: skip
-    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_smoke(tmp_path / "w", results, out)
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    keys = {(r["job"]["ipc"], r["job"]["feed"], r["job"]["loss"], r["job"]["optimizer"])
-            for r in records}  # fmt: skip
+    keys = {cell_key(r) for r in records}
     expected = {(ipc, "served", loss, opt) for ipc in (1, 10) for loss in ("gift", "kl")
                 for opt in ("adamw", "sgd")}  # fmt: skip
     expected |= {(10, "online", loss, opt) for loss in ("gift", "kl") for opt in ("adamw", "sgd")}
@@ -125,14 +136,10 @@ def test_loss_study_smoke_runs_through_a_server_and_resumes(tmp_path: Path) -> N
         assert 0.0 <= r["result"]["top1"] <= 1.0
         assert r["command"][:2] == ["softserve", "train"] and "--epochs" in r["command"]
     page = (out / "loss_study.md").read_text()
-    gift = [r["result"]["top1"] for r in records
-            if (r["job"]["ipc"], r["job"]["feed"], r["job"]["loss"], r["job"]["optimizer"])
-            == (10, "served", "gift", "adamw")]  # fmt: skip
+    gift = [r["result"]["top1"] for r in records if cell_key(r) == (10, "served", "gift", "adamw")]
     assert f"| `gift` | {gift[0]:.3f} (1) |" in page
 
-    rerun = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
-                           timeout=900)  # fmt: skip
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = run_smoke(tmp_path / "w", results, out)
     assert "12 runs planned, 12 already in" in rerun.stdout
     assert results.read_text().count("\n") == len(records)
 
@@ -234,14 +241,9 @@ def test_dsa_report_names_the_missing_seeds_instead_of_answering(tmp_path: Path)
 def test_loss_study_dsa_smoke_serves_a_dsa_set(tmp_path: Path) -> None:
     """--views dsa: the IPC-10 DSA set built and served, its records saying so."""
     results, out, work = tmp_path / "results.jsonl", tmp_path / "out", tmp_path / "w"
-    cmd = [sys.executable, "-m", "bench.studies.loss_study", "--smoke", "--views", "dsa",
-           "--workdir", work, "--results", results, "--out", out]  # fmt: skip
-    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_smoke(work, results, out, "--views", "dsa")
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    keys = {(r["job"]["ipc"], r["job"]["feed"], r["job"]["loss"], r["job"]["optimizer"])
-            for r in records}  # fmt: skip
+    keys = {cell_key(r) for r in records}
     assert keys == {(10, "served", loss, opt)
                     for loss in ("gift", "kl") for opt in ("adamw", "sgd")}  # fmt: skip
     assert len(records) == 4 and sorted(p.name for p in (work / "store").iterdir()) == [
