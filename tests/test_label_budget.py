@@ -132,6 +132,31 @@ def test_default_codec_ignores_larger_undecided_codecs_and_single_seed_optimizer
     assert "**Default codec:** not decided yet" in page
 
 
+def test_verdict_leaves_out_untrained_columns_and_losses_other_than_gift_and_kl(
+    tmp_path: Path,
+) -> None:
+    """KL under SGD whose fp32 reference trains no better than CE on hard labels cannot tell
+    codes apart, and softce is shown but not judged: topk:1, which loses only there, is the
+    default; once fp32's KL beats the floor, topk:1 loses."""
+    top1 = {("fp32", 300, "gift", "adamw"): [0.80, 0.82], ("fp32", 300, "kl", "sgd"): [0.02, 0.03],
+            ("fp32", 300, "ce", "sgd"): [0.08, 0.09], ("fp32", 300, "softce", "adamw"): [0.7, 0.7],
+            ("topk:1", 300, "gift", "adamw"): [0.81, 0.80],
+            ("topk:1", 300, "kl", "sgd"): [0.0, 0.0],
+            ("topk:1", 300, "softce", "adamw"): [0.1, 0.1]}  # fmt: skip
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "| `gift` adamw | `kl` sgd | `softce` adamw | ≥ ref. − 1 std |" in page
+    assert ("**Default codec:** `topk:1`, 6.7 bytes per view: the smallest with no GIFT or KL "
+            "top-1 under adamw more than one seed std below `fp32`; left out, as `fp32` itself "
+            "trains no better than `ce` on hard labels there: `kl` sgd.") in page  # fmt: skip
+
+    top1[("fp32", 300, "ce", "sgd")] = [0.01, 0.01]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "**Default codec:** `fp32`" in page and "left out" not in page
+
+
 @pytest.mark.parametrize("task", label_budget_report.TASKS)
 def test_relabels_defaults_are_the_committed_studies_verdicts(task: str) -> None:
     """STUDY_VERDICTS holds the verdict of each committed study that has decided one, and

@@ -54,6 +54,7 @@ TASKS = {
         "python -m bench.studies.label_budget --task triplets", 1000, IMAGENET_FIGURES,
     ),
 }  # fmt: skip
+#: The losses the verdict rests on; any other soft-label loss measured is shown beside them.
 LOSSES = ("gift", "kl")
 FLOOR_LOSS = "ce"
 OPTIMIZER_ORDER = ("adamw", "adam", "sgd")
@@ -90,13 +91,16 @@ def rows(records: list[dict], metric: str = "top1") -> list[Row]:
 
 
 def columns(table: list[Row]) -> list[tuple[str, str]]:
-    """(loss, optimizer) columns: GIFT and KL under every optimizer measured."""
-    optimizers = {k[1] for row in table for k in row.cells}
+    """(loss, optimizer) columns: GIFT, KL, then any other soft-label loss measured, under
+    every optimizer measured."""
+    measured = {k for row in table for k in row.cells}
+    optimizers = {opt for _, opt in measured}
     ordered = [o for o in OPTIMIZER_ORDER if o in optimizers] + sorted(
         optimizers - set(OPTIMIZER_ORDER)
     )
-    return [(loss, opt) for loss in LOSSES for opt in ordered
-            if any((loss, opt) in row.cells for row in table)]  # fmt: skip
+    others = sorted({loss for loss, _ in measured} - {*LOSSES, FLOOR_LOSS})
+    return [(loss, opt) for loss in (*LOSSES, *others) for opt in ordered
+            if (loss, opt) in measured]  # fmt: skip
 
 
 def within(row: Row, reference: Row, cols: list[tuple[str, str]]) -> bool | None:
@@ -115,10 +119,22 @@ def within(row: Row, reference: Row, cols: list[tuple[str, str]]) -> bool | None
     return all(verdicts) if verdicts else None
 
 
-def verdict_columns(table: list[Row]) -> list[tuple[str, str]]:
-    """The columns a verdict rests on: those where the reference has a std (2+ seeds)."""
+def untrained(table: list[Row]) -> list[tuple[str, str]]:
+    """GIFT and KL columns whose reference does not beat hard labels (the floor) under the
+    same optimizer: there the optimizer fails, whatever the labels, so codes cannot be told
+    apart (KL under SGD at K = 1000 stays near chance)."""
     cells = table[0].cells
-    return [c for c in columns(table) if c in cells and len(cells[c].values) > 1]
+    return [(loss, opt) for loss, opt in columns(table) if loss in LOSSES
+            and (loss, opt) in cells and (FLOOR_LOSS, opt) in cells
+            and cells[(loss, opt)].mean <= cells[(FLOOR_LOSS, opt)].mean]  # fmt: skip
+
+
+def verdict_columns(table: list[Row]) -> list[tuple[str, str]]:
+    """The columns a verdict rests on: GIFT and KL where the reference has a std (2+ seeds)
+    and trains better than hard labels."""
+    cells, skipped = table[0].cells, untrained(table)
+    return [c for c in columns(table) if c[0] in LOSSES and c in cells
+            and len(cells[c].values) > 1 and c not in skipped]  # fmt: skip
 
 
 def verdicts(table: list[Row]) -> dict[str, bool | None]:
@@ -156,12 +172,17 @@ def default_codec(table: list[Row]) -> str:
     found = verdicts(table)
     failing = [row.codec for row in table if found.get(row.codec) is False
                and row.label_bytes < best.label_bytes]  # fmt: skip
+    skipped = untrained(table)
     return (
         f"**Default codec:** `{best.codec}`, {best.bytes_per_view:.1f} bytes per view: the "
         f"smallest with no GIFT or KL top-1 under {optimizers} more than one seed std below "
         f"`{reference.codec}`"
-        + (f" (below it: {', '.join(f'`{c}`' for c in failing)})." if failing else ".")
-    )
+        + (f" (below it: {', '.join(f'`{c}`' for c in failing)})" if failing else "")
+        + (f"; left out, as `{reference.codec}` itself trains no better than `{FLOOR_LOSS}` "
+           f"on hard labels there: {', '.join(f'`{loss}` {opt}' for loss, opt in skipped)}"
+           if skipped else "")
+        + "."
+    )  # fmt: skip
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -201,10 +222,8 @@ def plot(table: list[Row], out: Path, task: BudgetTask) -> str:
     fig, axes = plt.subplots(1, len(optimizers), figsize=(5 * len(optimizers), 4), dpi=100,
                              squeeze=False, sharey=True)  # fmt: skip
     for ax, opt in zip(axes[0], optimizers, strict=True):
-        for loss in LOSSES:
+        for loss in dict.fromkeys(loss for loss, o in cols if o == opt):
             measured = [(row, row.cells[(loss, opt)]) for row in table if (loss, opt) in row.cells]
-            if not measured:
-                continue
             line = ax.errorbar(
                 [row.label_bytes for row, _ in measured], [c.mean for _, c in measured],
                 yerr=[c.std for _, c in measured], fmt="o", capsize=2, label=loss,
