@@ -157,6 +157,40 @@ def test_verdict_leaves_out_untrained_columns_and_losses_other_than_gift_and_kl(
     assert "**Default codec:** `fp32`" in page and "left out" not in page
 
 
+def test_k1000_report_asks_the_papers_questions_beside_k10(tmp_path: Path) -> None:
+    """The K = 1000 reference's GIFT, KL and CE cells under AdamW and SGD at the task's lr
+    (not SGD at another lr) answer the three questions beside the loss study's K = 10."""
+    sgd = label_budget_report.TASKS["triplets"].paper_sgd
+    k1000 = {("fp32", 300, "gift", "adamw"): [0.53, 0.54, 0.53],
+             ("fp32", 300, "kl", "adamw"): [0.55, 0.55, 0.56],
+             ("fp32", 300, "ce", "adamw"): [0.08, 0.09, 0.08],
+             ("fp32", 300, "gift", sgd): [0.54, 0.53, 0.54],
+             ("fp32", 300, "kl", sgd): [0.02, 0.03, 0.02],
+             ("fp32", 300, "ce", sgd): [0.10, 0.09, 0.10],
+             ("fp32", 300, "gift", "sgd"): [0.9, 0.9, 0.9]}  # another lr: not asked
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(k1000)))
+    k10 = {("gift", "adamw"): 0.83, ("kl", "adamw"): 0.86, ("ce", "adamw"): 0.72,
+           ("gift", "sgd"): 0.80, ("kl", "sgd"): 0.80, ("ce", "sgd"): 0.73}  # no collapse
+    jobs = [({"ipc": 10, "feed": "served", "loss": loss, "optimizer": opt, "seed": seed},
+             top1) for (loss, opt), top1 in k10.items() for seed in (0, 1, 2)]  # fmt: skip
+    loss_results = tmp_path / "loss.jsonl"
+    loss_results.write_text("".join(json.dumps({"job": j, "result": {"top1": t}}) + "\n"
+                                    for j, t in jobs))  # fmt: skip
+    page = label_budget_report.write_report(
+        results, tmp_path / "out", task="triplets", loss_results=loss_results
+    ).read_text()
+    assert (f"| question | K = 10 (loss study, crops) | K = 1000 (`fp32`, SGD as `{sgd}`) "
+            "| K changes it? |") in page  # fmt: skip
+    assert "| adamw: no, GIFT 0.830, `kl` 0.860; sgd: yes, GIFT 0.800 | " \
+        "adamw: no, GIFT 0.533, `kl` 0.553; sgd: yes, GIFT 0.537 | no |" in page
+    assert "| `gift`: `gift` 0.030, `kl` 0.060 | `gift`: `gift` 0.003, `kl` 0.530 | no |" in page
+    assert ("| no: 0.800 with SGD against 0.860 with AdamW (-0.060) | yes: 0.023 with SGD "
+            "against 0.553 with AdamW (-0.530) | **yes** |") in page  # fmt: skip
+    assert ("**Does K = 1000 change the verdict?** Yes: K = 1000 changes 1 of the 3 verdicts "
+            "(KL collapses under SGD?).") in page  # fmt: skip
+
+
 @pytest.mark.parametrize("task", label_budget_report.TASKS)
 def test_relabels_defaults_are_the_committed_studies_verdicts(task: str) -> None:
     """STUDY_VERDICTS holds the verdict of each committed study that has decided one, and
@@ -167,6 +201,48 @@ def test_relabels_defaults_are_the_committed_studies_verdicts(task: str) -> None
     records = label_budget_report.load(ROOT / "bench" / "results" / f"{study.stem}.jsonl")
     chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
     assert STUDY_VERDICTS.get(study.classes) == (chosen and chosen.codec)
+
+
+def test_a_rebuilt_reference_gets_columns_of_its_own(tmp_path: Path) -> None:
+    """Runs on a reference relabelled from another teacher never share a cell with the
+    first build's; a rebuild's column that holds only the reference decides nothing."""
+    first, second = {"teacher_sha256": "1" * 64, "images_sha256": "2" * 64}, {
+        "teacher_sha256": "3" * 64, "images_sha256": "4" * 64, "host": {"cpu": "AMD EPYC"}}
+    runs = [(first, {("fp32", 300, "gift", "adamw"): [0.80, 0.82],
+                     ("fp16", 300, "gift", "adamw"): [0.81, 0.81]}),
+            (second, {("fp32", 300, "gift", "adamw"): [0.70, 0.70],
+                      ("fp32", 300, "gift", "sgd"): [0.60, 0.62],
+                      ("fp16", 300, "gift", "sgd"): [0.50, 0.50]})]  # fmt: skip
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps({**r, **build}) + "\n"
+                               for build, top1 in runs for r in records_for(top1)))  # fmt: skip
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "| `gift` adamw | `gift` adamw (b) | `gift` sgd (b) | ≥ ref. − 1 std |" in page
+    assert ("| `fp32` | 300 | 3.000 MB | 100.0 | 0.810 ± 0.014 [0.010] (2) | 0.700 ± 0.000 "
+            "[0.000] (2) | 0.610 ± 0.014 [0.010] (2) | (reference) |") in page  # fmt: skip
+    assert "| `fp16` | 300 | 1.500 MB | 50.0 | 0.810 ± 0.000 [0.000] (2) | – | 0.500 " in page
+    assert "under adamw, sgd (b) more than one seed std" in page  # not adamw (b)
+    assert "**Default codec:** `fp32`" in page  # fp16 loses under SGD on the second build
+    assert ("Columns unmarked: teacher sha256 `111111111111`, images `222222222222`, on "
+            "unknown CPU; marked (b): teacher sha256 `333333333333`, images `444444444444`, "
+            "on AMD EPYC.") in page  # fmt: skip
+
+
+def test_a_run_counts_as_done_only_on_the_labels_it_ran_on(tmp_path: Path) -> None:
+    """A reference rebuilt on another CPU has other labels: its cells run afresh, while
+    records without provenance (older studies) count for any labels."""
+    from bench.studies.study import done_keys, is_done
+
+    job = label_budget.Job("fp32", 300, "gift", "sgd@1.0", 0, 100, width=32)
+    old = label_budget.Job("fp32", 300, "kl", "adamw", 0, 100, width=32)
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps({"job": vars(job), "labelset_digest": "a" * 64}) + "\n"
+                       + json.dumps({"job": vars(old)}) + "\n")  # fmt: skip
+    done = done_keys(results, label_budget.Job)
+    assert is_done(done, job.key, "a" * 64) and not is_done(done, job.key, "b" * 64)
+    assert is_done(done, job.key, None)  # labels unknown: any run of the job counts
+    assert is_done(done, old.key, "b" * 64)
+    assert not is_done(done, label_budget.Job("fp32", 300, "gift", "adamw", 0, 100).key, "a")
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:

@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.studies import loss_report
 from bench.studies.study import RESULTS, Cell, cells_by, load, pyplot, save_figure, write_pages
 
 
@@ -25,6 +26,9 @@ class BudgetTask:
     command: str
     classes: int
     field: str = ""  # what the literature reports for this budget, shown beside the table
+    #: The SGD column (NAME@LR) on which the reference answers the paper's questions beside
+    #: the K = 10 loss study; empty: not asked of this task.
+    paper_sgd: str = ""
 
     @property
     def markers(self) -> tuple[str, str]:
@@ -52,6 +56,7 @@ TASKS = {
     "triplets": BudgetTask(
         "label_budget_k1000", "Fashion-MNIST triplets (K = 1000) IPC 1",
         "python -m bench.studies.label_budget --task triplets", 1000, IMAGENET_FIGURES,
+        paper_sgd="sgd@1.0",
     ),
 }  # fmt: skip
 #: The losses the verdict rests on; any other soft-label loss measured is shown beside them.
@@ -75,11 +80,30 @@ class Row:
         return f"{self.codec}, E={self.stored_epochs}"
 
 
+def build_of(record: dict) -> tuple[str, str] | None:
+    """Which relabel of the reference a run's labels come from: its teacher and images."""
+    if "teacher_sha256" not in record:
+        return None
+    return record["teacher_sha256"], record["images_sha256"]
+
+
+def builds(records: list[dict]) -> dict[tuple[str, str] | None, str]:
+    """Each build of the reference by first appearance, tagged: "" for the first, then
+    " (b)", " (c)", ...; a rebuild elsewhere has another teacher (float32 training differs
+    across CPUs), so its runs form columns of their own."""
+    found = dict.fromkeys(build_of(r) for r in records)
+    return {build: "" if i == 0 else f" ({chr(ord('a') + i)})" for i, build in enumerate(found)}
+
+
 def rows(records: list[dict], metric: str = "top1") -> list[Row]:
-    """Variants in the order they first appear (the reference first), with their cells."""
+    """Variants in the order they first appear (the reference first), with their cells; a
+    rebuild's columns carry its tag after the optimizer."""
+    tags = builds(records)
     table = cells_by(
-        records, lambda j: (j["codec"], j["stored_epochs"], j["loss"], j["optimizer"]), metric
-    )
+        [{**r, "job": {**r["job"], "optimizer": r["job"]["optimizer"] + tags[build_of(r)]}}
+         for r in records],
+        lambda j: (j["codec"], j["stored_epochs"], j["loss"], j["optimizer"]), metric,
+    )  # fmt: skip
     sizes: dict[tuple[str, int], dict] = {}
     for r in records:
         sizes.setdefault((r["job"]["codec"], r["job"]["stored_epochs"]), r["labels"])
@@ -130,11 +154,12 @@ def untrained(table: list[Row]) -> list[tuple[str, str]]:
 
 
 def verdict_columns(table: list[Row]) -> list[tuple[str, str]]:
-    """The columns a verdict rests on: GIFT and KL where the reference has a std (2+ seeds)
-    and trains better than hard labels."""
+    """The columns a verdict rests on: GIFT and KL where the reference has a std (2+ seeds),
+    trains better than hard labels, and is not alone (a rebuild's reference replicate)."""
     cells, skipped = table[0].cells, untrained(table)
     return [c for c in columns(table) if c[0] in LOSSES and c in cells
-            and len(cells[c].values) > 1 and c not in skipped]  # fmt: skip
+            and len(cells[c].values) > 1 and c not in skipped
+            and any(c in row.cells for row in table[1:])]  # fmt: skip
 
 
 def verdicts(table: list[Row]) -> dict[str, bool | None]:
@@ -251,7 +276,53 @@ def width_text(records: list[dict]) -> str:
     return f" of width {'/'.join(map(str, widths))}"
 
 
-def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -> str:
+def paper_questions(table: list[Row], task: BudgetTask, loss_records: list[dict]) -> str:
+    """The paper's three questions on the reference's GIFT, KL and CE cells (AdamW, and SGD
+    at the task's lr), beside the K = 10 loss study's answers, and whether K changes them."""
+    reference = table[0]
+    tag = next((opt.removeprefix(task.paper_sgd) for loss, opt in reference.cells
+                if loss == "gift" and opt.startswith(task.paper_sgd)), "")  # fmt: skip
+    sgd = task.paper_sgd + tag
+    grid = {(loss, "sgd" if opt == sgd else "adamw"): cell for (loss, opt), cell
+            in reference.cells.items() if opt in ("adamw" + tag, sgd)}  # fmt: skip
+    questions, verdict = loss_report.compare_questions(
+        {"K = 10 (loss study, crops)": loss_report.compared_grid(loss_records),
+         f"K = {task.classes} (`{reference.codec}`, SGD as `{sgd}`)": grid},
+        "K", f"K = {task.classes} changes",
+    )  # fmt: skip
+    return (
+        f"The paper's questions at K = {task.classes}, on the reference's GIFT, KL and CE "
+        f"cells (seeds {', '.join(map(str, loss_report.COMPARED_SEEDS))}), beside the "
+        f"K = 10 loss study's IPC-10 answers (`loss_study.jsonl`; its SGD at `softserve "
+        f"train`'s lr):\n\n{questions}\n\n**Does K = {task.classes} change the verdict?** "
+        f"{verdict}"
+    )
+
+
+def builds_text(records: list[dict]) -> str:
+    """Which reference build each column's tag names, when the study has more than one."""
+    tags = builds(records)
+    if len(tags) < 2:
+        return ""
+    cpus = {}
+    for r in records:
+        cpus.setdefault(build_of(r), set()).add(r.get("host", {}).get("cpu", "unknown CPU"))
+    said = [f"{'unmarked' if not tag else 'marked' + tag}: teacher sha256 `{b[0][:12]}`, images "
+            f"`{b[1][:12]}`, on {', '.join(sorted(cpus[b]))}" if b else
+            f"{'unmarked' if not tag else 'marked' + tag}: records without provenance"
+            for b, tag in tags.items()]  # fmt: skip
+    return (
+        "The reference was relabelled more than once, each time from a teacher trained afresh "
+        "(float32 training differs across CPUs, so the weights do); every build's variants are "
+        "transcoded from its own fp32 labels, and a column compares codes within one build. "
+        "Columns " + "; ".join(said) + "."
+    )
+
+
+def render(
+    records: list[dict], plots: list[str], link: str, task: BudgetTask,
+    loss_records: list[dict] | None = None,
+) -> str:  # fmt: skip
     """The study's markdown: provenance, table, floor, verdict and plot."""
     if not records:
         return f"No runs yet: `{task.command}` fills this section.\n"
@@ -268,6 +339,8 @@ def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -
         f"is in `{link}{task.stem}.jsonl`.",
         markdown_table(table),
     ]
+    if builds_text(records):
+        parts.append(builds_text(records))
     floors = {opt: c for (loss, opt), c in table[0].cells.items() if loss == FLOOR_LOSS}
     if floors:
         parts.append(
@@ -275,6 +348,8 @@ def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -
             + "; ".join(f"{opt} {c.text()}" for opt, c in sorted(floors.items())) + "."
         )
     parts.append(default_codec(table))
+    if task.paper_sgd:
+        parts.append(paper_questions(table, task, loss_records or []))
     if task.field:
         parts.append(task.field)
     if all("top1_best4" in r["result"] for r in records):
@@ -288,16 +363,19 @@ def render(records: list[dict], plots: list[str], link: str, task: BudgetTask) -
 
 
 def write_report(
-    results: Path, out: Path, readme: Path | None = None, task: str = "fashion-mnist"
-) -> Path:
-    """Write the task's page and plot into ``out``; update ``readme`` if given."""
+    results: Path, out: Path, readme: Path | None = None, task: str = "fashion-mnist",
+    loss_results: Path = RESULTS / "loss_study.jsonl",
+) -> Path:  # fmt: skip
+    """Write the task's page and plot into ``out``; update ``readme`` if given. A task that
+    asks the paper's questions reads the K = 10 answers from ``loss_results``."""
     study = TASKS[task]
     records = load(results)
+    loss_records = load(loss_results) if study.paper_sgd else []
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot(rows(records), out, study)] if records else []
     return write_pages(
         out, study.stem, f"Label budget: {study.headline}",
-        lambda link: render(records, plots, link, study), readme, study.markers,
+        lambda link: render(records, plots, link, study, loss_records), readme, study.markers,
     )  # fmt: skip
 
 

@@ -474,6 +474,39 @@ def protocol_table(crop: dict[tuple[str, str], Cell], dsa: dict[tuple[str, str],
     return "\n".join(lines)
 
 
+def compare_questions(
+    grids: dict[str, dict[tuple[str, str], Cell]], change: str, changer: str
+) -> tuple[str, str]:
+    """The paper's questions on two grids side by side, the second changing one thing (the
+    ``change``; ``changer`` is its subject and verb, "DSA views change"): their table, and
+    the sentence saying whether it changes a verdict, or which questions wait for seeds."""
+    (first, base), (second, other) = grids.items()
+    answers = questions(base), questions(other)
+    lines = [f"| question | {first} | {second} | {change} changes it? |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    changed, open_ = [], []
+    for question, a in answers[0].items():
+        b = answers[1][question]
+        name = question.split("**")[1]
+        if a.verdict is None or b.verdict is None:
+            verdict = "not yet"
+            open_.append(name)
+        else:
+            verdict = "no" if a.verdict == b.verdict else "**yes**"
+            if verdict != "no":
+                changed.append(name)
+        lines.append(f"| {question} | {a.text} | {b.text} | {verdict} |")
+    answered = len(answers[0]) - len(open_)
+    said = (f"{changer} {len(changed) or 'none'} of the {answered} verdicts"
+            + (f" ({'; '.join(changed)})" if changed else ""))
+    if open_:
+        sentence = (f"Not yet: {len(open_)} of the three questions wait for seeds (above: "
+                    f"{'; '.join(open_)})" + (f"; of those answered, {said}" if answered else ""))
+    else:
+        sentence = f"{'Yes' if changed else 'No'}: {said}"
+    return "\n".join(lines), sentence + "."
+
+
 def render_dsa(records: list[dict], crop_records: list[dict], link: str) -> str:
     """The DSA cell's markdown: provenance, both protocols' table, the questions, the verdict."""
     crop, dsa = compared_grid(crop_records), compared_grid(records)
@@ -494,31 +527,9 @@ def render_dsa(records: list[dict], crop_records: list[dict], link: str) -> str:
         f"--readme README.md` rewrites this section from the two files alone.",
         protocol_table(crop, dsa),
     ]
-    answers = {p: questions(grid) for p, grid in (("rrc", crop), ("dsa", dsa))}
-    lines = ["| question | " + " | ".join(PROTOCOLS.values()) + " | protocol changes it? |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
-    changed, open_ = [], []
-    for question in answers["rrc"]:
-        crop_answer, dsa_answer = answers["rrc"][question], answers["dsa"][question]
-        if crop_answer.verdict is None or dsa_answer.verdict is None:
-            change = "not yet"
-            open_.append(question.split("**")[1])
-        else:
-            change = "no" if crop_answer.verdict == dsa_answer.verdict else "**yes**"
-            if change != "no":
-                changed.append(question.split("**")[1])
-        lines.append(f"| {question} | {crop_answer.text} | {dsa_answer.text} | {change} |")
-    parts.append("\n".join(lines))
-    answered = len(answers["rrc"]) - len(open_)
-    change = (f"DSA views change {len(changed) or 'none'} of the {answered} verdicts"
-              + (f" ({'; '.join(changed)})" if changed else ""))  # fmt: skip
-    if open_:
-        verdict = (f"Not yet: {len(open_)} of the three questions wait for seeds (above: "
-                   f"{'; '.join(open_)})" + (f"; of those answered, {change}" if answered else ""))
-    else:
-        verdict = f"{'Yes' if changed else 'No'}: {change}"
-    verdict += "."
-    parts.append(f"**Does the protocol change the verdict?** {verdict}")
+    table, verdict = compare_questions({PROTOCOLS[p]: g for p, g in (("rrc", crop), ("dsa", dsa))},
+                                       "protocol", "DSA views change")  # fmt: skip
+    parts += [table, f"**Does the protocol change the verdict?** {verdict}"]
     return "\n\n".join(parts) + "\n"
 
 

@@ -63,9 +63,26 @@ def add_common_arguments(parser: argparse.ArgumentParser, results: str | None) -
     parser.add_argument("--report-only", action="store_true", help="tables and plots only")
 
 
-def done_keys(results: Path, job_type: type) -> set[tuple]:
-    """Keys of the runs already in the results file."""
-    return {job_type(**record["job"]).key for record in load(results)}
+def labels_of(record: dict) -> str | None:
+    """What a run learned from: its label set's digest, or an online run's teacher weights;
+    None in records older than provenance."""
+    return record.get("labelset_digest") or record.get("teacher_sha256")
+
+
+def done_keys(results: Path, job_type: type) -> dict[tuple, set[str | None]]:
+    """Keys of the runs already in the results file, each with the labels it ran on."""
+    done: dict[tuple, set[str | None]] = {}
+    for record in load(results):
+        done.setdefault(job_type(**record["job"]).key, set()).add(labels_of(record))
+    return done
+
+
+def is_done(done: dict[tuple, set[str | None]], key: tuple, labels: str | None) -> bool:
+    """Whether a run of ``key`` on ``labels`` is in: a reference rebuilt on another machine
+    (float32 training differs across CPUs, so its teacher does) starts its cells afresh;
+    a record without provenance counts for any labels."""
+    found = done.get(key, set())
+    return None in found or labels in found or (labels is None and bool(found))
 
 
 def cpu_model() -> str:
@@ -138,8 +155,9 @@ class Runner:
         """Run ``jobs`` not yet in the results file; returns the failures."""
         from tqdm.auto import tqdm
 
-        done = done_keys(self.results, type(jobs[0])) if jobs else set()
-        todo = [job for job in jobs if job.key not in done]
+        done = done_keys(self.results, type(jobs[0])) if jobs else {}
+        todo = [job for job in jobs
+                if not is_done(done, job.key, labels_of(self.annotate(job)))]  # fmt: skip
         print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {self.results}")
         version = code_version()
         lock = threading.Lock()
