@@ -180,8 +180,8 @@ def test_k1000_report_asks_the_papers_questions_beside_k10(tmp_path: Path) -> No
     page = label_budget_report.write_report(
         results, tmp_path / "out", task="triplets", loss_results=loss_results
     ).read_text()
-    assert (f"| question | K = 10 (loss study, crops) | K = 1000 (`fp32`, SGD as `{sgd}`) "
-            "| K changes it? |") in page  # fmt: skip
+    assert ("| question | K = 10 (loss study, crops) | K = 1000 (`fp32`, AdamW as `adamw`, SGD "
+            f"as `{sgd}`) | K changes it? |") in page  # fmt: skip
     assert "| adamw: no, GIFT 0.830, `kl` 0.860; sgd: yes, GIFT 0.800 | " \
         "adamw: no, GIFT 0.533, `kl` 0.553; sgd: yes, GIFT 0.537 | no |" in page
     assert "| `gift`: `gift` 0.030, `kl` 0.060 | `gift`: `gift` 0.003, `kl` 0.530 | no |" in page
@@ -189,6 +189,21 @@ def test_k1000_report_asks_the_papers_questions_beside_k10(tmp_path: Path) -> No
             "against 0.553 with AdamW (-0.530) | **yes** |") in page  # fmt: skip
     assert ("**Does K = 1000 change the verdict?** Yes: K = 1000 changes 1 of the 3 verdicts "
             "(KL collapses under SGD?).") in page  # fmt: skip
+
+    # SGD measured on a rebuild: AdamW from the same build once its reference has every seed
+    rebuild = {"teacher_sha256": "3" * 64, "images_sha256": "4" * 64}
+    first = [{**r, "teacher_sha256": "1" * 64, "images_sha256": "2" * 64}
+             for r in records_for({k: v for k, v in k1000.items() if k[3] == "adamw"})]
+    second = {k: v for k, v in k1000.items() if k[3] == sgd}
+    for seeds in ([0.40], [0.40, 0.41, 0.40]):
+        second |= {("fp32", 300, loss, "adamw"): seeds for loss in ("gift", "kl", "ce")}
+        results.write_text("".join(json.dumps(r) + "\n" for r in first + [
+            {**r, **rebuild} for r in records_for(second)]))  # fmt: skip
+        page = label_budget_report.write_report(
+            results, tmp_path / "out", task="triplets", loss_results=loss_results
+        ).read_text()
+        adamw = "adamw" if len(seeds) == 1 else "adamw (b)"
+        assert f"K = 1000 (`fp32`, AdamW as `{adamw}`, SGD as `{sgd} (b)`)" in page
 
 
 @pytest.mark.parametrize("task", label_budget_report.TASKS)
