@@ -109,6 +109,20 @@ def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> 
     assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.900 (1) | – |" in page
 
 
+def test_a_codec_that_costs_in_one_column_fails_without_the_others(tmp_path: Path) -> None:
+    """topk:1 loses under AdamW and lacks SGD: it fails (not undecided), so fp16, measured
+    under both, is the default."""
+    top1 = {("fp32", 300, "gift", "adamw"): [0.80, 0.82], ("fp32", 300, "gift", "sgd"): [0.7, 0.72],
+            ("fp16", 300, "gift", "adamw"): [0.81, 0.81], ("fp16", 300, "gift", "sgd"): [0.7, 0.7],
+            ("topk:1", 300, "gift", "adamw"): [0.70, 0.71]}  # fmt: skip
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    assert "**Default codec:** `fp16`, 50.0 bytes per view" in page
+    assert "(below it: `topk:1`)" in page
+    assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.705 ± 0.007 [0.005] (2) | – | no |" in page
+
+
 def test_default_codec_ignores_larger_undecided_codecs_and_single_seed_optimizers(
     tmp_path: Path,
 ) -> None:

@@ -131,16 +131,20 @@ def within(row: Row, reference: Row, cols: list[tuple[str, str]]) -> bool | None
     """No GIFT or KL mean more than one seed std below the reference's: no measured cost.
 
     One-sided: a variant that trains better than the reference costs nothing (under SGD,
-    KL's collapse varies by seeds, and top-k codes change how far it falls). None: not
-    decidable yet, while the reference lacks a std or the row lacks some of its seeds.
+    KL's collapse varies by seeds, and top-k codes change how far it falls). False once one
+    complete column costs; None (not decidable yet) while none does but the reference lacks
+    a std or the row lacks some of its seeds.
     """
     verdicts = []
     for col in cols:
         ref, cell = reference.cells.get(col), row.cells.get(col)
         if ref is None or cell is None or len(ref.values) < 2 or len(cell.values) < len(ref.values):
-            return None
-        verdicts.append(cell.mean >= ref.mean - ref.std)
-    return all(verdicts) if verdicts else None
+            verdicts.append(None)
+        else:
+            verdicts.append(cell.mean >= ref.mean - ref.std)
+    if False in verdicts:
+        return False
+    return None if None in verdicts or not verdicts else True
 
 
 def untrained(table: list[Row]) -> list[tuple[str, str]]:
