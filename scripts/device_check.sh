@@ -9,6 +9,7 @@
 #           sections at 224 px, K = 1000: the two a GPU changes
 #   loss    the loss study with --device cuda, for STUDY_SECONDS (420)      loss_study_cuda.jsonl
 #   budget  the label-budget study with --device cuda, for STUDY_SECONDS    label_budget_cuda.jsonl
+#   budget1000  the same at K = 1000 (--task triplets)                     label_budget_k1000_cuda.jsonl
 #
 # Stage first, here: scripts/device_wheels.sh (wheels in .whl/, Fashion-MNIST in .data/);
 # then run there, e.g. (carry: .whl .data; the copy there has no git to name the commit):
@@ -50,12 +51,14 @@ for phase in "$@"; do
         --threads 2 --workdir /tmp/study --out /tmp/study/out \
         --results "$OUT/loss_study_cuda.jsonl" > "$OUT/loss_study.log" 2>&1
       tail -n 5 "$OUT/loss_study.log" ;;
-    budget)
-      PYTHONPATH=$BENCH_PATH timeout "$STUDY_SECONDS" python3 -m bench.studies.label_budget --device cuda --workers 8 \
-        --threads 2 --workdir /tmp/study --out /tmp/study/out \
-        --results "$OUT/label_budget_cuda.jsonl" > "$OUT/label_budget.log" 2>&1
-      tail -n 5 "$OUT/label_budget.log" ;;
-    *) echo "unknown phase $phase: tests, bench, scale, loss or budget" >&2; exit 2 ;;
+    budget|budget1000)
+      task=fashion-mnist stem=label_budget
+      [ "$phase" = budget1000 ] && task=triplets stem=label_budget_k1000
+      PYTHONPATH=$BENCH_PATH timeout "$STUDY_SECONDS" python3 -m bench.studies.label_budget \
+        --task "$task" --device cuda --workers 8 --threads 2 --workdir "/tmp/study-$task" \
+        --out "/tmp/study-$task/out" --results "$OUT/${stem}_cuda.jsonl" > "$OUT/$stem.log" 2>&1
+      tail -n 5 "$OUT/$stem.log" ;;
+    *) echo "unknown phase $phase: tests, bench, scale, loss, budget or budget1000" >&2; exit 2 ;;
   esac
 done
 exit $status
