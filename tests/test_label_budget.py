@@ -257,6 +257,23 @@ def test_a_rebuilt_reference_gets_columns_of_its_own(tmp_path: Path) -> None:
             "on AMD EPYC.") in page  # fmt: skip
 
 
+def test_another_ipc_is_another_build_and_another_job() -> None:
+    """--ipc 10 plans jobs whose keys differ from the task's IPC's, and its runs (other
+    images) form columns of their own, named by their IPC."""
+    variants = [label_budget.Variant("fp32", 300)]
+    plain, ten = (label_budget.plan(variants, [0], 100, ["gift"], ["adamw"], floor=False,
+                                    width=32, ipc=ipc) for ipc in (None, 10))  # fmt: skip
+    assert [j.ipc for j in ten] == [10] and plain[0].key != ten[0].key
+    base = {"teacher_sha256": "1" * 64, "images_sha256": "2" * 64}
+    records = [{**r, **base} for r in records_for({("fp32", 300, "gift", "adamw"): [0.8, 0.8]})]
+    records += [{**r, **base, "images_sha256": "5" * 64, "job": {**r["job"], "ipc": 10}}
+                for r in records_for({("fp32", 300, "gift", "adamw"): [0.9, 0.9]})]
+    text = label_budget_report.builds_text(records)
+    assert "marked (b): teacher sha256 `111111111111`, images `555555555555`, on unknown CPU, " \
+        "IPC 10." in text
+    assert ("gift", "adamw (b)") in label_budget_report.rows(records)[0].cells
+
+
 def test_a_run_counts_as_done_only_on_the_labels_it_ran_on(tmp_path: Path) -> None:
     """A reference rebuilt on another CPU has other labels: its cells run afresh, while
     records without provenance (older studies) count for any labels."""

@@ -94,11 +94,12 @@ class Job:
     epochs: int
     model: str = "convnet"
     width: int | None = None
+    ipc: int | None = None  # None: the task's (TASK_SETS), as every record before --ipc
 
     @property
     def key(self) -> tuple:
         return (self.codec, self.stored_epochs, self.loss, self.optimizer, self.seed,
-                self.epochs, self.model, self.width)  # fmt: skip
+                self.epochs, self.model, self.width, self.ipc)  # fmt: skip
 
     @property
     def variant(self) -> Variant:
@@ -108,6 +109,7 @@ class Job:
 def plan(
     variants: list[Variant], seeds: list[int], epochs: int, losses: list[str],
     optimizers: list[str], floor: bool, lead: int = 4, width: int | None = None,
+    ipc: int | None = None,
 ) -> list[Job]:  # fmt: skip
     """Every run: the first ``lead`` variants under each optimizer in turn, then the rest;
     seed-major within each; the floor loss on the reference (first) variant only."""
@@ -118,19 +120,20 @@ def plan(
                 for v in group:
                     names = [*losses, FLOOR_LOSS] if floor and v == variants[0] else losses
                     jobs += [Job(v.codec, v.stored_epochs, loss, optimizer, seed, epochs,
-                                 width=width) for loss in names]  # fmt: skip
+                                 width=width, ipc=ipc) for loss in names]  # fmt: skip
     return jobs
 
 
 def build_variants(
     workdir: Path, store: Path, variants: list[Variant], epochs: int, device: str, smoke: bool,
-    task: str = "fashion-mnist",
+    task: str = "fashion-mnist", ipc: int | None = None,
 ) -> tuple[dict[Variant, dict], str]:  # fmt: skip
     """The fp32 reference relabelled once, every variant transcoded from it; their sizes,
     and the task's test split for --eval."""
     prepared = prepare_demo(
         DemoOptions(
-            task=task, workdir=workdir, store=workdir / "budget-source", ipc=TASK_SETS[task][0],
+            task=task, workdir=workdir, store=workdir / "budget-source",
+            ipc=ipc or TASK_SETS[task][0],
             label_epochs=epochs, codec="fp32", device=device, teacher_epochs=1 if smoke else 3,
             train_limit=2000 if smoke else None, progress=False,
         ),
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None,
                         help="CODEC@STORED_EPOCHS, reference first [default: the task's]")
     parser.add_argument("--lead", type=int, default=4, help="decisive variants, run first")
+    parser.add_argument("--ipc", type=int, default=None,
+                        help="images per class of the synthetic set [default: the task's]")
     parser.add_argument("--epochs", type=int, default=300, help="reference and training epochs")
     parser.add_argument("--train-epochs", type=int, default=None,
                         help="student epochs [default: the task's, or --epochs]")  # fmt: skip
@@ -209,15 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     if not args.report_only:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        store = args.workdir / "budget-store"
+        ipc = None if args.ipc in (None, TASK_SETS[args.task][0]) else args.ipc
+        store = args.workdir / ("budget-store" if ipc is None else f"budget-store-ipc{ipc}")
         sizes, evaluation = build_variants(
-            args.workdir, store, variants, args.epochs, args.device, args.smoke, args.task
+            args.workdir, store, variants, args.epochs, args.device, args.smoke, args.task, ipc
         )
         jobs = plan(
             variants, [int(s) for s in args.seeds.split(",")], args.train_epochs,
             names(args.losses),
             names(args.optimizers), floor=not args.no_floor, lead=args.lead,
-            width=TASK_SETS[args.task][1],
+            width=TASK_SETS[args.task][1], ipc=ipc,
         )  # fmt: skip
         if args.eval_limit and args.task == "fashion-mnist":
             evaluation = str(small_eval_set(args.workdir, args.eval_limit))

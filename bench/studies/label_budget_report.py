@@ -313,18 +313,22 @@ def builds_text(records: list[dict]) -> str:
     tags = builds(records)
     if len(tags) < 2:
         return ""
-    cpus = {}
+    cpus: dict[tuple[str, str] | None, set[str]] = {}
+    ipcs: dict[tuple[str, str] | None, set[int]] = {}
     for r in records:
         cpus.setdefault(build_of(r), set()).add(r.get("host", {}).get("cpu", "unknown CPU"))
-    said = [f"{'unmarked' if not tag else 'marked' + tag}: teacher sha256 `{b[0][:12]}`, images "
-            f"`{b[1][:12]}`, on {', '.join(sorted(cpus[b]))}" if b else
-            f"{'unmarked' if not tag else 'marked' + tag}: records without provenance"
+        if r["job"].get("ipc"):
+            ipcs.setdefault(build_of(r), set()).add(r["job"]["ipc"])
+    said = [f"{'unmarked' if not tag else 'marked' + tag}: "
+            + (f"teacher sha256 `{b[0][:12]}`, images `{b[1][:12]}`, on "
+               f"{', '.join(sorted(cpus[b]))}" if b else "records without provenance")
+            + "".join(f", IPC {n}" for n in sorted(ipcs.get(b, ())))
             for b, tag in tags.items()]  # fmt: skip
     return (
-        "The reference was relabelled more than once, each time from a teacher trained afresh "
-        "(float32 training differs across CPUs, so the weights do); every build's variants are "
-        "transcoded from its own fp32 labels, and a column compares codes within one build. "
-        "Columns " + "; ".join(said) + "."
+        "The reference was built more than once: on another machine (its teacher, trained "
+        "afresh, differs, as float32 training differs across CPUs) or at another IPC (`--ipc`). "
+        "Every build's variants are transcoded from its own fp32 labels, and a column compares "
+        "codes within one build. Columns " + "; ".join(said) + "."
     )
 
 
