@@ -33,6 +33,13 @@ def records_for(top1: dict[tuple, list[float]]) -> list[dict]:
     return [record(*key, seed, v) for key, values in top1.items() for seed, v in enumerate(values)]
 
 
+def budget_page(tmp_path: Path, top1: dict[tuple, list[float]]) -> str:
+    """The K = 10 report's page for these cells' records."""
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
+    return label_budget_report.write_report(results, tmp_path / "out").read_text()
+
+
 def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> None:
     """Means ± stds per cell, sizes, the one-std test against fp32 and the chosen codec."""
     top1 = {
@@ -83,9 +90,7 @@ def test_report_table_verdict_and_plot_from_known_records(tmp_path: Path) -> Non
 def test_default_codec_waits_for_seeds(tmp_path: Path) -> None:
     """One seed on the reference gives no std: the verdict says it is not decided."""
     top1 = {("fp32", 300, "gift", "adamw"): [0.8], ("fp16", 300, "gift", "adamw"): [0.8]}
-    results = tmp_path / "r.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "**Default codec:** not decided yet" in page
     assert "| `fp16` | 300 | 1.500 MB | 50.0 | 0.800 (1) | – |" in page
 
@@ -96,15 +101,12 @@ def test_default_codec_is_one_sided_and_waits_for_every_seed(tmp_path: Path) -> 
     top1 = {("fp32", 300, "gift", "adamw"): [0.80, 0.82],
             ("fp16", 300, "gift", "adamw"): [0.81, 0.81],
             ("topk:1", 300, "gift", "adamw"): [0.90, 0.91]}  # fmt: skip
-    results = tmp_path / "r.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "**Default codec:** `topk:1`, 6.7 bytes per view" in page
     assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.905 ± 0.007 [0.005] (2) | yes |" in page
 
     top1[("topk:1", 300, "gift", "adamw")] = [0.90]
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "**Default codec:** not decided yet" in page
     assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.900 (1) | – |" in page
 
@@ -115,9 +117,7 @@ def test_a_codec_that_costs_in_one_column_fails_without_the_others(tmp_path: Pat
     top1 = {("fp32", 300, "gift", "adamw"): [0.80, 0.82], ("fp32", 300, "gift", "sgd"): [0.7, 0.72],
             ("fp16", 300, "gift", "adamw"): [0.81, 0.81], ("fp16", 300, "gift", "sgd"): [0.7, 0.7],
             ("topk:1", 300, "gift", "adamw"): [0.70, 0.71]}  # fmt: skip
-    results = tmp_path / "r.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "**Default codec:** `fp16`, 50.0 bytes per view" in page
     assert "(below it: `topk:1`)" in page
     assert "| `topk:1` | 300 | 0.200 MB | 6.7 | 0.705 ± 0.007 [0.005] (2) | – | no |" in page
@@ -134,15 +134,12 @@ def test_default_codec_ignores_larger_undecided_codecs_and_single_seed_optimizer
             ("topk:1", 300, "gift", "adamw"): [0.81, 0.80],
             ("topk:1", 300, "gift", "sgd"): [0.05],
             ("fp16", 300, "gift", "adamw"): [0.81]}  # fmt: skip
-    results = tmp_path / "r.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "**Default codec:** `topk:1`, 6.7 bytes per view: the smallest with no GIFT or KL " \
         "top-1 under adamw more than" in page
 
     top1[("topk:1", 300, "gift", "adamw")] = [0.81]  # now the smallest is undecided
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "**Default codec:** not decided yet" in page
 
 
@@ -157,17 +154,14 @@ def test_verdict_leaves_out_untrained_columns_and_losses_other_than_gift_and_kl(
             ("topk:1", 300, "gift", "adamw"): [0.81, 0.80],
             ("topk:1", 300, "kl", "sgd"): [0.0, 0.0],
             ("topk:1", 300, "softce", "adamw"): [0.1, 0.1]}  # fmt: skip
-    results = tmp_path / "r.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "| `gift` adamw | `kl` sgd | `softce` adamw | ≥ ref. − 1 std |" in page
     assert ("**Default codec:** `topk:1`, 6.7 bytes per view: the smallest with no GIFT or KL "
             "top-1 under adamw more than one seed std below `fp32`; left out, as `fp32` itself "
             "trains no better than `ce` on hard labels there: `kl` sgd.") in page  # fmt: skip
 
     top1[("fp32", 300, "ce", "sgd")] = [0.01, 0.01]
-    results.write_text("".join(json.dumps(r) + "\n" for r in records_for(top1)))
-    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    page = budget_page(tmp_path, top1)
     assert "**Default codec:** `fp32`" in page and "left out" not in page
 
 
