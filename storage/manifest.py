@@ -237,6 +237,17 @@ class Manifest(_Model):
     def label_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
+    def content_sha256(self) -> str:
+        """What the set holds, not where or when it was built: the sha256 of its config
+        (less the teacher's path) and its files' sha256. A rebuild of the same labels shares
+        it (the writer's bytes are deterministic); the digest, which covers the manifest's
+        creation time and paths, does not."""
+        config = self.config.model_dump(mode="json")
+        config["teacher"].pop("weights", None)
+        content = {"format_version": self.format_version, "config": config,
+                   "files": [f.sha256 for f in (self.dataset, *self.shards)]}  # fmt: skip
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
 
 def _parse(raw: bytes, path: Path, model: type[_Model], what: str) -> _Model:
     try:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import build_label_set
 
 from bench.studies import label_budget, label_budget_report
 from softserve.worker import fashion_mnist
@@ -222,7 +223,8 @@ def test_relabels_defaults_are_the_committed_studies_verdicts(task: str) -> None
 
     study = label_budget_report.TASKS[task]
     records = label_budget_report.load(ROOT / "bench" / "results" / f"{study.stem}.jsonl")
-    chosen = label_budget_report.chosen_codec(label_budget_report.rows(records))
+    own = label_budget_report.by_ipc(records)[None]
+    chosen = label_budget_report.chosen_codec(label_budget_report.rows(own))
     assert STUDY_VERDICTS.get(study.classes) == (chosen and chosen.codec)
 
 
@@ -251,21 +253,30 @@ def test_a_rebuilt_reference_gets_columns_of_its_own(tmp_path: Path) -> None:
             "on AMD EPYC.") in page  # fmt: skip
 
 
-def test_another_ipc_is_another_build_and_another_job() -> None:
+def test_another_ipc_is_another_job_and_another_table(tmp_path: Path) -> None:
     """--ipc 10 plans jobs whose keys differ from the task's IPC's, and its runs (other
-    images) form columns of their own, named by their IPC."""
+    images, ten times the label bytes) form a table of their own, with their own sizes,
+    outside the verdict."""
     variants = [label_budget.Variant("fp32", 300)]
     plain, ten = (label_budget.plan(variants, [0], 100, ["gift"], ["adamw"], floor=False,
                                     width=32, ipc=ipc) for ipc in (None, 10))  # fmt: skip
     assert [j.ipc for j in ten] == [10] and plain[0].key != ten[0].key
     base = {"teacher_sha256": "1" * 64, "images_sha256": "2" * 64}
-    records = [{**r, **base} for r in records_for({("fp32", 300, "gift", "adamw"): [0.8, 0.8]})]
-    records += [{**r, **base, "images_sha256": "5" * 64, "job": {**r["job"], "ipc": 10}}
-                for r in records_for({("fp32", 300, "gift", "adamw"): [0.9, 0.9]})]
-    text = label_budget_report.builds_text(records)
-    assert "marked (b): teacher sha256 `111111111111`, images `555555555555`, on unknown CPU, " \
-        "IPC 10." in text
-    assert ("gift", "adamw (b)") in label_budget_report.rows(records)[0].cells
+    records = [{**r, **base} for r in records_for({("fp32", 300, "gift", "adamw"): [0.8, 0.8],
+                                                   ("fp16", 300, "gift", "adamw"): [0.8, 0.8]})]
+    records += [{**r, **base, "images_sha256": "5" * 64, "job": {**r["job"], "ipc": 10},
+                 "labels": {**r["labels"], "label_bytes": 10 * r["labels"]["label_bytes"]}}
+                for r in records_for({("fp32", 300, "gift", "adamw"): [0.9],
+                                      ("fp16", 300, "gift", "adamw"): [0.5]})]  # fmt: skip
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = label_budget_report.write_report(results, tmp_path / "out").read_text()
+    own, at_ten = page.split("**At IPC 10** (2 runs;")
+    assert "| `fp32` | 300 | 3.000 MB | 100.0 | 0.800 ± 0.000 [0.000] (2) | (reference) |" in own
+    assert "**Default codec:** `fp16`" in own  # IPC 10's single seed decides nothing
+    assert "(b)" not in page and "0.900" not in own
+    assert "| `fp32` | 300 | 30.000 MB | 100.0 | 0.900 (1) | (reference) |" in at_ten
+    assert "| `fp16` | 300 | 15.000 MB | 50.0 | 0.500 (1) | – |" in at_ten
 
 
 def test_a_run_counts_as_done_only_on_the_labels_it_ran_on(tmp_path: Path) -> None:
@@ -283,6 +294,27 @@ def test_a_run_counts_as_done_only_on_the_labels_it_ran_on(tmp_path: Path) -> No
     assert is_done(done, job.key, None)  # labels unknown: any run of the job counts
     assert is_done(done, old.key, "b" * 64)
     assert not is_done(done, label_budget.Job("fp32", 300, "gift", "adamw", 0, 100).key, "a")
+
+
+def test_a_rebuild_of_the_same_labels_counts_as_the_same_labels(
+    tmp_path: Path, builds: tuple[Path, Path]
+) -> None:  # fmt: skip
+    """Relabelled again elsewhere and later, the same labels get another digest (the
+    manifest holds its creation time) but the same content sha256, so their runs are done;
+    other labels (another seed) are not."""
+    from bench.studies.study import done_keys, is_done, labels_of, provenance
+
+    first, other = builds
+    again = provenance(build_label_set(tmp_path / "again", n=20, seed=0))
+    ran = provenance(first)
+    assert again["labelset_digest"] != ran["labelset_digest"]
+    assert again["labels_sha256"] == ran["labels_sha256"] != provenance(other)["labels_sha256"]
+    job = label_budget.Job("fp32", 4, "gift", "adamw", 0, 4)
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps({"job": vars(job), **ran}) + "\n")
+    done = done_keys(results, label_budget.Job)
+    assert is_done(done, job.key, labels_of(again))
+    assert not is_done(done, job.key, labels_of(provenance(other)))
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:

@@ -314,31 +314,61 @@ def builds_text(records: list[dict]) -> str:
     if len(tags) < 2:
         return ""
     cpus: dict[tuple[str, str] | None, set[str]] = {}
-    ipcs: dict[tuple[str, str] | None, set[int]] = {}
     for r in records:
         cpus.setdefault(build_of(r), set()).add(r.get("host", {}).get("cpu", "unknown CPU"))
-        if r["job"].get("ipc"):
-            ipcs.setdefault(build_of(r), set()).add(r["job"]["ipc"])
     said = [f"{'unmarked' if not tag else 'marked' + tag}: "
             + (f"teacher sha256 `{b[0][:12]}`, images `{b[1][:12]}`, on "
                f"{', '.join(sorted(cpus[b]))}" if b else "records without provenance")
-            + "".join(f", IPC {n}" for n in sorted(ipcs.get(b, ())))
             for b, tag in tags.items()]  # fmt: skip
     return (
-        "The reference was built more than once: on another machine (its teacher, trained "
-        "afresh, differs, as float32 training differs across CPUs) or at another IPC (`--ipc`). "
-        "Every build's variants are transcoded from its own fp32 labels, and a column compares "
-        "codes within one build. Columns " + "; ".join(said) + "."
+        "The reference was built more than once, on another machine: its teacher, trained "
+        "afresh, differs, as float32 training differs across CPUs. Every build's variants are "
+        "transcoded from its own fp32 labels, and a column compares codes within one build. "
+        "Columns " + "; ".join(said) + "."
     )
+
+
+def by_ipc(records: list[dict]) -> dict[int | None, list[dict]]:
+    """Records by the synthetic set's IPC: None (the task's own) first, then each ``--ipc``
+    in turn; another IPC has other images and ten times the label bytes, so a table of its
+    own."""
+    groups: dict[int | None, list[dict]] = {None: []}
+    for r in records:
+        groups.setdefault(r["job"].get("ipc"), []).append(r)
+    return dict(sorted(groups.items(), key=lambda item: item[0] or 0))
+
+
+def ipc_section(ipc: int, records: list[dict]) -> str:
+    """Another IPC's runs: their own table, each variant transcoded from that IPC's fp32."""
+    table = rows(records)
+    return "\n\n".join(filter(None, [
+        f"**At IPC {ipc}** ({len(records)} runs; reference `{table[0].codec}` with "
+        f"E = {table[0].stored_epochs} relabelled from the IPC {ipc} synthetic set, "
+        f"`--ipc {ipc}`; not in the verdict or the plot):",
+        markdown_table(table), builds_text(records),
+    ]))  # fmt: skip
 
 
 def render(
     records: list[dict], plots: list[str], link: str, task: BudgetTask,
     loss_records: list[dict] | None = None,
 ) -> str:  # fmt: skip
-    """The study's markdown: provenance, table, floor, verdict and plot."""
+    """The study's markdown: provenance, table, floor, verdict and plot at the task's IPC,
+    then a table for each other IPC measured."""
     if not records:
         return f"No runs yet: `{task.command}` fills this section.\n"
+    groups = by_ipc(records)
+    parts = task_parts(groups.pop(None), plots, link, task, loss_records or [])
+    parts += [ipc_section(ipc, group) for ipc, group in groups.items()]
+    return "\n\n".join(parts) + "\n"
+
+
+def task_parts(
+    records: list[dict], plots: list[str], link: str, task: BudgetTask, loss_records: list[dict]
+) -> list[str]:  # fmt: skip
+    """The sections of the runs at the task's own IPC."""
+    if not records:
+        return [f"No runs yet at the task's IPC: `{task.command}` fills this section."]
     table = rows(records)
     versions = sorted({r["code_version"] for r in records})
     epochs = sorted({r["job"]["epochs"] for r in records})
@@ -362,7 +392,7 @@ def render(
         )
     parts.append(default_codec(table))
     if task.paper_sgd:
-        parts.append(paper_questions(table, task, loss_records or []))
+        parts.append(paper_questions(table, task, loss_records))
     if task.field:
         parts.append(task.field)
     if all("top1_best4" in r["result"] for r in records):
@@ -371,8 +401,7 @@ def render(
             "and E (the verdict above uses the last epoch's):\n\n"
             + markdown_table(rows(records, "top1_best4"))
         )
-    parts += [f"![{name}]({link}{name})" for name in plots]
-    return "\n\n".join(parts) + "\n"
+    return parts + [f"![{name}]({link}{name})" for name in plots]
 
 
 def write_report(
@@ -385,7 +414,8 @@ def write_report(
     records = load(results)
     loss_records = load(loss_results) if study.paper_sgd else []
     out.mkdir(parents=True, exist_ok=True)
-    plots = [plot(rows(records), out, study)] if records else []
+    own = by_ipc(records)[None]
+    plots = [plot(rows(own), out, study)] if own else []
     return write_pages(
         out, study.stem, f"Label budget: {study.headline}",
         lambda link: render(records, plots, link, study, loss_records), readme, study.markers,

@@ -64,9 +64,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, results: str | None) -
 
 
 def labels_of(record: dict) -> str | None:
-    """What a run learned from: its label set's digest, or an online run's teacher weights;
-    None in records older than provenance."""
-    return record.get("labelset_digest") or record.get("teacher_sha256")
+    """What a run learned from: its labels' content sha256 (a rebuild of the same labels
+    shares it), else its label set's digest (records before it), or an online run's
+    teacher weights; None in records older than provenance."""
+    return record.get("labels_sha256") or record.get("labelset_digest") or record.get(
+        "teacher_sha256"
+    )
 
 
 def done_keys(results: Path, job_type: type) -> dict[tuple, set[str | None]]:
@@ -99,13 +102,14 @@ def cpu_model() -> str:
 
 
 def provenance(root: Path) -> dict:
-    """What a run's labels are, beyond their name: the label set's digest (its version), the
-    teacher's weights and the base images, by sha256."""
+    """What a run's labels are, beyond their name: the label set's digest (its version), its
+    content's sha256, the teacher's weights and the base images, by sha256."""
     from softserve.storage.manifest import load_manifest
 
     manifest, digest = load_manifest(root)
     config = manifest.config
-    return {"labelset_digest": digest, "teacher_sha256": config.teacher.weights_sha256,
+    return {"labelset_digest": digest, "labels_sha256": manifest.content_sha256(),
+            "teacher_sha256": config.teacher.weights_sha256,
             "images_sha256": config.dataset_sha256}  # fmt: skip
 
 
