@@ -280,20 +280,39 @@ def test_another_ipc_is_another_job_and_another_table(tmp_path: Path) -> None:
 
 
 def test_a_run_counts_as_done_only_on_the_labels_it_ran_on(tmp_path: Path) -> None:
-    """A reference rebuilt on another CPU has other labels: its cells run afresh, while
+    """A reference rebuilt on another CPU has other labels: its cells run afresh. Records
+    before content sha256s count by digest, or by teacher and images on this kind of CPU;
     records without provenance (older studies) count for any labels."""
-    from bench.studies.study import done_keys, is_done
+    from bench.studies.study import cpu_model, done_keys, is_done, labels_of
 
     job = label_budget.Job("fp32", 300, "gift", "sgd@1.0", 0, 100, width=32)
     old = label_budget.Job("fp32", 300, "kl", "adamw", 0, 100, width=32)
+    built = label_budget.Job("fp32", 300, "kl", "sgd@1.0", 0, 100, width=32)
+    content = label_budget.Job("fp32", 300, "gift", "adamw", 1, 100, width=32)
+    source = {"teacher_sha256": "t" * 64, "images_sha256": "i" * 64}
+    records = [{"job": vars(job), "labelset_digest": "a" * 64}, {"job": vars(old)},
+               {"job": vars(built), **source, "labelset_digest": "c" * 64,
+                "host": {"cpu": cpu_model()}},
+               {"job": vars(content), **source, "labels_sha256": "l" * 64,
+                "host": {"cpu": cpu_model()}}]  # fmt: skip
     results = tmp_path / "r.jsonl"
-    results.write_text(json.dumps({"job": vars(job), "labelset_digest": "a" * 64}) + "\n"
-                       + json.dumps({"job": vars(old)}) + "\n")  # fmt: skip
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
     done = done_keys(results, label_budget.Job)
-    assert is_done(done, job.key, "a" * 64) and not is_done(done, job.key, "b" * 64)
-    assert is_done(done, job.key, None)  # labels unknown: any run of the job counts
-    assert is_done(done, old.key, "b" * 64)
-    assert not is_done(done, label_budget.Job("fp32", 300, "gift", "adamw", 0, 100).key, "a")
+
+    def starting(**provenance: str) -> frozenset[str]:
+        return labels_of(provenance, starting=True)
+
+    assert is_done(done, job.key, starting(labelset_digest="a" * 64))
+    assert not is_done(done, job.key, starting(labelset_digest="b" * 64))
+    assert is_done(done, job.key, frozenset())  # labels unknown: any run of the job counts
+    assert is_done(done, old.key, starting(labelset_digest="b" * 64))
+    rebuilt = starting(**source, labelset_digest="d" * 64, labels_sha256="m" * 64)
+    assert is_done(done, built.key, rebuilt)  # a record before content sha256s
+    assert not is_done(done, built.key, starting(**{**source, "images_sha256": "j" * 64}))
+    assert not is_done(done, content.key, rebuilt)  # other content, whatever its source
+    assert is_done(done, content.key, starting(**source, labels_sha256="l" * 64))
+    assert not is_done(done, label_budget.Job("fp32", 300, "gift", "adamw", 0, 100).key,
+                       starting(labelset_digest="a" * 64))  # fmt: skip
 
 
 def test_a_rebuild_of_the_same_labels_counts_as_the_same_labels(
@@ -313,8 +332,8 @@ def test_a_rebuild_of_the_same_labels_counts_as_the_same_labels(
     results = tmp_path / "r.jsonl"
     results.write_text(json.dumps({"job": vars(job), **ran}) + "\n")
     done = done_keys(results, label_budget.Job)
-    assert is_done(done, job.key, labels_of(again))
-    assert not is_done(done, job.key, labels_of(provenance(other)))
+    assert is_done(done, job.key, labels_of(again, starting=True))
+    assert not is_done(done, job.key, labels_of(provenance(other), starting=True))
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:

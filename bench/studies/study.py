@@ -63,29 +63,37 @@ def add_common_arguments(parser: argparse.ArgumentParser, results: str | None) -
     parser.add_argument("--report-only", action="store_true", help="tables and plots only")
 
 
-def labels_of(record: dict) -> str | None:
-    """What a run learned from: its labels' content sha256 (a rebuild of the same labels
-    shares it), else its label set's digest (records before it), or an online run's
-    teacher weights; None in records older than provenance."""
-    return record.get("labels_sha256") or record.get("labelset_digest") or record.get(
-        "teacher_sha256"
-    )
+def labels_of(record: dict, *, starting: bool = False) -> frozenset[str]:
+    """The identities of what a run learned from, any one of which a run on the same labels
+    shares: its labels' content sha256; in records before it, its label set's digest, or the
+    teacher and images with the CPU it ran on (a rebuild from those on that kind of CPU gives
+    the same labels bit for bit, README "At K = 1000"); an online run's teacher.
+    ``starting``: every identity of a run about to start here. Empty: a record before
+    provenance."""
+    content = record.get("labels_sha256")
+    if content and not starting:
+        return frozenset({content})
+    teacher, images = record.get("teacher_sha256"), record.get("images_sha256")
+    cpu = cpu_model() if starting else record.get("host", {}).get("cpu")
+    ids = {content, record.get("labelset_digest"), teacher if images is None else None,
+           f"{teacher} {images} {cpu}" if teacher and images and cpu else None}  # fmt: skip
+    return frozenset(ids - {None})
 
 
-def done_keys(results: Path, job_type: type) -> dict[tuple, set[str | None]]:
+def done_keys(results: Path, job_type: type) -> dict[tuple, list[frozenset[str]]]:
     """Keys of the runs already in the results file, each with the labels it ran on."""
-    done: dict[tuple, set[str | None]] = {}
+    done: dict[tuple, list[frozenset[str]]] = {}
     for record in load(results):
-        done.setdefault(job_type(**record["job"]).key, set()).add(labels_of(record))
+        done.setdefault(job_type(**record["job"]).key, []).append(labels_of(record))
     return done
 
 
-def is_done(done: dict[tuple, set[str | None]], key: tuple, labels: str | None) -> bool:
+def is_done(done: dict[tuple, list[frozenset[str]]], key: tuple, labels: frozenset[str]) -> bool:
     """Whether a run of ``key`` on ``labels`` is in: a reference rebuilt on another machine
     (float32 training differs across CPUs, so its teacher does) starts its cells afresh;
-    a record without provenance counts for any labels."""
-    found = done.get(key, set())
-    return None in found or labels in found or (labels is None and bool(found))
+    a record without provenance counts for any labels, and any record for unknown labels."""
+    found = done.get(key, [])
+    return any(not ran or ran & labels for ran in found) or (not labels and bool(found))
 
 
 def cpu_model() -> str:
@@ -160,8 +168,8 @@ class Runner:
         from tqdm.auto import tqdm
 
         done = done_keys(self.results, type(jobs[0])) if jobs else {}
-        todo = [job for job in jobs
-                if not is_done(done, job.key, labels_of(self.annotate(job)))]  # fmt: skip
+        todo = [job for job in jobs if not is_done(
+            done, job.key, labels_of(self.annotate(job), starting=True))]  # fmt: skip
         print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {self.results}")
         version = code_version()
         lock = threading.Lock()
