@@ -166,6 +166,17 @@ def test_verdict_leaves_out_untrained_columns_and_losses_other_than_gift_and_kl(
     assert "**Default codec:** `fp32`" in page and "left out" not in page
 
 
+def test_a_column_beside_fewer_stored_epochs_only_decides_nothing(tmp_path: Path) -> None:
+    """The verdict judges full-epoch codecs: a column where only E' = 30 sits beside the
+    reference leaves the default decided by the others."""
+    page = budget_page(tmp_path, {
+        ("fp32", 300, "gift", "adamw"): [0.80, 0.82], ("fp16", 300, "gift", "adamw"): [0.81, 0.81],
+        ("fp32", 300, "gift", "sgd"): [0.60, 0.62], ("fp32", 30, "gift", "sgd"): [0.60, 0.60],
+    })  # fmt: skip
+    assert "**Default codec:** `fp16`, 50.0 bytes per view: the smallest with no GIFT or KL " \
+        "top-1 under adamw more than one seed std below `fp32`." in page
+
+
 def test_k1000_report_asks_the_papers_questions_beside_k10(tmp_path: Path) -> None:
     """The K = 1000 reference's GIFT, KL and CE cells under AdamW and SGD at the task's lr
     (not SGD at another lr) answer the three questions beside the loss study's K = 10."""

@@ -159,11 +159,13 @@ def untrained(table: list[Row]) -> list[tuple[str, str]]:
 
 def verdict_columns(table: list[Row]) -> list[tuple[str, str]]:
     """The columns a verdict rests on: GIFT and KL where the reference has a std (2+ seeds),
-    trains better than hard labels, and is not alone (a rebuild's reference replicate)."""
-    cells, skipped = table[0].cells, untrained(table)
-    return [c for c in columns(table) if c[0] in LOSSES and c in cells
-            and len(cells[c].values) > 1 and c not in skipped
-            and any(c in row.cells for row in table[1:])]  # fmt: skip
+    trains better than hard labels, and is not alone among the full-epoch codecs the verdict
+    judges (a rebuild's reference replicate, or one beside fewer stored epochs only)."""
+    reference, skipped = table[0], untrained(table)
+    judged = [row for row in table[1:] if row.stored_epochs == reference.stored_epochs]
+    return [c for c in columns(table) if c[0] in LOSSES and c in reference.cells
+            and len(reference.cells[c].values) > 1 and c not in skipped
+            and any(c in row.cells for row in judged)]  # fmt: skip
 
 
 def verdicts(table: list[Row]) -> dict[str, bool | None]:
