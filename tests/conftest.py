@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -272,3 +276,82 @@ def browser_page(browser):
     context = browser.new_context(viewport={"width": 1000, "height": 760})
     yield context.new_page()
     context.close()
+
+
+#: Headers the proxy sets itself rather than passing on.
+_OWN = ("date", "server", "connection", "content-length")
+
+
+class Proxy:
+    """An HTTP proxy on loopback before ``upstream``, for one file: it cuts the connection
+    once after ``cut_after`` body bytes of that file, or flips bit 0 of its body byte
+    ``flip_at``, and runs ``before()`` once before forwarding its first request; every body
+    passes through ``rewrite(path, body)`` (a newer server's answers, say). It counts
+    the body bytes of set files (the manifest aside) it passed on, and keeps each request's
+    path and Range header."""
+
+    def __init__(
+        self, upstream: str, file: str = "", *, cut_after: int | None = None,
+        flip_at: int | None = None, before: Callable[[], None] | None = None,
+        rewrite: Callable[[str, bytes], bytes] | None = None,
+    ) -> None:  # fmt: skip
+        self.upstream, self.file = upstream, file
+        self.cut_after, self.flip_at, self.before = cut_after, flip_at, before
+        self.rewrite = rewrite
+        self.file_bytes = 0
+        self.requests: list[tuple[str, str | None]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> Proxy:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                proxy.forward(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def forward(self, handler: BaseHTTPRequestHandler) -> None:
+        path = handler.path.split("?")[0]
+        self.requests.append((path, handler.headers.get("Range")))
+        ours = path.endswith("/" + self.file)
+        if ours and self.before is not None:
+            before, self.before = self.before, None
+            before()
+        sent = {k: v for k in ("Range", "Authorization") if (v := handler.headers.get(k))}
+        with httpx.stream("GET", self.upstream + handler.path, headers=sent) as response:
+            headers = [(k, v) for k, v in response.headers.items() if k.lower() not in _OWN]
+            status, body = response.status_code, b"".join(response.iter_raw())
+        if self.rewrite is not None:
+            body = self.rewrite(path, body)
+        if ours and self.flip_at is not None and len(body) > self.flip_at:
+            body = body[: self.flip_at] + bytes([body[self.flip_at] ^ 1]) + body[self.flip_at + 1 :]
+        handler.send_response(status)
+        for key, value in [*headers, ("Content-Length", str(len(body)))]:
+            handler.send_header(key, value)
+        handler.end_headers()
+        cut = ours and self.cut_after is not None and len(body) > self.cut_after
+        if cut:
+            body, self.cut_after = body[: self.cut_after], None
+        handler.wfile.write(body)
+        handler.wfile.flush()
+        if "/files/" in path and not path.endswith("/manifest.json"):
+            self.file_bytes += len(body)
+        if cut:
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import random_set, relabel_args, run_cli, shard_digests, write_folder
+from conftest import Proxy, random_set, relabel_args, run_cli, shard_digests, write_folder
 from PIL import Image
 
+from softserve import __version__
 from softserve.client import Client, ClientError
 from softserve.errors import InputError
 from softserve.storage import verify_label_set
@@ -225,6 +227,40 @@ def test_a_url_without_scheme_or_host_is_refused_at_once(url: str) -> None:
     assert info.value.code == "bad_url" and "open_local" in str(info.value)
     done = run_cli("train", "--url", url, "--labelset", "x", "--epochs", 1, timeout=60)
     assert_one_line_error(done, "not a server URL", "--store")
+
+
+def _from_a_newer_server(path: str, body: bytes) -> bytes:
+    """The server's answers with a view policy this client does not know, and a list of
+    sets whose shapes have grown a dimension."""
+    if path == "/v1/labelsets/tiny":
+        detail = json.loads(body)
+        detail["views"]["policy"] = "warp"
+        return json.dumps(detail).encode()
+    if path == "/v1/labelsets":
+        listed = json.loads(body)
+        listed[0]["image_shape"] = [*listed[0]["image_shape"], 2]
+        return json.dumps(listed).encode()
+    return body
+
+
+def test_a_newer_servers_description_is_one_line_naming_the_field(server) -> None:
+    """What this client cannot read is named, with its value and the fix (a newer client),
+    not dumped as a pydantic schema error."""
+    with Proxy(server.url, rewrite=_from_a_newer_server) as proxy:
+        with Client(proxy.url) as client:
+            with pytest.raises(ClientError) as detail:
+                client.labelset("tiny")
+            with pytest.raises(ClientError) as listed:
+                client.labelsets()
+        done = run_cli("train", "--url", proxy.url, "--labelset", "tiny", "--epochs", 1,
+                       "--device", "cpu", timeout=120)  # fmt: skip
+    assert_one_line_error(done, "views.policy", "'warp'", "newer")
+    expected = [(detail, ("views.policy", "'warp'", "'rrc' or 'dsa'")),
+                (listed, ("label sets, entry 0: image_shape", "at most 3"))]  # fmt: skip
+    for info, fragments in expected:
+        message = str(info.value)
+        assert "\n" not in message and __version__ in message and "newer" in message, message
+        assert all(f in message for f in fragments), message
 
 
 @pytest.mark.parametrize(

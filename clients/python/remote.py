@@ -19,10 +19,12 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -30,6 +32,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from softserve import __version__
 from softserve.client.labelset import LabelSet, RawBatch
 from softserve.errors import ClientError, PayloadError, ServerError
 from softserve.format.payload import (
@@ -43,6 +46,25 @@ from softserve.format.sampling import Sharding
 from softserve.format.schema import LabelSetDetail, LabelSetSummary
 
 log = logging.getLogger("softserve.client")
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _described(model: type[_Model], body: object, what: str) -> _Model:
+    """The server's description of ``what`` as ``model``; a ClientError naming the first
+    field this client cannot read (a newer server's view policy, say), not a schema dump."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the body"
+        got = repr(first.get("input"))
+        got = got if len(got) <= 60 else got[:59] + "…"
+        raise ClientError(
+            f"cannot read the server's {what}: {where}: {first['msg']} (got {got}); "
+            f"this client is softserve {__version__}, and a newer server may need a newer one"
+        ) from None
 
 
 @dataclass
@@ -238,7 +260,11 @@ class Client:
 
     def labelsets(self) -> list[LabelSetSummary]:
         """Complete label sets the server offers."""
-        return [LabelSetSummary.model_validate(x) for x in self.get("/v1/labelsets").json()]
+        listed = self.get("/v1/labelsets").json()
+        return [
+            _described(LabelSetSummary, x, f"list of label sets, entry {i}")
+            for i, x in enumerate(listed)
+        ]
 
     def labelset(self, name: str, image_cache_mb: int = 2048) -> RemoteLabelSet:
         """One label set by name, with its metadata.
@@ -247,7 +273,8 @@ class Client:
         be written, once per process into memory) when they fit ``image_cache_mb``;
         otherwise every batch carries its images.
         """
-        detail = LabelSetDetail.model_validate(self.get(f"/v1/labelsets/{name}").json())
+        body = self.get(f"/v1/labelsets/{name}").json()
+        detail = _described(LabelSetDetail, body, f"description of label set {name!r}")
         return RemoteLabelSet(self, detail, image_cache_mb)
 
     def close(self) -> None:
