@@ -112,6 +112,16 @@ TeacherOption = Annotated[
 ImagesOption = Annotated[
     Path, typer.Option(help="ImageFolder tree (ROOT/CLASS/IMG.png) or a .pt {data, label}.")
 ]
+ViewsOption = Annotated[
+    str,
+    typer.Option(
+        help="rrc: RandomResizedCrop + flip (--min-scale .. --flip); dsa: the GIFT "
+        "evaluator's DSA views (flip, brightness, saturation, contrast, then one of crop, "
+        "scale, rotate, then cutout), drawn per (epoch, sample)."
+    ),
+]
+
+
 @dataclass(frozen=True)
 class _TeacherOptions:
     """The teacher, view and GIFT options ``relabel`` and ``train --teacher`` share, as
@@ -140,6 +150,7 @@ class _TeacherOptions:
         float, typer.Option(help="Largest crop aspect ratio [default: 4/3].", show_default=False)
     ] = 4 / 3
     flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True
+    views: ViewsOption = "rrc"
     alpha: Annotated[float, typer.Option(help="GIFT label smoothing α.")] = 0.1
     beta: Annotated[float, typer.Option(help="GIFT weight β of the smoothed label.")] = 0.1
     allow_pickle: Annotated[
@@ -158,12 +169,11 @@ class _TeacherOptions:
 
     def inputs(self) -> dict[str, Any]:
         """These options as ``TeacherInputs`` fields, checked and parsed."""
+        crops = _policy(self.min_scale, self.max_scale, self.min_ratio, self.max_ratio, self.flip)
         return {
             "weights": self.weights, "num_classes": self.num_classes,
             "mean": _floats(self.mean, "--mean"), "std": _floats(self.std, "--std"),
-            "size": _size(self.size),
-            "policy": _policy(self.min_scale, self.max_scale, self.min_ratio, self.max_ratio,
-                              self.flip),
+            "size": _size(self.size), "policy": crops, "dsa": _dsa(self.views, crops),
             "alpha": self.alpha, "beta": self.beta, "allow_pickle": self.allow_pickle,
             "random_teacher": self.random_teacher,
         }  # fmt: skip
@@ -228,16 +238,6 @@ def _dsa(views: str, crops: ViewPolicy) -> DsaPolicy | None:
     return DsaPolicy()
 
 
-ViewsOption = Annotated[
-    str,
-    typer.Option(
-        help="rrc: RandomResizedCrop + flip (--min-scale .. --flip); dsa: the GIFT "
-        "evaluator's DSA views (flip, brightness, saturation, contrast, then one of crop, "
-        "scale, rotate, then cutout), drawn per (epoch, sample) and stored."
-    ),
-]
-
-
 def _mix(kind: str | None, prob: float, alpha: float) -> MixPolicy | None:
     from softserve.format.augment import MixPolicy
 
@@ -273,7 +273,6 @@ def relabel(
     shard_epochs: Annotated[
         int | None, typer.Option(help="Epochs per shard [default: 16+ shards of 4-256 MiB].")
     ] = None,
-    views: ViewsOption = "rrc",
     mix: Annotated[
         str | None,
         typer.Option(
@@ -301,13 +300,11 @@ def relabel(
     from softserve.worker.relabel import relabel as run_relabel
 
     mixing = _mix(mix, mix_prob, mix_alpha)
-    inputs = teacher_options.inputs()
     opts = RelabelOptions(
         images=images,
         teacher=teacher,
         out=out,
-        **inputs,
-        dsa=_dsa(views, inputs["policy"]),
+        **teacher_options.inputs(),
         epochs=epochs,
         seed=seed,
         batch_size=batch_size,

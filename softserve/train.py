@@ -38,10 +38,11 @@ from softserve.client import (
     get_loss,
     open_local,
     refine_labels,
-    sample_views,
 )
 from softserve.errors import InputError
+from softserve.format.augment import sample_epoch_views, view_kind
 from softserve.models import convnet, resnet18_small
+from softserve.pixels import views_of
 from softserve.worker.sources import TeacherInputs, check_teacher_inputs
 
 #: Students by --model name: (channels, classes, view size, width) -> a fresh model; width
@@ -248,7 +249,7 @@ def evaluate(
 class OnlineTeacherBatches:
     """Batches labelled by a teacher on fresh views, every epoch, with no label set.
 
-    Epoch e's order and views are drawn as a relabel would draw them, from
+    Epoch e's order and views (crops or DSA) are drawn as a relabel would draw them, from
     ``ONLINE_VIEW_SEED + seed``; the teacher labels each batch's views as the student trains.
     """
 
@@ -275,14 +276,15 @@ class OnlineTeacherBatches:
         n, _, h, w = self.images.shape
         for epoch in range(self.epochs):
             order = torch.from_numpy(epoch_order(self.seed, epoch, n)).to(self.device)
-            views = sample_views(self.online.policy, self.seed, epoch, n, h, w)
+            views = sample_epoch_views(self.online.views, self.seed, epoch, n, (h, w), self.size)
             params = torch.from_numpy(views).to(self.device)
             for index in range(len(self)):
                 ids = order[index * self.batch_size : (index + 1) * self.batch_size]
                 yield self._batch(epoch, index, ids, params[ids])
 
     def _batch(self, epoch: int, index: int, ids: torch.Tensor, params: torch.Tensor) -> Batch:
-        images = apply_views(self.images[ids], params, self.size, mean=self.mean, std=self.std)
+        kind = view_kind(self.online.views)
+        images = views_of(kind, self.images[ids], params, self.size, mean=self.mean, std=self.std)
         hard = self.labels[ids]
         with torch.no_grad():
             teacher = self.teacher(images).float()
@@ -324,7 +326,10 @@ def online_feed(opts: TrainOptions, device: torch.device) -> Feed:
         num_classes=data.num_classes, class_names=data.class_names, channels=c,
         output_size=size, mean=mean, std=std,
         batch_size=batch_size,
-        describe={"feed": "online", "teacher": online.teacher, "images": str(online.images)},
+        describe={
+            "feed": "online", "teacher": online.teacher, "images": str(online.images),
+            "views": view_kind(online.views),
+        },
     )  # fmt: skip
 
 

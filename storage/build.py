@@ -18,14 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from softserve.errors import InputError, StoreError, brief
-from softserve.format.augment import (
-    DsaPolicy,
-    MixPolicy,
-    ViewKind,
-    sample_dsa,
-    sample_mix,
-    sample_views,
-)
+from softserve.format.augment import MixPolicy, ViewKind, sample_epoch_views, sample_mix
 from softserve.format.codecs import get_codec
 from softserve.format.sampling import epoch_order
 from softserve.storage.layout import DATASET_FILE, MANIFEST_FILE, PLAN_FILE, shard_file
@@ -119,11 +112,10 @@ def shard_plan(
 def epoch_views(config: LabelSetConfig, epoch: int) -> np.ndarray:
     """The view rows of every sample of one epoch, by sample id, as the set's policy draws
     them: crop boxes in base pixels, or DSA rows in output pixels."""
-    policy = config.views.view_policy()
-    n = config.num_samples
-    if isinstance(policy, DsaPolicy):
-        return sample_dsa(policy, config.seed, epoch, n, *config.views.output_size)
-    return sample_views(policy, config.seed, epoch, n, *config.image_shape[1:])
+    return sample_epoch_views(
+        config.views.view_policy(), config.seed, epoch, config.num_samples,
+        config.image_shape[1:], config.views.output_size,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the output folder

@@ -13,8 +13,11 @@ from test_errors import assert_one_line_error
 
 from softserve import cli
 from softserve import train as train_module
-from softserve.client import Sharding, ViewPolicy, apply_views, refine_labels
+from softserve.client import Sharding, ViewPolicy, refine_labels
+from softserve.format.augment import DsaPolicy, sample_dsa
+from softserve.pixels import views_of
 from softserve.train import (
+    ONLINE_VIEW_SEED,
     OnlineTeacherBatches,
     TrainOptions,
     build_optimizer,
@@ -164,7 +167,8 @@ def test_served_run_defaults_to_the_official_batch_size(server: Server, eval_set
 
 
 def test_online_run_trains_without_a_server(tmp_path: Path, eval_set: Path) -> None:
-    """--teacher and --images train the same student with labels computed on the fly."""
+    """--teacher and --images train the same student with labels computed on the fly, on
+    crops or (--views dsa) DSA views; crop options with DSA are refused."""
     images, labels = random_set(n=30, seed=4)
     folder = write_folder(tmp_path / "set", images, labels)
     done = run_cli(
@@ -180,6 +184,16 @@ def test_online_run_trains_without_a_server(tmp_path: Path, eval_set: Path) -> N
         "kl",
     )
     assert result["steps"] == 2 * 4 and 0.0 <= result["top1"] <= 1.0  # 8 + 8 + 8 + 6
+    assert result["views"] == "rrc"
+    dsa = run_cli(
+        "train", "--teacher", "teachers:tiny_rgb", "--images", folder, "--views", "dsa",
+        "--epochs", 1, "--batch-size", 8, "--eval", eval_set, "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert dsa.returncode == 0, dsa.stderr
+    assert json.loads(dsa.stdout.strip().splitlines()[-1])["views"] == "dsa"
+    mixed = run_cli("train", "--teacher", "teachers:tiny_rgb", "--images", folder,
+                    "--views", "dsa", "--min-scale", 0.5, "--epochs", 1)  # fmt: skip
+    assert_one_line_error(mixed, "--views dsa", "drop them")
 
 
 def test_one_seed_one_student_whichever_feed(
@@ -209,15 +223,17 @@ def test_one_seed_one_student_whichever_feed(
         assert (result["batch_size"], result["steps"]) == (50, 2)
 
 
-def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
-    """Each online batch: the views of its params, the teacher's logits on exactly those
-    views, GIFT's refinement of them; every epoch a new permutation and new views."""
+@pytest.mark.parametrize("dsa", [None, DsaPolicy()], ids=["crops", "dsa"])
+def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path, dsa) -> None:
+    """Each online batch: the views of its params (crops, or the DSA rows a relabel with the
+    online seed stores), the teacher's logits on exactly those views, GIFT's refinement of
+    them; every epoch a new permutation and new views."""
     from teachers import tiny_rgb
 
     images, labels = random_set(n=20, seed=5)
     teacher = tiny_rgb().eval()
     online = TeacherInputs(
-        teacher="teachers:tiny_rgb", images=tmp_path, policy=ViewPolicy((0.3, 1))
+        teacher="teachers:tiny_rgb", images=tmp_path, policy=ViewPolicy((0.3, 1)), dsa=dsa
     )
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     feed = OnlineTeacherBatches(
@@ -229,9 +245,13 @@ def test_online_batches_are_the_teacher_on_fresh_views(tmp_path: Path) -> None:
         (e, i) for e in range(2) for i in range(4)
     ]
     assert [len(b.indices) for b in batches[:4]] == [6, 6, 6, 2]  # the last batch is kept
+    kind = "rrc" if dsa is None else "dsa"
     for b in batches:
-        views = apply_views(
-            torch.from_numpy(images)[b.indices], b.params, (8, 8), mean=mean, std=std
+        if dsa is not None:
+            rows = sample_dsa(dsa, ONLINE_VIEW_SEED + 3, b.epoch, 20, 8, 8)[b.indices.numpy()]
+            assert torch.equal(b.params, torch.from_numpy(rows))
+        views = views_of(
+            kind, torch.from_numpy(images)[b.indices], b.params, (8, 8), mean=mean, std=std
         )
         torch.testing.assert_close(b.images, views, rtol=0, atol=0)
         with torch.no_grad():

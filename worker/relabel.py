@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import softserve
 from softserve.errors import InputError, StoreError
-from softserve.format.augment import DsaPolicy, MixPolicy, identity_view
+from softserve.format.augment import MixPolicy, identity_view, view_kind
 from softserve.format.codecs import default_codec, default_codec_reason, get_codec
 from softserve.format.labels import NORM, SOFT
 from softserve.format.refinement import refine_labels
@@ -96,8 +96,6 @@ class RelabelOptions(TeacherInputs):
     precision: str = "fp32"
     codec: str | None = None  # by class count (default_codec) when not given
     shard_epochs: int | None = None
-    #: DSA views (``--views dsa``) instead of the crops of ``policy``; None: crops
-    dsa: DsaPolicy | None = None
     #: CutMix or Mixup per (epoch, sample) on top of the views; None: views only
     mix: MixPolicy | None = None
     progress: bool = True
@@ -162,14 +160,14 @@ def build_config(opts: RelabelOptions, data: ImageSet, teacher: Teacher) -> Labe
         teacher=TeacherInfo(
             spec=teacher.spec, weights=teacher.weights, weights_sha256=teacher.weights_sha256
         ),
-        views=view_info(opts.dsa or opts.policy, size),
+        views=view_info(opts.views, size),
         mix=None if opts.mix is None else MixInfo(**vars(opts.mix)),
         refinement=RefinementInfo(alpha=opts.alpha, beta=opts.beta),
         seed=opts.seed,
         precision=opts.precision,  # type: ignore[arg-type]
         **storage_fields(
             n, data.num_classes, opts.codec or default_codec(data.num_classes), opts.epochs,
-            opts.shard_epochs, opts.mix is not None, "rrc" if opts.dsa is None else "dsa",
+            opts.shard_epochs, opts.mix is not None, view_kind(opts.views),
         ),
     )
 

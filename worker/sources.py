@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from softserve.errors import InputError, brief
-from softserve.format.augment import ViewPolicy
+from softserve.format.augment import DsaPolicy, ViewPolicy
 from softserve.format.refinement import DEFAULT_ALPHA, DEFAULT_BETA
 
 
@@ -34,10 +34,17 @@ class TeacherInputs:
     std: tuple[float, ...] | None = None
     size: tuple[int, int] | None = None
     policy: ViewPolicy = field(default_factory=ViewPolicy)
+    #: DSA views (``--views dsa``) instead of the crops of ``policy``; None: crops
+    dsa: DsaPolicy | None = None
     alpha: float = DEFAULT_ALPHA
     beta: float = DEFAULT_BETA
     allow_pickle: bool = False
     random_teacher: bool = False
+
+    @property
+    def views(self) -> ViewPolicy | DsaPolicy:
+        """The policy the teacher's views are drawn by."""
+        return self.policy if self.dsa is None else self.dsa
 
 
 def check_teacher_inputs(inputs: TeacherInputs) -> None:

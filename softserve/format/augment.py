@@ -195,6 +195,22 @@ def sample_dsa(
     return np.stack([np.asarray(row, dtype=np.float64) for row in rows], axis=1).astype(np.float32)
 
 
+def sample_epoch_views(
+    policy: ViewPolicy | DsaPolicy, seed: int, epoch: int, num_samples: int,
+    base_size: tuple[int, int], output_size: tuple[int, int],
+) -> np.ndarray:  # fmt: skip
+    """The view rows of every sample for one epoch under either policy: crop boxes in base
+    pixels (:func:`sample_views`) or DSA rows at the output size (:func:`sample_dsa`)."""
+    if isinstance(policy, DsaPolicy):
+        return sample_dsa(policy, seed, epoch, num_samples, *output_size)
+    return sample_views(policy, seed, epoch, num_samples, *base_size)
+
+
+def view_kind(policy: ViewPolicy | DsaPolicy) -> ViewKind:
+    """``rrc`` for crops, ``dsa`` for DSA: how the pixels functions name a policy."""
+    return "dsa" if isinstance(policy, DsaPolicy) else "rrc"
+
+
 @dataclass(frozen=True)
 class MixPolicy:
     """Which mix, how often (``prob``), and the Beta(α, α) that λ is drawn from."""
