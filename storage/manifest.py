@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from softserve import __version__
 from softserve.errors import InputError, StoreError, brief
 from softserve.format.augment import DSA_STRATEGY, DsaPolicy, ViewKind, ViewPolicy
 from softserve.format.codecs import get_codec
@@ -249,10 +250,24 @@ class Manifest(_Model):
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def _newer_format(raw: bytes) -> int | None:
+    """The format version of a file that a newer softserve wrote, else None."""
+    try:
+        version = json.loads(raw).get("format_version")
+    except (ValueError, AttributeError):  # not JSON, or not an object: _parse says so
+        return None
+    return version if isinstance(version, int) and version > FORMAT_VERSION else None
+
+
 def _parse(raw: bytes, path: Path, model: type[_Model], what: str) -> _Model:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
+        if (newer := _newer_format(raw)) is not None:
+            raise StoreError(
+                f"{path} is a {what} of format {newer}, written by a newer softserve; "
+                f"softserve {__version__} reads formats 1 to {FORMAT_VERSION}: upgrade it"
+            ) from None
         error = exc.errors()[0]
         where = ".".join(map(str, error["loc"]))
         message = error["msg"].removeprefix("Value error, ")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -13,11 +14,11 @@ import safetensors.numpy
 import torch
 from conftest import Server, build_label_set, run_cli
 
-from softserve.client import Client, recover_logits, refine_labels
+from softserve.client import Client, open_local, recover_logits, refine_labels
 from softserve.errors import InputError, StoreError
 from softserve.format.codecs import get_codec, part_name
 from softserve.storage import LabelSetReader, read_manifest, verify_label_set
-from softserve.storage.manifest import write_model
+from softserve.storage.manifest import FORMAT_VERSION, write_model
 from softserve.storage.shards import NORM
 from softserve.storage.writer import shard_info
 from softserve.worker.relabel import RelabelOptions, relabel
@@ -145,6 +146,23 @@ def test_format_2_label_sets_read_and_serve_under_format_3_names(
 #: How far refine_labels(served logits) may be from the served soft labels: float32
 #: rounding for fp32, else the codec's error on the stored labels (K = 3, |r| < 1.1).
 CONSISTENCY = {"fp32": 1e-6, "fp16": 2e-3, "int8": 6e-3, "topk:2": 2e-3}
+
+
+def test_a_newer_format_is_named_with_the_fix(tmp_path: Path) -> None:
+    """A set a newer softserve wrote (a later format, with views this one does not know) is
+    one StoreError naming its format and the fix, to the client and to inspect."""
+    root = build_label_set(tmp_path / "store" / "s")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    manifest["config"]["views"]["policy"] = "warp"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError) as info:
+        open_local(root)
+    message = str(info.value)
+    assert f"format {FORMAT_VERSION + 1}, written by a newer softserve" in message
+    assert f"reads formats 1 to {FORMAT_VERSION}: upgrade it" in message and "\n" not in message
+    done = run_cli("inspect", root)
+    assert done.returncode == 1 and "written by a newer softserve" in done.stderr
 
 
 def test_served_logits_and_soft_are_consistent(tmp_path: Path) -> None:
