@@ -99,6 +99,13 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
+def _flag(name: str, default: object) -> str:
+    """How a user turns option ``name`` away from its default: ``--no-flip`` for a flag on
+    by default, ``--weights`` otherwise."""
+    option = name.replace("_", "-")
+    return f"--no-{option}" if default is True else f"--{option}"
+
+
 def _interrupted(what: str) -> NoReturn:
     raise Interrupted(what)
 
@@ -729,6 +736,13 @@ def train(
         if teacher is None or images is None:
             raise InputError("an online run needs both --teacher and --images")
         online = TeacherInputs(teacher=teacher, images=images, **teacher_options.inputs())
+    elif teacher_options != _TeacherOptions():
+        given = [_flag(f.name, f.default) for f in dataclasses.fields(_TeacherOptions)
+                 if getattr(teacher_options, f.name) != f.default]  # fmt: skip
+        raise InputError(
+            f"{', '.join(given)} shape an online teacher's views and labels; a served run "
+            "trains on the set's own: drop them, or pass --teacher and --images"
+        )
     opts = TrainOptions(
         urls=url or (), store=store, labelset=labelset, online=online, model=model, width=width,
         loss=loss,

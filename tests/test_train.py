@@ -194,6 +194,9 @@ def test_online_run_trains_without_a_server(tmp_path: Path, eval_set: Path) -> N
     mixed = run_cli("train", "--teacher", "teachers:tiny_rgb", "--images", folder,
                     "--views", "dsa", "--min-scale", 0.5, "--epochs", 1)  # fmt: skip
     assert_one_line_error(mixed, "--views dsa", "drop them")
+    served = run_cli("train", "--store", tmp_path, "--labelset", "s", "--views", "dsa",
+                     "--no-flip", "--epochs", 1)  # fmt: skip
+    assert_one_line_error(served, "--no-flip, --views shape an online teacher", "the set's own")
 
 
 def test_one_seed_one_student_whichever_feed(
