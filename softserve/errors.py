@@ -61,6 +61,15 @@ class Interrupted(SoftserveError):
     """Ctrl-C or SIGTERM in a command that says what it kept; the CLI prints it."""
 
 
+def first_invalid(exc: Exception) -> str:
+    """The first problem a pydantic ValidationError reports, as ``field.path: message``
+    (the message alone for the whole value), for a one-line error."""
+    error = exc.errors()[0]  # type: ignore[attr-defined]
+    where = ".".join(map(str, error["loc"]))
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
 def brief(exc: BaseException, limit: int = 200) -> str:
     """One line about a third-party exception, for embedding in a SoftserveError message."""
     text = " ".join(str(exc).split())

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from softserve import __version__
-from softserve.errors import InputError, StoreError, brief
+from softserve.errors import InputError, StoreError, brief, first_invalid
 from softserve.format.augment import DSA_STRATEGY, DsaPolicy, ViewKind, ViewPolicy
 from softserve.format.codecs import get_codec
 from softserve.storage.layout import MANIFEST_FILE, PLAN_FILE, write_text_atomic
@@ -268,12 +268,8 @@ def _parse(raw: bytes, path: Path, model: type[_Model], what: str) -> _Model:
                 f"{path} is a {what} of format {newer}, written by a newer softserve; "
                 f"softserve {__version__} reads formats 1 to {FORMAT_VERSION}: upgrade it"
             ) from None
-        error = exc.errors()[0]
-        where = ".".join(map(str, error["loc"]))
-        message = error["msg"].removeprefix("Value error, ")
-        first = f"{where}: {message}" if where else message
         raise StoreError(
-            f"{path} is not a valid {what} ({first}); relabel into a new path"
+            f"{path} is not a valid {what} ({first_invalid(exc)}); relabel into a new path"
         ) from None
     except ValueError as exc:
         first = str(exc).splitlines()[0]

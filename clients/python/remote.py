@@ -34,7 +34,7 @@ from tenacity import (
 
 from softserve import __version__
 from softserve.client.labelset import LabelSet, RawBatch
-from softserve.errors import ClientError, PayloadError, ServerError
+from softserve.errors import ClientError, PayloadError, ServerError, first_invalid
 from softserve.format.payload import (
     CHECKSUM_HEADER,
     STREAM_MEDIA_TYPE,
@@ -57,12 +57,10 @@ def _described(model: type[_Model], body: object, what: str) -> _Model:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "the body"
-        got = repr(first.get("input"))
+        got = repr(exc.errors()[0].get("input"))
         got = got if len(got) <= 60 else got[:59] + "…"
         raise ClientError(
-            f"cannot read the server's {what}: {where}: {first['msg']} (got {got}); "
+            f"cannot read the server's {what}: {first_invalid(exc)} (got {got}); "
             f"this client is softserve {__version__}, and a newer server may need a newer one"
         ) from None
 
