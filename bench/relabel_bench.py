@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -317,13 +317,13 @@ def stored_label_bytes(out: Path) -> int:
     return sum(p.stat().st_size for p in out.glob("labels-*.h5"))
 
 
-def read_labels(out: Path) -> dict[str, np.ndarray]:
-    """Every epoch's refined labels, recovered logits, norms and hard labels, in order."""
+def read_labels(out: Path, epochs: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Every epoch's (or the given stored epochs') refined labels, recovered logits, norms
+    and hard labels, in order."""
     with LabelSetReader(out) as reader:
-        n, epochs = reader.config.num_samples, reader.config.epochs
-        rows = [
-            reader.read(e, 0, n, fields=("order", "soft", "logits", NORM)) for e in range(epochs)
-        ]
+        n = reader.config.num_samples
+        chosen = range(reader.config.epochs) if epochs is None else epochs
+        rows = [reader.read(e, 0, n, fields=("order", "soft", "logits", NORM)) for e in chosen]
         hard = reader.hard_labels()
     stacked = {f: np.stack([r[f] for r in rows]) for f in ("order", "soft", "logits", NORM)}
     stacked["hard"] = hard[stacked.pop("order")]

@@ -95,6 +95,41 @@ def test_storage_table_runs(tmp_path: Path) -> None:
     assert "| `topk:10` |" in (tmp_path / "storage_table.md").read_text()
 
 
+def test_label_fidelity_orders_the_codes_by_what_they_keep(tmp_path: Path) -> None:
+    """On a set relabelled at fp32 (K = 40) and transcoded: the reference against itself is
+    the identity, and the tail-dropping and coarser codes move the targets further."""
+    from bench.harness import build_label_set
+    from softserve.worker.transcode import TranscodeOptions, transcode
+
+    source = build_label_set(tmp_path, samples=60, classes=40, epochs=3, codec="fp32", seed=0)
+    codes = ("int8", "topk:4+int4", "topk:4+int1", "topk:4")
+    names = [c.replace(":", "-") for c in codes]
+    for code, name in zip(codes, names, strict=True):
+        transcode(TranscodeOptions(source, source.parent / name, codec=code, progress=False))
+    done = bench("label_fidelity", "--store", source.parent, "--reference", source.name,
+                 "--variants", ",".join(names), "--epochs", "0,2", "--top", 4,
+                 "--out", tmp_path, "--name", "fidelity")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["codec"]: r for r in json.loads((tmp_path / "fidelity.json").read_text())}
+    assert list(rows) == ["fp32", *codes] and rows["fp32"]["rows"] == 2 * 60
+    ref = rows["fp32"]
+    assert ref["gift_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert ref["kl_t1"] == ref["kl_t20"] == 0.0
+    assert ref["tail_correlation"] == pytest.approx(1.0, abs=1e-12)
+    assert ref["argmax_agreement"] == 1.0
+    # a finer tail keeps more of every target; a dropped one keeps no order at all
+    for metric in ("gift_cosine", "tail_correlation"):
+        assert ref[metric] > rows["topk:4+int4"][metric] > rows["topk:4+int1"][metric]
+    assert rows["topk:4+int1"]["tail_correlation"] > 0.5 > abs(rows["topk:4"]["tail_correlation"])
+    for metric in ("kl_t1", "kl_t20"):
+        assert 0 < rows["topk:4+int4"][metric] < rows["topk:4+int1"][metric]
+    assert rows["topk:4"]["tail_mass_t1"] < ref["tail_mass_t1"]
+    assert "| `topk:4+int1` |" in (tmp_path / "fidelity.md").read_text()
+    outside = bench("label_fidelity", "--store", source.parent, "--reference", source.name,
+                    "--variants", names[0], "--epochs", 3, "--out", tmp_path)  # fmt: skip
+    assert outside.returncode == 2 and "stores 3 epochs" in outside.stderr
+
+
 def test_report_bench_runs_on_a_set_by_the_real_writer(tmp_path: Path) -> None:
     """A tiny synthetic top-k set: the report sees every view and the top-k mass."""
     done = bench("report_bench", "--samples", 40, "--epochs", 3, "--classes", 12,
