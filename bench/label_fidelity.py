@@ -115,16 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     epochs = [int(e) for e in args.epochs.split(",")]
     names = [args.reference, *(v for v in args.variants.split(",") if v and v != args.reference)]
-    for name in names:
-        stored = read_manifest(args.store / name).config.epochs
-        if max(epochs) >= stored:
-            parser.error(f"{name} stores {stored} epochs: --epochs {args.epochs} is outside it")
+    configs = {name: read_manifest(args.store / name).config for name in names}
+    for name, config in configs.items():
+        if max(epochs) >= config.epochs:
+            parser.error(
+                f"{name} stores {config.epochs} epochs: --epochs {args.epochs} is outside it"
+            )
     reference = read_labels(args.store / args.reference, epochs)
     rows = []
-    for name in names:
-        codec = read_manifest(args.store / name).config.codec
+    for name, config in configs.items():
         labels = reference if name == args.reference else read_labels(args.store / name, epochs)
-        rows.append({"set": name, "codec": codec, **fidelity(reference, labels, args.top)})
+        rows.append({"set": name, "codec": config.codec, **fidelity(reference, labels, args.top)})
         print(json.dumps(rows[-1]), flush=True)
     table = format_table(rows, args.top)
     note = (
